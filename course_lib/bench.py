@@ -1,0 +1,310 @@
+"""Measuring time and peak memory, the one timing helper every chapter uses.
+
+Time comes from :mod:`torch.utils.benchmark` (warm-up, CUDA synchronisation, median of blocked
+runs). Peak memory is measured, not computed: on CUDA from the caching allocator's peak
+counter, on Linux CPUs from the process's peak resident set (``VmHWM``), reset before each run.
+
+Command line::
+
+    python -m course_lib.bench standard                 # naive attention vs SDPA, T = 256 .. 4096
+    python -m course_lib.bench standard --lengths 256 512 --json results.json --plot scaling.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import platform
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as torch_benchmark
+from tqdm.auto import tqdm
+
+from .checks import check_choice, check_float, check_int
+
+__all__ = [
+    "Measurement",
+    "time_function",
+    "peak_memory_bytes",
+    "sweep",
+    "format_table",
+    "format_bytes",
+    "loglog_slope",
+    "save_json",
+    "SUITES",
+    "main",
+]
+
+
+@dataclass
+class Measurement:
+    """One benchmark point: a method at a sequence length."""
+
+    method: str
+    T: int
+    seconds: float
+    peak_bytes: int | None
+    extra: dict = field(default_factory=dict)
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+def time_function(fn: Callable[[], object], *, min_run_time: float = 0.2) -> float:
+    """Median wall time of ``fn()`` in seconds, measured by ``torch.utils.benchmark``."""
+    min_run_time = check_float(min_run_time, "min_run_time", min=0.0, min_open=True)
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+# --- peak memory ----------------------------------------------------------------------------
+
+_MALLOC_TUNED = False
+
+
+def _return_freed_memory_to_os() -> None:
+    """Make glibc give large freed blocks back to the OS, so resident memory tracks live tensors.
+
+    glibc raises its mmap threshold after frees, keeping freed tensors resident and hiding later
+    peaks; fixing the threshold at 64 KiB stops that.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+    _MALLOC_TUNED = True
+
+
+def _resident_bytes() -> tuple[int, int]:
+    """(peak, current) resident set size of this process, from /proc/self/status."""
+    status = Path("/proc/self/status").read_text()
+    peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    current = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+    return peak, current
+
+
+def _can_measure_cpu_memory() -> bool:
+    return sys.platform.startswith("linux") and Path("/proc/self/clear_refs").exists()
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int | None:
+    """Peak memory that ``fn()`` allocates above what was in use before the call, in bytes.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the rise of the peak resident set size
+    (Linux only; returns ``None`` elsewhere). Includes every temporary the call creates.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - before
+    if not _can_measure_cpu_memory():
+        return None
+    _return_freed_memory_to_os()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    _, before = _resident_bytes()
+    result = fn()
+    peak, _ = _resident_bytes()
+    del result
+    return max(peak - before, 0)
+
+
+# --- sweeps and reports ---------------------------------------------------------------------
+
+
+def sweep(
+    methods: dict[str, Callable[[int], Callable[[], object]]],
+    lengths: Sequence[int],
+    *,
+    device: torch.device | str = "cpu",
+    min_run_time: float = 0.2,
+    measure_memory: bool = True,
+    progress: bool = True,
+) -> list[Measurement]:
+    """Time (and measure the peak memory of) every method at every length.
+
+    ``methods[name](T)`` builds the inputs for length ``T`` and returns a zero-argument callable
+    to measure, so input creation is neither timed nor counted as peak memory.
+    """
+    if not methods:
+        raise ValueError("methods must name at least one method")
+    for T in lengths:
+        check_int(T, "lengths", min=1)
+    results = []
+    jobs = [(T, name) for T in lengths for name in methods]
+    for T, name in tqdm(jobs, desc="benchmark", disable=not progress, leave=False):
+        call = methods[name](T)
+        peak = peak_memory_bytes(call, device) if measure_memory else None
+        seconds = time_function(call, min_run_time=min_run_time)
+        results.append(Measurement(name, T, seconds, peak))
+        del call
+    return results
+
+
+def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Slope of the least-squares line through ``(log x, log y)``: 2 means quadratic growth."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"x and y must have the same length >= 2, got {len(x)} and {len(y)}")
+    if min(x) <= 0 or min(y) <= 0:
+        raise ValueError("x and y must be positive for a log-log fit")
+    log_x = torch.tensor([math.log(v) for v in x], dtype=torch.float64)
+    log_y = torch.tensor([math.log(v) for v in y], dtype=torch.float64)
+    centred_x = log_x - log_x.mean()
+    return float((centred_x * (log_y - log_y.mean())).sum() / (centred_x**2).sum())
+
+
+def format_bytes(n: float | None) -> str:
+    """Human-readable bytes in powers of 1024: ``format_bytes(2**31) == '2.0 GiB'``."""
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_table(results: Sequence[Measurement], reference: str | None = None) -> str:
+    """A text table: one row per length, time and peak memory per method, and the time ratio
+    of each method to ``reference`` (measured in the same process, so the ratio is what counts)."""
+    methods = list(dict.fromkeys(r.method for r in results))
+    lengths = sorted({r.T for r in results})
+    if reference is not None:
+        check_choice(reference, "reference", methods)
+    by_key = {(r.method, r.T): r for r in results}
+    header = ["T"]
+    for m in methods:
+        header += [f"{m} ms", f"{m} peak"]
+        if reference is not None and m != reference:
+            header.append(f"{m}/{reference}")
+    rows = [header]
+    for T in lengths:
+        row = [str(T)]
+        for m in methods:
+            r = by_key.get((m, T))
+            row += [f"{r.seconds * 1e3:.2f}" if r else "-", format_bytes(r.peak_bytes) if r else "-"]
+            if reference is not None and m != reference:
+                ref = by_key.get((reference, T))
+                row.append(f"{r.seconds / ref.seconds:.2f}x" if r and ref else "-")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for m in methods:
+        points = [(r.T, r.seconds) for r in results if r.method == m]
+        if len(points) >= 2:
+            slope = loglog_slope([p[0] for p in points], [p[1] for p in points])
+            lines.append(f"log-log slope of time vs T for {m}: {slope:.2f}")
+    return "\n".join(lines)
+
+
+def environment_summary(device: torch.device | str = "cpu") -> dict:
+    """What a result depends on: versions, device, threads."""
+    device = torch.device(device)
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def save_json(results: Sequence[Measurement], path: str | Path, *, suite: str, device: str = "cpu") -> Path:
+    """Write the measurements and the environment they came from as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "suite": suite,
+        "environment": environment_summary(device),
+        "results": [asdict(r) for r in results],
+    }
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+# --- suites ---------------------------------------------------------------------------------
+
+
+def _random_qkv(T: int, *, batch: int, heads: int, head_dim: int, device, dtype, seed: int = 0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (batch, heads, T, head_dim)
+    return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+def standard_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Chapter 01: the course's naive attention (materialises T x T) vs PyTorch's SDPA."""
+    from .standard import attention
+
+    def naive(T: int):
+        q, k, v = _random_qkv(T, batch=1, heads=8, head_dim=64, device=device, dtype=dtype)
+        return lambda: attention(q, k, v, causal=True)
+
+    def sdpa(T: int):
+        q, k, v = _random_qkv(T, batch=1, heads=8, head_dim=64, device=device, dtype=dtype)
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return {"naive": naive, "sdpa": sdpa}, "sdpa", [256, 512, 1024, 2048, 4096]
+
+
+# Each suite returns (methods, reference method, default lengths).
+SUITES: dict[str, Callable] = {"standard": standard_suite}
+
+
+def main(argv: Sequence[str] | None = None) -> list[Measurement]:
+    parser = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("suite", choices=sorted(SUITES), help="which chapter's comparison to run")
+    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: the suite's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per point")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--plot", type=Path, help="write a log-log plot of time vs T here")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    methods, reference, default_lengths = SUITES[args.suite](args.device)
+    lengths = args.lengths or default_lengths
+    results = sweep(
+        methods, lengths, device=args.device, min_run_time=args.min_run_time, progress=not args.no_progress
+    )
+    env = environment_summary(args.device)
+    print(f"suite {args.suite} on {env['device']} ({env['threads']} threads), torch {env['torch']}")
+    print(format_table(results, reference=reference))
+    if args.json:
+        print(f"wrote {save_json(results, args.json, suite=args.suite, device=args.device)}")
+    if args.plot:
+        from .viz import plot_scaling
+
+        series = {m: [r.seconds for r in results if r.method == m] for m in methods}
+        ax = plot_scaling(lengths, series, ylabel="time per call (s)", title=f"{args.suite}: time vs T")
+        ax.figure.savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

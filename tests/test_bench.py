@@ -1,0 +1,95 @@
+"""The timing and memory helpers: they measure what they claim, and the CLI writes its table and JSON."""
+
+import json
+
+import pytest
+import torch
+
+from course_lib import bench
+
+
+def test_time_function_measures_a_known_sleep():
+    import time
+
+    seconds = bench.time_function(lambda: time.sleep(0.01), min_run_time=0.05)
+    assert 0.009 < seconds < 0.1
+
+
+@pytest.mark.skipif(not bench._can_measure_cpu_memory(), reason="peak RSS is read from Linux /proc")
+def test_peak_memory_sees_a_temporary_allocation():
+    size = 64 * 2**20  # 64 MiB, freed before the function returns
+
+    def allocate_and_free():
+        x = torch.ones(size // 4)
+        return float(x[0])
+
+    measured = bench.peak_memory_bytes(allocate_and_free)
+    assert 0.9 * size < measured < 1.5 * size
+    assert bench.peak_memory_bytes(lambda: 1.0) < 8 * 2**20
+
+
+def test_loglog_slope_recovers_power_laws():
+    lengths = [256, 512, 1024, 2048]
+    assert bench.loglog_slope(lengths, [3e-9 * t**2 for t in lengths]) == pytest.approx(2.0)
+    assert bench.loglog_slope(lengths, [5.0 * t for t in lengths]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="x and y"):
+        bench.loglog_slope([1], [1])
+
+
+def test_format_bytes():
+    assert bench.format_bytes(512) == "512 B"
+    assert bench.format_bytes(2**31) == "2.0 GiB"
+    assert bench.format_bytes(None) == "n/a"
+
+
+def test_sweep_and_table_report_ratios_against_the_reference():
+    methods = {
+        "slow": lambda T: lambda: torch.ones(T, T).sum(),
+        "fast": lambda T: lambda: torch.ones(T).sum(),
+    }
+    results = bench.sweep(methods, [64, 128], min_run_time=0.01, progress=False)
+    assert {(r.method, r.T) for r in results} == {(m, t) for m in methods for t in (64, 128)}
+    assert all(r.seconds > 0 for r in results)
+    table = bench.format_table(results, reference="fast")
+    assert "slow/fast" in table and "log-log slope" in table
+    with pytest.raises(ValueError, match="reference"):
+        bench.format_table(results, reference="missing")
+
+
+def test_cli_standard_writes_table_and_json(tmp_path, capsys):
+    path = tmp_path / "standard.json"
+    bench.main(
+        [
+            "standard",
+            "--lengths",
+            "32",
+            "64",
+            "--min-run-time",
+            "0.01",
+            "--json",
+            str(path),
+            "--no-progress",
+            "--plot",
+            str(tmp_path / "plot.png"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "naive/sdpa" in printed
+    payload = json.loads(path.read_text())
+    assert payload["suite"] == "standard" and len(payload["results"]) == 4
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "call,error,name",
+    [
+        (lambda: bench.time_function(3), TypeError, "fn"),
+        (lambda: bench.time_function(lambda: 0, min_run_time=0), ValueError, "min_run_time"),
+        (lambda: bench.peak_memory_bytes(None), TypeError, "fn"),
+        (lambda: bench.sweep({}, [8]), ValueError, "methods"),
+        (lambda: bench.sweep({"a": lambda T: lambda: 0}, [0]), ValueError, "lengths"),
+    ],
+)
+def test_bad_input_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call()

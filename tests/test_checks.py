@@ -1,0 +1,77 @@
+"""The shared argument checks: the right error type, and the argument's name in the message."""
+
+import pytest
+import torch
+
+from course_lib import checks
+
+
+def test_check_attention_inputs_returns_the_sizes():
+    q, k, v = torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 6, 5), torch.zeros(2, 3, 6, 7)
+    assert checks.check_attention_inputs(q, k, v) == (2, 3, 4, 6, 5, 7)
+    assert checks.check_attention_inputs(q, k[:, :1], v[:, :1], same_heads=False) == (2, 3, 4, 6, 5, 7)
+
+
+def test_check_mask_expands_to_the_target():
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    assert checks.check_mask(mask, "mask", (2, 3, 4, 6)).shape == (2, 3, 4, 6)
+
+
+def test_numbers_pass_through():
+    assert checks.check_int(3, "n", min=1) == 3
+    assert checks.check_float(2, "x", min=0, min_open=True) == 2.0
+    assert checks.check_choice("a", "mode", ["a", "b"]) == "a"
+    checks.check_divisible(8, "num_heads", 2, "num_kv_heads")
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: checks.check_tensor([1], "x"), TypeError, "x must be a torch.Tensor"),
+        (
+            lambda: checks.check_tensor(torch.zeros(2), "x", ndim=(3, 4)),
+            ValueError,
+            "x must have 3 or 4 dims",
+        ),
+        (
+            lambda: checks.check_tensor(torch.zeros(2, dtype=torch.int32), "x", floating=True),
+            TypeError,
+            "x must",
+        ),
+        (lambda: checks.check_tensor(torch.zeros(2), "m", dtype=torch.bool), TypeError, "m must have dtype"),
+        (
+            lambda: checks.check_shape(torch.zeros(2, 3), "g", (2, 4), names="B, T"),
+            ValueError,
+            r"g must have shape \(2, 4\)",
+        ),
+        (
+            lambda: checks.check_attention_inputs(
+                torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4, dtype=torch.float64)
+            ),
+            TypeError,
+            "dtype",
+        ),
+        (lambda: checks.check_int(True, "n"), TypeError, "n must be an int"),
+        (lambda: checks.check_int(0, "n", min=1), ValueError, "n=0 must be >= 1"),
+        (lambda: checks.check_int(9, "n", max=8), ValueError, "n=9 must be <= 8"),
+        (lambda: checks.check_float("x", "scale"), TypeError, "scale must be a number"),
+        (lambda: checks.check_float(float("nan"), "scale"), ValueError, "scale must not be NaN"),
+        (lambda: checks.check_float(0.0, "p", min=0.0, min_open=True), ValueError, "p=0.0 must be > 0"),
+        (lambda: checks.check_float(1.0, "p", max=1.0, max_open=True), ValueError, "p=1.0 must be < 1"),
+        (lambda: checks.check_bool(1, "causal"), TypeError, "causal must be a bool"),
+        (lambda: checks.check_choice("c", "mode", ["a", "b"]), ValueError, "mode='c' must be one of"),
+        (
+            lambda: checks.check_divisible(8, "num_heads", 3, "num_kv_heads"),
+            ValueError,
+            "num_kv_heads=3 must divide num_heads=8",
+        ),
+        (
+            lambda: checks.check_mask(torch.ones(3, 5, dtype=torch.bool), "mask", (1, 1, 4, 5)),
+            ValueError,
+            "mask",
+        ),
+    ],
+)
+def test_errors_name_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
