@@ -36,11 +36,14 @@ def merge(x):
 
 
 def test_checkers_pass_correct_solutions(capsys):
-    assert check_softmax(stable_softmax) == 4
-    assert check_scaled_dot_product_attention(sdpa) == 3
-    assert check_causal_mask(lambda T: torch.ones(T, T, dtype=torch.bool).tril()) == 4
-    assert check_split_merge_heads(split, merge) == 3
-    assert capsys.readouterr().out.count("✔") == 4
+    check_softmax(stable_softmax)
+    check_scaled_dot_product_attention(sdpa)
+    check_causal_mask(lambda T: torch.ones(T, T, dtype=torch.bool).tril())
+    check_split_merge_heads(split, merge)
+    printed = capsys.readouterr().out
+    for line in ["check_softmax: all 4 cases", "check_scaled_dot_product_attention: all 3 cases",
+                 "check_causal_mask: all 4 cases", "check_split_merge_heads: all 3 cases"]:
+        assert line in printed
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ from course_lib.student import END, STUB, make_student_notebook, make_student_ve
 
 SOLVED = """def softmax(x):
     ### BEGIN SOLUTION
-    e = torch.exp(x - x.max())
-    return e / e.sum()
+    e = torch.exp(x - x.max(dim=-1, keepdim=True).values)
+    return e / e.sum(dim=-1, keepdim=True)
     ### END SOLUTION
 
 check_softmax(softmax)"""
@@ -35,8 +35,8 @@ def test_student_version_of_the_real_notebooks(tmp_path):
         solutions += sum(c.source.count(END) for c in original.cells if c.cell_type == "code")
         student = nbformat.read(path, as_version=4)
         for cell in student.cells:
-            assert "BEGIN SOLUTION" not in cell.source and END not in cell.source
-            if cell.cell_type == "code":
+            if cell.cell_type == "code":  # markdown may mention the markers when it explains them
+                assert "BEGIN SOLUTION" not in cell.source and END not in cell.source
                 assert cell.outputs == [] and cell.execution_count is None
     assert solutions >= 4  # notebook 00 has one exercise, notebook 01 at least three
 

@@ -12,7 +12,7 @@ from .common import compare, run_cases
 __all__ = ["check_scaled_dot_product_attention", "check_causal_mask", "check_split_merge_heads"]
 
 
-def check_scaled_dot_product_attention(fn: Callable[..., torch.Tensor]) -> int:
+def check_scaled_dot_product_attention(fn: Callable[..., torch.Tensor]) -> None:
     """``fn(q, k, v)`` must equal softmax(q k^T / sqrt(D)) v, compared with PyTorch's SDPA."""
     generator = torch.Generator().manual_seed(1)
 
@@ -29,23 +29,23 @@ def check_scaled_dot_product_attention(fn: Callable[..., torch.Tensor]) -> int:
         ((2, 3, 5, 16), (2, 3, 7, 16), 4),
         ((1, 2, 1, 3), (1, 2, 9, 3), 5),
     ]
-    return run_cases("check_scaled_dot_product_attention", [(f"shapes {s}", case(*s)) for s in shapes])
+    run_cases("check_scaled_dot_product_attention", [(f"shapes {s}", case(*s)) for s in shapes])
 
 
-def check_causal_mask(fn: Callable[[int], torch.Tensor]) -> int:
+def check_causal_mask(fn: Callable[[int], torch.Tensor]) -> None:
     """``fn(T)`` must return the (T, T) bool mask that is True where key j <= query i."""
 
     def case(T):
         expected = torch.tensor([[j <= i for j in range(T)] for i in range(T)])
         return lambda: compare(fn(T), expected, f"T={T}")
 
-    return run_cases("check_causal_mask", [(f"T={T}", case(T)) for T in (1, 2, 5, 8)])
+    run_cases("check_causal_mask", [(f"T={T}", case(T)) for T in (1, 2, 5, 8)])
 
 
 def check_split_merge_heads(
     split_heads: Callable[[torch.Tensor, int], torch.Tensor],
     merge_heads: Callable[[torch.Tensor], torch.Tensor],
-) -> int:
+) -> None:
     """``split_heads(x, H)``: (B, T, H*D) -> (B, H, T, D) with head h taking columns h*D..(h+1)*D;
     ``merge_heads`` undoes it."""
     generator = torch.Generator().manual_seed(2)
@@ -62,4 +62,4 @@ def check_split_merge_heads(
         return check
 
     shapes = [(1, 3, 2, 4), (2, 5, 4, 3), (1, 1, 1, 6)]
-    return run_cases("check_split_merge_heads", [(f"shape {s}", case(*s)) for s in shapes])
+    run_cases("check_split_merge_heads", [(f"shape {s}", case(*s)) for s in shapes])

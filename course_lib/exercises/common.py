@@ -42,7 +42,7 @@ def compare(
         )
 
 
-def run_cases(name: str, cases: Iterable[tuple[str, Callable[[], None]]]) -> int:
+def run_cases(name: str, cases: Iterable[tuple[str, Callable[[], None]]]) -> None:
     """Run each ``(description, check)``; print a pass line or raise on the first failure."""
     count = 0
     for description, check in cases:
@@ -56,4 +56,3 @@ def run_cases(name: str, cases: Iterable[tuple[str, Callable[[], None]]]) -> int
             raise ExerciseFailed(f"{name}, {description}: your function raised {error!r}") from error
         count += 1
     print(f"✔ {name}: all {count} cases pass")
-    return count
