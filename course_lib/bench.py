@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torch.utils.benchmark as torch_benchmark
 from tqdm.auto import tqdm
 
@@ -40,7 +39,8 @@ __all__ = [
     "format_bytes",
     "loglog_slope",
     "save_json",
-    "SUITES",
+    "random_qkv",
+    "suites",
     "main",
 ]
 
@@ -250,34 +250,44 @@ def save_json(results: Sequence[Measurement], path: str | Path, *, suite: str, d
 # --- suites ---------------------------------------------------------------------------------
 
 
-def _random_qkv(T: int, *, batch: int, heads: int, head_dim: int, device, dtype, seed: int = 0):
+def random_qkv(
+    T: int,
+    *,
+    batch: int = 1,
+    heads: int = 8,
+    head_dim: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """Seeded ``(batch, heads, T, head_dim)`` queries, keys and values for a benchmark point."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shape = (batch, heads, T, head_dim)
     return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(3)]
 
 
-def standard_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Chapter 01: the course's naive attention (materialises T x T) vs PyTorch's SDPA."""
-    from .standard import attention
+def suites() -> dict[str, Callable]:
+    """Every benchmark suite, collected from the ``SUITES`` dicts of ``course_lib.benchmarks.ch*``.
 
-    def naive(T: int):
-        q, k, v = _random_qkv(T, batch=1, heads=8, head_dim=64, device=device, dtype=dtype)
-        return lambda: attention(q, k, v, causal=True)
+    A suite is called with a device and returns ``(methods, reference method, default lengths)``,
+    where ``methods[name](T)`` returns the zero-argument callable to measure at length ``T``.
+    """
+    import importlib
+    import pkgutil
 
-    def sdpa(T: int):
-        q, k, v = _random_qkv(T, batch=1, heads=8, head_dim=64, device=device, dtype=dtype)
-        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from . import benchmarks
 
-    return {"naive": naive, "sdpa": sdpa}, "sdpa", [256, 512, 1024, 2048, 4096]
-
-
-# Each suite returns (methods, reference method, default lengths).
-SUITES: dict[str, Callable] = {"standard": standard_suite}
+    found: dict[str, Callable] = {}
+    for module_info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda m: m.name):
+        if module_info.name.startswith("ch"):
+            found.update(importlib.import_module(f"{benchmarks.__name__}.{module_info.name}").SUITES)
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     parser = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("suite", choices=sorted(SUITES), help="which chapter's comparison to run")
+    available = suites()
+    parser.add_argument("suite", choices=sorted(available), help="which chapter's comparison to run")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: the suite's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per point")
@@ -286,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    methods, reference, default_lengths = SUITES[args.suite](args.device)
+    methods, reference, default_lengths = available[args.suite](args.device)
     lengths = args.lengths or default_lengths
     results = sweep(
         methods, lengths, device=args.device, min_run_time=args.min_run_time, progress=not args.no_progress

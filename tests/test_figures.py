@@ -25,7 +25,7 @@ def test_unknown_figure_is_named():
         regenerate("unused", only=["no_such_figure"])
 
 
-def test_committed_figures_are_up_to_date(tmp_path):
+def test_every_figure_is_committed(tmp_path):
     from pathlib import Path
 
     for path in regenerate(tmp_path):

@@ -1,34 +1,20 @@
-"""Regenerate the course's static figures in ``figures/`` from the library's own computations.
-
-    python -m course_lib.figures                 # all figures into figures/
-    python -m course_lib.figures --out /tmp/f --only 01_task_masks
-
-Each chapter registers its figures in :data:`FIGURES`: a name and a function that draws it and
-returns the matplotlib figure. Files are SVG with a fixed hash salt and no date, so a
-regeneration changes a file only when the figure changes.
-"""
+"""Chapter 01's figures: the four steps of attention, the memory explosion, the masks of each task."""
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 
-import matplotlib
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from .bench import format_bytes
-from .standard import attention, causal_mask
-from .viz import STYLE, new_axes, plot_mask
-from .widgets import ACCELERATOR_MEMORY_GIB, score_memory
+from ..bench import format_bytes
+from ..standard import attention, causal_mask
+from ..viz import STYLE, new_axes, plot_mask
+from ..widgets.ch01 import ACCELERATOR_MEMORY_GIB, score_memory
 
-__all__ = ["FIGURES", "regenerate", "main"]
-
-
-# --- chapter 01 -----------------------------------------------------------------------------
+__all__ = ["FIGURES", "attention_steps", "memory_explosion", "task_masks"]
 
 
 def attention_steps() -> Figure:
@@ -103,39 +89,3 @@ FIGURES: dict[str, Callable[[], Figure]] = {
     "01_memory_explosion": memory_explosion,
     "01_task_masks": task_masks,
 }
-
-
-def regenerate(out: str | Path = "figures", only: Sequence[str] | None = None) -> list[Path]:
-    """Draw the figures (all, or those named in ``only``) and write them as SVG into ``out``."""
-    names = list(FIGURES) if only is None else list(only)
-    unknown = [n for n in names if n not in FIGURES]
-    if unknown:
-        raise ValueError(f"only names unknown figures {unknown}; known: {', '.join(FIGURES)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in names:
-        figure = FIGURES[name]()
-        path = out / f"{name}.svg"
-        with plt.rc_context(STYLE):
-            figure.savefig(path, bbox_inches="tight", metadata={"Date": None})
-        plt.close(figure)
-        written.append(path)
-    return written
-
-
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(
-        prog="python -m course_lib.figures", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--out", default="figures")
-    parser.add_argument("--only", nargs="+", help="names of figures to draw (default: all)")
-    args = parser.parse_args(argv)
-    matplotlib.use("Agg")  # figures are files; never open a window
-    written = regenerate(args.out, args.only)
-    print(f"wrote {len(written)} figures to {args.out}/")
-    return written
-
-
-if __name__ == "__main__":
-    main()

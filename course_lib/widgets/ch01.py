@@ -1,9 +1,4 @@
-"""Interactive explorers for the notebooks.
-
-Each explorer is two functions: a plain ``*_view`` function that computes (and draws) what the
-widget shows and returns it, so tests can call it directly, and a constructor that wires
-``ipywidgets`` controls to it and returns the widget.
-"""
+"""Chapter 01's explorers: attention weights of a sentence, and score-matrix memory."""
 
 from __future__ import annotations
 
@@ -13,12 +8,13 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
 
-from .bench import format_bytes
-from .checks import check_choice, check_float, check_int
-from .standard import attention, causal_mask
-from .viz import STYLE, plot_attention, plot_mask
+from ..bench import format_bytes
+from ..checks import check_choice, check_float, check_int
+from ..standard import attention, causal_mask
+from ..viz import STYLE, plot_attention, plot_mask
 
 __all__ = [
+    "EXPLORER_MASKS",
     "toy_embeddings",
     "attention_explorer_view",
     "attention_explorer",

@@ -1,0 +1,1 @@
+"""Benchmark suites, one module per chapter, each with a ``SUITES`` dict (see ``course_lib.bench.suites``)."""
