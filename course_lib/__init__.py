@@ -3,8 +3,23 @@
 One module per chapter; the public names of each are re-exported here.
 """
 
-from . import hardware, tiling
+from . import hardware, sparse, tiling
 from .environment import environment_report, pick_device
+from .sparse import (
+    bigbird_mask,
+    block_sparse_attention,
+    block_sparse_mask,
+    dilated_mask,
+    global_local_mask,
+    h2o_keep,
+    lsh_attention,
+    neighborhood_attention_2d,
+    sliding_window_attention,
+    sliding_window_mask,
+    streaming_keep,
+    strided_mask,
+    topk_attention,
+)
 from .standard import (
     MultiHeadAttention,
     alibi_bias,
@@ -31,7 +46,21 @@ __all__ = [
     "flash_decoding",
     "io_cost",
     "quantized_attention",
+    "sliding_window_mask",
+    "dilated_mask",
+    "strided_mask",
+    "global_local_mask",
+    "bigbird_mask",
+    "block_sparse_mask",
+    "sliding_window_attention",
+    "block_sparse_attention",
+    "topk_attention",
+    "lsh_attention",
+    "neighborhood_attention_2d",
+    "h2o_keep",
+    "streaming_keep",
     "hardware",
+    "sparse",
     "tiling",
     "pick_device",
     "environment_report",

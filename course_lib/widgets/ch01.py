@@ -10,6 +10,7 @@ import torch
 
 from ..bench import format_bytes
 from ..checks import check_choice, check_float, check_int
+from ..sparse import sliding_window_mask
 from ..standard import attention, causal_mask
 from ..viz import STYLE, plot_attention, plot_mask
 
@@ -85,7 +86,7 @@ def attention_explorer_view(
     elif mask_kind == "padding":
         mask = (positions < T - num_padding).expand(T, T).clone()
     else:
-        mask = causal_mask(T) & (positions[:, None] - positions[None, :] < window)
+        mask = sliding_window_mask(T, window)
     output, weights = attention(q, k, v, mask, scale=dim**-0.5 / temperature, return_weights=True)
     view = {"tokens": tokens, "mask": mask, "weights": weights[0, 0], "output": output[0, 0]}
     if draw:
