@@ -3,8 +3,18 @@
 One module per chapter; the public names of each are re-exported here.
 """
 
-from . import hardware, sparse, tiling
+from . import decoding, hardware, kv_cache, sparse, tiling
 from .environment import environment_report, pick_device
+from .kv_cache import (
+    MODEL_CONFIGS,
+    GroupedQueryAttention,
+    KVCache,
+    MultiHeadLatentAttention,
+    MultiQueryAttention,
+    PagedKVCache,
+    gqa_attention,
+    kv_cache_bytes,
+)
 from .sparse import (
     bigbird_mask,
     block_sparse_attention,
@@ -46,6 +56,14 @@ __all__ = [
     "flash_decoding",
     "io_cost",
     "quantized_attention",
+    "KVCache",
+    "PagedKVCache",
+    "gqa_attention",
+    "MultiQueryAttention",
+    "GroupedQueryAttention",
+    "MultiHeadLatentAttention",
+    "kv_cache_bytes",
+    "MODEL_CONFIGS",
     "sliding_window_mask",
     "dilated_mask",
     "strided_mask",
@@ -59,7 +77,9 @@ __all__ = [
     "neighborhood_attention_2d",
     "h2o_keep",
     "streaming_keep",
+    "decoding",
     "hardware",
+    "kv_cache",
     "sparse",
     "tiling",
     "pick_device",

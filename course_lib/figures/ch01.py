@@ -53,7 +53,7 @@ def memory_explosion() -> Figure:
     with plt.rc_context(STYLE):
         ax.plot(lengths, per_head, marker="o", label="one head (T x T, fp16)")
         ax.plot(lengths, per_layer, marker="o", label="one layer, 32 heads")
-        for name in ("RTX 4090 (24 GB)", "H100 SXM (80 GB)"):
+        for name in ("RTX-4090 (24 GB)", "H100-SXM (80 GB)"):
             ax.axhline(ACCELERATOR_MEMORY_GIB[name] * 2**30, linestyle="--", color="grey", linewidth=1)
             ax.text(lengths[0], ACCELERATOR_MEMORY_GIB[name] * 2**30 * 1.15, name, fontsize=8, color="grey")
         ax.set_xscale("log", base=2)

@@ -10,6 +10,7 @@ import torch
 
 from ..bench import format_bytes
 from ..checks import check_choice, check_float, check_int
+from ..hardware import ACCELERATORS
 from ..sparse import sliding_window_mask
 from ..standard import attention, causal_mask
 from ..viz import STYLE, plot_attention, plot_mask
@@ -124,14 +125,10 @@ def attention_explorer() -> widgets.Widget:
 
 # --- (b) memory calculator ------------------------------------------------------------------
 
-# Memory of a few accelerators in GiB, for the "does it fit" question (vendor datasheets; the
-# hardware chapter's table has sources and bandwidths).
+# The hardware chapter's accelerator table (with sources), by memory size for "does it fit".
 ACCELERATOR_MEMORY_GIB = {
-    "laptop GPU (8 GB)": 8 * 1e9 / 2**30,
-    "RTX 4090 (24 GB)": 24 * 1e9 / 2**30,
-    "A100 (80 GB)": 80 * 1e9 / 2**30,
-    "H100 SXM (80 GB)": 80 * 1e9 / 2**30,
-    "H200 (141 GB)": 141 * 1e9 / 2**30,
+    f"{name} ({accelerator.memory_bytes / 1e9:.0f} GB)": accelerator.memory_bytes / 2**30
+    for name, accelerator in ACCELERATORS.items()
 }
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
 
@@ -162,7 +159,7 @@ def memory_calculator_view(
     layers: int = 32,
     batch: int = 1,
     dtype: str = "float16",
-    accelerator: str = "A100 (80 GB)",
+    accelerator: str = "A100-80GB-SXM (80 GB)",
 ) -> dict:
     """Score-matrix memory for the given model shape and whether it fits ``accelerator``."""
     check_choice(accelerator, "accelerator", ACCELERATOR_MEMORY_GIB)
@@ -203,7 +200,7 @@ def memory_calculator() -> widgets.Widget:
         batch=widgets.IntSlider(value=1, min=1, max=64, description="batch"),
         dtype=widgets.Dropdown(options=list(DTYPE_BYTES), value="float16", description="dtype"),
         accelerator=widgets.Dropdown(
-            options=list(ACCELERATOR_MEMORY_GIB), value="A100 (80 GB)", description="device"
+            options=list(ACCELERATOR_MEMORY_GIB), value="A100-80GB-SXM (80 GB)", description="device"
         ),
     )
     box = widgets.VBox([controls, out])
