@@ -3,7 +3,7 @@
 One module per chapter; the public names of each are re-exported here.
 """
 
-from . import decoding, hardware, kv_cache, sparse, tiling
+from . import decoding, hardware, kv_cache, linear, sparse, tiling
 from .environment import environment_report, pick_device
 from .kv_cache import (
     MODEL_CONFIGS,
@@ -14,6 +14,14 @@ from .kv_cache import (
     PagedKVCache,
     gqa_attention,
     kv_cache_bytes,
+)
+from .linear import (
+    efficient_attention,
+    elu_plus_one,
+    favor_plus,
+    linear_attention,
+    linformer_attention,
+    relu_map,
 )
 from .sparse import (
     bigbird_mask,
@@ -77,9 +85,16 @@ __all__ = [
     "neighborhood_attention_2d",
     "h2o_keep",
     "streaming_keep",
+    "elu_plus_one",
+    "relu_map",
+    "favor_plus",
+    "linear_attention",
+    "efficient_attention",
+    "linformer_attention",
     "decoding",
     "hardware",
     "kv_cache",
+    "linear",
     "sparse",
     "tiling",
     "pick_device",
