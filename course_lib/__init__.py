@@ -3,7 +3,7 @@
 One module per chapter; the public names of each are re-exported here.
 """
 
-from . import decoding, hardware, kv_cache, linear, sparse, tiling
+from . import decoding, hardware, kv_cache, linear, recurrent, sparse, tiling
 from .environment import environment_report, pick_device
 from .kv_cache import (
     MODEL_CONFIGS,
@@ -23,6 +23,7 @@ from .linear import (
     linformer_attention,
     relu_map,
 )
+from .recurrent import delta_rule, gated_delta_rule, gla, mlstm, retention, rwkv6, ssd, ttt_linear
 from .sparse import (
     bigbird_mask,
     block_sparse_attention,
@@ -91,10 +92,19 @@ __all__ = [
     "linear_attention",
     "efficient_attention",
     "linformer_attention",
+    "retention",
+    "gla",
+    "ssd",
+    "mlstm",
+    "delta_rule",
+    "gated_delta_rule",
+    "ttt_linear",
+    "rwkv6",
     "decoding",
     "hardware",
     "kv_cache",
     "linear",
+    "recurrent",
     "sparse",
     "tiling",
     "pick_device",

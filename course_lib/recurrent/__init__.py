@@ -1,0 +1,27 @@
+"""Chapter 07: gated linear recurrences, one file per method.
+
+Every method is ``S_t = decay_t * S_{t-1} + write_t``, ``o_t = S_t^T (scale * q_t)`` with a state
+of shape (B, H, D_k, D_v), a naive recurrent reference and a chunkwise form that agree.
+"""
+
+from .delta_rule import delta_rule, gated_delta_rule
+from .gla import gla
+from .mlstm import mlstm
+from .retention import retention, retention_decay_matrix, retnet_gammas
+from .rwkv import rwkv6
+from .ssd import segsum, ssd
+from .ttt import ttt_linear
+
+__all__ = [
+    "retnet_gammas",
+    "retention_decay_matrix",
+    "retention",
+    "gla",
+    "segsum",
+    "ssd",
+    "mlstm",
+    "delta_rule",
+    "gated_delta_rule",
+    "ttt_linear",
+    "rwkv6",
+]

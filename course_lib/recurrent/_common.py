@@ -1,0 +1,171 @@
+"""Machinery shared by the recurrent methods: argument checks and the chunkwise gated scan.
+
+Every method of chapter 07 is one recurrence over a matrix state ``S`` of shape
+``(B, H, D_k, D_v)``: decay first, then write, then read,
+
+    S_t = decay_t * S_{t-1} + write_t,        o_t = S_t^T (scale * q_t).
+
+When the write is a plain outer product ``k_t v_t^T`` and the decay is diagonal (a scalar per
+head, or one number per key dimension), the chunkwise form below computes the same outputs
+with matrix products: inside a chunk like masked attention, across chunks through the state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import check_bool, check_choice, check_float, check_int, check_shape, check_tensor
+
+# Accumulate in float32 for half inputs, keep float64 when the caller asks for it.
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is accumulated in float32."""
+    return x.dtype if x.dtype in COMPUTE_DTYPES else torch.float32
+
+
+def check_options(
+    form: object, chunk_size: object, output_final_state: object, forms: tuple[str, ...]
+) -> None:
+    """Check the keyword options every recurrent method shares."""
+    check_choice(form, "form", forms)
+    check_int(chunk_size, "chunk_size", min=1)
+    check_bool(output_final_state, "output_final_state")
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """Default ``D_k ** -0.5``; an explicit scale must be a positive number."""
+    if scale is None:
+        return head_dim**-0.5
+    return check_float(scale, "scale", min=0.0, min_open=True)
+
+
+def check_per_step(x: object, name: str, like: torch.Tensor) -> torch.Tensor:
+    """Check a per-token tensor of shape ``(B, H, T)`` (gates, beta, dt, learning rates)."""
+    check_tensor(x, name, ndim=3, floating=True)
+    assert isinstance(x, torch.Tensor)
+    check_shape(x, name, like.shape[:3], names="B, H, T")
+    return x
+
+
+def check_log_gate(g: torch.Tensor, name: str) -> None:
+    """Log-space forget gates must be finite and <= 0 (a decay in (0, 1])."""
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(f"{name} must be finite (a log decay); got inf or NaN")
+    if bool((g > 0).any()):
+        raise ValueError(f"{name} must be <= 0 (log of a decay in (0, 1]); got max {g.max().item():.3g}")
+
+
+def check_state(initial_state: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    """``initial_state`` is None or a float tensor of shape ``(B, H, D_k, D_v)``."""
+    if initial_state is None:
+        return None
+    check_tensor(initial_state, "initial_state", ndim=4, floating=True)
+    assert isinstance(initial_state, torch.Tensor)
+    check_shape(initial_state, "initial_state", shape, names="B, H, D_k, D_v")
+    if initial_state.device != device:
+        raise ValueError(f"initial_state must be on {device} like q, got {initial_state.device}")
+    return initial_state
+
+
+def pad_time(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad dim 2 (time) up to a multiple; zero keys, values and log gates change nothing."""
+    extra = (-x.shape[2]) % multiple
+    if extra == 0:
+        return x
+    return torch.nn.functional.pad(x, (0, 0, 0, extra))
+
+
+def causal_log_decay(b: torch.Tensor) -> torch.Tensor:
+    """``(..., C)`` cumulative log decays -> ``(..., C, C)`` with ``b_t - b_s`` for s <= t, -inf above.
+
+    The difference is at most 0 on and below the diagonal, so its exponential never overflows.
+    """
+    C = b.shape[-1]
+    below = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()
+    return (b[..., :, None] - b[..., None, :]).masked_fill(~below, float("-inf"))
+
+
+def _intra_scores_vector(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub_size: int) -> torch.Tensor:
+    """``A[t, s] = sum_d q_td k_sd exp(b_td - b_sd)`` for s <= t inside a chunk, with per-dim gates.
+
+    ``exp(b_t)`` and ``exp(-b_s)`` must never be formed apart (the second overflows once the chunk
+    has forgotten enough), so the chunk is cut into sub-blocks of ``sub_size`` steps. A diagonal
+    block is computed in log space with a ``(c, c, D_k)`` tensor. A block (j, i) below the diagonal
+    factorises through the end ``e_i`` of key block i and the end ``r_j`` of the block before j:
+    ``exp(b_t - r_j) * exp(r_j - e_i) * exp(e_i - b_s)``, three factors that are each <= 1.
+    """
+    C, D_k = q.shape[-2], q.shape[-1]
+    extra = (-C) % sub_size
+    if extra:  # pad with zero queries/keys; repeating the last b keeps every exponent <= 0
+        q, k = (torch.nn.functional.pad(x, (0, 0, 0, extra)) for x in (q, k))
+        b = torch.cat([b, b[..., -1:, :].expand(*b.shape[:-2], extra, D_k)], dim=-2)
+    size = C + extra
+    M = size // sub_size
+    q_blocks, k_blocks, b_blocks = (x.reshape(*x.shape[:-2], M, sub_size, D_k) for x in (q, k, b))
+
+    # Diagonal blocks in log space, (..., M, c, c, D_k); entries above the diagonal are clamped
+    # to exp(0) before the exponential (no overflow) and removed by the mask afterwards.
+    relative = (b_blocks[..., :, None, :] - b_blocks[..., None, :, :]).clamp(max=0.0).exp()
+    diagonal = torch.einsum("...tk,...sk,...tsk->...ts", q_blocks, k_blocks, relative)
+    diagonal = diagonal * torch.ones(sub_size, sub_size, dtype=q.dtype, device=q.device).tril()
+    on_diagonal = torch.eye(M, dtype=q.dtype, device=q.device)[:, None, :, None]
+    scores = diagonal[..., :, :, None, :] * on_diagonal  # (..., M, c, M, c)
+    if M > 1:
+        block_end = b_blocks[..., -1, :]  # (..., M, D_k): e_i
+        before_block = torch.cat([torch.zeros_like(block_end[..., :1, :]), block_end[..., :-1, :]], dim=-2)
+        q_scaled = q_blocks * (b_blocks - before_block[..., None, :]).exp()
+        k_scaled = k_blocks * (block_end[..., None, :] - b_blocks).exp()
+        earlier = torch.ones(M, M, dtype=q.dtype, device=q.device).tril(-1)  # key block i < query block j
+        between = (before_block[..., :, None, :] - block_end[..., None, :, :]).clamp(max=0.0).exp()
+        between = between * earlier[..., None]  # (..., M_j, M_i, D_k)
+        off = (q_scaled[..., :, None, :, :] * between[..., :, :, None, :]) @ k_scaled[
+            ..., None, :, :, :
+        ].transpose(-1, -2)  # (..., M_j, M_i, c, c)
+        scores = scores + off.transpose(-2, -3)
+    return scores.reshape(*q.shape[:-2], size, size)[..., :C, :C]
+
+
+def chunk_gated_scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None,
+    sub_size: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise form of ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t``.
+
+    q, k: (B, H, T, D_k), already scaled; v: (B, H, T, D_v); g: (B, H, T, D_k) log gates per key
+    dimension, or (B, H, T, 1) for one scalar gate per head and step. All in the compute dtype.
+    Returns ``(o, S_T)``. Inside a chunk the output is masked attention with relative decays
+    ``exp(b_t - b_s)`` (``b`` the within-chunk cumulative log gate); across chunks the state is
+    carried: read with ``q_t exp(b_t)``, written with ``k_s exp(b_C - b_s)``, decayed by ``exp(b_C)``.
+    Every exponent is <= 0, so nothing overflows however strong the forgetting.
+    """
+    B, H, T, D_k = q.shape
+    D_v = v.shape[-1]
+    C = min(chunk_size, T)
+    q, k, v, g = (pad_time(x, C) for x in (q, k, v, g))
+    N = q.shape[2] // C
+    q, k, v, g = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v, g))
+    b = g.cumsum(dim=-2)  # within-chunk cumulative log decay, <= 0 and decreasing
+    q_from_start = q * b.exp()
+    k_to_end = k * (b[..., -1:, :] - b).exp()
+    chunk_decay = b[..., -1, :].exp()  # (B, H, N, D_k or 1)
+
+    state = q.new_zeros(B, H, D_k, D_v) if initial_state is None else initial_state
+    outputs = []
+    # One chunk at a time: the (C, C) scores of a chunk stay small and in cache.
+    for n in range(N):
+        q_n, k_n, b_n = q[:, :, n], k[:, :, n], b[:, :, n]
+        if g.shape[-1] == 1:  # scalar gate: the relative decay is one (C, C) matrix
+            scores = (q_n @ k_n.transpose(-1, -2)) * causal_log_decay(b_n[..., 0]).exp()
+        else:
+            scores = _intra_scores_vector(q_n, k_n, b_n, min(sub_size, C))
+        outputs.append(scores @ v[:, :, n] + q_from_start[:, :, n] @ state)
+        state = chunk_decay[:, :, n, :, None] * state + k_to_end[:, :, n].transpose(-1, -2) @ v[:, :, n]
+    o = torch.stack(outputs, dim=2).reshape(B, H, N * C, D_v)[:, :, :T]
+    return o, state

@@ -1,0 +1,714 @@
+"""Tests for course_lib.recurrent: every method's chunk form against its recurrent form, identities
+between methods, dense float64 references written here, gradients, extremes and bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from course_lib.recurrent import (
+    delta_rule,
+    gated_delta_rule,
+    gla,
+    mlstm,
+    retention,
+    retention_decay_matrix,
+    retnet_gammas,
+    rwkv6,
+    segsum,
+    ssd,
+    ttt_linear,
+)
+
+F64 = torch.float64
+TIGHT = {"rtol": 1e-9, "atol": 1e-10}
+
+
+# --- one description per method: how to draw inputs, a state, and call it --------------------
+
+
+@dataclass
+class Method:
+    name: str
+    make_inputs: Callable  # (B, H, T, D_k, D_v, dtype, generator) -> dict of tensors
+    make_state: Callable  # (B, H, D_k, D_v, dtype, generator) -> state
+    call: Callable  # (inputs, **options) -> output(s)
+    chunk_multiple: int = 1  # chunk sizes are multiplied by this (TTT: the mini-batch size)
+
+
+def randn(*shape, dtype=F64, generator=None):
+    return torch.randn(*shape, dtype=dtype, generator=generator)
+
+
+def log_gate(*shape, dtype=F64, generator=None):
+    """Log forget gates in (-inf, 0): logsigmoid of a shifted normal, mostly remembering."""
+    return F.logsigmoid(randn(*shape, generator=generator) + 1.5).to(dtype)
+
+
+def qkv(B, H, T, dk, dv, dtype, gen, normalize_k=False):
+    q, k, v = (
+        randn(B, H, T, dk, generator=gen),
+        randn(B, H, T, dk, generator=gen),
+        randn(B, H, T, dv, generator=gen),
+    )
+    if normalize_k:
+        k = F.normalize(k, dim=-1)
+    return {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype)}
+
+
+def matrix_state(B, H, dk, dv, dtype, gen):
+    return randn(B, H, dk, dv, generator=gen).to(dtype)
+
+
+def mlstm_state(B, H, dk, dv, dtype, gen):
+    return (
+        randn(B, H, dk, dv, generator=gen).to(dtype),
+        randn(B, H, dk, generator=gen).to(dtype),
+        randn(B, H, generator=gen).to(dtype),
+    )
+
+
+def ssd_inputs(B, H, T, dk, dv, dtype, gen):
+    return {
+        "x": randn(B, H, T, dv, generator=gen).to(dtype),
+        "dt": F.softplus(randn(B, H, T, generator=gen) - 1).to(dtype),
+        "A": -(torch.rand(H, dtype=F64, generator=gen) + 0.2).to(dtype),
+        "B": randn(B, H, T, dk, generator=gen).to(dtype),
+        "C": randn(B, H, T, dk, generator=gen).to(dtype),
+    }
+
+
+METHODS = [
+    Method(
+        "retention",
+        lambda B, H, T, dk, dv, dtype, gen: {
+            **qkv(B, H, T, dk, dv, dtype, gen),
+            "g": torch.log(retnet_gammas(H) - 0.2).to(dtype),
+        },
+        matrix_state,
+        lambda x, **o: retention(x["q"], x["k"], x["v"], x["g"], **o),
+    ),
+    Method(
+        "gla",
+        lambda B, H, T, dk, dv, dtype, gen: {
+            **qkv(B, H, T, dk, dv, dtype, gen),
+            "g": log_gate(B, H, T, dk, dtype=dtype, generator=gen),
+        },
+        matrix_state,
+        lambda x, **o: gla(x["q"], x["k"], x["v"], x["g"], **o),
+    ),
+    Method("ssd", ssd_inputs, matrix_state, lambda x, **o: ssd(x["x"], x["dt"], x["A"], x["B"], x["C"], **o)),
+    Method(
+        "mlstm",
+        lambda B, H, T, dk, dv, dtype, gen: {
+            **qkv(B, H, T, dk, dv, dtype, gen),
+            "i": (2 * randn(B, H, T, generator=gen)).to(dtype),
+            "f": log_gate(B, H, T, dtype=dtype, generator=gen),
+        },
+        mlstm_state,
+        lambda x, **o: mlstm(x["q"], x["k"], x["v"], x["i"], x["f"], **o),
+    ),
+    Method(
+        "delta_rule",
+        lambda B, H, T, dk, dv, dtype, gen: {
+            **qkv(B, H, T, dk, dv, dtype, gen, normalize_k=True),
+            "beta": torch.rand(B, H, T, dtype=F64, generator=gen).to(dtype),
+        },
+        matrix_state,
+        lambda x, **o: delta_rule(x["q"], x["k"], x["v"], x["beta"], **o),
+    ),
+    Method(
+        "gated_delta_rule",
+        lambda B, H, T, dk, dv, dtype, gen: {
+            **qkv(B, H, T, dk, dv, dtype, gen, normalize_k=True),
+            "g": log_gate(B, H, T, dtype=dtype, generator=gen),
+            "beta": torch.rand(B, H, T, dtype=F64, generator=gen).to(dtype),
+        },
+        matrix_state,
+        lambda x, **o: gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **o),
+    ),
+    Method(
+        "ttt_linear_mb1",
+        lambda B, H, T, dk, dv, dtype, gen: {
+            **qkv(B, H, T, dk, dv, dtype, gen, normalize_k=True),
+            "lr": torch.rand(B, H, T, dtype=F64, generator=gen).to(dtype),
+        },
+        matrix_state,
+        lambda x, **o: ttt_linear(x["q"], x["k"], x["v"], x["lr"], mini_batch_size=1, **o),
+    ),
+    Method(
+        "ttt_linear_mb3",
+        lambda B, H, T, dk, dv, dtype, gen: {
+            **qkv(B, H, T, dk, dv, dtype, gen, normalize_k=True),
+            "lr": torch.rand(B, H, T, dtype=F64, generator=gen).to(dtype),
+        },
+        matrix_state,
+        lambda x, **o: ttt_linear(
+            x["q"], x["k"], x["v"], x["lr"], mini_batch_size=3, **{"chunk_size": 12, **o}
+        ),
+        chunk_multiple=3,
+    ),
+    Method(
+        "rwkv6",
+        lambda B, H, T, dk, dv, dtype, gen: {
+            **qkv(B, H, T, dk, dv, dtype, gen),
+            "g": log_gate(B, H, T, dk, dtype=dtype, generator=gen),
+            "u": randn(H, dk, generator=gen).to(dtype),
+        },
+        matrix_state,
+        lambda x, **o: rwkv6(x["q"], x["k"], x["v"], x["g"], x["u"], **o),
+    ),
+]
+METHOD_IDS = [m.name for m in METHODS]
+
+
+def draw(method, B=2, H=2, T=11, dk=3, dv=4, dtype=F64, seed=0, with_state=True):
+    gen = torch.Generator().manual_seed(seed)
+    inputs = method.make_inputs(B, H, T, dk, dv, dtype, gen)
+    state = method.make_state(B, H, dk, dv, dtype, gen) if with_state else None
+    return inputs, state
+
+
+def flat(result):
+    """(o, state) -> a list of tensors, whatever the state's structure."""
+    o, state = result
+    return [o, *(state if isinstance(state, tuple) else (state,))]
+
+
+def assert_all_close(a, b, **tolerance):
+    for x, y in zip(flat(a), flat(b), strict=True):
+        torch.testing.assert_close(x, y, **tolerance)
+
+
+# --- chunk == recurrent ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize(
+    "T, chunk_size",
+    [(1, 4), (12, 1), (12, 4), (12, 5), (12, 12), (12, 32), (13, 4)],
+    ids=lambda p: str(p),
+)
+def test_chunk_matches_recurrent_float64(method, T, chunk_size):
+    inputs, state = draw(method, T=T)
+    chunk_size *= method.chunk_multiple
+    expected = method.call(inputs, form="recurrent", initial_state=state, output_final_state=True)
+    actual = method.call(
+        inputs, form="chunk", chunk_size=chunk_size, initial_state=state, output_final_state=True
+    )
+    assert_all_close(actual, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_chunk_float32_close_to_float64_recurrent(method):
+    inputs, state = draw(method, T=20)
+    expected = method.call(inputs, form="recurrent", initial_state=state, output_final_state=True)
+    inputs32 = {name: x.float() for name, x in inputs.items()}
+    state32 = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
+    actual = method.call(
+        inputs32, chunk_size=6 * method.chunk_multiple, initial_state=state32, output_final_state=True
+    )
+    assert actual[0].dtype == torch.float32
+    for x, y in zip(flat(actual), flat(expected), strict=True):
+        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["recurrent", "chunk"])
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_state_continuation(method, form):
+    """Running two halves with the state carried over equals one run over the whole sequence."""
+    inputs, state = draw(method, T=14)
+    options = {"form": form, "chunk_size": 4 * method.chunk_multiple, "output_final_state": True}
+    whole = method.call(inputs, initial_state=state, **options)
+    split = 6 if method.chunk_multiple > 1 else 5  # TTT: split on a mini-batch edge
+    first = {name: (x[:, :, :split] if x.dim() >= 3 else x) for name, x in inputs.items()}
+    second = {name: (x[:, :, split:] if x.dim() >= 3 else x) for name, x in inputs.items()}
+    o_first, middle = method.call(first, initial_state=state, **options)
+    o_second, final = method.call(second, initial_state=middle, **options)
+    assert_all_close((torch.cat([o_first, o_second], dim=2), final), whole, **TIGHT)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_batch_invariance(method):
+    """A sequence alone gives the same output as inside a batch."""
+    inputs, _ = draw(method, B=3, T=9)
+    together = method.call(inputs, chunk_size=4 * method.chunk_multiple)
+    for b in range(3):
+        alone = {name: (x[b : b + 1] if x.dim() >= 3 else x) for name, x in inputs.items()}
+        torch.testing.assert_close(
+            method.call(alone, chunk_size=4 * method.chunk_multiple), together[b : b + 1]
+        )
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_no_initial_state_means_zero_state(method):
+    inputs, state = draw(method, T=7)
+    zero = tuple(torch.zeros_like(s) for s in state) if isinstance(state, tuple) else torch.zeros_like(state)
+    torch.testing.assert_close(method.call(inputs), method.call(inputs, initial_state=zero), **TIGHT)
+
+
+# --- gradients ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_gradients_agree_between_forms(method):
+    """Gradients of a random functional of (o, final state), wrt every input and the initial state."""
+    inputs, state = draw(method, T=10)
+    leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
+    states = state if isinstance(state, tuple) else (state,)
+    # mLSTM's stabiliser m gets no gradient (the output does not depend on it), so leave it out.
+    state_leaves = [s.clone().requires_grad_(index < 2) for index, s in enumerate(states)]
+    initial = tuple(state_leaves) if isinstance(state, tuple) else state_leaves[0]
+    wanted = list(leaves.values()) + [s for s in state_leaves if s.requires_grad]
+
+    gradients = {}
+    for form in ("recurrent", "chunk"):
+        outputs = flat(
+            method.call(
+                leaves,
+                form=form,
+                chunk_size=3 * method.chunk_multiple,
+                initial_state=initial,
+                output_final_state=True,
+            )
+        )
+        weights = [
+            torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(7 + i))
+            for i, x in enumerate(outputs)
+        ]
+        loss = sum((w * x).sum() for w, x in zip(weights, outputs) if x.requires_grad)
+        gradients[form] = torch.autograd.grad(loss, wanted, allow_unused=True)
+    for a, b in zip(gradients["chunk"], gradients["recurrent"], strict=True):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_gradcheck_chunk_form(method):
+    inputs, state = draw(method, B=1, H=1, T=5, dk=2, dv=2)
+    names = [name for name, x in inputs.items() if name not in ("beta", "lr", "dt", "A")]
+    states = state if isinstance(state, tuple) else (state,)
+
+    def function(*tensors):
+        x = dict(inputs, **dict(zip(names, tensors[: len(names)], strict=True)))
+        initial = (tensors[-2], tensors[-1], states[2]) if isinstance(state, tuple) else tensors[-1]
+        o, final = method.call(
+            x, chunk_size=2 * method.chunk_multiple, initial_state=initial, output_final_state=True
+        )
+        if isinstance(
+            final, tuple
+        ):  # mLSTM: check the true memory exp(m) C~, which m's detaching keeps exact
+            return o, final[0] * final[2].exp()[..., None, None], final[1] * final[2].exp()[..., None]
+        return o, final
+
+    leaves = [inputs[name].clone().requires_grad_() for name in names]
+    leaves += (
+        [s.clone().requires_grad_() for s in states[:2]]
+        if isinstance(state, tuple)
+        else [state.clone().requires_grad_()]
+    )
+    assert torch.autograd.gradcheck(function, leaves, fast_mode=True)
+
+
+def test_gradcheck_write_strengths():
+    """beta, lr, dt and A are differentiable too (values kept inside their valid ranges)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (
+        randn(1, 1, 5, 2, generator=gen),
+        F.normalize(randn(1, 1, 5, 2, generator=gen), dim=-1),
+        randn(1, 1, 5, 2, generator=gen),
+    )
+    beta = (0.2 + 0.6 * torch.rand(1, 1, 5, dtype=F64, generator=gen)).requires_grad_()
+    g = log_gate(1, 1, 5, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda g, b: gated_delta_rule(q, k, v, g, b, chunk_size=2), (g, beta), fast_mode=True
+    )
+    assert torch.autograd.gradcheck(
+        lambda lr: ttt_linear(q, k, v, lr, mini_batch_size=2, chunk_size=2), (beta,), fast_mode=True
+    )
+    dt = (0.3 + torch.rand(1, 1, 5, dtype=F64, generator=gen)).requires_grad_()
+    A = torch.tensor([-0.7], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda dt, A: ssd(v, dt, A, q, k, chunk_size=2), (dt, A), fast_mode=True)
+
+
+# --- dense references written here, and identities between methods --------------------------
+
+
+def dense_gla(q, k, v, g, scale):
+    """o_t = sum_{s<=t} scale * (q_t * exp(G_t - G_s)) . k_s v_s, with G the cumulative log gate."""
+    G = g.cumsum(dim=2)
+    T = q.shape[2]
+    o = torch.zeros(*q.shape[:3], v.shape[-1], dtype=F64)
+    for t in range(T):
+        for s in range(t + 1):
+            weight = (scale * q[:, :, t] * (G[:, :, t] - G[:, :, s]).exp() * k[:, :, s]).sum(-1)
+            o[:, :, t] += weight[..., None] * v[:, :, s]
+    return o
+
+
+def test_gla_matches_dense_reference():
+    inputs, _ = draw(METHODS[1], T=9)
+    expected = dense_gla(inputs["q"], inputs["k"], inputs["v"], inputs["g"], 3**-0.5)
+    for form in ("recurrent", "chunk"):
+        torch.testing.assert_close(gla(**inputs, form=form, chunk_size=4), expected, **TIGHT)
+
+
+def test_gla_zero_gate_is_causal_linear_attention():
+    inputs, _ = draw(METHODS[1], T=10)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    scores = (q @ k.transpose(-1, -2)) * 0.5 * torch.ones(10, 10, dtype=torch.bool).tril()
+    torch.testing.assert_close(
+        gla(q, k, v, torch.zeros_like(inputs["g"]), scale=0.5, chunk_size=4), scores @ v, **TIGHT
+    )
+
+
+def test_retention_equals_gla_with_broadcast_gate():
+    inputs, _ = draw(METHODS[0], T=10)
+    B, H, T, D = inputs["q"].shape
+    broadcast = inputs["g"][None, :, None, None].expand(B, H, T, D)
+    torch.testing.assert_close(
+        retention(**inputs, chunk_size=4),
+        gla(inputs["q"], inputs["k"], inputs["v"], broadcast, form="recurrent"),
+        **TIGHT,
+    )
+
+
+def test_retention_parallel_form_and_decay_matrix():
+    gammas = torch.tensor([0.5, 0.9], dtype=F64)
+    D = retention_decay_matrix(gammas.log(), 4)
+    assert D.shape == (2, 4, 4)
+    torch.testing.assert_close(D[0, 3], torch.tensor([0.125, 0.25, 0.5, 1.0], dtype=F64))
+    torch.testing.assert_close(D[1, 2, :3], torch.tensor([0.81, 0.9, 1.0], dtype=F64))
+    assert D[1, 0, 1] == 0 and D[0, 1, 3] == 0
+    inputs, state = draw(METHODS[0], T=8)
+    expected = retention(**inputs, form="recurrent", initial_state=state, output_final_state=True)
+    assert_all_close(
+        retention(**inputs, form="parallel", initial_state=state, output_final_state=True), expected, **TIGHT
+    )
+
+
+def test_retnet_gammas_match_the_paper():
+    """RetNet: gamma = 1 - 2^(-5 - arange(0, h))."""
+    torch.testing.assert_close(
+        retnet_gammas(3), torch.tensor([1 - 1 / 32, 1 - 1 / 64, 1 - 1 / 128], dtype=F64)
+    )
+
+
+def test_ssd_is_scalar_gated_linear_attention():
+    """q = C, k = B, v = dt * x, g = A * dt (broadcast over the key dim), scale = 1."""
+    x = draw(METHODS[2], T=10)[0]
+    N = x["B"].shape[-1]
+    g = (x["A"][None, :, None] * x["dt"])[..., None].expand(-1, -1, -1, N)
+    expected = gla(x["C"], x["B"], x["dt"][..., None] * x["x"], g, scale=1.0, form="recurrent")
+    for form in ("recurrent", "parallel", "chunk"):
+        torch.testing.assert_close(ssd(**x, form=form, chunk_size=4), expected, **TIGHT)
+
+
+def test_ssd_parallel_with_state():
+    x, state = draw(METHODS[2], T=9)
+    expected = ssd(**x, form="recurrent", initial_state=state, output_final_state=True)
+    assert_all_close(
+        ssd(**x, form="parallel", initial_state=state, output_final_state=True), expected, **TIGHT
+    )
+
+
+def test_segsum_definition():
+    x = torch.tensor([1.0, 2.0, 4.0], dtype=F64)
+    inf = float("-inf")
+    expected = torch.tensor([[0.0, inf, inf], [2.0, 0.0, inf], [6.0, 4.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(segsum(x), expected)
+
+
+def unstabilised_mlstm(q, k, v, i, f, scale):
+    """The mLSTM equations as written, without any stabiliser (fine in float64 for moderate i)."""
+    B, H, T, D = q.shape
+    C, n, outputs = torch.zeros(B, H, D, v.shape[-1], dtype=F64), torch.zeros(B, H, D, dtype=F64), []
+    for t in range(T):
+        C = (
+            f[:, :, t, None, None].exp() * C
+            + i[:, :, t, None, None].exp() * k[:, :, t, :, None] * v[:, :, t, None, :]
+        )
+        n = f[:, :, t, None].exp() * n + i[:, :, t, None].exp() * k[:, :, t]
+        query = scale * q[:, :, t]
+        denominator = (n * query).sum(-1).abs().clamp(min=1.0)
+        outputs.append(torch.einsum("bhk,bhkv->bhv", query, C) / denominator[..., None])
+    return torch.stack(outputs, dim=2)
+
+
+@pytest.mark.parametrize("form", ["recurrent", "chunk"])
+def test_mlstm_stabiliser_cancels_exactly(form):
+    inputs, _ = draw(METHODS[3], T=12)
+    expected = unstabilised_mlstm(**inputs, scale=3**-0.5)
+    torch.testing.assert_close(mlstm(**inputs, form=form, chunk_size=5), expected, **TIGHT)
+
+
+def test_gated_delta_rule_with_zero_gate_is_delta_rule():
+    inputs, state = draw(METHODS[5], T=10)
+    without_gate = {name: x for name, x in inputs.items() if name != "g"}
+    for form in ("recurrent", "chunk"):
+        a = gated_delta_rule(**dict(inputs, g=torch.zeros_like(inputs["g"])), form=form, initial_state=state)
+        torch.testing.assert_close(
+            a, delta_rule(**without_gate, form="recurrent", initial_state=state), **TIGHT
+        )
+
+
+@pytest.mark.parametrize("form", ["recurrent", "chunk"])
+def test_beta_zero_leaves_the_state_unchanged(form):
+    inputs, state = draw(METHODS[4], T=6)
+    o, final = delta_rule(
+        **dict(inputs, beta=torch.zeros_like(inputs["beta"])),
+        form=form,
+        initial_state=state,
+        output_final_state=True,
+    )
+    torch.testing.assert_close(final, state, **TIGHT)
+    torch.testing.assert_close(o, 3**-0.5 * inputs["q"] @ state, **TIGHT)
+
+
+def test_delta_rule_overwrites_where_linear_attention_adds():
+    """Write v1 then v2 under the same unit key with beta = 1: the delta rule returns v2."""
+    k = torch.tensor([1.0, 0.0], dtype=F64).expand(1, 1, 2, 2)
+    v = torch.tensor([[1.0, 2.0], [5.0, -3.0]], dtype=F64)[None, None]
+    o = delta_rule(k, k, v, torch.ones(1, 1, 2, dtype=F64), scale=1.0)
+    torch.testing.assert_close(o[0, 0, 1], v[0, 0, 1])
+    added = gla(k, k, v, torch.zeros(1, 1, 2, 2, dtype=F64), scale=1.0)
+    torch.testing.assert_close(added[0, 0, 1], v[0, 0, 0] + v[0, 0, 1])
+
+
+def test_ttt_mini_batch_one_is_the_delta_rule():
+    inputs, state = draw(METHODS[6], T=11)
+    beta = inputs["lr"]
+    expected = delta_rule(inputs["q"], inputs["k"], inputs["v"], beta, form="recurrent", initial_state=state)
+    for form in ("recurrent", "chunk"):
+        torch.testing.assert_close(
+            ttt_linear(**inputs, mini_batch_size=1, form=form, initial_state=state), expected, **TIGHT
+        )
+
+
+def test_ttt_one_mini_batch_matches_the_dual_form():
+    """With one mini-batch every gradient is taken at W0: O = Q W0 - tril(Q K^T) diag(lr) (K W0 - V)."""
+    inputs, W0 = draw(METHODS[6], T=6)
+    q, k, v, lr = (inputs[name] for name in ("q", "k", "v", "lr"))
+    scaled = q * 3**-0.5
+    tril = torch.ones(6, 6, dtype=torch.bool).tril()
+    expected = scaled @ W0 - ((scaled @ k.transpose(-1, -2)) * tril) @ (lr[..., None] * (k @ W0 - v))
+    for form in ("recurrent", "chunk"):
+        actual = ttt_linear(q, k, v, lr, mini_batch_size=6, form=form, chunk_size=6, initial_state=W0)
+        torch.testing.assert_close(actual, expected, **TIGHT)
+
+
+def test_rwkv6_matches_the_paper_formula():
+    """wkv_t = diag(u) k_t v_t^T + sum_{i<t} diag(prod_{j=i+1}^{t-1} w_j) k_i v_i^T, read with r_t."""
+    x, _ = draw(METHODS[-1], T=8)
+    r, k, v, w, u = x["q"], x["k"], x["v"], x["g"], x["u"]
+    expected = torch.zeros_like(v)
+    for t in range(8):
+        wkv = u[None, :, :, None] * k[:, :, t, :, None] * v[:, :, t, None, :]
+        for i in range(t):
+            decay = w[:, :, i + 1 : t].sum(dim=2).exp()  # empty product = 1 for i = t - 1
+            wkv = wkv + decay[..., None] * k[:, :, i, :, None] * v[:, :, i, None, :]
+        expected[:, :, t] = torch.einsum("bhk,bhkv->bhv", r[:, :, t], wkv)
+    for form in ("recurrent", "chunk"):
+        torch.testing.assert_close(
+            rwkv6(r, k, v, w, u, scale=1.0, form=form, chunk_size=3), expected, **TIGHT
+        )
+
+
+def test_rwkv6_without_decay_and_unit_bonus_is_linear_attention():
+    x, _ = draw(METHODS[-1], T=9)
+    g = torch.zeros_like(x["g"])
+    expected = gla(x["q"], x["k"], x["v"], g, form="recurrent")
+    torch.testing.assert_close(
+        rwkv6(x["q"], x["k"], x["v"], g, torch.ones_like(x["u"]), chunk_size=4), expected, **TIGHT
+    )
+
+
+# --- property tests -------------------------------------------------------------------------
+
+
+@given(
+    T=st.integers(1, 20),
+    chunk_size=st.integers(1, 24),
+    dk=st.integers(1, 4),
+    dv=st.integers(1, 4),
+    which=st.sampled_from(["gla", "delta_rule", "mlstm", "ssd", "rwkv6"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_chunk_matches_recurrent(T, chunk_size, dk, dv, which, seed):
+    method = next(m for m in METHODS if m.name == which)
+    inputs, state = draw(method, B=1, H=2, T=T, dk=dk, dv=dv, seed=seed)
+    expected = method.call(inputs, form="recurrent", initial_state=state, output_final_state=True)
+    actual = method.call(inputs, chunk_size=chunk_size, initial_state=state, output_final_state=True)
+    assert_all_close(actual, expected, rtol=1e-8, atol=1e-8)
+
+
+# --- extremes and half precision -------------------------------------------------------------
+
+
+def test_strong_forgetting_keeps_only_the_current_token():
+    """Log gates of -1000 forget everything at once: each output is scale (q_t . k_t) v_t (float32)."""
+    inputs, _ = draw(METHODS[1], T=40, dtype=torch.float32)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    only_current = 3**-0.5 * (q * k).sum(-1, keepdim=True) * v
+    strong = torch.full_like(inputs["g"], -1000.0)
+    for form in ("recurrent", "chunk"):
+        torch.testing.assert_close(
+            gla(q, k, v, strong, form=form, chunk_size=16), only_current, rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            retention(q, k, v, strong[0, :, 0, 0], form=form), only_current, rtol=1e-4, atol=1e-5
+        )
+        beta = torch.ones(*q.shape[:3])
+        gated = gated_delta_rule(q, k, v, strong[..., 0], beta, form=form, chunk_size=16)
+        torch.testing.assert_close(gated, only_current, rtol=1e-4, atol=1e-5)
+    x = draw(METHODS[2], T=40, dtype=torch.float32)[0]
+    A = torch.full_like(x["A"], -1e4)
+    expected = (x["C"] * x["B"]).sum(-1, keepdim=True) * x["dt"][..., None] * x["x"]
+    torch.testing.assert_close(ssd(**dict(x, A=A), chunk_size=16), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gla_mixed_extreme_gates_are_finite():
+    """Some dimensions forget at -50 per step while others remember: nothing may overflow."""
+    inputs, _ = draw(METHODS[1], T=64, dtype=torch.float32)
+    g = inputs["g"].clone()
+    g[..., 0] = -50.0
+    o = gla(**dict(inputs, g=g), chunk_size=64)
+    assert torch.isfinite(o).all()
+    reference = gla(**{name: x.double() for name, x in dict(inputs, g=g).items()}, form="recurrent")
+    torch.testing.assert_close(o.double(), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["recurrent", "chunk"])
+def test_mlstm_huge_input_gate(form):
+    """i = 500 overflows exp in any dtype; with full forgetting o_t = sign(q_t . k_t) v_t exactly."""
+    inputs, _ = draw(METHODS[3], T=20, dtype=torch.float32)
+    i = torch.full_like(inputs["i"], 500.0)
+    f = torch.full_like(inputs["f"], -1000.0)
+    o = mlstm(**dict(inputs, i=i, f=f), form=form, chunk_size=8)
+    expected = (inputs["q"] * inputs["k"]).sum(-1, keepdim=True).sign() * inputs["v"]
+    torch.testing.assert_close(o, expected)
+    mixed = mlstm(**dict(inputs, i=inputs["i"] * 100), form=form, chunk_size=8)
+    assert torch.isfinite(mixed).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_half_precision(method, dtype):
+    inputs, _ = draw(method, T=12)
+    expected = method.call(inputs, form="recurrent")
+    half = {name: x.to(dtype) for name, x in inputs.items()}
+    if "beta" in half or "lr" in half:  # rounding may push a write strength just past 1
+        half = {name: (x.clamp(0, 1) if name in ("beta", "lr") else x) for name, x in half.items()}
+    for form in ("recurrent", "chunk"):
+        o = method.call(half, form=form, chunk_size=4 * method.chunk_multiple)
+        assert o.dtype == dtype
+        torch.testing.assert_close(
+            o.double(), expected, rtol=0.05, atol=0.05 if dtype == torch.float16 else 0.15
+        )
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def _base(name):
+    method = next(m for m in METHODS if m.name == name)
+    return method, draw(method, T=6, dtype=torch.float32, with_state=False)[0]
+
+
+BAD_INPUTS = [
+    ("retention", {"g": torch.tensor([0.1, -0.1])}, ValueError, "g"),
+    ("retention", {"g": torch.zeros(3)}, ValueError, "g"),
+    ("retention", {"k": torch.zeros(2, 2, 5, 3)}, ValueError, "k"),
+    ("gla", {"g": torch.zeros(2, 2, 6, 2)}, ValueError, "g"),
+    ("gla", {"g": torch.full((2, 2, 6, 3), 0.5)}, ValueError, "g"),
+    ("gla", {"v": torch.zeros(2, 3, 6, 4)}, ValueError, "v"),
+    ("gla", {"q": torch.zeros(2, 2, 6, 3, dtype=torch.long)}, TypeError, "q"),
+    ("ssd", {"A": torch.tensor([-0.5, 0.0])}, ValueError, "A"),
+    ("ssd", {"A": torch.tensor([-0.5])}, ValueError, "A"),
+    ("ssd", {"dt": torch.full((2, 2, 6), -0.1)}, ValueError, "dt"),
+    ("ssd", {"dt": torch.ones(2, 2, 5)}, ValueError, "dt"),
+    ("ssd", {"C": torch.zeros(2, 2, 6, 2)}, ValueError, "C"),
+    ("ssd", {"B": torch.zeros(2, 2, 7, 3)}, ValueError, "B"),
+    ("mlstm", {"f": torch.full((2, 2, 6), 0.1)}, ValueError, "f"),
+    ("mlstm", {"i": torch.zeros(2, 2, 6, 1)}, ValueError, "i"),
+    ("mlstm", {"i": torch.full((2, 2, 6), float("inf"))}, ValueError, "i"),
+    ("delta_rule", {"beta": torch.full((2, 2, 6), 1.5)}, ValueError, "beta"),
+    ("delta_rule", {"beta": torch.full((2, 2, 6), -0.1)}, ValueError, "beta"),
+    ("delta_rule", {"beta": torch.ones(2, 6)}, ValueError, "beta"),
+    ("gated_delta_rule", {"g": torch.full((2, 2, 6), 0.2)}, ValueError, "g"),
+    ("gated_delta_rule", {"beta": torch.full((2, 2, 6), 2.0)}, ValueError, "beta"),
+    ("ttt_linear_mb1", {"lr": torch.full((2, 2, 6), -0.1)}, ValueError, "lr"),
+    ("ttt_linear_mb1", {"lr": torch.ones(2, 2, 5)}, ValueError, "lr"),
+    ("rwkv6", {"g": torch.full((2, 2, 6, 3), 0.1)}, ValueError, "w"),
+    ("rwkv6", {"u": torch.zeros(3, 3)}, ValueError, "u"),
+    ("rwkv6", {"u": torch.zeros(2, 3, 1)}, ValueError, "u"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, change, error, argument",
+    BAD_INPUTS,
+    ids=[f"{n}-{a}-{i}" for i, (n, _, _, a) in enumerate(BAD_INPUTS)],
+)
+def test_bad_tensor_inputs(name, change, error, argument):
+    method, inputs = _base(name)
+    with pytest.raises(error, match=argument):
+        method.call(dict(inputs, **change))
+
+
+BAD_OPTIONS = [
+    ({"form": "parallel-ish"}, ValueError, "form"),
+    ({"chunk_size": 0}, ValueError, "chunk_size"),
+    ({"chunk_size": 2.0}, TypeError, "chunk_size"),
+    ({"output_final_state": 1}, TypeError, "output_final_state"),
+    ({"initial_state": "zeros"}, TypeError, "initial_state"),
+]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("change, error, argument", BAD_OPTIONS, ids=[a for _, _, a in BAD_OPTIONS])
+def test_bad_options(method, change, error, argument):
+    inputs, _ = draw(method, T=6, with_state=False)
+    with pytest.raises(error, match=argument):
+        method.call(inputs, **change)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_bad_initial_state_shape(method):
+    inputs, state = draw(method, T=6)
+    wrong = tuple(s[..., :1] for s in state) if isinstance(state, tuple) else state[:, :, :, :1]
+    with pytest.raises(ValueError, match="initial_state"):
+        method.call(inputs, initial_state=wrong)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m.name != "ssd"], ids=lambda m: m.name)
+def test_bad_scale(method):
+    inputs, _ = draw(method, T=4, with_state=False)
+    with pytest.raises(ValueError, match="scale"):
+        method.call(inputs, scale=-1.0)
+
+
+def test_bad_helper_arguments():
+    with pytest.raises(ValueError, match="num_heads"):
+        retnet_gammas(0)
+    with pytest.raises(TypeError, match="num_heads"):
+        retnet_gammas(2.5)
+    with pytest.raises(ValueError, match="T"):
+        retention_decay_matrix(torch.tensor([-0.1]), 0)
+    with pytest.raises(ValueError, match="g"):
+        retention_decay_matrix(torch.tensor([0.1]), 3)
+    q = torch.zeros(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        ttt_linear(q, q, q, torch.zeros(1, 1, 4), mini_batch_size=3, chunk_size=4)
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        ttt_linear(q, q, q, torch.zeros(1, 1, 4), mini_batch_size=0)
+    with pytest.raises(TypeError, match="g"):
+        gated_delta_rule(q, q, q, None, torch.zeros(1, 1, 4))
+    with pytest.raises(TypeError, match="x"):
+        ssd([1.0], torch.zeros(1, 1, 4), torch.tensor([-1.0]), q, q)
