@@ -22,6 +22,7 @@ __all__ = [
     "check_choice",
     "check_divisible",
     "check_bool",
+    "check_generator",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -164,3 +165,16 @@ def check_divisible(value: int, name: str, divisor: int, divisor_name: str) -> N
     """Check that ``divisor`` divides ``value``, e.g. ``num_kv_heads`` divides ``num_heads``."""
     if divisor == 0 or value % divisor != 0:
         raise ValueError(f"{divisor_name}={divisor} must divide {name}={value}")
+
+
+def check_generator(generator: object, seed: object) -> torch.Generator:
+    """The explicit source of randomness: ``generator`` as given, or a new one seeded with ``seed``
+    (seed 0 when neither is given, so results never depend on global random state)."""
+    if generator is not None and seed is not None:
+        raise ValueError("seed and generator: pass at most one of them")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        return generator
+    seed = 0 if seed is None else check_int(seed, "seed", min=0)
+    return torch.Generator().manual_seed(seed)

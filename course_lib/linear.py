@@ -27,6 +27,7 @@ from .checks import (
     check_bool,
     check_choice,
     check_float,
+    check_generator,
     check_int,
     check_shape,
     check_tensor,
@@ -119,7 +120,7 @@ class FavorPlus:
             self.head_dim**-0.5 if scale is None else check_float(scale, "scale", min=0, min_open=True)
         )
         self.orthogonal = check_bool(orthogonal, "orthogonal")
-        self._generator = _make_generator(seed, generator)
+        self._generator = check_generator(generator, seed)
         self.projection = self._draw()
 
     def _draw(self) -> torch.Tensor:
@@ -143,7 +144,7 @@ class FavorPlus:
     def redraw(self, *, seed: int | None = None, generator: torch.Generator | None = None) -> None:
         """Draw new random features: from ``seed``/``generator`` if given, else from this map's own stream."""
         if seed is not None or generator is not None:
-            self._generator = _make_generator(seed, generator)
+            self._generator = check_generator(generator, seed)
         self.projection = self._draw()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,18 +162,6 @@ class FavorPlus:
     def __repr__(self) -> str:
         kind = "orthogonal" if self.orthogonal else "iid"
         return f"FavorPlus(head_dim={self.head_dim}, num_features={self.num_features}, {kind})"
-
-
-def _make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
-    """A generator from an explicit ``seed`` or ``generator``; seed 0 when neither is given."""
-    if seed is not None and generator is not None:
-        raise ValueError("seed and generator: pass at most one of them")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        return generator
-    seed = 0 if seed is None else check_int(seed, "seed", min=0)
-    return torch.Generator().manual_seed(seed)
 
 
 def favor_plus(

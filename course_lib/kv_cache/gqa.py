@@ -28,6 +28,7 @@ from ..checks import (
     check_mask,
     check_tensor,
 )
+from ..standard import causal_mask
 
 __all__ = ["repeat_kv", "gqa_attention", "GroupedQueryAttention", "MultiQueryAttention"]
 
@@ -42,11 +43,6 @@ def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     group = check_int(group, "group", min=1)
     B, H_kv, S, D = x.shape
     return x.unsqueeze(2).expand(B, H_kv, group, S, D).reshape(B, H_kv * group, S, D)
-
-
-def _end_aligned_causal(T: int, S: int, device: torch.device) -> torch.Tensor:
-    """(T, S) bool mask: query i may see keys 0 .. S - T + i (the diagonal aligned to the end)."""
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
 def gqa_attention(
@@ -89,7 +85,7 @@ def gqa_attention(
     if mask is not None:
         allowed = check_mask(mask, "mask", (B, H_q, T, S))
     if causal:
-        causal_allowed = _end_aligned_causal(T, S, q.device)
+        causal_allowed = causal_mask(T, S, device=q.device)
         allowed = causal_allowed if allowed is None else allowed & causal_allowed
     if allowed is not None:
         allowed = allowed.expand(B, H_q, T, S).reshape(B, H_kv, group * T, S)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_bool, check_int, check_shape, check_tensor
+from ..checks import check_bool, check_generator, check_int, check_shape, check_tensor
 from .kernels import compute_dtype_of, masked_softmax, resolve_scale
-from .masks import resolve_generator
 
 __all__ = ["lsh_buckets", "lsh_attention"]
 
@@ -40,7 +39,7 @@ def lsh_buckets(
     if num_buckets > 1 and num_buckets % 2:
         raise ValueError(f"num_buckets={num_buckets} must be 1 or even (argmax over [xR, -xR])")
     num_hashes = check_int(num_hashes, "num_hashes", min=1)
-    generator = resolve_generator(generator, seed)
+    generator = check_generator(generator, seed)
     B, H, T, D = qk.shape
     if num_buckets == 1:
         return torch.zeros(B, H, num_hashes, T, dtype=torch.long, device=qk.device)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_bool, check_choice, check_int, check_tensor
+from ..checks import check_bool, check_choice, check_generator, check_int, check_tensor
 
 __all__ = [
     "sliding_window_mask",
@@ -163,18 +163,6 @@ def global_local_mask(
     return allowed & (_offsets(T, T, device) >= 0) if causal else allowed
 
 
-def resolve_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
-    """An explicit generator: the one given, or a fresh one seeded with ``seed`` (default 0)."""
-    if generator is not None and seed is not None:
-        raise ValueError("seed and generator: pass one of them, not both")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        return generator
-    seed = 0 if seed is None else check_int(seed, "seed", min=0)
-    return torch.Generator().manual_seed(seed)
-
-
 def bigbird_layout(
     num_blocks: int,
     *,
@@ -200,7 +188,7 @@ def bigbird_layout(
     global_blocks = check_int(global_blocks, "global_blocks", min=0)
     random_blocks = check_int(random_blocks, "random_blocks", min=0)
     check_bool(causal, "causal")
-    generator = resolve_generator(generator, seed)
+    generator = check_generator(generator, seed)
 
     rows = torch.arange(num_blocks).unsqueeze(1)
     cols = torch.arange(num_blocks).unsqueeze(0)
