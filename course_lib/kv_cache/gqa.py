@@ -28,7 +28,7 @@ from ..checks import (
     check_mask,
     check_tensor,
 )
-from ..standard import causal_mask
+from ..standard import attention, causal_mask
 
 __all__ = ["repeat_kv", "gqa_attention", "GroupedQueryAttention", "MultiQueryAttention"]
 
@@ -75,12 +75,9 @@ def gqa_attention(
     scale = D**-0.5 if scale is None else check_float(scale, "scale", min=0.0, min_open=True)
     group = H_q // H_kv
 
-    # Float32 accumulation for half inputs, float64 stays float64.
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    # Stack the group's queries along the length: (B, H_kv, group * T, D); K and V are not copied.
-    queries = q.to(compute_dtype).reshape(B, H_kv, group * T, D)
-    scores = (queries @ k.to(compute_dtype).transpose(-2, -1)) * scale  # (B, H_kv, group*T, S)
-
+    # Stack each group's queries along the length, (B, H_kv, group * T, D), so every key/value head
+    # serves its whole group in one call and K and V are never repeated per query head.
+    queries = q.reshape(B, H_kv, group * T, D)
     allowed = None
     if mask is not None:
         allowed = check_mask(mask, "mask", (B, H_q, T, S))
@@ -89,13 +86,8 @@ def gqa_attention(
         allowed = causal_allowed if allowed is None else allowed & causal_allowed
     if allowed is not None:
         allowed = allowed.expand(B, H_q, T, S).reshape(B, H_kv, group * T, S)
-        # A finite fill (not -inf) keeps fully masked rows free of NaN in forward and backward.
-        scores = scores.masked_fill(~allowed, torch.finfo(compute_dtype).min)
-    weights = torch.softmax(scores, dim=-1)
-    if allowed is not None:
-        weights = weights * allowed.any(dim=-1, keepdim=True)
-    out = weights @ v.to(compute_dtype)  # (B, H_kv, group*T, D_v)
-    return out.reshape(B, H_q, T, D_v).to(q.dtype)
+    out = attention(queries, k, v, allowed, scale=scale)  # (B, H_kv, group*T, D_v)
+    return out.reshape(B, H_q, T, D_v)
 
 
 class GroupedQueryAttention(nn.Module):
