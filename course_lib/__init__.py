@@ -3,7 +3,7 @@
 One module per chapter; the public names of each are re-exported here.
 """
 
-from . import decoding, hardware, kv_cache, linear, recurrent, sparse, tiling
+from . import decoding, hardware, kv_cache, linear, recurrent, sparse, specialized, tiling
 from .environment import environment_report, pick_device
 from .kv_cache import (
     MODEL_CONFIGS,
@@ -38,6 +38,14 @@ from .sparse import (
     streaming_keep,
     strided_mask,
     topk_attention,
+)
+from .specialized import (
+    DifferentialAttention,
+    HybridAttentionStack,
+    SwitchHeadAttention,
+    differential_attention,
+    ring_attention,
+    run_ring_attention,
 )
 from .standard import (
     MultiHeadAttention,
@@ -100,12 +108,19 @@ __all__ = [
     "gated_delta_rule",
     "ttt_linear",
     "rwkv6",
+    "differential_attention",
+    "DifferentialAttention",
+    "SwitchHeadAttention",
+    "ring_attention",
+    "run_ring_attention",
+    "HybridAttentionStack",
     "decoding",
     "hardware",
     "kv_cache",
     "linear",
     "recurrent",
     "sparse",
+    "specialized",
     "tiling",
     "pick_device",
     "environment_report",

@@ -1,0 +1,547 @@
+"""Ring attention: exact attention over a sequence split across processes (sequence parallelism).
+
+Each of ``W`` ranks holds one block of the queries and one block of the keys/values. In ``W``
+steps the key/value blocks travel around a ring — rank ``r`` sends its current block to
+``r + 1`` and receives the next from ``r - 1`` — while every rank attends its queries to the
+block it holds and folds the partial result into a running output with the online-softmax
+merge of chapter 03 (:func:`course_lib.tiling.combine_partials`). Sending the next block while
+computing on the current one hides the communication, and no rank ever holds more than two
+key/value blocks. The all-gather variant (:func:`all_gather_attention`) collects every block
+first: the same bytes leave each rank, but each rank then holds the whole K/V.
+
+Causal attention skips pairs of blocks that lie entirely in the future. With contiguous blocks
+that makes the work lopsided: rank 0 computes one block pair, rank ``W - 1`` computes ``W``, and
+everyone waits for the last. The **zig-zag** layout cuts the sequence into ``2W`` chunks and
+gives rank ``r`` chunks ``r`` and ``2W - 1 - r`` — one early, one late — so every rank gets the
+same amount of unmasked work (:func:`ring_work`). Positions, not block order, decide the mask,
+so the same ring loop serves both layouts: shard with :func:`shard_sequence`, put back together
+with :func:`unshard_sequence`.
+
+:func:`run_ring_attention` launches ``W`` CPU processes (gloo backend, loopback only), runs the
+ring and gathers the result; with as many GPUs as ranks it can use NCCL. The ring is a forward
+pass: point-to-point messages carry no autograd history between processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..checks import check_attention_inputs, check_bool, check_choice, check_float, check_int, check_tensor
+from ..standard import attention
+from ..tiling import combine_partials
+
+__all__ = [
+    "shard_positions",
+    "shard_sequence",
+    "unshard_sequence",
+    "ring_attention",
+    "all_gather_attention",
+    "RingStats",
+    "CommunicationCost",
+    "communication_cost",
+    "ring_work",
+    "run_distributed",
+    "run_ring_attention",
+]
+
+LAYOUTS = ("contiguous", "zigzag")
+METHODS = ("ring", "all_gather")
+
+
+# --- sharding: which positions each rank holds -------------------------------------------------
+
+
+def shard_positions(seq_len: int, world_size: int, rank: int, *, layout: str = "contiguous") -> torch.Tensor:
+    """Global positions held by ``rank`` (a sorted ``LongTensor``).
+
+    ``"contiguous"``: the sequence cut into ``world_size`` consecutive blocks (sizes differ by at
+    most one). ``"zigzag"``: cut into ``2 * world_size`` chunks; rank ``r`` holds chunks ``r`` and
+    ``2 * world_size - 1 - r``.
+    """
+    seq_len = check_int(seq_len, "seq_len", min=1)
+    world_size = check_int(world_size, "world_size", min=1)
+    rank = check_int(rank, "rank", min=0, max=world_size - 1)
+    check_choice(layout, "layout", LAYOUTS)
+    return torch.cat(_shard_chunks(seq_len, world_size, rank, layout))
+
+
+def _shard_chunks(seq_len: int, world_size: int, rank: int, layout: str) -> list[torch.Tensor]:
+    """The chunks of positions ``rank`` holds: one block, or the zig-zag's early and late chunk."""
+    positions = torch.arange(seq_len)
+    if layout == "contiguous":
+        return [positions.tensor_split(world_size)[rank]]
+    chunks = positions.tensor_split(2 * world_size)
+    return [chunks[rank], chunks[2 * world_size - 1 - rank]]
+
+
+def shard_sequence(
+    x: torch.Tensor, world_size: int, *, layout: str = "contiguous", dim: int = 2
+) -> list[torch.Tensor]:
+    """Split ``x`` along ``dim`` (the sequence dim of ``(B, H, T, D)``) into one shard per rank."""
+    check_tensor(x, "x")
+    world_size = check_int(world_size, "world_size", min=1)
+    dim = check_int(dim, "dim", min=-x.dim(), max=x.dim() - 1)
+    length = check_int(x.shape[dim], "x.shape[dim]", min=1)
+    return [
+        x.index_select(dim, shard_positions(length, world_size, rank, layout=layout).to(x.device))
+        for rank in range(world_size)
+    ]
+
+
+def unshard_sequence(shards: list[torch.Tensor], *, layout: str = "contiguous", dim: int = 2) -> torch.Tensor:
+    """Inverse of :func:`shard_sequence`: put the per-rank shards back in sequence order."""
+    if isinstance(shards, torch.Tensor) or not isinstance(shards, (list, tuple)) or len(shards) == 0:
+        raise TypeError("shards must be a non-empty list of tensors")
+    for index, shard in enumerate(shards):
+        check_tensor(shard, f"shards[{index}]")
+    world_size = len(shards)
+    dim = check_int(dim, "dim", min=-shards[0].dim(), max=shards[0].dim() - 1)
+    length = sum(shard.shape[dim] for shard in shards)
+    order = torch.cat([shard_positions(length, world_size, r, layout=layout) for r in range(world_size)])
+    for rank, shard in enumerate(shards):
+        expected = len(shard_positions(length, world_size, rank, layout=layout))
+        if shard.shape[dim] != expected:
+            raise ValueError(
+                f"shards[{rank}] must hold {expected} positions for layout={layout!r}, got {shard.shape[dim]}"
+            )
+    return torch.cat(list(shards), dim=dim).index_select(dim, torch.argsort(order).to(shards[0].device))
+
+
+def _pieces(chunks: list[torch.Tensor]) -> list[tuple[int, int, int, int]]:
+    """Non-empty chunks as ``(local start, local stop, first position, last position)``."""
+    pieces, start = [], 0
+    for chunk in chunks:
+        if len(chunk):
+            pieces.append((start, start + len(chunk), int(chunk[0]), int(chunk[-1])))
+        start += len(chunk)
+    return pieces
+
+
+def _rank_pieces(causal, length, world_size, rank, local_length, layout):
+    """A rank's pieces: the layout's chunks when positions matter (causal), else one piece."""
+    if causal:
+        return _pieces(_shard_chunks(length, world_size, rank, layout))
+    return _pieces([torch.arange(local_length)])
+
+
+def _pair_plan(q_pieces, k_pieces, causal: bool):
+    """The (query piece, key piece) pairs a rank computes; causal skips pairs entirely in the future."""
+    return [
+        (q_piece, k_piece)
+        for q_piece in q_pieces
+        for k_piece in k_pieces
+        # Skip when every key of the piece comes after every query: nothing to see.
+        if not (causal and k_piece[2] > q_piece[3])
+    ]
+
+
+def ring_work(seq_len: int, world_size: int, *, causal: bool = True, layout: str = "contiguous") -> list[int]:
+    """Score entries (query x key pairs) each rank computes in :func:`ring_attention` (self-attention).
+
+    Skipped pairs of runs are not counted; a diagonal pair counts in full (it is computed, then
+    masked). The maximum over ranks sets the wall time, since every step waits for the slowest.
+    """
+    check_bool(causal, "causal")
+    check_int(world_size, "world_size", min=1, max=check_int(seq_len, "seq_len", min=1))
+    check_choice(layout, "layout", LAYOUTS)
+    work = []
+    for rank in range(world_size):
+        q_length = len(shard_positions(seq_len, world_size, rank, layout=layout))
+        q_pieces = _rank_pieces(causal, seq_len, world_size, rank, q_length, layout)
+        total = 0
+        for source in range(world_size):
+            k_length = len(shard_positions(seq_len, world_size, source, layout=layout))
+            k_pieces = _rank_pieces(causal, seq_len, world_size, source, k_length, layout)
+            for q_piece, k_piece in _pair_plan(q_pieces, k_pieces, causal):
+                total += (q_piece[1] - q_piece[0]) * (k_piece[1] - k_piece[0])
+        work.append(total)
+    return work
+
+
+# --- one block: normalised partial output and its logsumexp -----------------------------------
+
+
+def _partial_attention(q, k, v, q_positions, k_positions, causal, scale):
+    """Attention of ``q`` to one key block: ``(out, lse)``; a row with no visible key has lse -inf."""
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        visible = k_positions.unsqueeze(0) <= q_positions.unsqueeze(1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = torch.exp(scores - safe_lse.unsqueeze(-1)) @ v
+    return out, lse
+
+
+@dataclass
+class RingStats:
+    """What one rank did: bytes it sent and received, score entries it computed, and the most
+    key/value blocks it held at once (``kv_blocks_held``)."""
+
+    bytes_sent: int
+    bytes_received: int
+    score_entries: int
+    kv_blocks_held: int
+
+
+def _setup(q, k, v, causal, scale, group, layout):
+    """Shared checks and the global layout: every rank learns every rank's block lengths."""
+    B, H, T_local, S_local, D, D_v = check_attention_inputs(q, k, v)
+    check_bool(causal, "causal")
+    check_choice(layout, "layout", LAYOUTS)
+    scale = D**-0.5 if scale is None else check_float(scale, "scale")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "group: torch.distributed is not initialised (use run_ring_attention or init_process_group)"
+        )
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    # Blocks may differ by a token when W does not divide T, so exchange the lengths first.
+    lengths = torch.tensor([T_local, S_local], dtype=torch.long, device=q.device)
+    gathered = [torch.empty_like(lengths) for _ in range(world_size)]
+    dist.all_gather(gathered, lengths, group=group)
+    q_lengths = [int(x[0]) for x in gathered]
+    kv_lengths = [int(x[1]) for x in gathered]
+    T, S = sum(q_lengths), sum(kv_lengths)
+    if causal:
+        if q_lengths != kv_lengths:
+            raise ValueError(
+                f"k: causal ring attention needs each rank's keys to match its queries, "
+                f"got {kv_lengths} vs {q_lengths}"
+            )
+        expected = [len(shard_positions(T, world_size, r, layout=layout)) for r in range(world_size)]
+        if q_lengths != expected:
+            raise ValueError(
+                f"q: ranks hold {q_lengths} queries but layout={layout!r} gives {expected}; "
+                "shard with shard_sequence"
+            )
+    return scale, world_size, rank, T, S, q_lengths, kv_lengths
+
+
+def _packed_kv(k, v, length):
+    """K and V in one contiguous message, padded to ``length`` tokens so every rank's block matches."""
+    kv = torch.cat([k, v], dim=-1)
+    pad = length - kv.shape[2]
+    if pad:
+        kv = torch.cat([kv, kv.new_zeros(kv.shape[0], kv.shape[1], pad, kv.shape[3])], dim=2)
+    return kv.contiguous()
+
+
+def _key_positions(causal, S, world_size, source, kv_lengths, layout, device):
+    if causal:
+        return shard_positions(S, world_size, source, layout=layout).to(device)
+    return torch.arange(kv_lengths[source], device=device)  # without a mask only the count matters
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "contiguous",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, RingStats]:
+    """Exact attention of this rank's queries to the keys/values of all ranks, passed around a ring.
+
+    Call it on every rank of ``group`` (an initialised process group) with this rank's shard:
+    q ``(B, H, T_r, D)``, k ``(B, H, S_r, D)``, v ``(B, H, S_r, D_v)``. With ``causal=True`` the
+    shards must come from :func:`shard_sequence` of one sequence (``S == T``) with ``layout``;
+    global positions, derived from the rank and the layout, decide what each query sees.
+
+    Returns this rank's ``(B, H, T_r, D_v)`` output in q's dtype (and :class:`RingStats`).
+    """
+    check_bool(return_stats, "return_stats")
+    scale, world_size, rank, T, S, q_lengths, kv_lengths = _setup(q, k, v, causal, scale, group, layout)
+    D = q.shape[-1]
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    queries = q.to(compute_dtype)
+    q_positions = (
+        shard_positions(T, world_size, rank, layout=layout).to(q.device)
+        if causal
+        else torch.arange(q.shape[2], device=q.device)
+    )
+    q_pieces = _rank_pieces(causal, T, world_size, rank, q.shape[2], layout)
+    out = queries.new_zeros(*q.shape[:3], v.shape[-1])
+    lse = queries.new_full(q.shape[:3], float("-inf"))
+
+    def global_rank(group_rank: int) -> int:
+        return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+    send_to, receive_from = global_rank((rank + 1) % world_size), global_rank((rank - 1) % world_size)
+    current = _packed_kv(k, v, max(kv_lengths))  # sent in the input dtype: half inputs send half the bytes
+    message_bytes = current.numel() * current.element_size()
+    bytes_sent = score_entries = 0
+    for step in range(world_size):
+        source = (rank - step) % world_size  # whose block we hold at this step
+        if step < world_size - 1:
+            # Post the transfer of the next block first, then compute while it is in flight.
+            incoming = torch.empty_like(current)
+            requests = dist.batch_isend_irecv(
+                [
+                    dist.P2POp(dist.isend, current, send_to, group),
+                    dist.P2POp(dist.irecv, incoming, receive_from, group),
+                ]
+            )
+            bytes_sent += message_bytes
+        block = current[:, :, : kv_lengths[source]].to(compute_dtype)
+        keys, values = block[..., :D], block[..., D:]
+        k_positions = _key_positions(causal, S, world_size, source, kv_lengths, layout, q.device)
+        k_pieces = _rank_pieces(causal, S, world_size, source, kv_lengths[source], layout)
+        for (q_start, q_stop, _, _), (k_start, k_stop, _, _) in _pair_plan(q_pieces, k_pieces, causal):
+            part_out, part_lse = _partial_attention(
+                queries[:, :, q_start:q_stop],
+                keys[:, :, k_start:k_stop],
+                values[:, :, k_start:k_stop],
+                q_positions[q_start:q_stop],
+                k_positions[k_start:k_stop],
+                causal,
+                scale,
+            )
+            # The online-softmax merge of chapter 03: rescale both by exp(lse_i - lse_total).
+            merged_out, merged_lse = combine_partials(
+                [out[:, :, q_start:q_stop], part_out], [lse[:, :, q_start:q_stop], part_lse]
+            )
+            out[:, :, q_start:q_stop] = merged_out
+            lse[:, :, q_start:q_stop] = merged_lse
+            score_entries += (q_stop - q_start) * (k_stop - k_start)
+        if step < world_size - 1:
+            for request in requests:
+                request.wait()
+            current = incoming
+    result = out.to(q.dtype)
+    if not return_stats:
+        return result
+    blocks_held = 2 if world_size > 1 else 1
+    return result, RingStats(bytes_sent, bytes_sent, score_entries, blocks_held)
+
+
+def all_gather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "contiguous",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, RingStats]:
+    """The simple alternative to the ring: gather every rank's K/V block, then attend once.
+
+    Same arguments and result as :func:`ring_attention`. Each rank sends its block to the
+    ``W - 1`` others (the same bytes as the ring) but then holds all ``W`` blocks, the whole
+    K/V, and cannot start computing before the gather ends.
+    """
+    check_bool(return_stats, "return_stats")
+    scale, world_size, rank, T, S, q_lengths, kv_lengths = _setup(q, k, v, causal, scale, group, layout)
+    D = q.shape[-1]
+    packed = _packed_kv(k, v, max(kv_lengths))
+    blocks = [torch.empty_like(packed) for _ in range(world_size)]
+    dist.all_gather(blocks, packed, group=group)
+    gathered = torch.cat([block[:, :, :length] for block, length in zip(blocks, kv_lengths)], dim=2)
+    mask = None
+    if causal:
+        q_positions = shard_positions(T, world_size, rank, layout=layout).to(q.device)
+        k_positions = torch.cat(
+            [shard_positions(S, world_size, r, layout=layout) for r in range(world_size)]
+        ).to(q.device)
+        mask = k_positions.unsqueeze(0) <= q_positions.unsqueeze(1)
+    out = attention(q, gathered[..., :D], gathered[..., D:], mask, scale=scale)
+    if not return_stats:
+        return out
+    message_bytes = packed.numel() * packed.element_size()
+    sent = (world_size - 1) * message_bytes
+    return out, RingStats(sent, sent, q.shape[2] * S, world_size)
+
+
+# --- what it costs, before running it ----------------------------------------------------------
+
+
+@dataclass
+class CommunicationCost:
+    """Bytes per rank for ring vs all-gather attention over ``world_size`` ranks."""
+
+    world_size: int
+    block_bytes: int
+    ring_bytes_sent: int
+    all_gather_bytes_sent: int
+    ring_kv_bytes_held: int
+    all_gather_kv_bytes_held: int
+
+
+def communication_cost(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    head_dim: int,
+    world_size: int,
+    *,
+    value_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> CommunicationCost:
+    """Bytes each rank sends, and the most K/V bytes it holds, for the two methods.
+
+    A block is ``ceil(seq_len / world_size)`` tokens of K and V (padded to the longest block, as
+    the implementation sends it). Both methods send ``world_size - 1`` blocks per rank; the ring
+    holds 2 blocks (the current one and the one arriving), the all-gather holds all of them.
+    """
+    batch, heads = check_int(batch, "batch", min=1), check_int(heads, "heads", min=1)
+    seq_len, head_dim = check_int(seq_len, "seq_len", min=1), check_int(head_dim, "head_dim", min=1)
+    world_size = check_int(world_size, "world_size", min=1, max=seq_len)
+    value_dim = head_dim if value_dim is None else check_int(value_dim, "value_dim", min=1)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    element = torch.empty((), dtype=dtype).element_size()
+    block = batch * heads * math.ceil(seq_len / world_size) * (head_dim + value_dim) * element
+    sent = (world_size - 1) * block
+    return CommunicationCost(world_size, block, sent, sent, block * min(2, world_size), block * world_size)
+
+
+# --- launching processes -----------------------------------------------------------------------
+
+
+def _use_loopback() -> None:
+    """Make gloo talk over the loopback interface only (127.0.0.1), unless the user chose one."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    for _, name in socket.if_nameindex():
+        if name.startswith("lo"):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+
+
+def _worker(rank, world_size, folder, backend, timeout, function, args):
+    _use_loopback()
+    if backend == "gloo":
+        torch.set_num_threads(1)  # W processes share the cores; one thread each avoids oversubscription
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{os.path.join(folder, 'store')}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout),
+    )
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        result = function(rank, world_size, *args)
+        torch.save(result, os.path.join(folder, f"result_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(
+    function: Callable,
+    world_size: int,
+    *args: object,
+    backend: str = "gloo",
+    start_method: str | None = None,
+    timeout: float = 120.0,
+) -> list:
+    """Run ``function(rank, world_size, *args)`` in ``world_size`` new processes joined in one
+    process group (a FileStore in a temporary folder; gloo talks over loopback), and return each
+    rank's return value, in rank order. An exception in any rank is raised here.
+
+    ``start_method`` defaults to ``"fork"`` on Linux when CUDA is not initialised (a fraction of
+    a second per launch) and ``"spawn"`` elsewhere (each process imports torch afresh: seconds).
+    With ``"spawn"``, ``function`` must be importable (defined at module level), and a script
+    that calls this must guard its entry point with ``if __name__ == "__main__":``.
+    """
+    if not callable(function):
+        raise TypeError(f"function must be callable, got {type(function).__name__}")
+    world_size = check_int(world_size, "world_size", min=1)
+    check_choice(backend, "backend", ("gloo", "nccl"))
+    if start_method is None:
+        start_method = "fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn"
+    check_choice(start_method, "start_method", ("spawn", "fork", "forkserver"))
+    timeout = check_float(timeout, "timeout", min=0.0, min_open=True)
+    with tempfile.TemporaryDirectory() as folder:
+        torch.multiprocessing.start_processes(
+            _worker,
+            args=(world_size, folder, backend, timeout, function, args),
+            nprocs=world_size,
+            join=True,
+            start_method=start_method,
+        )
+        return [
+            torch.load(os.path.join(folder, f"result_{rank}.pt"), weights_only=False)
+            for rank in range(world_size)
+        ]
+
+
+def _attention_worker(rank, world_size, q_shards, k_shards, v_shards, method, options):
+    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    function = ring_attention if method == "ring" else all_gather_attention
+    out, stats = function(
+        q_shards[rank].to(device),
+        k_shards[rank].to(device),
+        v_shards[rank].to(device),
+        return_stats=True,
+        **options,
+    )
+    return out.cpu(), stats
+
+
+def run_ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    world_size: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "contiguous",
+    method: str = "ring",
+    backend: str | None = None,
+    start_method: str | None = None,
+    timeout: float = 120.0,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[RingStats]]:
+    """Shard full ``(B, H, T, D)`` inputs over ``world_size`` processes, run the ring, gather.
+
+    ``backend`` defaults to NCCL when q is on CUDA with at least ``world_size`` GPUs, else gloo
+    on CPU processes; ``start_method`` as in :func:`run_distributed`. ``method="all_gather"``
+    runs :func:`all_gather_attention` instead. Returns the ``(B, H, T, D_v)`` output on q's
+    device (and each rank's :class:`RingStats`).
+    """
+    B, H, T, S, D, D_v = check_attention_inputs(q, k, v)
+    world_size = check_int(world_size, "world_size", min=1, max=min(T, S))
+    check_bool(causal, "causal")
+    check_bool(return_stats, "return_stats")
+    check_choice(layout, "layout", LAYOUTS)
+    check_choice(method, "method", METHODS)
+    if causal and S != T:
+        raise ValueError(f"k: causal ring attention is self-attention and needs S == T, got S={S}, T={T}")
+    if scale is not None:
+        scale = check_float(scale, "scale")
+    if backend is None:
+        enough_gpus = q.is_cuda and dist.is_nccl_available() and torch.cuda.device_count() >= world_size
+        backend = "nccl" if enough_gpus else "gloo"
+    check_choice(backend, "backend", ("gloo", "nccl"))
+    source = (lambda x: x.detach()) if backend == "nccl" else (lambda x: x.detach().cpu())
+    shards = [shard_sequence(source(x), world_size, layout=layout) for x in (q, k, v)]
+    options = {"causal": causal, "scale": scale, "layout": layout}
+    results = run_distributed(
+        _attention_worker,
+        world_size,
+        *shards,
+        method,
+        options,
+        backend=backend,
+        start_method=start_method,
+        timeout=timeout,
+    )
+    out = unshard_sequence([r[0] for r in results], layout=layout).to(q.device)
+    return (out, [r[1] for r in results]) if return_stats else out
