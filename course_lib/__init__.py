@@ -3,7 +3,7 @@
 One module per chapter; the public names of each are re-exported here.
 """
 
-from . import decoding, hardware, kv_cache, linear, recurrent, sparse, specialized, tiling
+from . import decoding, hardware, kv_cache, linear, models, recurrent, sparse, specialized, tiling
 from .environment import environment_report, pick_device
 from .kv_cache import (
     MODEL_CONFIGS,
@@ -118,6 +118,7 @@ __all__ = [
     "hardware",
     "kv_cache",
     "linear",
+    "models",
     "recurrent",
     "sparse",
     "specialized",

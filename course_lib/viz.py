@@ -18,6 +18,10 @@ from .checks import check_tensor
 
 __all__ = ["STYLE", "new_axes", "plot_attention", "plot_mask", "plot_scaling", "format_bytes"]
 
+# Load the active backend now, outside any rc_context: if the inline backend is first loaded
+# inside one, leaving the context turns interactive mode off and later figures never show.
+plt.switch_backend(plt.get_backend())
+
 # One look for the whole course: readable sizes, no top/right spines, a colour-blind safe cycle.
 STYLE = {
     "figure.figsize": (5.0, 4.0),

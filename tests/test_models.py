@@ -1,0 +1,161 @@
+"""The tiny transformer: cached decoding equals the full forward, every mixer trains, the corpus is fixed."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib import decoding
+from course_lib import models as m
+
+VARIANTS = [
+    dict(attention="mha"),
+    dict(attention="mqa"),
+    dict(attention="gqa", num_kv_heads=2),
+    dict(attention="mla", mla_mode="naive"),
+    dict(attention="mla", mla_mode="absorbed"),
+    dict(attention="mha", positions="rope"),
+    dict(attention="gqa", positions="rope"),
+    dict(attention="mla", positions="rope"),
+]
+
+
+def tiny(**overrides):
+    config = dict(vocab_size=11, d_model=32, num_layers=2, num_heads=4, max_len=40) | overrides
+    return m.TinyTransformer(m.ModelConfig(**config), seed=3).eval()
+
+
+def random_tokens(B, T, V=11, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_prefill_then_decode_equals_the_full_forward(variant):
+    model = tiny(**variant)
+    tokens = random_tokens(2, 13)
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(2)
+        pieces = [model(tokens[:, :5], cache=cache)]  # prefill 5 tokens
+        pieces += [model(tokens[:, t : t + 1], cache=cache) for t in range(5, 10)]  # 5 decode steps
+        pieces.append(model(tokens[:, 10:], cache=cache))  # a chunk of 3
+    assert cache.length(0) == cache.length(1) == 13
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:5], ids=lambda v: "-".join(map(str, v.values())))
+def test_cached_generation_equals_uncached(variant):
+    model = tiny(**variant)
+    prompt = random_tokens(1, 4)[0]
+    for strategy in ("greedy", "sample", "beam"):
+        results = []
+        for use_cache in (False, True):
+            step = m.step_function(model, use_cache=use_cache)
+            if strategy == "greedy":
+                results.append(decoding.greedy_decode(step, prompt, 12))
+            elif strategy == "sample":
+                results.append(decoding.sample_decode(step, prompt, 12, seed=5, top_k=5))
+            else:
+                results.append(decoding.beam_search(step, prompt, 8, num_beams=3)[0])
+        assert torch.equal(results[0], results[1]), strategy
+
+
+def test_cached_step_logits_equal_full_forward_along_a_beam_search():
+    model = tiny(attention="gqa")
+    cached, plain = m.step_function(model), m.step_function(model, use_cache=False)
+    seen = []
+
+    def both(tokens):
+        a, b = cached(tokens), plain(tokens)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        seen.append(tokens.shape[0])
+        return a
+
+    decoding.beam_search(both, random_tokens(1, 3)[0], 6, num_beams=4)
+    assert max(seen) == 4  # beams were duplicated and reordered, and the cache followed
+
+
+@pytest.mark.parametrize("attention", ["mha", "mqa", "gqa", "mla"])
+def test_every_attention_overfits_a_fixed_batch(attention):
+    model = tiny(attention=attention)
+    data = random_tokens(1, 17, seed=1)[0]  # one window of 16: the same batch every step
+    losses = m.train(model, data, 30, batch_size=2, context=16, lr=1e-2, progress=False)
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_training_is_reproducible():
+    data = random_tokens(1, 200, seed=2)[0]
+    runs = [m.train(tiny(), data, 3, batch_size=2, context=8, progress=False) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_corpus_is_deterministic_and_in_vocabulary():
+    first, second = m.load_corpus(), m.load_corpus()
+    assert first == second and 100_000 < len(first) <= 150_000
+    assert first.startswith("the zen of python")
+    assert set(first) <= set(m.VOCAB)
+    assert m.decode(m.encode(first[:500])) == first[:500]
+    assert len(m.load_corpus(None)) >= len(first)
+    assert len(set(m.VOCAB)) == len(m.VOCAB)
+
+
+def test_model_counts_and_caches():
+    model = tiny(attention="mqa")
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert model.head.weight is model.token_embedding.weight
+    cache = model.make_cache(3, 7)
+    assert cache.keys.shape == (2, 3, 1, 7, 8)
+    latent = tiny(attention="mla").make_cache(1)
+    assert latent.numbers_per_token == 16 + 8
+
+
+def test_register_attention_adds_a_mixer():
+    class Identity(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+
+        def forward(self, x, *, cache=None, layer_index=0):
+            return torch.zeros_like(x)
+
+    m.register_attention("none", Identity)
+    try:
+        model = tiny(attention="none")
+        assert model(random_tokens(1, 4)).shape == (1, 4, 11)
+    finally:
+        del m.ATTENTION_LAYERS["none"]
+
+
+@pytest.mark.parametrize(
+    "call,error,name",
+    [
+        (lambda: m.ModelConfig(vocab_size=10, attention="rnn"), ValueError, "attention"),
+        (lambda: m.ModelConfig(vocab_size=10, d_model=30, num_heads=4), ValueError, "num_heads"),
+        (lambda: m.ModelConfig(vocab_size=0), ValueError, "vocab_size"),
+        (lambda: m.ModelConfig(vocab_size=10, positions="alibi"), ValueError, "positions"),
+        (lambda: m.ModelConfig(vocab_size=10, attention="gqa", num_kv_heads=3), ValueError, "num_kv_heads"),
+        (lambda: m.TinyTransformer({"vocab_size": 3}), TypeError, "config"),
+        (lambda: tiny()(torch.zeros(1, 3)), TypeError, "tokens"),
+        (lambda: tiny()(torch.zeros(3, dtype=torch.long)), ValueError, "tokens"),
+        (lambda: tiny()(torch.full((1, 3), 11)), ValueError, "tokens"),
+        (lambda: tiny()(torch.zeros(1, 41, dtype=torch.long)), ValueError, "max_len"),
+        (lambda: m.encode("Capital"), ValueError, "VOCAB"),
+        (lambda: m.encode(3), TypeError, "text"),
+        (lambda: m.decode([99]), ValueError, "tokens"),
+        (lambda: m.train(tiny(), random_tokens(1, 50)[0], 0), ValueError, "steps"),
+        (lambda: m.train(nn.Linear(2, 2), random_tokens(1, 50)[0], 1), TypeError, "model"),
+        (lambda: m.train(tiny(), random_tokens(1, 50)[0], 1, context=64), ValueError, "context"),
+        (
+            lambda: m.get_batch(random_tokens(1, 8)[0], 2, 8, generator=torch.Generator()),
+            ValueError,
+            "data",
+        ),
+        (lambda: m.register_attention("x", 3), TypeError, "constructor"),
+        (lambda: m.step_function(nn.Linear(2, 2)), TypeError, "model"),
+        (lambda: m.load_corpus(0), ValueError, "max_chars"),
+    ],
+)
+def test_bad_input_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call()
