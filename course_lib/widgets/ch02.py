@@ -1,0 +1,354 @@
+"""Chapter 02's explorers: a roofline explorer and a prefill/decode intensity calculator.
+
+Both are built on :mod:`course_lib.hardware`: the accelerator table, the arithmetic intensity of
+each operation and the roofline ``min(peak, intensity * bandwidth)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ..checks import check_choice, check_int
+from ..hardware import (
+    ACCELERATORS,
+    Accelerator,
+    attention_bytes,
+    attention_flops,
+    decode_intensity,
+    prefill_intensity,
+    roofline,
+    time_bound,
+)
+from ..viz import STYLE, new_axes
+
+__all__ = [
+    "OPERATIONS",
+    "DTYPES",
+    "operation_cost",
+    "plot_roofline",
+    "roofline_explorer_view",
+    "roofline_explorer",
+    "intensity_calculator_view",
+    "intensity_calculator",
+]
+
+OPERATIONS = ("attention prefill", "attention decode", "linear layer prefill", "linear layer decode")
+DTYPES = {"bfloat16": 2, "float32": 4}
+
+
+def _peak(device: Accelerator, dtype: str) -> float:
+    return device.peak_flops_16bit if DTYPES[dtype] == 2 else device.peak_flops_fp32
+
+
+def operation_cost(
+    operation: str,
+    *,
+    batch: int = 1,
+    seq_len: int = 4096,
+    num_heads: int = 32,
+    num_kv_heads: int = 32,
+    head_dim: int = 128,
+    dtype: str = "bfloat16",
+) -> dict[str, float]:
+    """FLOPs and fewest HBM bytes of one operation of one layer, and their ratio (the intensity).
+
+    - ``"attention prefill"``: causal attention over a prompt of ``seq_len`` tokens.
+    - ``"attention decode"``: one new token per sequence against a cache of ``seq_len`` tokens.
+    - ``"linear layer prefill"`` / ``"linear layer decode"``: one ``d x d`` projection
+      (``d = num_heads * head_dim``) applied to ``batch * seq_len`` tokens, or to ``batch``
+      tokens (one per sequence), i.e. a GEMM whose weights are read once for the whole batch.
+    """
+    check_choice(operation, "operation", OPERATIONS)
+    check_choice(dtype, "dtype", DTYPES)
+    batch = check_int(batch, "batch", min=1)
+    seq_len = check_int(seq_len, "seq_len", min=1)
+    num_heads = check_int(num_heads, "num_heads", min=1)
+    num_kv_heads = check_int(num_kv_heads, "num_kv_heads", min=1, max=num_heads)
+    head_dim = check_int(head_dim, "head_dim", min=1)
+    size = DTYPES[dtype]
+    shape = {"batch_size": batch, "num_heads": num_heads}
+    if operation == "attention prefill":
+        flops = attention_flops(seq_len, seq_len, head_dim, causal=True, **shape)
+        moved = attention_bytes(
+            seq_len, seq_len, head_dim, num_kv_heads=num_kv_heads, bytes_per_element=size, **shape
+        )
+    elif operation == "attention decode":
+        flops = attention_flops(1, seq_len, head_dim, **shape)
+        moved = attention_bytes(
+            1, seq_len, head_dim, num_kv_heads=num_kv_heads, bytes_per_element=size, **shape
+        )
+    else:
+        width = num_heads * head_dim
+        tokens = batch * seq_len if operation == "linear layer prefill" else batch
+        flops = 2 * tokens * width * width
+        moved = (tokens * width + width * width + tokens * width) * size
+    return {"flops": float(flops), "bytes": float(moved), "intensity": flops / moved}
+
+
+def plot_roofline(
+    devices: Mapping[str, Accelerator],
+    points: Sequence[tuple[str, float]] = (),
+    *,
+    dtype: str = "bfloat16",
+    ax=None,
+    title: str | None = None,
+    x_range: tuple[float, float] = (0.1, 1e4),
+):
+    """Log-log rooflines of ``devices`` (FLOP/s against FLOPs per byte) with labelled points.
+
+    Each point ``(label, intensity)`` is drawn on the first device's roofline.
+    """
+    check_choice(dtype, "dtype", DTYPES)
+    if not devices:
+        raise ValueError("devices must name at least one accelerator")
+    ax = new_axes(ax, figsize=(7, 4.5))
+    x = np.logspace(np.log10(x_range[0]), np.log10(x_range[1]), 200)
+    with plt.rc_context(STYLE):
+        for name, device in devices.items():
+            peak = _peak(device, dtype)
+            (line,) = ax.plot(x, roofline(x, peak, device.memory_bandwidth), label=name)
+            ridge = peak / device.memory_bandwidth
+            ax.plot([ridge], [peak], marker="|", markersize=10, color=line.get_color())
+        first = next(iter(devices.values()))
+        for index, (label, intensity) in enumerate(points):
+            y = roofline(intensity, _peak(first, dtype), first.memory_bandwidth)
+            ax.plot([intensity], [y], marker="o", color="black", markersize=5)
+            ax.annotate(
+                label,
+                (intensity, y),
+                textcoords="offset points",
+                xytext=(4, -12 - 9 * (index % 2)),
+                fontsize=8,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("arithmetic intensity (FLOPs per byte of HBM traffic)")
+        ax.set_ylabel(f"attainable FLOP/s ({dtype})")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(frameon=False, fontsize=8, loc="lower right")
+        if title:
+            ax.set_title(title)
+    return ax
+
+
+# --- (a) roofline explorer ------------------------------------------------------------------
+
+
+def roofline_explorer_view(
+    accelerator: str = "H100-SXM",
+    operation: str = "attention decode",
+    batch: int = 1,
+    seq_len: int = 4096,
+    num_heads: int = 32,
+    num_kv_heads: int = 32,
+    head_dim: int = 128,
+    dtype: str = "bfloat16",
+    *,
+    extra_accelerators: Mapping[str, Accelerator] | None = None,
+    draw: bool = True,
+) -> dict:
+    """Place one operation on an accelerator's roofline: intensity, attainable FLOP/s, which roof
+    binds and the lower bound on its run time. ``extra_accelerators`` adds devices (e.g. this
+    machine, measured) to the ones in :data:`course_lib.hardware.ACCELERATORS`."""
+    devices = {**ACCELERATORS, **(extra_accelerators or {})}
+    check_choice(accelerator, "accelerator", devices)
+    cost = operation_cost(
+        operation,
+        batch=batch,
+        seq_len=seq_len,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+    device = devices[accelerator]
+    peak = _peak(device, dtype)
+    seconds, bound = time_bound(cost["flops"], cost["bytes"], peak, device.memory_bandwidth)
+    view = {
+        **cost,
+        "attainable": roofline(cost["intensity"], peak, device.memory_bandwidth),
+        "ridge": peak / device.memory_bandwidth,
+        "bound": bound,
+        "seconds": seconds,
+    }
+    view["html"] = (
+        f"<b>{operation}</b> on {accelerator}: {cost['flops']:.3g} FLOPs, {cost['bytes']:.3g} bytes, "
+        f"intensity <b>{cost['intensity']:.3g}</b> FLOP/byte (ridge {view['ridge']:.0f}) → "
+        f"<b>{bound}-bound</b>, at least {seconds * 1e6:.3g} µs, "
+        f"{view['attainable'] / peak:.1%} of peak at best"
+    )
+    if draw:
+        with plt.rc_context(STYLE):
+            figure, ax = plt.subplots(figsize=(7, 4.2))
+            plot_roofline(
+                {accelerator: device},
+                [(operation, cost["intensity"])],
+                dtype=dtype,
+                ax=ax,
+                title=f"{accelerator}: {bound}-bound",
+            )
+            plt.show()
+            plt.close(figure)
+        view["figure"] = figure
+    return view
+
+
+def roofline_explorer(extra_accelerators: Mapping[str, Accelerator] | None = None) -> widgets.Widget:
+    """Accelerator, operation, batch, length and heads -> the point on the roofline and its bound."""
+    devices = [*ACCELERATORS, *(extra_accelerators or {})]
+    out = widgets.HTML()
+
+    def update(**controls) -> dict:
+        controls["num_kv_heads"] = min(controls["num_kv_heads"], controls["num_heads"])
+        view = roofline_explorer_view(**controls, extra_accelerators=extra_accelerators)
+        out.value = view["html"]
+        return view
+
+    controls = widgets.interactive(
+        update,
+        accelerator=widgets.Dropdown(options=devices, value="H100-SXM", description="device"),
+        operation=widgets.Dropdown(options=OPERATIONS, value="attention decode", description="operation"),
+        batch=widgets.SelectionSlider(options=[2**p for p in range(0, 9)], value=1, description="batch"),
+        seq_len=widgets.SelectionSlider(
+            options=[2**p for p in range(7, 18)], value=4096, description="length"
+        ),
+        num_heads=widgets.SelectionSlider(options=[8, 16, 32, 64, 128], value=32, description="heads"),
+        num_kv_heads=widgets.SelectionSlider(options=[1, 2, 4, 8, 16, 32], value=32, description="KV heads"),
+        head_dim=widgets.SelectionSlider(options=[64, 128, 256], value=128, description="head dim"),
+        dtype=widgets.Dropdown(options=list(DTYPES), value="bfloat16", description="dtype"),
+        draw=widgets.fixed(True),
+    )
+    heads, kv_heads = controls.children[4], controls.children[5]
+
+    def keep_kv_heads_valid(_change=None) -> None:
+        # KV heads cannot outnumber query heads; clip the slider instead of raising.
+        if kv_heads.value > heads.value:
+            kv_heads.value = heads.value
+
+    heads.observe(keep_kv_heads_valid, names="value")
+    kv_heads.observe(keep_kv_heads_valid, names="value")
+    box = widgets.VBox([controls, out])
+    box.interactive = controls
+    return box
+
+
+# --- (b) prefill / decode intensity calculator -------------------------------------------------
+
+
+def intensity_calculator_view(
+    seq_len: int = 4096,
+    batch: int = 1,
+    num_heads: int = 32,
+    num_kv_heads: int = 8,
+    head_dim: int = 128,
+    dtype: str = "bfloat16",
+    *,
+    draw: bool = True,
+) -> dict:
+    """Intensity of prefill and decode attention (and a decode-time linear layer) for one shape,
+    compared with every accelerator's ridge point; draws intensity against the length."""
+    check_choice(dtype, "dtype", DTYPES)
+    seq_len = check_int(seq_len, "seq_len", min=1)
+    num_kv_heads = check_int(num_kv_heads, "num_kv_heads", min=1, max=num_heads)
+    size = DTYPES[dtype]
+    shape = {
+        "batch_size": batch,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "bytes_per_element": size,
+    }
+    intensities = {
+        "attention prefill": prefill_intensity(seq_len, head_dim, **shape),
+        "attention decode": decode_intensity(seq_len, head_dim, **shape),
+        "linear layer decode": operation_cost(
+            "linear layer decode", batch=batch, num_heads=num_heads, head_dim=head_dim, dtype=dtype
+        )["intensity"],
+    }
+    bounds = {
+        device_name: {
+            name: "compute" if value >= _peak(device, dtype) / device.memory_bandwidth else "memory"
+            for name, value in intensities.items()
+        }
+        for device_name, device in ACCELERATORS.items()
+    }
+    header = "".join(f"<th>{name}</th>" for name in intensities)
+    ridges = {name: _peak(device, dtype) / device.memory_bandwidth for name, device in ACCELERATORS.items()}
+    rows = "".join(
+        f"<tr><td>{device}</td>"
+        + "".join(f"<td>{bounds[device][name]}</td>" for name in intensities)
+        + f"<td style='text-align:right'>{ridges[device]:.0f}</td></tr>"
+        for device in ACCELERATORS
+    )
+    values = "".join(f"<td>{value:.3g}</td>" for value in intensities.values())
+    html = (
+        f"<table><tr><th></th>{header}<th>ridge</th></tr><tr><td><b>FLOP/byte</b></td>{values}<td></td></tr>"
+        f"{rows}</table>"
+    )
+    view = {"intensity": intensities, "bound": bounds, "html": html}
+    if draw:
+        lengths = [2**p for p in range(6, 18)]
+        with plt.rc_context(STYLE):
+            figure, ax = plt.subplots(figsize=(7, 4))
+            ax.plot(
+                lengths,
+                [prefill_intensity(T, head_dim, **shape) for T in lengths],
+                marker="o",
+                label="prefill",
+            )
+            ax.plot(
+                lengths, [decode_intensity(T, head_dim, **shape) for T in lengths], marker="o", label="decode"
+            )
+            for name, device in ACCELERATORS.items():
+                ridge = _peak(device, dtype) / device.memory_bandwidth
+                ax.axhline(ridge, color="grey", linestyle="--", linewidth=0.8)
+                ax.text(lengths[0], ridge * 1.05, f"ridge {name}", fontsize=7, color="grey")
+            ax.axvline(seq_len, color="black", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length (prompt, or cached tokens)")
+            ax.set_ylabel("FLOPs per byte")
+            ax.set_title(f"attention intensity, {num_heads} query heads / {num_kv_heads} KV heads, {dtype}")
+            ax.legend(frameon=False, loc="center right")
+            plt.show()
+            plt.close(figure)
+        view["figure"] = figure
+    return view
+
+
+def intensity_calculator() -> widgets.Widget:
+    """Length, batch, heads, KV heads, head dim and dtype -> prefill and decode intensities and bounds."""
+    out = widgets.HTML()
+
+    def update(**controls) -> dict:
+        controls["num_kv_heads"] = min(controls["num_kv_heads"], controls["num_heads"])
+        view = intensity_calculator_view(**controls)
+        out.value = view["html"]
+        return view
+
+    controls = widgets.interactive(
+        update,
+        seq_len=widgets.SelectionSlider(
+            options=[2**p for p in range(6, 18)], value=4096, description="length"
+        ),
+        batch=widgets.SelectionSlider(options=[2**p for p in range(0, 9)], value=1, description="batch"),
+        num_heads=widgets.SelectionSlider(options=[8, 16, 32, 64, 128], value=32, description="heads"),
+        num_kv_heads=widgets.SelectionSlider(options=[1, 2, 4, 8, 16, 32], value=8, description="KV heads"),
+        head_dim=widgets.SelectionSlider(options=[64, 128, 256], value=128, description="head dim"),
+        dtype=widgets.Dropdown(options=list(DTYPES), value="bfloat16", description="dtype"),
+        draw=widgets.fixed(True),
+    )
+    heads, kv_heads = controls.children[2], controls.children[3]
+
+    def keep_kv_heads_valid(_change=None) -> None:
+        if kv_heads.value > heads.value:
+            kv_heads.value = heads.value
+
+    heads.observe(keep_kv_heads_valid, names="value")
+    kv_heads.observe(keep_kv_heads_valid, names="value")
+    box = widgets.VBox([controls, out])
+    box.interactive = controls
+    return box

@@ -1,0 +1,326 @@
+"""Chapter 03's explorers: a tile walk through FlashAttention's schedule, and HBM traffic vs blocks."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.patches import Rectangle
+
+from ..checks import check_bool, check_choice, check_int
+from ..tiling import TileStep, flash_attention, flash_attention_trace, io_cost
+from ..viz import STYLE
+
+__all__ = [
+    "LOOP_ORDERS",
+    "tile_walk_inputs",
+    "tile_walk_view",
+    "tile_walk",
+    "draw_schedule",
+    "tile_bytes",
+    "io_explorer_view",
+    "io_explorer",
+]
+
+LOOP_ORDERS = ("fa2", "fa1")
+WALK_HEAD_DIM = 8
+
+# --- (a) tile walk --------------------------------------------------------------------------
+
+
+def tile_walk_inputs(seq_len: int, head_dim: int = WALK_HEAD_DIM) -> tuple[torch.Tensor, ...]:
+    """Seeded ``(1, 1, seq_len, head_dim)`` q, k, v in float64 for the walk (scores spread out)."""
+    generator = torch.Generator().manual_seed(3)
+    return tuple(
+        2 * torch.randn(1, 1, seq_len, head_dim, generator=generator, dtype=torch.float64) for _ in range(3)
+    )
+
+
+@lru_cache(maxsize=64)
+def _walk(seq_len: int, block_q: int, block_k: int, loop_order: str, causal: bool):
+    q, k, v = tile_walk_inputs(seq_len)
+    steps = flash_attention_trace(
+        q, k, v, causal=causal, block_q=block_q, block_k=block_k, loop_order=loop_order
+    )
+    final_out, final_lse = flash_attention(q, k, v, causal=causal, return_lse=True)
+    scores = (q @ k.transpose(-2, -1))[0, 0] * WALK_HEAD_DIM**-0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    final_max = scores.amax(-1)
+    return steps, final_out[0, 0], final_lse[0, 0], final_max
+
+
+def draw_schedule(
+    steps: list[TileStep], T: int, S: int, *, current: int | None = None, ax=None, title: str | None = None
+):
+    """Draw the (Q block, K block) grid over the ``T x S`` scores: each tile numbered with its step,
+    skipped tiles grey, tiles already visited blue, the ``current`` one orange."""
+    if ax is None:
+        with plt.rc_context(STYLE):
+            _, ax = plt.subplots(figsize=(4.5, 4.5))
+    with plt.rc_context(STYLE):
+        for step in steps:
+            (q0, q1), (k0, k1) = step.q_rows, step.k_rows
+            if step.skipped:
+                colour = "#dddddd"
+            elif current is not None and step.step == current:
+                colour = "#E69F00"
+            elif current is None or step.step < current:
+                colour = "#56B4E9"
+            else:
+                colour = "white"
+            here = current is not None and step.step == current
+            ax.add_patch(
+                Rectangle(
+                    (k0, q0),
+                    k1 - k0,
+                    q1 - q0,
+                    facecolor=colour,
+                    edgecolor="#D55E00" if here else "black",
+                    linewidth=2.5 if here else 0.8,
+                    zorder=3 if here else 1,
+                )
+            )
+            label = "skip" if step.skipped else str(step.step)
+            size = max(6, min(10, 48 // max(1, len(steps) ** 0.5)))
+            ax.text((k0 + k1) / 2, (q0 + q1) / 2, label, ha="center", va="center", fontsize=size)
+        ax.set_xlim(0, S)
+        ax.set_ylim(T, 0)
+        ax.set_aspect("equal")
+        ax.set_xlabel("key position (K/V blocks)")
+        ax.set_ylabel("query position (Q blocks)")
+        if title:
+            ax.set_title(title)
+    return ax
+
+
+def tile_walk_view(
+    step: int = 0,
+    loop_order: str = "fa2",
+    causal: bool = True,
+    seq_len: int = 16,
+    block_q: int = 4,
+    block_k: int = 4,
+    *,
+    draw: bool = True,
+) -> dict:
+    """One step of FlashAttention's schedule on a small seeded example (one head, D = 8).
+
+    Returns the :class:`TileStep` (which Q and K blocks are on chip, skipped or not), the running
+    max ``m`` and sum ``l`` of the Q block's rows next to their final values, and how far the
+    block's current output is from the final one. ``step`` past the end shows the last step.
+    """
+    check_choice(loop_order, "loop_order", LOOP_ORDERS)
+    check_bool(causal, "causal")
+    seq_len = check_int(seq_len, "seq_len", min=1)
+    block_q = check_int(block_q, "block_q", min=1)
+    block_k = check_int(block_k, "block_k", min=1)
+    step = check_int(step, "step", min=0)
+    steps, final_out, final_lse, final_max = _walk(seq_len, block_q, block_k, loop_order, causal)
+    step = min(step, len(steps) - 1)
+    current = steps[step]
+    q0, q1 = current.q_rows
+    row_max, row_sum = current.row_max[0, 0], current.row_sum[0, 0]
+    final_sum = torch.exp(final_lse[q0:q1] - final_max[q0:q1])
+    error = (current.output[0, 0] - final_out[q0:q1]).abs().max().item()
+    done = steps[: step + 1]
+    view = {
+        "num_steps": len(steps),
+        "step": current,
+        "q_rows": current.q_rows,
+        "k_rows": current.k_rows,
+        "skipped": current.skipped,
+        "row_max": row_max,
+        "row_sum": row_sum,
+        "final_max": final_max[q0:q1],
+        "final_sum": final_sum,
+        "output_error": error,
+        "computed": sum(not s.skipped for s in done),
+        "skipped_so_far": sum(s.skipped for s in done),
+    }
+    if draw:
+        with plt.rc_context(STYLE):
+            figure, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 4.2))
+            draw_schedule(
+                steps,
+                seq_len,
+                seq_len,
+                current=step,
+                ax=left,
+                title=f"{loop_order}: step {step} of {len(steps) - 1}"
+                + (" (skipped)" if current.skipped else ""),
+            )
+            rows = np.arange(q0, q1)
+            finite = torch.isfinite(row_max)
+            middle.bar(rows - 0.2, torch.where(finite, row_max, 0).numpy(), width=0.4, label="running m")
+            middle.bar(rows + 0.2, final_max[q0:q1].numpy(), width=0.4, label="final m")
+            middle.set_title(f"row max m, queries {q0}..{q1 - 1}")
+            middle.set_xlabel("query")
+            middle.legend(frameon=False, fontsize=8)
+            right.bar(rows - 0.2, row_sum.numpy(), width=0.4, label="running l")
+            right.bar(rows + 0.2, final_sum.numpy(), width=0.4, label="final l")
+            right.set_title(f"row sum l   |O - O_final| = {error:.2g}")
+            right.set_xlabel("query")
+            right.legend(frameon=False, fontsize=8)
+            # Fixed margins: tight_layout would cost most of the redraw time of every slider move.
+            figure.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.9, wspace=0.3)
+            plt.show()
+            plt.close(figure)
+        view["figure"] = figure
+    return view
+
+
+def tile_walk() -> widgets.Widget:
+    """A step slider through the (Q block, K block) schedule, for both loop orders, causal or not."""
+    block_options = [1, 2, 3, 4, 8]
+    step = widgets.IntSlider(value=0, min=0, max=15, description="step")
+    loop_order = widgets.ToggleButtons(options=LOOP_ORDERS, value="fa2", description="loop order")
+    causal = widgets.Checkbox(value=True, description="causal")
+    seq_len = widgets.IntSlider(value=16, min=4, max=24, description="T = S")
+    block_q = widgets.SelectionSlider(options=block_options, value=4, description="block_q")
+    block_k = widgets.SelectionSlider(options=block_options, value=4, description="block_k")
+
+    def fit_step_slider(_change=None) -> None:
+        # The number of steps depends on the blocks: keep the slider's range to the schedule.
+        count = -(-seq_len.value // block_q.value) * -(-seq_len.value // block_k.value)
+        step.max = count - 1
+
+    for control in (seq_len, block_q, block_k):
+        control.observe(fit_step_slider, names="value")
+    fit_step_slider()
+    return widgets.interactive(
+        tile_walk_view,
+        step=step,
+        loop_order=loop_order,
+        causal=causal,
+        seq_len=seq_len,
+        block_q=block_q,
+        block_k=block_k,
+        draw=widgets.fixed(True),
+    )
+
+
+# --- (b) HBM traffic vs block size ------------------------------------------------------------
+
+
+def tile_bytes(block_q: int, block_k: int, d: int, bytes_per_element: float = 2) -> float:
+    """On-chip bytes of one FA1/FA2 step: Q_i and O_i (``block_q x d``), K_j and V_j
+    (``block_k x d``), the score tile (``block_q x block_k``) and m, l (``block_q`` each)."""
+    return (2 * block_q * d + 2 * block_k * d + block_q * block_k + 2 * block_q) * bytes_per_element
+
+
+def io_explorer_view(
+    N: int = 8192,
+    d: int = 64,
+    sram_kib: int = 64,
+    block_q: int = 0,
+    block_k: int = 0,
+    loop_order: str = "fa1",
+    bytes_per_element: int = 2,
+    *,
+    draw: bool = True,
+) -> dict:
+    """HBM bytes of standard vs tiled attention (one head) from :func:`course_lib.tiling.io_cost`.
+
+    ``block_q = 0`` or ``block_k = 0`` means the FlashAttention paper's choice for ``sram_kib``
+    KiB of SRAM (``block_k = ceil(M / 4d)``, ``block_q = min(block_k, d)``). Also reports the
+    on-chip bytes the chosen tiles need, and draws the traffic against the SRAM size.
+    """
+    sram_kib = check_int(sram_kib, "sram_kib", min=1)
+    block_q = check_int(block_q, "block_q", min=0)
+    block_k = check_int(block_k, "block_k", min=0)
+    sram = sram_kib * 1024
+    cost = io_cost(
+        N,
+        d,
+        block_q=block_q or None,
+        block_k=block_k or None,
+        sram_bytes=sram,
+        bytes_per_element=bytes_per_element,
+        loop_order=loop_order,
+    )
+    needed = tile_bytes(cost.block_q, cost.block_k, d, bytes_per_element)
+    view = {
+        "cost": cost,
+        "standard_bytes": cost.standard_bytes,
+        "tiled_bytes": cost.tiled_bytes,
+        "ratio": cost.ratio,
+        "block_q": cost.block_q,
+        "block_k": cost.block_k,
+        "tile_bytes": needed,
+        "fits": needed <= sram,
+    }
+    view["html"] = (
+        f"N={N}, d={d}, {loop_order}, blocks {cost.block_q} x {cost.block_k}: standard "
+        f"<b>{cost.standard_bytes / 1e6:.1f} MB</b>, tiled <b>{cost.tiled_bytes / 1e6:.1f} MB</b> "
+        f"({cost.ratio:.2f}x less); one step needs {needed / 1024:.1f} KiB on chip of {sram_kib} KiB"
+        + ("" if view["fits"] else " — <b>does not fit</b>")
+    )
+    if draw:
+        sizes = [2**p for p in range(3, 10)]
+        with plt.rc_context(STYLE):
+            figure, ax = plt.subplots(figsize=(7, 4))
+            for order in ("fa1", "fa2"):
+                traffic = [
+                    io_cost(
+                        N, d, sram_bytes=s * 1024, bytes_per_element=bytes_per_element, loop_order=order
+                    ).tiled_bytes
+                    for s in sizes
+                ]
+                ax.plot(sizes, traffic, marker="o", label=f"tiled {order}, paper's blocks")
+            ax.axhline(cost.standard_bytes, color="black", linestyle="--", label="standard attention")
+            ax.plot(
+                [sram_kib],
+                [cost.tiled_bytes],
+                marker="*",
+                markersize=14,
+                color="#D55E00",
+                linestyle="none",
+                label=f"this setting ({cost.block_q} x {cost.block_k})",
+            )
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("SRAM per SM (KiB)")
+            ax.set_ylabel("HBM bytes, one head")
+            ax.set_title(f"HBM traffic, N = {N}, d = {d}")
+            ax.legend(frameon=False, fontsize=8)
+            plt.show()
+            plt.close(figure)
+        view["figure"] = figure
+    return view
+
+
+def io_explorer() -> widgets.Widget:
+    """N, d, SRAM size, block sizes and loop order -> HBM bytes of standard vs tiled attention."""
+    out = widgets.HTML()
+
+    def update(**controls) -> dict:
+        view = io_explorer_view(**controls)
+        out.value = view["html"]
+        return view
+
+    controls = widgets.interactive(
+        update,
+        N=widgets.SelectionSlider(options=[2**p for p in range(8, 18)], value=8192, description="N"),
+        d=widgets.SelectionSlider(options=[32, 64, 128, 256], value=64, description="d"),
+        sram_kib=widgets.SelectionSlider(
+            options=[2**p for p in range(3, 10)], value=64, description="SRAM KiB"
+        ),
+        block_q=widgets.SelectionSlider(
+            options=[0, 16, 32, 64, 128, 256], value=0, description="block_q (0=auto)"
+        ),
+        block_k=widgets.SelectionSlider(
+            options=[0, 16, 32, 64, 128, 256], value=0, description="block_k (0=auto)"
+        ),
+        loop_order=widgets.ToggleButtons(options=LOOP_ORDERS, value="fa1", description="loop order"),
+        bytes_per_element=widgets.Dropdown(
+            options=[("fp16/bf16", 2), ("fp32", 4)], value=2, description="dtype"
+        ),
+        draw=widgets.fixed(True),
+    )
+    box = widgets.VBox([controls, out])
+    box.interactive = controls
+    return box

@@ -1,0 +1,450 @@
+"""Notebook layer of chapters 02 and 03: widgets driven headlessly, checkers, figures, bench suite."""
+
+import math
+
+import ipywidgets
+import pytest
+import torch
+
+from course_lib import bench
+from course_lib.exercises import ExerciseFailed
+from course_lib.exercises.ch02 import check_gemm_intensity, check_roofline
+from course_lib.exercises.ch03 import (
+    check_causal_skips,
+    check_combine_partials,
+    check_fa2_step,
+    check_merge_softmax_stats,
+)
+from course_lib.figures import FIGURES
+from course_lib.hardware import ACCELERATORS, Accelerator
+from course_lib.tiling import FlashStats, flash_attention
+from course_lib.widgets import ch02, ch03
+
+
+def controls(widget):
+    return {c.description: c for c in widget.children if isinstance(c, ipywidgets.ValueWidget)}
+
+
+# --- chapter 02 widgets -------------------------------------------------------------------------
+
+
+def test_operation_cost_counts_by_hand():
+    # Decode, one head, S = 4096, D = 128, bf16: 4 D S FLOPs; q, o (2 D) and k, v (2 S D) elements.
+    cost = ch02.operation_cost("attention decode", seq_len=4096, num_heads=1, num_kv_heads=1, head_dim=128)
+    assert cost["flops"] == 4 * 128 * 4096
+    assert cost["bytes"] == (2 * 128 + 2 * 4096 * 128) * 2
+    # A linear layer at decode with batch b reads the d x d weights once: intensity about b.
+    for batch in (1, 4, 64):
+        linear = ch02.operation_cost("linear layer decode", batch=batch, num_heads=32, head_dim=128)
+        width = 32 * 128
+        assert linear["flops"] == 2 * batch * width * width
+        assert linear["intensity"] == pytest.approx(batch, rel=0.05)
+
+
+def test_roofline_explorer_decode_is_memory_bound_and_prefill_compute_bound():
+    decode = ch02.roofline_explorer_view(operation="attention decode", seq_len=8192, draw=False)
+    prefill = ch02.roofline_explorer_view(operation="attention prefill", seq_len=8192, draw=False)
+    h100 = ACCELERATORS["H100-SXM"]
+    assert decode["bound"] == "memory" and prefill["bound"] == "compute"
+    assert decode["intensity"] == pytest.approx(1.0, rel=1e-3)  # bf16 MHA decode: 1 FLOP per byte
+    assert decode["seconds"] == pytest.approx(decode["bytes"] / h100.memory_bandwidth)
+    assert prefill["seconds"] == pytest.approx(prefill["flops"] / h100.peak_flops_16bit)
+    assert decode["attainable"] == pytest.approx(h100.memory_bandwidth * decode["intensity"])
+
+
+def test_roofline_explorer_widget_reacts_to_every_control():
+    measured = {"this machine": Accelerator("this machine", 16e9, 20e9, 2**20, 2, 1e11, 1e11, "DDR")}
+    box = ch02.roofline_explorer(extra_accelerators=measured)
+    w = box.interactive
+    c = controls(w)
+    assert set(c) >= {"device", "operation", "batch", "length", "heads", "KV heads", "head dim", "dtype"}
+    for device in c["device"].options:
+        c["device"].value = device
+        expected_bandwidth = {**ACCELERATORS, **measured}[device].memory_bandwidth
+        assert w.result["attainable"] <= w.result["intensity"] * expected_bandwidth * (1 + 1e-9)
+        assert box.children[1].value == w.result["html"]
+    c["device"].value = "H100-SXM"
+    for operation in c["operation"].options:
+        c["operation"].value = operation
+        assert operation in w.result["html"]
+        assert w.result["bound"] in ("memory", "compute")
+    c["operation"].value = "linear layer decode"
+    intensities = []
+    for batch in c["batch"].options:
+        c["batch"].value = batch
+        intensities.append(w.result["intensity"])
+    assert intensities == sorted(intensities) and intensities[-1] > 50 * intensities[0]
+    c["operation"].value = "attention prefill"
+    lengths = []
+    for length in c["length"].options:
+        c["length"].value = length
+        lengths.append(w.result["intensity"])
+    assert lengths == sorted(lengths)
+    c["operation"].value = "attention decode"
+    for heads in c["heads"].options:
+        c["heads"].value = heads
+        assert w.result["flops"] > 0
+    c["heads"].value = 32
+    for kv_heads in c["KV heads"].options:
+        c["KV heads"].value = kv_heads
+        # Grouped-query decode: the intensity grows with the group size (heads / KV heads).
+        assert w.result["intensity"] == pytest.approx(32 / kv_heads, rel=0.01)
+    c["heads"].value = 8  # fewer query heads than KV heads: the slider is clipped, no error
+    assert c["KV heads"].value <= 8 and w.result["intensity"] >= 1.0 - 1e-3
+    for head_dim in c["head dim"].options:
+        c["head dim"].value = head_dim
+        assert w.result["flops"] > 0
+    for dtype in c["dtype"].options:
+        c["dtype"].value = dtype
+        assert w.result["bytes"] > 0
+    assert w.result["figure"] is not None
+
+
+def test_intensity_calculator_reacts_to_every_control():
+    box = ch02.intensity_calculator()
+    w = box.interactive
+    c = controls(w)
+    values = []
+    for length in c["length"].options:
+        c["length"].value = length
+        values.append(w.result["intensity"]["attention prefill"])
+        # Decode intensity hardly depends on the length (q and o are tiny next to the cache).
+        if length >= 1024:
+            assert w.result["intensity"]["attention decode"] == pytest.approx(32 / 8, rel=0.01)
+    assert values == sorted(values)
+    for batch in c["batch"].options:
+        c["batch"].value = batch
+        assert w.result["intensity"]["attention decode"] == pytest.approx(4, rel=0.01)
+        # 2 b w^2 FLOPs over (2 b w + w^2) * 2 bytes, w = 32 heads * 128: close to b while b << w.
+        width = 32 * 128
+        assert w.result["intensity"]["linear layer decode"] == pytest.approx(
+            batch * width / (2 * batch + width)
+        )
+    for name in ("heads", "KV heads", "head dim"):
+        for value in c[name].options:
+            c[name].value = value
+            assert w.result["intensity"]["attention decode"] >= 1.0 - 1e-3
+    for dtype in c["dtype"].options:
+        c["dtype"].value = dtype
+        assert set(w.result["bound"]) == set(ACCELERATORS)
+        assert box.children[1].value == w.result["html"]
+    # float32 halves every intensity of bf16.
+    c["dtype"].value = "bfloat16"
+    bf16 = w.result["intensity"]["attention decode"]
+    c["dtype"].value = "float32"
+    assert w.result["intensity"]["attention decode"] == pytest.approx(bf16 / 2)
+
+
+@pytest.mark.parametrize(
+    "call,error,name",
+    [
+        (lambda: ch02.operation_cost("attention"), ValueError, "operation"),
+        (lambda: ch02.operation_cost("attention decode", dtype="int4"), ValueError, "dtype"),
+        (
+            lambda: ch02.operation_cost("attention decode", num_heads=4, num_kv_heads=8),
+            ValueError,
+            "num_kv_heads",
+        ),
+        (lambda: ch02.roofline_explorer_view(accelerator="TPU", draw=False), ValueError, "accelerator"),
+        (lambda: ch02.intensity_calculator_view(seq_len=0, draw=False), ValueError, "seq_len"),
+        (lambda: ch02.plot_roofline({}), ValueError, "devices"),
+    ],
+)
+def test_ch02_bad_input_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call()
+
+
+# --- chapter 03 widgets -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop_order", ch03.LOOP_ORDERS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_walk_ends_at_the_exact_softmax_statistics(loop_order, causal):
+    T = 10
+    first = ch03.tile_walk_view(0, loop_order, causal, T, 3, 4, draw=False)
+    last = ch03.tile_walk_view(10**6, loop_order, causal, T, 3, 4, draw=False)
+    assert first["num_steps"] == last["num_steps"] == math.ceil(T / 3) * math.ceil(T / 4)
+    # After its last step a Q block holds its final max, sum and output; check every block.
+    q, k, v = ch03.tile_walk_inputs(T)
+    scores = (q @ k.transpose(-2, -1))[0, 0] / math.sqrt(ch03.WALK_HEAD_DIM)
+    if causal:
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    for step in range(last["num_steps"]):
+        view = ch03.tile_walk_view(step, loop_order, causal, T, 3, 4, draw=False)
+        q0, q1 = view["q_rows"]
+        # Both loop orders: once the last K block has been visited, the Q block's state is final.
+        if view["k_rows"][1] == T:
+            torch.testing.assert_close(view["row_max"], scores[q0:q1].amax(-1))
+            torch.testing.assert_close(
+                view["row_sum"], torch.exp(scores[q0:q1] - view["row_max"][:, None]).sum(-1)
+            )
+            assert view["output_error"] < 1e-12
+    skipped = sum(
+        ch03.tile_walk_view(s, loop_order, causal, T, 3, 4, draw=False)["skipped"]
+        for s in range(last["num_steps"])
+    )
+    assert last["skipped_so_far"] == skipped
+    assert (skipped > 0) == causal
+
+
+def test_tile_walk_running_max_only_grows():
+    previous = None
+    for step in range(4):  # FA2, block 4, T = 16: steps 0..3 are Q block 0 against K blocks 0..3
+        view = ch03.tile_walk_view(step, "fa2", False, 16, 4, 4, draw=False)
+        assert view["q_rows"] == (0, 4)
+        if previous is not None:
+            assert (view["row_max"] >= previous).all()
+        previous = view["row_max"]
+
+
+def test_tile_walk_widget_reacts_to_every_control():
+    w = ch03.tile_walk()
+    c = controls(w)
+    assert set(c) >= {"step", "loop order", "causal", "T = S", "block_q", "block_k"}
+    for step in range(c["step"].min, c["step"].max + 1):  # every step once (each redraw costs)
+        c["step"].value = step
+        assert w.result["step"].step == step
+    for order in c["loop order"].options:
+        c["loop order"].value = order
+        for causal in (False, True):
+            c["causal"].value = causal
+            for step in (c["step"].min, c["step"].max // 2, c["step"].max):
+                c["step"].value = step
+                assert w.result["step"].step == step
+                assert w.result["skipped"] is False or causal
+    for value in c["block_q"].options:
+        c["block_q"].value = value
+        assert c["step"].max == w.result["num_steps"] - 1
+        assert w.result["q_rows"][1] - w.result["q_rows"][0] <= value
+    for value in c["block_k"].options:
+        c["block_k"].value = value
+        assert c["step"].max == w.result["num_steps"] - 1
+    for T in range(c["T = S"].min, c["T = S"].max + 1, 5):
+        c["T = S"].value = T
+        assert w.result["num_steps"] == math.ceil(T / c["block_q"].value) * math.ceil(T / c["block_k"].value)
+    c["step"].value = c["step"].max
+    assert w.result["output_error"] < 1e-12
+    assert w.result["figure"] is not None
+
+
+def test_io_explorer_matches_the_instrumented_counts():
+    # The widget's numbers are io_cost's; io_cost must equal what flash_attention counts.
+    view = ch03.io_explorer_view(
+        N=256, d=16, block_q=32, block_k=64, loop_order="fa2", bytes_per_element=4, draw=False
+    )
+    stats = FlashStats()
+    q, k, v = torch.randn(3, 1, 1, 256, 16).unbind(0)
+    flash_attention(q, k, v, block_q=32, block_k=64, stats=stats)
+    assert view["tiled_bytes"] == stats.bytes_moved(4)
+    assert view["standard_bytes"] == (4 * 256 * 16 + 4 * 256 * 256) * 4
+
+
+def test_io_explorer_reacts_to_every_control():
+    box = ch03.io_explorer()
+    w = box.interactive
+    c = controls(w)
+    assert set(c) >= {"N", "d", "SRAM KiB", "block_q (0=auto)", "block_k (0=auto)", "loop order", "dtype"}
+    c["loop order"].value = "fa1"
+    tiled = []
+    for sram in c["SRAM KiB"].options:
+        c["SRAM KiB"].value = sram
+        tiled.append(w.result["tiled_bytes"])
+        assert box.children[1].value == w.result["html"]
+    # Theorem 2: more SRAM, bigger blocks, less traffic; with a tiny SRAM tiling loses.
+    assert tiled == sorted(tiled, reverse=True)
+    c["SRAM KiB"].value = 8
+    assert w.result["ratio"] < 1
+    c["SRAM KiB"].value = 256
+    assert w.result["ratio"] > 1
+    for N in c["N"].options:
+        c["N"].value = N
+        assert w.result["standard_bytes"] == pytest.approx((4 * N * c["d"].value + 4 * N * N) * 2)
+    for d in c["d"].options:
+        c["d"].value = d
+        assert w.result["tile_bytes"] > 0
+    for name in ("block_q (0=auto)", "block_k (0=auto)"):
+        for value in c[name].options:
+            c[name].value = value
+            chosen = w.result["block_q" if name.startswith("block_q") else "block_k"]
+            assert value == 0 or chosen == value
+    for order in c["loop order"].options:
+        c["loop order"].value = order
+        assert w.result["cost"].loop_order == order
+    c["dtype"].value = 2
+    two = w.result["standard_bytes"]
+    c["dtype"].value = 4
+    assert w.result["standard_bytes"] == 2 * two
+
+
+@pytest.mark.parametrize(
+    "call,error,name",
+    [
+        (lambda: ch03.tile_walk_view(loop_order="fa3", draw=False), ValueError, "loop_order"),
+        (lambda: ch03.tile_walk_view(block_q=0, draw=False), ValueError, "block_q"),
+        (lambda: ch03.tile_walk_view(step=-1, draw=False), ValueError, "step"),
+        (lambda: ch03.io_explorer_view(sram_kib=0, draw=False), ValueError, "sram_kib"),
+        (lambda: ch03.io_explorer_view(N=0, draw=False), ValueError, "N"),
+    ],
+)
+def test_ch03_bad_input_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call()
+
+
+# --- exercise checkers --------------------------------------------------------------------------
+
+
+def stub(*args):
+    raise NotImplementedError("Your solution here")
+
+
+def merge(m_a, l_a, m_b, l_b):
+    m = torch.maximum(m_a, m_b)
+    return m, l_a * torch.exp(m_a - m) + l_b * torch.exp(m_b - m)
+
+
+def fa2_step(q, k, v, m, l, acc):
+    s = q @ k.T
+    new_max = torch.maximum(m, s.amax(-1))
+    p = torch.exp(s - new_max[:, None])
+    correction = torch.exp(m - new_max)
+    return new_max, l * correction + p.sum(-1), acc * correction[:, None] + p @ v
+
+
+def combine(outputs, lses):
+    stacked = torch.stack(lses)
+    lse = torch.logsumexp(stacked, 0)
+    return (torch.exp(stacked - lse)[..., None] * torch.stack(outputs)).sum(0), lse
+
+
+def causal_skips(T, S, block_q, block_k):
+    skipped = 0
+    for q0 in range(0, T, block_q):
+        last_query = min(q0 + block_q, T) - 1
+        skipped += sum(k0 > last_query + S - T for k0 in range(0, S, block_k))
+    return skipped
+
+
+def test_checkers_pass_correct_solutions(capsys):
+    check_gemm_intensity(lambda M, N, K, size: 2 * M * N * K / ((M * K + K * N + M * N) * size))
+    check_roofline(lambda intensity, peak, bandwidth: min(peak, intensity * bandwidth))
+    check_merge_softmax_stats(merge)
+    check_fa2_step(fa2_step)
+    check_combine_partials(combine)
+    check_causal_skips(causal_skips)
+    printed = capsys.readouterr().out
+    for name in (
+        "check_gemm_intensity",
+        "check_roofline",
+        "check_merge_softmax_stats",
+        "check_fa2_step",
+        "check_combine_partials",
+        "check_causal_skips",
+    ):
+        assert f"✔ {name}: all" in printed
+
+
+def test_causal_skip_solution_agrees_with_flash_stats():
+    # The checker's definition and the library's instrumented count agree (1024, blocks 64: 120 of 256).
+    for T, S, bq, bk in [(1024, 1024, 64, 64), (10, 10, 3, 4), (8, 20, 4, 4)]:
+        stats = FlashStats()
+        q = torch.zeros(1, 1, T, 2)
+        kv = torch.zeros(1, 1, S, 2)
+        flash_attention(q, kv, kv, causal=True, block_q=bq, block_k=bk, stats=stats)
+        assert causal_skips(T, S, bq, bk) == stats.blocks_skipped
+    assert causal_skips(1024, 1024, 64, 64) == 120
+
+
+@pytest.mark.parametrize(
+    "check,wrong,message",
+    [
+        (
+            check_gemm_intensity,
+            lambda M, N, K, size: M * N * K / ((M * K + K * N + M * N) * size),
+            "expected",
+        ),
+        (check_roofline, lambda intensity, peak, bandwidth: intensity * bandwidth, "compute-bound"),
+        (check_roofline, lambda intensity, peak, bandwidth: "fast", "number"),
+        # Forgot to rescale the sums to the new max.
+        (
+            check_merge_softmax_stats,
+            lambda m_a, l_a, m_b, l_b: (torch.maximum(m_a, m_b), l_a + l_b),
+            "merged sum",
+        ),
+        # Forgot to rescale the accumulator.
+        (
+            check_fa2_step,
+            lambda q, k, v, m, l, acc: (
+                lambda s, n: (
+                    n,
+                    l * torch.exp(m - n) + torch.exp(s - n[:, None]).sum(-1),
+                    acc + torch.exp(s - n[:, None]) @ v,
+                )
+            )(q @ k.T, torch.maximum(m, (q @ k.T).amax(-1))),
+            "acc",
+        ),
+        # Averaged the partial outputs instead of weighting them by exp(lse_i - lse).
+        (
+            check_combine_partials,
+            lambda outputs, lses: (torch.stack(outputs).mean(0), torch.logsumexp(torch.stack(lses), 0)),
+            "output",
+        ),
+        (check_combine_partials, lambda outputs, lses: outputs[0], "tuple"),
+        # Counted whole-block positions without the S - T offset of end-aligned causality.
+        (
+            check_causal_skips,
+            lambda T, S, bq, bk: sum(
+                k0 > min(q0 + bq, T) - 1 for q0 in range(0, T, bq) for k0 in range(0, S, bk)
+            ),
+            "expected",
+        ),
+    ],
+)
+def test_checkers_explain_wrong_answers(check, wrong, message):
+    with pytest.raises(ExerciseFailed, match=message):
+        check(wrong)
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        check_gemm_intensity,
+        check_roofline,
+        check_merge_softmax_stats,
+        check_fa2_step,
+        check_combine_partials,
+        check_causal_skips,
+    ],
+)
+def test_checkers_fail_on_the_student_stub(check):
+    with pytest.raises(ExerciseFailed, match="not implemented"):
+        check(stub)
+
+
+# --- figures and the benchmark suite ------------------------------------------------------------
+
+
+def test_chapter_figures_are_registered():
+    for name in ("02_memory_hierarchy", "02_roofline", "03_tiling", "03_io_vs_block_size"):
+        assert name in FIGURES
+        assert FIGURES[name]().axes
+
+
+def test_flash_suite_is_registered_and_its_methods_agree():
+    methods, reference, lengths = bench.suites()["flash"]("cpu")
+    assert set(methods) == {"naive", "flash", "sdpa"} and reference == "sdpa"
+    assert lengths[0] == 256 and lengths[-1] == 4096
+    outputs = {name: build(300)() for name, build in methods.items()}  # 300: not a multiple of the block
+    torch.testing.assert_close(outputs["naive"], outputs["sdpa"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outputs["flash"], outputs["sdpa"], atol=1e-5, rtol=1e-4)
+
+
+def test_flash_suite_runs_from_the_cli(tmp_path, capsys):
+    path = tmp_path / "flash.json"
+    bench.main(
+        ["flash", "--lengths", "64", "128", "--min-run-time", "0.01", "--json", str(path), "--no-progress"]
+    )
+    printed = capsys.readouterr().out
+    assert "flash/sdpa" in printed and "naive/sdpa" in printed
+    assert path.exists()
