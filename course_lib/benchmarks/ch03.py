@@ -17,7 +17,7 @@ FLASH_BLOCK = 256
 
 
 def flash_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """One sequence, 8 heads, D = 64, causal; T from 256 to 4096. Reference: SDPA.
+    """One sequence, 8 heads, D = 64, causal; T from 512 to 8192. Reference: SDPA.
 
     ``naive`` materialises the T x T scores (course_lib.attention); ``flash`` is the course's
     tiled FA2 loop in PyTorch, blocks of :data:`FLASH_BLOCK`; ``sdpa`` is PyTorch's fused kernel.
@@ -35,7 +35,7 @@ def flash_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
         q, k, v = random_qkv(T, device=device, dtype=dtype)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    return {"naive": naive, "flash": flash, "sdpa": sdpa}, "sdpa", [256, 512, 1024, 2048, 4096]
+    return {"naive": naive, "flash": flash, "sdpa": sdpa}, "sdpa", [512, 1024, 2048, 4096, 8192]
 
 
 SUITES = {"flash": flash_suite}
