@@ -2,10 +2,22 @@
 
 Every method is ``S_t = decay_t * S_{t-1} + write_t``, ``o_t = S_t^T (scale * q_t)`` with a state
 of shape (B, H, D_k, D_v), a naive recurrent reference and a chunkwise form that agree.
+``layers`` wraps each core in a token mixer (projections, gates, short convolution, output norm).
 """
 
 from .delta_rule import delta_rule, gated_delta_rule
 from .gla import gla
+from .layers import (
+    MIXERS,
+    DeltaNetMixer,
+    GatedDeltaNetMixer,
+    GLAMixer,
+    Mamba2Mixer,
+    MLSTMMixer,
+    RetNetMixer,
+    RWKV6Mixer,
+    TTTLinearMixer,
+)
 from .mlstm import mlstm
 from .retention import retention, retention_decay_matrix, retnet_gammas
 from .rwkv import rwkv6
@@ -24,4 +36,13 @@ __all__ = [
     "gated_delta_rule",
     "ttt_linear",
     "rwkv6",
+    "MIXERS",
+    "RetNetMixer",
+    "GLAMixer",
+    "Mamba2Mixer",
+    "MLSTMMixer",
+    "DeltaNetMixer",
+    "GatedDeltaNetMixer",
+    "TTTLinearMixer",
+    "RWKV6Mixer",
 ]
