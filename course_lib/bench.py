@@ -146,7 +146,8 @@ def sweep(
     """Time (and measure the peak memory of) every method at every length.
 
     ``methods[name](T)`` builds the inputs for length ``T`` and returns a zero-argument callable
-    to measure, so input creation is neither timed nor counted as peak memory.
+    to measure, so input creation is neither timed nor counted as peak memory. A dict in the
+    callable's ``extra`` attribute (e.g. an accuracy) is stored with the measurement.
     """
     if not methods:
         raise ValueError("methods must name at least one method")
@@ -158,7 +159,7 @@ def sweep(
         call = methods[name](T)
         peak = peak_memory_bytes(call, device) if measure_memory else None
         seconds = time_function(call, min_run_time=min_run_time)
-        results.append(Measurement(name, T, seconds, peak))
+        results.append(Measurement(name, T, seconds, peak, dict(getattr(call, "extra", None) or {})))
         del call
     return results
 
@@ -293,8 +294,11 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per point")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--plot", type=Path, help="write a log-log plot of time vs T here")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(check_int(args.threads, "threads", min=1))
 
     methods, reference, default_lengths = available[args.suite](args.device)
     lengths = args.lengths or default_lengths
@@ -304,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     env = environment_summary(args.device)
     print(f"suite {args.suite} on {env['device']} ({env['threads']} threads), torch {env['torch']}")
     print(format_table(results, reference=reference))
+    report = getattr(available[args.suite], "report", None)  # a suite may add its own summary
+    if report is not None:
+        print(report(results))
     if args.json:
         print(f"wrote {save_json(results, args.json, suite=args.suite, device=args.device)}")
     if args.plot:
