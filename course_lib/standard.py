@@ -23,6 +23,7 @@ from .checks import (
 
 __all__ = [
     "attention",
+    "masked_softmax",
     "causal_mask",
     "padding_mask",
     "MultiHeadAttention",
@@ -68,6 +69,18 @@ def padding_mask(lengths: torch.Tensor | list[int], S: int) -> torch.Tensor:
 
 
 # --- the attention function -----------------------------------------------------------------
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last dim where ``allowed``; a row with nothing allowed gets zeros, not NaN."""
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    # An all -inf row has max -inf; subtracting a finite 0 there keeps exp() at 0 instead of NaN.
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    unnormalised = torch.exp(scores - row_max)
+    row_sum = unnormalised.sum(dim=-1, keepdim=True)
+    return unnormalised / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
 
 
 def attention(
@@ -117,15 +130,7 @@ def attention(
             scores = scores + bias.to(compute_dtype)
         except RuntimeError:
             raise ValueError(f"bias of shape {tuple(bias.shape)} must broadcast to {(B, H, T, S)}") from None
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-
-    # A fully masked row has max -inf; subtracting a finite 0 there keeps exp() at 0, not NaN.
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    unnormalised = torch.exp(scores - row_max)
-    row_sum = unnormalised.sum(dim=-1, keepdim=True)
-    weights = unnormalised / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    weights = masked_softmax(scores, allowed)
 
     out = (weights @ v.to(compute_dtype)).to(q.dtype)
     if return_weights:

@@ -20,6 +20,7 @@ from ..checks import (
     check_shape,
     check_tensor,
 )
+from ..standard import masked_softmax
 
 __all__ = [
     "sliding_window_attention",
@@ -27,18 +28,6 @@ __all__ = [
     "topk_attention",
     "neighborhood_attention_2d",
 ]
-
-
-def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over the last dim where ``allowed``; a row with nothing allowed gets zeros, not NaN."""
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    # An all -inf row has max -inf; subtracting a finite 0 there keeps exp() at 0 instead of NaN.
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    unnormalised = torch.exp(scores - row_max)
-    row_sum = unnormalised.sum(dim=-1, keepdim=True)
-    return unnormalised / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
 
 
 def compute_dtype_of(x: torch.Tensor) -> torch.dtype:

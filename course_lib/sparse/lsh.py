@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_bool, check_generator, check_int, check_shape, check_tensor
-from .kernels import compute_dtype_of, masked_softmax, resolve_scale
+from ..standard import masked_softmax
+from .kernels import compute_dtype_of, resolve_scale
 
 __all__ = ["lsh_buckets", "lsh_attention"]
 
