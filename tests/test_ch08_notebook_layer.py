@@ -7,6 +7,7 @@ import torch
 
 from course_lib.bench import Measurement, sweep
 from course_lib.benchmarks import ch08 as bench08
+from course_lib.benchmarks.ch07 import recurrent_inputs
 from course_lib.exercises import ExerciseFailed
 from course_lib.exercises.ch08 import check_answer_accuracy, check_hybrid_cache_bytes, check_ring_merge
 from course_lib.figures import FIGURES
@@ -143,7 +144,7 @@ def test_chapter_figures_are_registered_and_draw():
 def test_all_suite_measures_every_mechanism_and_they_agree_where_exact():
     methods, reference, lengths = bench08.all_suite("cpu")
     assert reference == "sdpa" and set(methods) == set(bench08.ALL_METHODS)
-    x = bench08._inputs(64, "cpu", torch.float32)
+    x = recurrent_inputs(64, "cpu", torch.float32)
     exact = [bench08.ALL_METHODS[m](x) for m in ("naive", "sdpa", "flash")]
     torch.testing.assert_close(exact[0], exact[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(exact[2], exact[1], atol=1e-5, rtol=1e-4)

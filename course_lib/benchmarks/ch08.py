@@ -21,13 +21,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..bench import Measurement, format_bytes, random_qkv
+from ..bench import Measurement, format_bytes
 from ..linear import linear_attention
 from ..recall import RECALL_MIXERS, MQARTask, mqar_batch, train_recall
 from ..recurrent import delta_rule, gla, ssd
 from ..sparse import sliding_window_attention
 from ..standard import attention
 from ..tiling import flash_attention
+from .ch07 import recurrent_inputs
 
 __all__ = [
     "SUITES",
@@ -43,23 +44,6 @@ HEADS, HEAD_DIM, WINDOW, CHUNK = 4, 64, 256, 64
 ALL_LENGTHS = [256, 512, 1024, 2048]
 RECALL_LENGTHS = [32, 64]
 RECALL_STEPS = 300
-
-
-def _inputs(T: int, device, dtype):
-    q, k, v = random_qkv(T, heads=HEADS, head_dim=HEAD_DIM, device=device, dtype=dtype)
-    generator = torch.Generator().manual_seed(1)
-    gates = torch.randn(1, HEADS, T, HEAD_DIM, generator=generator)
-    steps = torch.randn(1, HEADS, T, generator=generator)
-    return {
-        "q": q,
-        "k": k,
-        "v": v,
-        "unit_k": F.normalize(k, dim=-1),
-        "g": F.logsigmoid(gates + 3.0).to(device=device, dtype=dtype),
-        "beta": torch.sigmoid(steps).to(device=device, dtype=dtype),
-        "dt": F.softplus(steps - 2.0).to(device=device, dtype=dtype),
-        "A": -torch.linspace(1.0, 4.0, HEADS).to(device=device, dtype=dtype),
-    }
 
 
 ALL_METHODS = {
@@ -81,7 +65,7 @@ def all_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
 
     def method(name):
         def build(T: int):
-            x = _inputs(T, device, dtype)
+            x = recurrent_inputs(T, device, dtype)
             return lambda: ALL_METHODS[name](x)
 
         return build
