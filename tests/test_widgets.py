@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from course_lib import widgets
-from course_lib.standard import attention
 
 
 def controls(widget):
@@ -78,7 +77,6 @@ def test_memory_calculator_reacts_to_every_control():
     for T in c["T"].options:
         c["T"].value = T
         assert w.result["bytes"]["one_matrix"] == T * T * 2
-        assert str(T * T * 2)[:1]  # the HTML is refreshed below
         assert box.children[1].value == w.result["html"]
     for name in ("heads", "layers", "batch"):
         for value in (c[name].min, c[name].max):
@@ -102,7 +100,6 @@ def test_explorer_output_equals_library_attention():
     # Row 0 of a causal mask sees only itself: its output is its own value vector.
     x = widgets.toy_embeddings(["x", "y", "z"])
     torch.testing.assert_close(view["output"][0], x[0])
-    assert attention  # the explorer is built on course_lib.attention
 
 
 @pytest.mark.parametrize(
