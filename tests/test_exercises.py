@@ -41,8 +41,12 @@ def test_checkers_pass_correct_solutions(capsys):
     check_causal_mask(lambda T: torch.ones(T, T, dtype=torch.bool).tril())
     check_split_merge_heads(split, merge)
     printed = capsys.readouterr().out
-    for line in ["check_softmax: all 4 cases", "check_scaled_dot_product_attention: all 3 cases",
-                 "check_causal_mask: all 4 cases", "check_split_merge_heads: all 3 cases"]:
+    for line in [
+        "check_softmax: all 4 cases",
+        "check_scaled_dot_product_attention: all 3 cases",
+        "check_causal_mask: all 4 cases",
+        "check_split_merge_heads: all 3 cases",
+    ]:
         assert line in printed
 
 

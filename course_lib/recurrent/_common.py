@@ -127,6 +127,33 @@ def _intra_scores_vector(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub_
     return scores.reshape(*q.shape[:-2], size, size)[..., :C, :C]
 
 
+def scan_chunk_states(
+    transition: torch.Tensor, write: torch.Tensor, initial_state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The only sequential step of a chunk form: ``S_{n+1} = transition_n S_n + write_n``.
+
+    transition: (B, H, N, D_k) for a diagonal decay, or (B, H, N, D_k, D_k) for a full matrix
+    (the delta rule); write: (B, H, N, D_k, D_v). Returns ``(states, final)``: the state each
+    chunk starts from, (B, H, N, D_k, D_v), and the state after the last chunk. Every other
+    product of a chunk form is computed for all chunks at once, outside this short loop.
+    """
+    B, H, N, D_k, D_v = write.shape
+    state = write.new_zeros(B, H, D_k, D_v) if initial_state is None else initial_state
+    diagonal = transition.dim() == 4
+    states = []
+    for n in range(N):
+        states.append(state)
+        if diagonal:
+            state = torch.addcmul(write[:, :, n], transition[:, :, n, :, None], state)
+        else:
+            state = torch.baddbmm(
+                write[:, :, n].reshape(B * H, D_k, D_v),
+                transition[:, :, n].reshape(B * H, D_k, D_k),
+                state.reshape(B * H, D_k, D_v),
+            ).view(B, H, D_k, D_v)
+    return torch.stack(states, dim=2), state
+
+
 def chunk_gated_scan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -152,20 +179,24 @@ def chunk_gated_scan(
     N = q.shape[2] // C
     q, k, v, g = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v, g))
     b = g.cumsum(dim=-2)  # within-chunk cumulative log decay, <= 0 and decreasing
-    q_from_start = q * b.exp()
-    k_to_end = k * (b[..., -1:, :] - b).exp()
-    chunk_decay = b[..., -1, :].exp()  # (B, H, N, D_k or 1)
 
-    state = q.new_zeros(B, H, D_k, D_v) if initial_state is None else initial_state
-    outputs = []
-    # One chunk at a time: the (C, C) scores of a chunk stay small and in cache.
-    for n in range(N):
-        q_n, k_n, b_n = q[:, :, n], k[:, :, n], b[:, :, n]
-        if g.shape[-1] == 1:  # scalar gate: the relative decay is one (C, C) matrix
-            scores = (q_n @ k_n.transpose(-1, -2)) * causal_log_decay(b_n[..., 0]).exp()
-        else:
-            scores = _intra_scores_vector(q_n, k_n, b_n, min(sub_size, C))
-        outputs.append(scores @ v[:, :, n] + q_from_start[:, :, n] @ state)
-        state = chunk_decay[:, :, n, :, None] * state + k_to_end[:, :, n].transpose(-1, -2) @ v[:, :, n]
-    o = torch.stack(outputs, dim=2).reshape(B, H, N * C, D_v)[:, :, :T]
-    return o, state
+    # Everything that does not depend on the carried state, for all chunks in one go.
+    if g.shape[-1] == 1:  # scalar gate: the relative decay is one (C, C) matrix per chunk
+        scores = (q @ k.transpose(-1, -2)) * causal_log_decay(b[..., 0]).exp()
+        inside = scores @ v
+    else:  # chunk by chunk: the (C, C, D_k)-sized temporaries of one chunk fit in cache, all do not
+        sub_size = min(sub_size, C)
+        inside = torch.stack(
+            [
+                _intra_scores_vector(q[:, :, n], k[:, :, n], b[:, :, n], sub_size) @ v[:, :, n]
+                for n in range(N)
+            ],
+            dim=2,
+        )
+    k_to_end = k * (b[..., -1:, :] - b).exp()
+    chunk_decay = b[..., -1, :].exp().expand(B, H, N, D_k)
+    states, state = scan_chunk_states(chunk_decay, k_to_end.transpose(-1, -2) @ v, initial_state)
+    o = torch.baddbmm(
+        inside.reshape(-1, C, D_v), (q * b.exp()).reshape(-1, C, D_k), states.reshape(-1, D_k, D_v)
+    )
+    return o.reshape(B, H, N * C, D_v)[:, :, :T], state

@@ -33,6 +33,7 @@ from ._common import (
     check_state,
     compute_dtype,
     pad_time,
+    scan_chunk_states,
 )
 
 __all__ = ["delta_rule", "gated_delta_rule"]
@@ -81,21 +82,23 @@ def delta_chunk_scan(q, k, v, beta, g, chunk_size, state, block_size=1):
     earlier_block = position[:, None] > position[None, :]
     A = (beta * (k @ k.transpose(-1, -2)) * relative_decay).masked_fill(~earlier_block, 0.0)
     identity = torch.eye(size, dtype=q.dtype, device=q.device)
-    # U = (I + A)^{-1} diag(beta) (V - diag(exp(b)) K S_0) = U_values - W S_0, both solved for all chunks.
-    solve = (identity + A).expand(B, H, N, size, size)
-    U_values = torch.linalg.solve_triangular(solve, beta * v, upper=False, unitriangular=True)
-    W = torch.linalg.solve_triangular(solve, beta * b.exp()[..., None] * k, upper=False, unitriangular=True)
+    # U = (I + A)^{-1} diag(beta) (V - diag(exp(b)) K S_0) = U_values - W S_0: one solve, both parts.
+    solved = torch.linalg.solve_triangular(
+        identity + A, beta * torch.cat([v, b.exp()[..., None] * k], dim=-1), upper=False, unitriangular=True
+    )
+    U_values, W = solved[..., :D_v], solved[..., D_v:]
 
+    # With U = U_values - W S_n, a chunk's output and next state are linear in its start state S_n:
+    #   o = (q exp(b) - scores W) S_n + scores U_values
+    #   S_{n+1} = (exp(b_C) I - K_end^T W) S_n + K_end^T U_values
+    # so every product except the chunk-to-chunk recurrence is done for all chunks at once.
     scores = (q @ k.transpose(-1, -2)) * relative_decay
-    q_from_start = q * b.exp()[..., None]
-    k_to_end = k * (b[..., -1:] - b).exp()[..., None]
-    outputs = []
-    for n in range(N):
-        U = U_values[:, :, n] - W[:, :, n] @ state
-        outputs.append(q_from_start[:, :, n] @ state + scores[:, :, n] @ U)
-        state = b[:, :, n, -1, None, None].exp() * state + k_to_end[:, :, n].transpose(-1, -2) @ U
-    o = torch.stack(outputs, dim=2).reshape(B, H, N * size, D_v)[:, :, :T]
-    return o, state
+    k_to_end_t = (k * (b[..., -1:] - b).exp()[..., None]).transpose(-1, -2)
+    key_identity = torch.eye(D_k, dtype=q.dtype, device=q.device)
+    transition = b[..., -1, None, None].exp() * key_identity - k_to_end_t @ W
+    states, state = scan_chunk_states(transition, k_to_end_t @ U_values, state)
+    o = (q * b.exp()[..., None] - scores @ W) @ states + scores @ U_values
+    return o.reshape(B, H, N * size, D_v)[:, :, :T], state
 
 
 def _check_beta(beta: object, q: torch.Tensor) -> torch.Tensor:
