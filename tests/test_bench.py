@@ -28,7 +28,6 @@ def test_peak_memory_sees_a_temporary_allocation():
     assert bench.peak_memory_bytes(lambda: 1.0) < 8 * 2**20
 
 
-
 @pytest.mark.skipif(not bench._can_measure_cpu_memory(), reason="peak RSS is read from Linux /proc")
 def test_timing_after_a_memory_measurement_does_not_pay_for_page_faults():
     # Memory mode serves every block >= 64 KiB with mmap: each new 1 MiB tensor would fault in
@@ -46,6 +45,7 @@ def test_timing_after_a_memory_measurement_does_not_pay_for_page_faults():
     allocate_many()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 200 * 256 // 10, f"{faults} page faults: freed blocks are not reused"
+
 
 def test_loglog_slope_recovers_power_laws():
     lengths = [256, 512, 1024, 2048]

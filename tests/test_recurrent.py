@@ -24,6 +24,7 @@ from course_lib.recurrent import (
     segsum,
     ssd,
     ttt_linear,
+    ttt_mlp,
 )
 
 F64 = torch.float64
@@ -501,6 +502,87 @@ def test_ttt_one_mini_batch_matches_the_dual_form():
     for form in ("recurrent", "chunk"):
         actual = ttt_linear(q, k, v, lr, mini_batch_size=6, form=form, chunk_size=6, initial_state=W0)
         torch.testing.assert_close(actual, expected, **TIGHT)
+
+
+# --- TTT-MLP ------------------------------------------------------------------------------------
+
+
+def ttt_mlp_inputs(B=2, H=2, T=13, dk=4, dh=6, dv=3, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = qkv(B, H, T, dk, dv, dtype, gen).values()
+    lr = 0.05 * torch.rand(B, H, T, generator=gen, dtype=dtype)
+    W1 = 0.5 * randn(B, H, dk, dh, generator=gen).to(dtype)
+    W2 = 0.5 * randn(B, H, dh, dv, generator=gen).to(dtype)
+    return q, k, v, lr, (W1, W2)
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 4, 13, 32])
+def test_ttt_mlp_dual_form_matches_autograd_reference(mini_batch_size):
+    """Hand-written gradients and the parallel mini-batch form vs per-token autograd steps."""
+    q, k, v, lr, state = ttt_mlp_inputs()
+    options = {"mini_batch_size": mini_batch_size, "output_final_state": True}
+    expected = ttt_mlp(q, k, v, lr, state, form="recurrent", **options)
+    assert_all_close(ttt_mlp(q, k, v, lr, state, form="chunk", **options), expected, **TIGHT)
+
+
+def test_ttt_mlp_zero_learning_rate_is_the_fixed_mlp():
+    q, k, v, lr, (W1, W2) = ttt_mlp_inputs()
+    for form in ("recurrent", "chunk"):
+        o, (W1_end, W2_end) = ttt_mlp(q, k, v, 0 * lr, (W1, W2), form=form, output_final_state=True)
+        torch.testing.assert_close(o, F.gelu(q @ W1) @ W2, **TIGHT)
+        torch.testing.assert_close(W1_end, W1, **TIGHT)
+        torch.testing.assert_close(W2_end, W2, **TIGHT)
+
+
+def test_ttt_mlp_inner_step_lowers_the_reconstruction_loss():
+    """One small step on a token is gradient descent: that token's loss goes down."""
+    q, k, v, lr, (W1, W2) = ttt_mlp_inputs(T=1)
+
+    def loss(w1, w2):
+        return 0.5 * (F.gelu(k @ w1) @ w2 - v).pow(2).sum((-1, -2))
+
+    _, (W1_end, W2_end) = ttt_mlp(q, k, v, 0 * lr + 1e-3, (W1, W2), output_final_state=True)
+    assert bool((loss(W1_end, W2_end) < loss(W1, W2)).all())
+
+
+def test_ttt_mlp_state_continuation_and_gradients():
+    q, k, v, lr, state = ttt_mlp_inputs(T=12)
+    whole = ttt_mlp(q, k, v, lr, state, mini_batch_size=4, output_final_state=True)
+    first, middle = ttt_mlp(
+        q[:, :, :8], k[:, :, :8], v[:, :, :8], lr[:, :, :8], state, mini_batch_size=4, output_final_state=True
+    )
+    second, end = ttt_mlp(
+        q[:, :, 8:],
+        k[:, :, 8:],
+        v[:, :, 8:],
+        lr[:, :, 8:],
+        middle,
+        mini_batch_size=4,
+        output_final_state=True,
+    )
+    assert_all_close((torch.cat([first, second], dim=2), end), whole, **TIGHT)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, lr, *state)]
+    gradients = []
+    for form in ("recurrent", "chunk"):
+        o = ttt_mlp(*leaves[:4], tuple(leaves[4:]), mini_batch_size=4, form=form)
+        gradients.append(torch.autograd.grad(o.pow(2).sum(), leaves))
+    for from_autograd_steps, from_dual_form in zip(*gradients, strict=True):
+        torch.testing.assert_close(from_dual_form, from_autograd_steps, rtol=1e-8, atol=1e-9)
+
+
+def test_ttt_mlp_bad_input():
+    q, k, v, lr, (W1, W2) = ttt_mlp_inputs()
+    with pytest.raises(TypeError, match="initial_state"):
+        ttt_mlp(q, k, v, lr, W1)
+    with pytest.raises(ValueError, match=r"initial_state\[1\]"):
+        ttt_mlp(q, k, v, lr, (W1, W2[..., :2, :]))
+    with pytest.raises(ValueError, match="lr"):
+        ttt_mlp(q, k, v, -lr - 1, (W1, W2))
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        ttt_mlp(q, k, v, lr, (W1, W2), mini_batch_size=0)
+    with pytest.raises(ValueError, match="form"):
+        ttt_mlp(q, k, v, lr, (W1, W2), form="parallel")
 
 
 def test_rwkv6_matches_the_paper_formula():

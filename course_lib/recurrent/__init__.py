@@ -22,7 +22,7 @@ from .mlstm import mlstm
 from .retention import retention, retention_decay_matrix, retnet_gammas
 from .rwkv import rwkv6
 from .ssd import segsum, ssd
-from .ttt import ttt_linear
+from .ttt import ttt_linear, ttt_mlp
 
 __all__ = [
     "retnet_gammas",
@@ -35,6 +35,7 @@ __all__ = [
     "delta_rule",
     "gated_delta_rule",
     "ttt_linear",
+    "ttt_mlp",
     "rwkv6",
     "MIXERS",
     "RetNetMixer",

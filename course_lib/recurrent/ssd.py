@@ -11,7 +11,8 @@ quadratic, attention-like form. It is scalar-gated linear attention under the ma
     q = C,  k = B,  v = dt * x,  g = A * dt,  scale = 1.
 
 The chunked SSD algorithm mixes both: quadratic inside chunks, the recurrence between them.
-(Transformers are SSMs, Dao and Gu, 2024. Mamba-2 adds a skip ``D * x`` and a gate, left out here.)
+(Transformers are SSMs, Dao and Gu, 2024. The full layer, :class:`~course_lib.recurrent.Mamba2Mixer`,
+adds the skip ``D * x``, the gate ``silu(z)`` and a norm around this core.)
 """
 
 from __future__ import annotations

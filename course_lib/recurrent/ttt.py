@@ -18,17 +18,30 @@ of the mini-batch (W_0), and the steps accumulate: ``W_t = W_0 - sum_{s <= t} lr
 - v_s)^T``. Tokens of one mini-batch no longer see each other's corrections, which makes the
 mini-batch parallel. (Learning to (Learn at Test Time): RNNs with Expressive Hidden States, Sun et
 al., 2024. The paper's TTT-Linear wraps W in LayerNorm and a residual and learns the views k, v.)
+
+TTT-MLP (:func:`ttt_mlp`) makes the inner model a two-layer MLP, ``f(x; W1, W2) = gelu(x W1) W2``
+(row vectors; the paper adds LayerNorm and a residual, left out here). Its gradient is no longer
+linear in the state, so the delta-rule algebra stops; the mini-batch form still parallelises a
+mini-batch, because every token's gradient is taken at the mini-batch's starting weights::
+
+    Z = Q W1 - tril(Q K^T * lr) G1,     O = gelu(Z) W2 - tril(gelu(Z) H_k^T * lr) E
+
+with ``H_k = gelu(K W1)``, the errors ``E = H_k W2 - V`` and ``G1 = (E W2^T) * gelu'(K W1)``
+(the "dual form" of the paper: the weights of each token are never formed).
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
-from ..checks import check_attention_inputs, check_divisible, check_int
+import torch
+import torch.nn.functional as F
+
+from ..checks import check_attention_inputs, check_divisible, check_int, check_shape, check_tensor
 from ._common import check_options, check_per_step, check_scale, check_state, compute_dtype
 from .delta_rule import delta_chunk_scan
 
-__all__ = ["ttt_linear"]
+__all__ = ["ttt_linear", "ttt_mlp"]
 
 
 def _ttt_linear_recurrent(q, k, v, lr, scale, weight, mini_batch_size):
@@ -88,3 +101,107 @@ def ttt_linear(
         o, weight = delta_chunk_scan(q * scale, k, v, lr, None, chunk_size, weight, mini_batch_size)
     o = o.to(input_dtype)
     return (o, weight) if output_final_state else o
+
+
+# --- TTT-MLP ------------------------------------------------------------------------------------
+
+
+def _mlp(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+    """The inner model ``gelu(x W1) W2`` on rows of ``x (..., L, D_k)``."""
+    return F.gelu(x @ W1) @ W2
+
+
+def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
+    """d gelu(z) / dz for the exact (erf) GELU: ``Phi(z) + z phi(z)``."""
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    density = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return cdf + z * density
+
+
+def _ttt_mlp_recurrent(q, k, v, lr, W1, W2, mini_batch_size):
+    """Naive reference: per token, the gradient of its loss by autograd at the mini-batch's start.
+
+    Differentiable (``create_graph``) when gradients are enabled, so the outer loop can train it.
+    """
+    outputs = []
+    for t in range(q.shape[2]):
+        if t % mini_batch_size == 0:
+            start = (W1, W2)
+        with torch.enable_grad():
+            w1, w2 = (w if w.requires_grad else w.detach().requires_grad_() for w in start)
+            loss = 0.5 * (_mlp(k[:, :, t, None], w1, w2) - v[:, :, t, None]).pow(2).sum()
+            grad1, grad2 = torch.autograd.grad(loss, (w1, w2), create_graph=torch.is_grad_enabled())
+        W1 = W1 - lr[:, :, t, None, None] * grad1
+        W2 = W2 - lr[:, :, t, None, None] * grad2
+        outputs.append(_mlp(q[:, :, t, None], W1, W2)[:, :, 0])
+    return torch.stack(outputs, dim=2), (W1, W2)
+
+
+def _ttt_mlp_minibatch(q, k, v, lr, W1, W2, mini_batch_size):
+    """The dual form: one mini-batch at a time, its tokens in parallel with hand-written gradients."""
+    T = q.shape[2]
+    outputs = []
+    for start in range(0, T, mini_batch_size):
+        span = slice(start, min(start + mini_batch_size, T))
+        q_b, k_b, v_b, lr_b = q[:, :, span], k[:, :, span], v[:, :, span], lr[:, :, span, None]
+        b = q_b.shape[2]
+        causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()
+        # Forward pass of the keys at the starting weights, and the per-token gradients' factors.
+        z_k = k_b @ W1
+        h_k = F.gelu(z_k)
+        error = h_k @ W2 - v_b  # dloss/dprediction, (B, H, b, D_v)
+        grad_z = (error @ W2.transpose(-1, -2)) * _gelu_derivative(z_k)  # dloss/dz, (B, H, b, D_h)
+        # Query t sees the sum of the gradient steps of tokens s <= t of its mini-batch.
+        z_q = q_b @ W1 - ((q_b @ k_b.transpose(-1, -2)) * causal * lr_b.transpose(-1, -2)) @ grad_z
+        h_q = F.gelu(z_q)
+        outputs.append(h_q @ W2 - ((h_q @ h_k.transpose(-1, -2)) * causal * lr_b.transpose(-1, -2)) @ error)
+        W1 = W1 - k_b.transpose(-1, -2) @ (lr_b * grad_z)
+        W2 = W2 - h_k.transpose(-1, -2) @ (lr_b * error)
+    return torch.cat(outputs, dim=2), (W1, W2)
+
+
+def ttt_mlp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    initial_state: tuple[torch.Tensor, torch.Tensor],
+    *,
+    mini_batch_size: int = 16,
+    form: str = "chunk",
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """TTT-MLP: the state is a two-layer MLP ``gelu(x W1) W2`` trained on ``(k_t, v_t)`` as it reads.
+
+    q, k: (B, H, T, D_k); v: (B, H, T, D_v); lr: (B, H, T) inner learning rates >= 0;
+    initial_state: the starting weights ``(W1, W2)`` of shapes (B, H, D_k, D_h) and (B, H, D_h, D_v)
+    (required: from zero weights no gradient flows). Output ``o_t = f(q_t; W_t)`` (no extra scale).
+    ``form="recurrent"`` takes each token's gradient with autograd, ``"chunk"`` is the mini-batch
+    dual form with hand-written gradients. Returns o (B, H, T, D_v) in q's dtype, plus the final
+    ``(W1, W2)`` when ``output_final_state``.
+    """
+    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
+    if S != T:
+        raise ValueError(f"k must have the same length T={T} as q, got k {tuple(k.shape)}")
+    check_options(form, 1, output_final_state, ("recurrent", "chunk"))
+    mini_batch_size = check_int(mini_batch_size, "mini_batch_size", min=1)
+    check_per_step(lr, "lr", q)
+    if not bool(torch.isfinite(lr).all()) or bool((lr < 0).any()):
+        raise ValueError("lr must be finite and >= 0 (inner learning rates)")
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+        raise TypeError("initial_state must be a tuple (W1, W2) of the inner MLP's weights")
+    W1, W2 = initial_state
+    check_tensor(W1, "initial_state[0]", ndim=4, floating=True)
+    check_shape(W1, "initial_state[0]", (B, H, D_k, None), names="B, H, D_k, D_h")
+    check_tensor(W2, "initial_state[1]", ndim=4, floating=True)
+    check_shape(W2, "initial_state[1]", (B, H, W1.shape[-1], D_v), names="B, H, D_h, D_v")
+    for name, w in (("initial_state[0]", W1), ("initial_state[1]", W2)):
+        if w.device != q.device:
+            raise ValueError(f"{name} must be on {q.device} like q, got {w.device}")
+
+    input_dtype, dtype = q.dtype, compute_dtype(q)
+    q, k, v, lr, W1, W2 = (x.to(dtype) for x in (q, k, v, lr, W1, W2))
+    run = _ttt_mlp_recurrent if form == "recurrent" else _ttt_mlp_minibatch
+    o, state = run(q, k, v, lr, W1, W2, mini_batch_size)
+    o = o.to(input_dtype)
+    return (o, state) if output_final_state else o
