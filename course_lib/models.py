@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import importlib
 import inspect
 import io
@@ -29,6 +30,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +46,8 @@ __all__ = [
     "register_attention",
     "TinyTransformer",
     "step_function",
+    "attention_inputs",
+    "forward_with_attention",
     "VOCAB",
     "encode",
     "decode",
@@ -51,6 +55,12 @@ __all__ = [
     "get_batch",
     "train",
     "evaluate_loss",
+    "corpus_split",
+    "eviction_model_config",
+    "EVICTION_TRAINING",
+    "EVICTION_MODEL_PATH",
+    "make_eviction_model",
+    "load_eviction_model",
 ]
 
 
@@ -117,20 +127,43 @@ class CachedGQA(GroupedQueryAttention):
             num_layers, batch_size, self.num_kv_heads, max_len, self.head_dim, dtype=dtype, device=device
         )
 
-    def forward(self, x: torch.Tensor, *, cache=None, layer_index: int = 0) -> torch.Tensor:
-        if not self.rope:
-            return super().forward(x, cache=cache, layer_index=layer_index)
-        B, T, _ = x.shape
-        start = 0 if cache is None else cache.length(layer_index)
-        positions = torch.arange(start, start + T, device=x.device)
+    def queries_keys_values(
+        self, x: torch.Tensor, *, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project ``x (B, T, d_model)`` to what attention sees: ``q (B, H, T, D)``, ``k, v (B, H_kv, T, D)``.
+
+        With RoPE, queries and keys are rotated at positions ``start .. start + T - 1``
+        (``start`` is the number of tokens already cached).
+        """
+        check_tensor(x, "x", ndim=3, floating=True)
+        B, T, width = x.shape
+        if width != self.d_model:
+            raise ValueError(f"x must have last dim d_model={self.d_model}, got shape {tuple(x.shape)}")
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, positions), apply_rope(k, positions)
+        if self.rope:
+            positions = torch.arange(start, start + T, device=x.device)
+            q, k = apply_rope(q, positions), apply_rope(k, positions)
+        return q, k, v
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head output ``(B, H, T, D)`` -> the layer output ``(B, T, d_model)``, through ``out_proj``."""
+        B, H, T, D = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+    # Set only inside forward_with_attention: replaces causal attention by attend(q, k, v).
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor, *, cache=None, layer_index: int = 0) -> torch.Tensor:
+        start = 0 if cache is None else cache.length(layer_index)
+        q, k, v = self.queries_keys_values(x, start=start)
         if cache is not None:
             k, v = cache.append(layer_index, k, v)
-        out = gqa_attention(q, k, v, causal=True)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.attend is not None:
+            return self.merge_heads(self.attend(q, k, v))
+        return self.merge_heads(gqa_attention(q, k, v, causal=True))
 
 
 class CachedMLA(MultiHeadLatentAttention):
@@ -293,6 +326,83 @@ def step_function(model: TinyTransformer, *, use_cache: bool = True, max_len: in
         return logits
 
     return step
+
+
+# --- looking inside the attention -------------------------------------------------------------------
+
+
+def _attention_layers(model: object, name: str = "model") -> list[CachedGQA]:
+    if not isinstance(model, TinyTransformer):
+        raise TypeError(f"{name} must be a TinyTransformer, got {type(model).__name__}")
+    layers = [block.attention for block in model.blocks]
+    if not all(isinstance(layer, CachedGQA) for layer in layers):
+        raise ValueError(
+            f"{name} must use softmax attention with a key/value cache ('mha', 'mqa' or 'gqa'), "
+            f"got attention={model.config.attention!r}"
+        )
+    return layers
+
+
+def forward_with_attention(
+    model: TinyTransformer,
+    tokens: torch.Tensor,
+    attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    cache: KVCache | None = None,
+) -> torch.Tensor:
+    """Logits ``(B, T, vocab_size)`` of ``tokens (B, T)`` with every layer's attention done by ``attend``.
+
+    ``attend(layer_index, q, k, v)`` gets the layer's ``q (B, H, T, D)`` and ``k, v (B, H_kv, S, D)``
+    (after RoPE when ``positions="rope"``) and returns the per-head output ``(B, H, T, D)``, which
+    goes through the layer's ``out_proj`` as usual. Without ``cache``, ``S = T``; with a
+    :class:`~course_lib.kv_cache.KVCache` that already holds ``P`` tokens, ``tokens`` continue it
+    and ``S = P + T`` (the cached entries first). With ``attend = lambda i, q, k, v:
+    gqa_attention(q, k, v, causal=True)`` this is ``model(tokens, cache=cache)``; other choices
+    change what the attention may see (e.g. an evicted KV cache). Only for "mha", "mqa" and "gqa".
+    """
+    layers = _attention_layers(model)
+    if not callable(attend):
+        raise TypeError(f"attend must be callable, got {type(attend).__name__}")
+
+    def checked(layer_index: int):
+        def attend_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = attend(layer_index, q, k, v)
+            if not isinstance(out, torch.Tensor) or out.shape != q.shape:
+                raise ValueError(
+                    f"attend must return a tensor shaped like q {tuple(q.shape)}, "
+                    f"got {getattr(out, 'shape', type(out).__name__)}"
+                )
+            return out
+
+        return attend_layer
+
+    for index, layer in enumerate(layers):
+        layer.attend = checked(index)
+    try:
+        return model(tokens, cache=cache)
+    finally:
+        for layer in layers:
+            layer.attend = None
+
+
+def attention_inputs(
+    model: TinyTransformer, tokens: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each layer's attention inputs on ``tokens (B, T)``, exactly as the layer's attention sees them.
+
+    Returns one ``(q, k, v)`` per layer: ``q (B, H, T, D)``, ``k, v (B, H_kv, T, D)`` (``H_kv = H``
+    for "mha", 1 for "mqa"), keys and queries rotated by RoPE when ``positions="rope"``.
+    ``gqa_attention(q, k, v, causal=True)`` followed by the layer's ``out_proj`` is the layer's
+    output. Only for "mha", "mqa" and "gqa" models.
+    """
+    captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def attend(layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        captured.append((q, k, v))
+        return gqa_attention(q, k, v, causal=True)
+
+    forward_with_attention(model, tokens, attend)
+    return captured
 
 
 # --- the corpus ----------------------------------------------------------------------------------
@@ -485,3 +595,102 @@ def evaluate_loss(
         inputs, targets = get_batch(data, batch_size, context, generator=generator)
         total += _loss(model, inputs, targets).item()
     return total / batches
+
+
+# --- a trained model for chapter 05's KV-cache eviction -----------------------------------------------
+
+EVICTION_MODEL_PATH = Path(__file__).resolve().parent / "data" / "eviction_model.pt"
+# How the shipped weights were trained: `python -m course_lib.models --make-eviction-model`.
+EVICTION_TRAINING = {"steps": 1000, "batch_size": 8, "context": 320, "lr": 3e-3, "seed": 0}
+HELD_OUT_FRACTION = 0.1
+
+
+def eviction_model_config() -> ModelConfig:
+    """The shape of chapter 05's model: 2 layers, 4 query heads sharing 2 key/value heads, RoPE."""
+    return ModelConfig(
+        vocab_size=len(VOCAB),
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        attention="gqa",
+        num_kv_heads=2,
+        positions="rope",
+        max_len=EVICTION_TRAINING["context"],
+    )
+
+
+def corpus_split(held_out_fraction: float = HELD_OUT_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole corpus encoded, cut into training tokens and the last ``held_out_fraction`` held out."""
+    held_out_fraction = check_float(
+        held_out_fraction, "held_out_fraction", min=0.0, max=1.0, min_open=True, max_open=True
+    )
+    data = encode(load_corpus(None))
+    split = int(len(data) * (1 - held_out_fraction))
+    return data[:split], data[split:]
+
+
+def make_eviction_model(
+    path: str | Path | None = EVICTION_MODEL_PATH, *, progress: bool = True
+) -> TinyTransformer:
+    """Train chapter 05's model with :data:`EVICTION_TRAINING` and save its weights to ``path``.
+
+    Deterministic for a given machine and PyTorch version (seeded batches and initialisation);
+    takes a few minutes on one CPU core. ``path=None`` trains without saving.
+    """
+    train_tokens, held_out = corpus_split()
+    model = TinyTransformer(eviction_model_config(), seed=EVICTION_TRAINING["seed"])
+    train(model, train_tokens, progress=progress, **EVICTION_TRAINING)
+    if path is not None:
+        context = EVICTION_TRAINING["context"]
+        held_out_loss = evaluate_loss(model, held_out, batches=4, batch_size=8, context=context)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "state_dict": model.state_dict(),
+                "training": dict(EVICTION_TRAINING),
+                "held_out_loss": held_out_loss,
+                "torch_version": str(torch.__version__),
+            },
+            path,
+        )
+    return model
+
+
+@functools.cache
+def _load_eviction_model(path: str) -> TinyTransformer:
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"no weights at {path}: run `python -m course_lib.models --make-eviction-model` to train them"
+        )
+    saved = torch.load(path, weights_only=True)
+    model = TinyTransformer(eviction_model_config())
+    model.load_state_dict(saved["state_dict"])
+    return model.eval().requires_grad_(False)
+
+
+def load_eviction_model(path: str | Path = EVICTION_MODEL_PATH) -> TinyTransformer:
+    """Chapter 05's trained model, loaded from the shipped weights once per process (in eval mode).
+
+    The model is shared by every caller: do not train or modify it (``copy.deepcopy`` it first).
+    """
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    return _load_eviction_model(str(Path(path).resolve()))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the weights shipped with course_lib.")
+    parser.add_argument("--make-eviction-model", action="store_true", help="train chapter 05's model")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch")
+    arguments = parser.parse_args()
+    if not arguments.make_eviction_model:
+        parser.error("nothing to do: pass --make-eviction-model")
+    torch.set_num_threads(arguments.threads)
+    # Use the package's own module (not this __main__ copy), so the saved model is the library's class.
+    from course_lib.models import EVICTION_MODEL_PATH as target
+    from course_lib.models import make_eviction_model as make
+
+    make(target)
+    print(f"saved {target} ({target.stat().st_size / 1024:.0f} KiB)")

@@ -1,11 +1,14 @@
 """Chapter 05's notebook layer: widgets driven headlessly, exercise checkers, figure, bench suite."""
 
+import itertools
 import math
 
 import ipywidgets
 import pytest
 import torch
+import torch.nn.functional as F
 
+from course_lib import models
 from course_lib.bench import suites
 from course_lib.benchmarks.ch05 import sparse_suite
 from course_lib.exercises import ExerciseFailed
@@ -16,6 +19,7 @@ from course_lib.exercises.ch05 import (
     check_window_layers,
 )
 from course_lib.figures import FIGURES
+from course_lib.models import corpus_split, decode
 from course_lib.standard import attention
 from course_lib.widgets import ch05
 
@@ -156,11 +160,11 @@ def test_mask_explorer_reacts_to_every_control():
 def test_synthetic_decoder_has_sinks_heavy_hitters_and_recency():
     data = ch05.synthetic_decoding_attention(cache_len=256, new_tokens=16, seed=1)
     assert data.q.shape == (1, 4, 272, 64) and data.cache_len == 256
-    _, weights = attention(*data.decode, return_weights=True)
-    per_key = weights.mean(dim=(0, 1, 2))
-    uniform = 1 / 256
-    assert per_key[data.sinks].min() > 5 * uniform
-    assert per_key[data.heavy].mean() > 5 * uniform and per_key[data.heavy].min() > uniform
+    per_key = data.received
+    assert per_key.shape == (256,)
+    typical = per_key.mean()  # the new tokens take part of the attention, so compare within the cache
+    assert per_key[data.sinks].min() > 5 * typical
+    assert per_key[data.heavy].mean() > 5 * typical and per_key[data.heavy].min() > typical
     assert per_key[-8:].mean() > per_key[64:128].mean()  # recency
     again = ch05.synthetic_decoding_attention(cache_len=256, new_tokens=16, seed=1)
     assert torch.equal(data.q, again.q) and torch.equal(data.heavy, again.heavy)
@@ -180,22 +184,117 @@ def test_eviction_policies_keep_the_budget_and_structure_helps():
     assert curves["h2o"][0] < curves["recent"][0]
 
 
+@pytest.fixture(scope="module")
+def small_decoding():
+    return ch05.trained_decoding(cache_len=20, new_tokens=6, batch_size=2, seed=3)
+
+
+def test_trained_decoding_holds_the_models_real_attention(small_decoding):
+    d = small_decoding
+    assert d.tokens.shape == (2, 27) and len(d.layers) == 2
+    for layer in d.layers:
+        assert layer.q.shape == (2, 4, 26, 16) and layer.k.shape == layer.v.shape == (2, 2, 26, 16)
+        assert layer.group_size == 2
+    # The windows are held-out text: each row is a contiguous piece of the corpus's last 10%.
+    _, held_out = corpus_split()
+    text = decode(held_out)
+    assert all(decode(row) in text for row in d.tokens)
+    # With the whole cache the loss is the model's own cross-entropy on the new tokens.
+    logits = d.model(d.inputs)
+    expected = F.cross_entropy(logits[0, 20:], d.tokens[0, 21:]) + F.cross_entropy(
+        logits[1, 20:], d.tokens[1, 21:]
+    )
+    full = [torch.arange(20)] * 2
+    assert ch05.evicted_loss(d, full) == pytest.approx(float(expected) / 2, rel=1e-5)
+
+
+def test_h2o_keeps_per_key_value_head_by_the_summed_attention_of_its_query_heads(small_decoding):
+    layer = small_decoding.layers[0]
+    keep = ch05.policy_keep("h2o", layer, 8)
+    assert keep.shape == (2, 2, 8)
+    for b in range(2):
+        for kv_head in range(2):
+            scores = torch.zeros(20)
+            for head in (2 * kv_head, 2 * kv_head + 1):  # the query heads that read this key/value head
+                q = layer.q[b, head, :20]
+                k = layer.k[b, kv_head, :20]
+                logits = (q @ k.T / 4.0).masked_fill(torch.ones(20, 20, dtype=torch.bool).triu(1), -math.inf)
+                scores += logits.softmax(-1).sum(0)
+            heavy = scores[:16].topk(4).indices.sort().values.tolist()
+            assert keep[b, kv_head].tolist() == heavy + [16, 17, 18, 19]
+
+
+def test_evicted_loss_matches_attention_with_an_explicit_mask(small_decoding):
+    d = small_decoding
+    keeps = [ch05.policy_keep("h2o", layer, 5) for layer in d.layers]
+    # Reference: which key each (window, query head, query, key) may see, spelled out pair by pair.
+    masks = []
+    for keep in keeps:
+        mask = torch.zeros(2, 4, 26, 26, dtype=torch.bool)
+        for b, h, i, j in itertools.product(range(2), range(4), range(26), range(26)):
+            kept = j >= 20 or i < 20 or j in keep[b, h // 2].tolist()
+            mask[b, h, i, j] = j <= i and kept
+        masks.append(mask)
+
+    def attend(index, q, k, v):
+        return attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), masks[index])
+
+    logits = models.forward_with_attention(d.model, d.inputs, attend)
+    expected = F.cross_entropy(logits[:, 20:].flatten(0, 1), d.tokens[:, 21:].flatten())
+    assert ch05.evicted_loss(d, keeps) == pytest.approx(float(expected), rel=1e-5)
+    assert ch05.evicted_loss(d, keeps) != pytest.approx(ch05.evicted_loss(d, [torch.arange(20)] * 2))
+
+
+def test_trained_study_keeps_budgets_and_the_whole_cache_changes_nothing(small_decoding):
+    d = small_decoding
+    for layer in d.layers:
+        for policy in ch05.POLICIES:
+            for budget in (1, 4, 19):
+                keep = ch05.policy_keep(policy, layer, budget, num_sinks=min(4, budget))
+                assert keep.shape[-1] == budget and (keep.diff(dim=-1) > 0).all()
+                if policy == "streaming":
+                    assert keep[: min(4, budget)].tolist() == list(range(min(4, budget)))
+            keep = ch05.policy_keep(policy, layer, 20)
+            assert layer.error(keep) == pytest.approx(0.0, abs=1e-6)
+    study = ch05.eviction_study(d, [2, 20, 30])
+    for policy in ch05.POLICIES:
+        for layer_errors in study.errors[policy]:
+            assert layer_errors[1] == pytest.approx(0.0, abs=1e-6) and layer_errors[2] == pytest.approx(
+                0.0, abs=1e-6
+            )
+            assert layer_errors[0] > 0.0
+        assert study.losses[policy][1] == pytest.approx(study.full_loss, abs=1e-6)
+        assert study.losses[policy][2] == pytest.approx(study.full_loss, abs=1e-6)
+    assert "streaming" in study.table() and f"{study.full_loss:.3f}" in study.table()
+
+
 def test_eviction_explorer_reacts_to_every_control():
     w = ch05.eviction_explorer()
     c = controls(w)
-    assert set(c) >= {"policy", "budget", "sinks"}
-    for policy in c["policy"].options:
-        c["policy"].value = policy
-        assert (w.result["kept"].sum(-1) == c["budget"].value).all()
-        assert math.isfinite(w.result["error"])
+    assert set(c) >= {"policy", "budget", "sinks", "attention"}
+    assert c["attention"].value.startswith("trained")  # the trained model by default
+    for source in c["attention"].options:
+        c["attention"].value = source
+        trained = source != "synthetic"
+        H_kv = 2 if trained else 4
+        for policy in c["policy"].options:
+            c["policy"].value = policy
+            assert w.result["kept"].shape[0] == H_kv
+            assert (w.result["kept"].sum(-1) == c["budget"].value).all()
+            assert math.isfinite(w.result["error"])
+            assert (w.result["loss"] is not None) == trained
+        assert w.result["curves"].keys() == set(ch05.POLICIES)
+    c["attention"].value = ch05.SOURCES[1]
     c["policy"].value = "h2o"
-    for budget in c["budget"].options:
+    for budget in (c["budget"].options[0], 256):  # each trained-model step runs the model: two suffice
         c["budget"].value = budget
         assert (w.result["kept"].sum(-1) == budget).all()
-        assert math.isfinite(w.result["error"])
-    c["budget"].value = 512
-    assert w.result["error"] < 1e-5  # the whole cache kept
+        assert math.isfinite(w.result["error"]) and math.isfinite(w.result["loss"])
+    assert c["budget"].value == 256  # the whole cache kept: nothing changes
+    assert w.result["error"] < 1e-5 and w.result["loss"] == pytest.approx(w.result["full_loss"], abs=1e-6)
+    assert w.result["losses"] == ch05.trained_eviction_study(4).losses
     c["policy"].value, c["budget"].value = "streaming", 32
+    c["attention"].value = "synthetic"  # cheap: every sink count
     for sinks in range(c["sinks"].min, c["sinks"].max + 1):
         c["sinks"].value = sinks
         assert w.result["keep"][:sinks].tolist() == list(range(sinks))
@@ -328,6 +427,16 @@ def test_gallery_figure_is_registered():
         ),
         (lambda: ch05.eviction_explorer_view(budget=0, draw=False), ValueError, "budget"),
         (lambda: ch05.synthetic_decoding_attention(cache_len=1), ValueError, "cache_len"),
+        (lambda: ch05.eviction_explorer_view(budget=257, draw=False), ValueError, "budget"),
+        (lambda: ch05.eviction_explorer_view(source="gpt", draw=False), ValueError, "source"),
+        (lambda: ch05.trained_decoding(cache_len=10**6), ValueError, "cache_len"),
+        (lambda: ch05.trained_decoding(model=torch.nn.Linear(2, 2)), TypeError, "model"),
+        (
+            lambda: ch05.evicted_loss(ch05.trained_decoding(8, 2, batch_size=1), [torch.arange(8)]),
+            ValueError,
+            "keeps",
+        ),
+        (lambda: ch05.eviction_study("data", [8]), TypeError, "decoding"),
         (lambda: ch05.sparse_timing_view(100, draw=False), ValueError, "max_T"),
         (lambda: ch05.sparse_timing_view(512, methods=("nope",), draw=False), ValueError, "methods"),
     ],

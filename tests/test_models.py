@@ -8,6 +8,8 @@ from torch import nn
 
 from course_lib import decoding
 from course_lib import models as m
+from course_lib.kv_cache import gqa_attention
+from course_lib.standard import apply_rope, attention
 
 VARIANTS = [
     dict(attention="mha"),
@@ -154,8 +156,104 @@ def test_register_attention_adds_a_mixer():
         (lambda: m.register_attention("x", 3), TypeError, "constructor"),
         (lambda: m.step_function(nn.Linear(2, 2)), TypeError, "model"),
         (lambda: m.load_corpus(0), ValueError, "max_chars"),
+        (lambda: m.attention_inputs(nn.Linear(2, 2), random_tokens(1, 4)), TypeError, "model"),
+        (lambda: m.attention_inputs(tiny(attention="mla"), random_tokens(1, 4)), ValueError, "model"),
+        (lambda: m.forward_with_attention(tiny(), random_tokens(1, 4), None), TypeError, "attend"),
+        (
+            lambda: m.forward_with_attention(tiny(), random_tokens(1, 4), lambda i, q, k, v: q[..., :1, :]),
+            ValueError,
+            "attend",
+        ),
+        (lambda: m.corpus_split(1.0), ValueError, "held_out_fraction"),
+        (lambda: m.load_eviction_model(3), TypeError, "path"),
+        (lambda: m.load_eviction_model("/nonexistent/weights.pt"), FileNotFoundError, "make-eviction-model"),
     ],
 )
 def test_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+# --- the attention inside the model, and chapter 05's trained model ----------------------------------
+
+INSPECTED = [
+    dict(attention="mha"),
+    dict(attention="gqa", num_kv_heads=2),
+    dict(attention="mha", positions="rope"),
+    dict(attention="gqa", num_kv_heads=2, positions="rope"),
+]
+
+
+@pytest.mark.parametrize("variant", INSPECTED, ids=lambda v: "-".join(map(str, v.values())))
+def test_attention_inputs_reproduce_each_layers_output(variant):
+    model = tiny(**variant)
+    tokens = random_tokens(2, 13)
+    seen = []  # (input, output) of every layer's attention, recorded by hooks on the real forward
+    hooks = [
+        block.attention.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+        for block in model.blocks
+    ]
+    with torch.no_grad():
+        inputs = m.attention_inputs(model, tokens)
+        for hook in hooks:
+            hook.remove()
+        # attention_inputs runs one forward, during which the hooks recorded each layer's true output.
+        assert len(seen) == len(inputs) == 2
+        H, H_kv, D = 4, variant.get("num_kv_heads", 4), 8
+        for block, (q, k, v), (x, layer_out) in zip(model.blocks, inputs, seen):
+            assert q.shape == (2, H, 13, D) and k.shape == v.shape == (2, H_kv, 13, D)
+            # Plain multi-head attention over k, v repeated per query head (not gqa_attention's grouping).
+            group = H // H_kv
+            out = attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), causal=True)
+            merged = out.transpose(1, 2).reshape(2, 13, H * D) @ block.attention.out_proj.weight.T
+            assert block.attention.out_proj.bias is None  # the layer is bias-free
+            torch.testing.assert_close(merged, layer_out, atol=1e-6, rtol=1e-5)
+            keys = block.attention.k_proj(x).view(2, 13, H_kv, D).transpose(1, 2)
+            expected = apply_rope(keys) if variant.get("positions") == "rope" else keys
+            torch.testing.assert_close(k, expected)
+
+
+def test_forward_with_attention_swaps_the_attention():
+    model = tiny(attention="gqa", num_kv_heads=2, positions="rope")
+    tokens = random_tokens(2, 9)
+    with torch.no_grad():
+        full = model(tokens)
+        same = m.forward_with_attention(model, tokens, lambda i, q, k, v: gqa_attention(q, k, v, causal=True))
+        torch.testing.assert_close(same, full)
+        # Each query sees only itself: the output changes, and the next forward is the model again.
+        alone = m.forward_with_attention(model, tokens, lambda i, q, k, v: v.repeat_interleave(2, 1))
+        assert not torch.allclose(alone, full, atol=1e-4)
+        torch.testing.assert_close(alone[:, 0], full[:, 0])  # the first token sees only itself anyway
+        torch.testing.assert_close(model(tokens), full)
+
+
+def test_eviction_model_is_trained():
+    model = m.load_eviction_model()
+    assert model is m.load_eviction_model()  # loaded once per process
+    assert model.config == m.eviction_model_config() and not model.training
+    assert m.EVICTION_MODEL_PATH.stat().st_size < 1_000_000
+    _, held_out = m.corpus_split()
+    context = m.EVICTION_TRAINING["context"]
+    trained = m.evaluate_loss(model, held_out, batches=2, batch_size=4, context=context)
+    untrained = m.evaluate_loss(
+        m.TinyTransformer(m.eviction_model_config()), held_out, batches=2, batch_size=4, context=context
+    )
+    uniform = math.log(len(m.VOCAB))
+    assert trained < 0.6 * uniform and trained < untrained - 1.0
+
+
+def test_corpus_split_holds_out_the_end():
+    train_tokens, held_out = m.corpus_split(0.25)
+    whole = m.encode(m.load_corpus(None))
+    assert torch.equal(torch.cat([train_tokens, held_out]), whole)
+    assert len(held_out) == len(whole) - int(len(whole) * 0.75)
+
+
+def test_make_eviction_model_saves_what_load_reads(monkeypatch, tmp_path):
+    monkeypatch.setitem(m.EVICTION_TRAINING, "steps", 2)
+    path = tmp_path / "weights.pt"
+    made = m.make_eviction_model(path, progress=False)
+    loaded = m.load_eviction_model(path)
+    tokens = random_tokens(1, 20, V=len(m.VOCAB))
+    torch.testing.assert_close(loaded(tokens), made(tokens))
+    assert torch.load(path, weights_only=True)["training"]["steps"] == 2

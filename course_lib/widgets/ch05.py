@@ -2,32 +2,44 @@
 
 - (a) :func:`mask_explorer`: a pattern and its knobs -> the mask, its density, how many layers
   connect every pair, and the estimated cost of a kernel that skips the masked pairs at a chosen T.
-- (b) :func:`eviction_explorer`: a policy and a budget -> the kept cache entries and the output
-  error, on attention with real structure (:func:`synthetic_decoding_attention`).
+- (b) :func:`eviction_explorer`: a policy and a budget -> the kept cache entries, the output
+  error and the next-token loss, on the attention of chapter 05's trained model over held-out
+  text (:func:`trained_decoding`), or on a synthetic stand-in with planted sinks and heavy hitters
+  (:func:`synthetic_decoding_attention`).
 - (c) :func:`sparse_timing`: a button that measures dense-masked attention, the banded kernel and
   SDPA with the mask as T grows (a small sweep through :mod:`course_lib.bench`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 
 from ..bench import Measurement, format_bytes, format_table, sweep
 from ..checks import check_bool, check_choice, check_float, check_int, check_tensor
+from ..kv_cache import KVCache
+from ..models import (
+    TinyTransformer,
+    attention_inputs,
+    corpus_split,
+    forward_with_attention,
+    load_eviction_model,
+)
 from ..sparse import (
     bigbird_layout,
     bigbird_mask,
     block_sparse_mask,
     dilated_mask,
-    eviction_error,
     global_local_mask,
     h2o_keep,
+    keep_mask,
     mask_stats,
     reachability,
     sliding_window_mask,
@@ -47,9 +59,17 @@ __all__ = [
     "mask_explorer",
     "DecodingAttention",
     "synthetic_decoding_attention",
+    "TrainedDecoding",
+    "trained_decoding",
     "POLICIES",
     "policy_keep",
     "eviction_curves",
+    "evicted_loss",
+    "EvictionStudy",
+    "eviction_study",
+    "trained_eviction_study",
+    "EVICTION_BUDGETS",
+    "SOURCES",
     "eviction_explorer_view",
     "eviction_explorer",
     "TIMING_LENGTHS",
@@ -261,37 +281,102 @@ def mask_explorer() -> widgets.Widget:
 # --- (b) eviction explorer --------------------------------------------------------------------
 
 
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA in float32 with a bool mask (True = may attend); every row here sees at least itself."""
+    q, k, v = (x.float() for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 @dataclass(frozen=True)
 class DecodingAttention:
-    """Queries, keys and values ``(1, H, cache_len + new_tokens, D)`` of a synthetic decoder.
+    """One layer's queries ``(B, H, T, D)`` and keys and values ``(B, H_kv, T, D)`` while decoding.
 
-    The first ``cache_len`` positions are the prompt (the KV cache to evict from), the last
-    ``new_tokens`` are the decoding steps whose outputs the eviction error is measured on.
+    ``T = cache_len + new_tokens``. The first ``cache_len`` positions are the prompt, whose keys
+    and values form the KV cache to evict from; the last ``new_tokens`` positions are decoding
+    steps. Each new token attends causally to the kept cache entries, the earlier new tokens and
+    itself (new entries are appended to the cache and never evicted here), and the eviction error
+    is measured on the new tokens' outputs. Query head ``h`` reads key/value head ``h // (H / H_kv)``
+    (grouped-query attention), so an eviction choice is made per key/value head.
+    ``sinks`` and ``heavy`` are the positions a synthetic process built as sinks and heavy hitters
+    (empty for a trained model).
     """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     cache_len: int
-    sinks: torch.Tensor
-    heavy: torch.Tensor
+    sinks: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    heavy: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.q.shape[1] // self.k.shape[1]
+
+    def _per_query_head(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(self.group_size, dim=1)
 
     @property
     def prefill(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The prompt's queries, keys and values."""
+        """The prompt's queries, keys and values, keys and values repeated to the ``H`` query heads."""
         c = self.cache_len
-        return self.q[:, :, :c], self.k[:, :, :c], self.v[:, :, :c]
+        return (
+            self.q[:, :, :c],
+            self._per_query_head(self.k[:, :, :c]),
+            self._per_query_head(self.v[:, :, :c]),
+        )
 
     @cached_property
     def prefill_weights(self) -> torch.Tensor:
-        """``(1, H, cache_len, cache_len)`` causal attention weights of the prompt (H2O's scores)."""
+        """``(B, H, cache_len, cache_len)`` causal attention weights of the prompt (H2O's scores)."""
         return attention(*self.prefill, causal=True, return_weights=True)[1]
 
     @property
     def decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The new tokens' queries against the cached keys and values."""
+        """The new tokens' queries ``(B, H, new_tokens, D)`` and all ``T`` keys and values, per query head.
+
+        Use with ``causal=True`` (aligned to the end): new token ``i`` sees keys up to ``cache_len + i``.
+        """
         c = self.cache_len
-        return self.q[:, :, c:], self.k[:, :, :c], self.v[:, :, :c]
+        return self.q[:, :, c:], self._per_query_head(self.k), self._per_query_head(self.v)
+
+    def decode_keep(self, keep: torch.Tensor) -> torch.Tensor:
+        """Kept cache indices ``(n,)`` or ``(B, H_kv, n)`` -> kept key indices ``(B, H, n + new_tokens)``.
+
+        Adds the new tokens' own positions (never evicted) and repeats each key/value head's choice
+        for the query heads that read it.
+        """
+        B, H, T, _ = self.q.shape
+        keep = keep.expand(B, self.k.shape[1], keep.shape[-1])
+        new = torch.arange(self.cache_len, T).expand(B, H, T - self.cache_len)
+        return torch.cat((self._per_query_head(keep), new), dim=-1)
+
+    @cached_property
+    def _decode_visible(self) -> torch.Tensor:
+        """``(new_tokens, T)``: new token ``i`` sees positions up to ``cache_len + i``."""
+        T = self.q.shape[2]
+        return torch.arange(T)[None, :] <= self.cache_len + torch.arange(T - self.cache_len)[:, None]
+
+    @cached_property
+    def _full_output(self) -> torch.Tensor:
+        return _masked_sdpa(*self.decode, self._decode_visible)
+
+    def error(self, keep: torch.Tensor) -> float:
+        """Relative error ``||o_kept - o_full|| / ||o_full||`` of the new tokens' attention outputs.
+
+        The same number as :func:`course_lib.sparse.eviction_error` (the tests check it), through
+        SDPA with a mask and with the full output computed once: the study calls this 48 times.
+        """
+        kept = keep_mask(self.decode_keep(keep), self.q.shape[2])  # (B, H, T)
+        output = _masked_sdpa(*self.decode, self._decode_visible & kept[:, :, None, :])
+        full = self._full_output
+        return float(torch.linalg.vector_norm(output - full) / torch.linalg.vector_norm(full))
+
+    @cached_property
+    def received(self) -> torch.Tensor:
+        """``(cache_len,)`` mean weight each cache entry gets from the new tokens (over batch and heads)."""
+        _, weights = attention(*self.decode, causal=True, return_weights=True)
+        return weights[..., : self.cache_len].mean(dim=(0, 1, 2))
 
 
 def synthetic_decoding_attention(
@@ -310,7 +395,8 @@ def synthetic_decoding_attention(
 ) -> DecodingAttention:
     """Attention with the structure eviction relies on, from a documented random process.
 
-    Not a trained model: a stand-in with the three features seen in trained decoders.
+    Not a trained model (:func:`trained_decoding` is): a stand-in with the three features
+    reported for large trained decoders, built in on purpose.
     Half of each head's dimensions carry position: random Fourier features with Cauchy frequencies
     (scale ``1 / decay``), so ``p_i . p_j`` approximates ``exp(-|i - j| / decay)``; queries carry
     them times ``recency``, which gives a **recency bias**. The other half is Gaussian content
@@ -350,10 +436,67 @@ def synthetic_decoding_attention(
     return DecodingAttention(q, k, v, cache_len, torch.arange(num_sinks), heavy)
 
 
-@cache
-def _default_decoder() -> DecodingAttention:
-    """The explorer's decoder, built once (its tensors are never modified)."""
-    return synthetic_decoding_attention()
+@dataclass(frozen=True)
+class TrainedDecoding:
+    """Held-out text run through chapter 05's trained model, seen as a prompt plus decoding steps.
+
+    ``tokens (B, cache_len + new_tokens + 1)``: each row is a window of held-out text; the first
+    ``cache_len`` tokens are the prompt (the cache), the next ``new_tokens`` are fed one by one
+    (teacher forcing) and each predicts the token after it. ``layers`` holds each layer's
+    :class:`DecodingAttention`, from the real queries, keys and values of the full forward pass.
+    """
+
+    model: TinyTransformer
+    tokens: torch.Tensor
+    cache_len: int
+    layers: tuple[DecodingAttention, ...]
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.tokens[:, :-1]
+
+    @cached_property
+    def prompt_cache(self) -> KVCache:
+        """The KV cache after the prompt (full attention), computed once; copy it before appending."""
+        cache = self.model.make_cache(self.tokens.shape[0], max_len=self.inputs.shape[1])
+        with torch.no_grad():
+            self.model(self.inputs[:, : self.cache_len], cache=cache)
+        return cache
+
+
+@torch.no_grad()
+def trained_decoding(
+    cache_len: int = 256,
+    new_tokens: int = 64,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    model: TinyTransformer | None = None,
+) -> TrainedDecoding:
+    """Queries, keys and values of a trained model on ``batch_size`` seeded windows of held-out text.
+
+    ``model`` defaults to :func:`course_lib.models.load_eviction_model` (trained on the first 90%
+    of the corpus; the windows come from the last 10%). Keys and values keep their ``H_kv`` heads.
+    """
+    model = load_eviction_model() if model is None else model
+    if not isinstance(model, TinyTransformer):
+        raise TypeError(f"model must be a TinyTransformer, got {type(model).__name__}")
+    cache_len = check_int(cache_len, "cache_len", min=1)
+    new_tokens = check_int(new_tokens, "new_tokens", min=1)
+    batch_size = check_int(batch_size, "batch_size", min=1)
+    _, held_out = corpus_split()
+    length = cache_len + new_tokens + 1
+    if length > len(held_out):
+        raise ValueError(
+            f"cache_len + new_tokens = {length - 1} must be below the held-out text's {len(held_out)}"
+        )
+    generator = torch.Generator().manual_seed(check_int(seed, "seed", min=0))
+    starts = torch.randint(0, len(held_out) - length + 1, (batch_size,), generator=generator)
+    tokens = held_out[starts[:, None] + torch.arange(length)]
+    layers = attention_inputs(model, tokens[:, :-1])
+    return TrainedDecoding(
+        model, tokens, cache_len, tuple(DecodingAttention(q, k, v, cache_len) for q, k, v in layers)
+    )
 
 
 POLICIES = ("streaming", "h2o", "recent", "random")
@@ -362,12 +505,13 @@ POLICIES = ("streaming", "h2o", "recent", "random")
 def policy_keep(
     policy: str, data: DecodingAttention, budget: int, *, num_sinks: int = 4, seed: int = 0
 ) -> torch.Tensor:
-    """Indices of the cache entries ``policy`` keeps within ``budget``.
+    """Indices of the cache entries ``policy`` keeps within ``budget`` (at most ``cache_len``).
 
     ``streaming``: StreamingLLM, ``num_sinks`` first tokens plus the most recent ones.
-    ``h2o``: heavy hitters by the attention the prompt's queries gave each key (per head), plus
-    the recent half of the budget. ``recent``: the newest ``budget`` tokens only (no sinks).
-    ``random``: a seeded uniform choice, the baseline that ignores structure.
+    ``h2o``: heavy hitters by the attention the prompt's queries gave each key, plus the recent
+    half of the budget; one choice per key/value head (its query heads' attention summed), shape
+    ``(B, H_kv, n)``. ``recent``: the newest ``budget`` tokens only (no sinks).
+    ``random``: a seeded uniform choice, the baseline that ignores structure. The others are ``(n,)``.
     """
     check_choice(policy, "policy", POLICIES)
     budget = check_int(budget, "budget", min=1)
@@ -379,7 +523,10 @@ def policy_keep(
     if policy == "random":
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(S, generator=generator)[: min(budget, S)].sort().values
-    return h2o_keep(data.prefill_weights, budget)
+    B, H_kv = data.k.shape[:2]
+    # A key/value head's score sums the weights from every query of every query head that reads it.
+    grouped = data.prefill_weights.reshape(B, H_kv, data.group_size * S, S)
+    return h2o_keep(grouped, budget)
 
 
 def eviction_curves(
@@ -387,82 +534,218 @@ def eviction_curves(
 ) -> dict[str, list[float]]:
     """Relative output error of every policy at every budget on the decoding queries of ``data``."""
     return {
-        policy: [
-            eviction_error(*data.decode, policy_keep(policy, data, b, num_sinks=num_sinks)) for b in budgets
-        ]
+        policy: [data.error(policy_keep(policy, data, b, num_sinks=num_sinks)) for b in budgets]
         for policy in POLICIES
     }
 
 
+@torch.no_grad()
+def evicted_loss(decoding: TrainedDecoding, keeps: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> float:
+    """Next-token loss (nats) on the new tokens when layer ``i`` keeps only ``keeps[i]`` of its cache.
+
+    The prompt is processed with its full attention (the cache is evicted after the prefill);
+    each new token then attends to the kept cache entries of every layer, the earlier new tokens
+    and itself, with the positions it had in the full sequence. ``keeps[i]`` is ``(n,)`` or
+    ``(B, H_kv, n)`` cache indices, as from :func:`policy_keep`.
+    """
+    if len(keeps) != len(decoding.layers):
+        raise ValueError(
+            f"keeps must hold one index set per layer ({len(decoding.layers)}), got {len(keeps)}"
+        )
+    c = decoding.cache_len
+    new_inputs = decoding.inputs[:, c:]
+    B, N = new_inputs.shape
+    masks = []
+    for layer, keep in zip(decoding.layers, keeps):
+        H_kv = layer.k.shape[1]
+        kept = keep_mask(keep.expand(B, H_kv, keep.shape[-1]), c)  # (B, H_kv, c)
+        among_new = torch.ones(N, N, dtype=torch.bool).tril().expand(B, H_kv, N, N)
+        visible = torch.cat([kept[:, :, None, :].expand(B, H_kv, N, c), among_new], dim=-1)
+        masks.append(visible.repeat_interleave(layer.group_size, dim=1))
+
+    def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        group = q.shape[1] // k.shape[1]  # SDPA is ~5x faster here than the course's masked softmax
+        return _masked_sdpa(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), masks[index])
+
+    # The prompt's cache is the same for every policy: only the new tokens run, on a copy of it.
+    cache = copy.deepcopy(decoding.prompt_cache)
+    logits = forward_with_attention(decoding.model, new_inputs, attend, cache=cache)
+    return float(F.cross_entropy(logits.flatten(0, 1), decoding.tokens[:, c + 1 :].flatten()))
+
+
+@dataclass(frozen=True)
+class EvictionStudy:
+    """Every policy at every budget: per-layer output error and end-to-end loss on the new tokens.
+
+    ``errors[policy][layer][i]`` is the relative error at ``budgets[i]``; ``losses[policy][i]`` the
+    loss with every layer evicted at that budget; ``full_loss`` the loss with the whole cache.
+    """
+
+    budgets: tuple[int, ...]
+    errors: dict[str, list[list[float]]]
+    losses: dict[str, list[float]]
+    full_loss: float
+
+    def table(self) -> str:
+        """Rows ``policy``, columns budgets: ``error of layer 0 / layer 1 ... | loss increase``."""
+        lines = [f"loss with the full cache: {self.full_loss:.3f} nats per character"]
+        lines.append(f"{'budget':<10}" + "".join(f"{b:>20}" for b in self.budgets))
+        for policy in self.errors:
+            cells = []
+            for i in range(len(self.budgets)):
+                errors = "/".join(f"{layer[i]:.2f}" for layer in self.errors[policy])
+                cells.append(f"{errors} {self.losses[policy][i] - self.full_loss:+.3f}")
+            lines.append(f"{policy:<10}" + "".join(f"{cell:>20}" for cell in cells))
+        return "\n".join(lines)
+
+
+def eviction_study(decoding: TrainedDecoding, budgets: list[int], *, num_sinks: int = 4) -> EvictionStudy:
+    """Every policy of :data:`POLICIES` at every budget on ``decoding`` (see :class:`EvictionStudy`)."""
+    if not isinstance(decoding, TrainedDecoding):
+        raise TypeError(f"decoding must be a TrainedDecoding, got {type(decoding).__name__}")
+    budgets = [check_int(b, "budgets", min=1) for b in budgets]
+    errors: dict[str, list[list[float]]] = {}
+    losses: dict[str, list[float]] = {}
+    for policy in POLICIES:
+        keeps = [
+            [policy_keep(policy, layer, b, num_sinks=num_sinks) for b in budgets] for layer in decoding.layers
+        ]
+        errors[policy] = [
+            [layer.error(keep) for keep in per_budget] for layer, per_budget in zip(decoding.layers, keeps)
+        ]
+        losses[policy] = [
+            evicted_loss(decoding, [per_budget[i] for per_budget in keeps]) for i in range(len(budgets))
+        ]
+    full = [torch.arange(decoding.cache_len)] * len(decoding.layers)
+    return EvictionStudy(tuple(budgets), errors, losses, evicted_loss(decoding, full))
+
+
 EVICTION_BUDGETS = [8, 16, 32, 64, 128, 256]
+SOURCES = ("trained, layer 0", "trained, layer 1", "synthetic")
 
 
 @cache
-def _default_curves(num_sinks: int) -> dict[str, tuple[float, ...]]:
-    """The explorer's error curves (they depend only on the number of sinks), computed once each."""
-    curves = eviction_curves(_default_decoder(), EVICTION_BUDGETS, num_sinks=num_sinks)
+def _trained() -> TrainedDecoding:
+    """The explorer's held-out windows through the trained model, built once (never modified)."""
+    return trained_decoding()
+
+
+@cache
+def _source(source: str) -> DecodingAttention:
+    """The explorer's decoder for ``source``, built once (its tensors are never modified)."""
+    if source == "synthetic":
+        return synthetic_decoding_attention()
+    return _trained().layers[int(source.rsplit(" ", 1)[1])]
+
+
+@cache
+def _default_curves(source: str, num_sinks: int) -> dict[str, tuple[float, ...]]:
+    """The explorer's error curves (they depend only on the source and the sinks), computed once each."""
+    curves = eviction_curves(_source(source), EVICTION_BUDGETS, num_sinks=num_sinks)
     return {policy: tuple(errors) for policy, errors in curves.items()}
 
 
-def eviction_explorer_view(
-    policy: str = "streaming", budget: int = 32, num_sinks: int = 4, *, draw: bool = True
-) -> dict:
-    """Kept cache entries and output error of ``policy`` at ``budget`` on the synthetic decoder.
+def trained_eviction_study(num_sinks: int = 4) -> EvictionStudy:
+    """:func:`eviction_study` at :data:`EVICTION_BUDGETS` on the default :func:`trained_decoding`.
 
-    Returns ``keep`` (indices, per head for H2O), ``kept`` (a ``(heads, cache_len)`` bool map),
-    ``error`` (relative error of the new tokens' outputs vs the full cache), ``curves`` (every
-    policy at the budgets :data:`EVICTION_BUDGETS`) and ``attention`` (the weight each cache entry
-    receives from the new tokens, averaged over heads and tokens).
+    Computed once per process and ``num_sinks`` (the explorer and the notebook share it).
     """
-    data = _default_decoder()
+    return _trained_study(check_int(num_sinks, "num_sinks", min=0))
+
+
+@cache
+def _trained_study(num_sinks: int) -> EvictionStudy:
+    return eviction_study(_trained(), EVICTION_BUDGETS, num_sinks=num_sinks)
+
+
+def eviction_explorer_view(
+    policy: str = "streaming",
+    budget: int = 32,
+    num_sinks: int = 4,
+    source: str = SOURCES[0],
+    *,
+    draw: bool = True,
+) -> dict:
+    """Kept cache entries, output error and (for the trained model) loss of ``policy`` at ``budget``.
+
+    ``source``: a layer of the trained model on held-out text (:func:`trained_decoding`, cache of
+    256, 64 new tokens, 16 windows) or the synthetic stand-in (:func:`synthetic_decoding_attention`).
+    Returns ``keep`` (indices; per key/value head for H2O), ``kept`` (a ``(H_kv, cache_len)`` bool
+    map, first window), ``error`` (relative error of the new tokens' outputs vs the full cache),
+    ``curves`` (every policy at the budgets :data:`EVICTION_BUDGETS`), ``attention`` (the weight each
+    cache entry receives from the new tokens, averaged) and, for the trained model, ``loss`` (next-
+    token loss with every layer evicted by ``policy`` at ``budget``), ``full_loss`` and ``losses``
+    (every policy at :data:`EVICTION_BUDGETS`); these three are None for the synthetic source.
+    """
+    check_choice(source, "source", SOURCES)
+    data = _source(source)
     check_choice(policy, "policy", POLICIES)
     budget = check_int(budget, "budget", min=1, max=data.cache_len)
     num_sinks = check_int(num_sinks, "num_sinks", min=0)
     keep = policy_keep(policy, data, budget, num_sinks=num_sinks)
-    heads = data.q.shape[1]
-    kept = torch.zeros(heads, data.cache_len, dtype=torch.bool)
-    kept.scatter_(-1, keep.reshape(-1, keep.shape[-1]).expand(heads, -1), True)
-    error = eviction_error(*data.decode, keep)
-    curves = {policy: list(errors) for policy, errors in _default_curves(num_sinks).items()}
-    _, weights = attention(*data.decode, return_weights=True)
-    received = weights[0].mean(dim=(0, 1))
-    view = {"keep": keep, "kept": kept, "error": error, "curves": curves, "attention": received}
+    H_kv = data.k.shape[1]
+    kept = keep_mask(keep.expand(data.k.shape[0], H_kv, keep.shape[-1])[0], data.cache_len)
+    error = data.error(keep)
+    curves = {name: list(errors) for name, errors in _default_curves(source, num_sinks).items()}
+    view = {"keep": keep, "kept": kept, "error": error, "curves": curves, "attention": data.received}
+    view["loss"] = view["full_loss"] = view["losses"] = None
+    if source != "synthetic":
+        decoding = _trained()
+        keeps = [policy_keep(policy, layer, budget, num_sinks=num_sinks) for layer in decoding.layers]
+        study = trained_eviction_study(num_sinks)
+        view.update(loss=evicted_loss(decoding, keeps), full_loss=study.full_loss, losses=study.losses)
     if draw:
-        with plt.rc_context(STYLE):
-            figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-            positions = torch.arange(data.cache_len)
-            left.plot(positions, received, linewidth=1, color="grey", label="attention received")
-            share = kept.float().mean(0)
-            left.scatter(positions[share > 0], received[share > 0], s=10, label="kept (any head)")
-            left.set_yscale("log")
-            left.set_xlabel("cache position")
-            left.set_ylabel("mean weight from new tokens")
-            left.set_title(f"{policy}, budget {budget}: error {error:.3f}")
-            left.legend(frameon=False)
-            for name, errors in curves.items():
-                right.plot(EVICTION_BUDGETS, errors, marker="o", label=name)
-            right.scatter([budget], [error], s=80, facecolors="none", edgecolors="black", zorder=3)
-            right.set_xscale("log", base=2)
-            right.set_xlabel("budget (cache entries kept)")
-            right.set_ylabel("relative output error")
-            right.set_title(f"all policies, cache of {data.cache_len}")
-            right.legend(frameon=False)
-            figure.tight_layout()
-            plt.show()
-            plt.close(figure)
-        view["figure"] = figure
+        view["figure"] = _draw_eviction(view, policy, budget, source, data.cache_len)
     return view
 
 
+def _draw_eviction(view: dict, policy: str, budget: int, source: str, cache_len: int):
+    with plt.rc_context(STYLE):
+        panels = 2 if view["loss"] is None else 3
+        figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4))
+        positions = torch.arange(cache_len)
+        received, share = view["attention"], view["kept"].float().mean(0)
+        axes[0].plot(positions, received, linewidth=1, color="grey", label="attention received")
+        axes[0].scatter(positions[share > 0], received[share > 0], s=10, label="kept (any head)")
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("cache position")
+        axes[0].set_ylabel("mean weight from new tokens")
+        axes[0].set_title(f"{source}: {policy}, budget {budget}")
+        axes[0].legend(frameon=False)
+        for name, errors in view["curves"].items():
+            axes[1].plot(EVICTION_BUDGETS, errors, marker="o", label=name)
+        axes[1].scatter([budget], [view["error"]], s=80, facecolors="none", edgecolors="black", zorder=3)
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xlabel("budget (cache entries kept)")
+        axes[1].set_ylabel("relative output error")
+        axes[1].set_title(f"error {view['error']:.3f} (cache of {cache_len})")
+        axes[1].legend(frameon=False)
+        if view["loss"] is not None:
+            for name, losses in view["losses"].items():
+                axes[2].plot(
+                    EVICTION_BUDGETS, [x - view["full_loss"] for x in losses], marker="o", label=name
+                )
+            increase = view["loss"] - view["full_loss"]
+            axes[2].scatter([budget], [increase], s=80, facecolors="none", edgecolors="black", zorder=3)
+            axes[2].set_xscale("log", base=2)
+            axes[2].set_xlabel("budget (every layer)")
+            axes[2].set_ylabel("loss increase (nats per character)")
+            axes[2].set_title(f"loss {view['loss']:.3f} vs {view['full_loss']:.3f} with the full cache")
+            axes[2].legend(frameon=False)
+        figure.tight_layout()
+        plt.show()
+        plt.close(figure)
+    return figure
+
+
 def eviction_explorer() -> widgets.Widget:
-    """Policy, budget and number of sinks -> kept tokens and the output error vs the full cache."""
+    """Source, policy, budget and sinks -> kept tokens, the output error and the loss vs the full cache."""
     return widgets.interactive(
         eviction_explorer_view,
         policy=widgets.Dropdown(options=POLICIES, value="streaming", description="policy"),
-        budget=widgets.SelectionSlider(
-            options=[4, 8, 16, 32, 64, 128, 256, 512], value=32, description="budget"
-        ),
+        budget=widgets.SelectionSlider(options=[4, 8, 16, 32, 64, 128, 256], value=32, description="budget"),
         num_sinks=widgets.IntSlider(value=4, min=0, max=8, description="sinks"),
+        source=widgets.Dropdown(options=SOURCES, value=SOURCES[0], description="attention"),
         draw=widgets.fixed(True),
     )
 
