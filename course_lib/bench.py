@@ -169,7 +169,8 @@ def sweep(
 
     ``methods[name](T)`` builds the inputs for length ``T`` and returns a zero-argument callable
     to measure, so input creation is neither timed nor counted as peak memory. A dict in the
-    callable's ``extra`` attribute (e.g. an accuracy) is stored with the measurement.
+    callable's ``extra`` attribute (e.g. an accuracy) is stored with the measurement. A builder
+    may return ``None`` to leave that length out (e.g. a phase measured over a shorter range).
     """
     if not methods:
         raise ValueError("methods must name at least one method")
@@ -179,6 +180,8 @@ def sweep(
     jobs = [(T, name) for T in lengths for name in methods]
     for T, name in tqdm(jobs, desc="benchmark", disable=not progress, leave=False):
         call = methods[name](T)
+        if call is None:
+            continue
         peak = peak_memory_bytes(call, device) if measure_memory else None
         seconds = time_function(call, min_run_time=min_run_time)
         results.append(Measurement(name, T, seconds, peak, dict(getattr(call, "extra", None) or {})))
@@ -294,6 +297,9 @@ def suites() -> dict[str, Callable]:
 
     A suite is called with a device and returns ``(methods, reference method, default lengths)``,
     where ``methods[name](T)`` returns the zero-argument callable to measure at length ``T``.
+    Optional attributes of a suite change what the command line prints and plots:
+    ``table(results) -> str`` replaces :func:`format_table`, ``report(results) -> str`` is printed
+    after the table, and ``plot(results, path)`` replaces the default log-log plot of time vs T.
     """
     import importlib
     import pkgutil
@@ -329,13 +335,18 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     )
     env = environment_summary(args.device)
     print(f"suite {args.suite} on {env['device']} ({env['threads']} threads), torch {env['torch']}")
-    print(format_table(results, reference=reference))
+    table = getattr(available[args.suite], "table", None)  # a suite may format its own tables
+    print(table(results) if table is not None else format_table(results, reference=reference))
     report = getattr(available[args.suite], "report", None)  # a suite may add its own summary
     if report is not None:
         print(report(results))
     if args.json:
         print(f"wrote {save_json(results, args.json, suite=args.suite, device=args.device)}")
-    if args.plot:
+    plot = getattr(available[args.suite], "plot", None)  # a suite may draw its own figure
+    if args.plot and plot is not None:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    elif args.plot:
         from .viz import plot_scaling
 
         series = {m: [r.seconds for r in results if r.method == m] for m in methods}

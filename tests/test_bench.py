@@ -99,6 +99,31 @@ def test_cli_standard_writes_table_and_json(tmp_path, capsys):
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
+def test_sweep_leaves_out_the_lengths_a_builder_declines():
+    methods = {
+        "short": lambda T: (lambda: torch.ones(T).sum()) if T <= 64 else None,
+        "every": lambda T: lambda: torch.ones(T).sum(),
+    }
+    results = bench.sweep(methods, [32, 128], min_run_time=0.01, progress=False)
+    assert [(r.method, r.T) for r in results] == [("short", 32), ("every", 32), ("every", 128)]
+
+
+def test_cli_uses_a_suites_own_table_report_and_plot(tmp_path, capsys, monkeypatch):
+    def suite(device):
+        return {"a": lambda T: lambda: torch.ones(T).sum()}, "a", [16, 32]
+
+    drawn = []
+    suite.table = lambda results: f"own table of {len(results)} measurements"
+    suite.report = lambda results: "own report"
+    suite.plot = lambda results, path: drawn.append((len(results), path))
+    monkeypatch.setattr(bench, "suites", lambda: {"mine": suite})
+    bench.main(["mine", "--min-run-time", "0.01", "--no-progress", "--plot", str(tmp_path / "p.png")])
+    printed = capsys.readouterr().out
+    assert "own table of 2 measurements" in printed and "own report" in printed
+    assert "a ms" not in printed  # format_table was replaced
+    assert drawn == [(2, tmp_path / "p.png")]
+
+
 @pytest.mark.parametrize(
     "call,error,name",
     [

@@ -1,17 +1,24 @@
 """Chapter 08's notebook layer: widgets (headless), exercise checkers, figures, bench suites."""
 
+import json
+import math
+
 import ipywidgets
 import matplotlib
 import pytest
 import torch
 
 from course_lib.bench import Measurement, sweep
+from course_lib.bench import main as bench_main
 from course_lib.benchmarks import ch08 as bench08
 from course_lib.benchmarks.ch07 import recurrent_inputs
 from course_lib.exercises import ExerciseFailed
 from course_lib.exercises.ch08 import check_answer_accuracy, check_hybrid_cache_bytes, check_ring_merge
 from course_lib.figures import FIGURES
-from course_lib.recall import IGNORE
+from course_lib.linear import linear_attention
+from course_lib.recall import IGNORE, RECALL_MIXERS, state_bytes
+from course_lib.recurrent import delta_rule, gla, ssd
+from course_lib.standard import attention
 from course_lib.widgets import ch08 as w08
 
 matplotlib.use("Agg")
@@ -23,13 +30,23 @@ FAKE = [
 ]
 
 
+# Independent references for the recurrent mechanisms: the quadratic (parallel) forms of linear
+# attention and SSD, the token-by-token recurrences of GLA and the delta rule (chapter 07 tests them).
+RECURRENT_REFERENCE = {
+    "linear": lambda y, **kw: linear_attention(y["q"], y["k"], y["v"], form="parallel", **kw),
+    "gla": lambda y, **kw: gla(y["q"], y["k"], y["v"], y["g"], form="recurrent", **kw),
+    "delta_rule": lambda y, **kw: delta_rule(y["q"], y["unit_k"], y["v"], y["beta"], form="recurrent", **kw),
+    "ssd": lambda y, **kw: ssd(y["v"], y["dt"], y["A"], y["k"], y["q"], form="parallel", **kw),
+}
+
+
 def controls(widget):
     return {c.description: c for c in widget.children if isinstance(c, ipywidgets.ValueWidget)}
 
 
 def test_comparison_view_reads_the_measurements():
     view = w08.comparison_view(("naive", "linear"), (256, 512), "time", results=FAKE, draw=False)
-    assert view["lengths"] == [256, 512]
+    assert view["lengths"] == [256, 512] and view["phase"] == "prefill"  # no phase in the name: prefill
     assert view["series"]["naive"] == pytest.approx([1.0, 2.0])
     memory = w08.comparison_view(("sdpa",), (256, 1024), "memory", results=FAKE, draw=False)
     assert memory["series"]["sdpa"] == [25600, 51200, 102400]
@@ -38,7 +55,25 @@ def test_comparison_view_reads_the_measurements():
     with pytest.raises(ValueError, match="lengths"):
         w08.comparison_view(("sdpa",), (600, 700), results=FAKE, draw=False)
     with pytest.raises(ValueError, match="metric"):
-        w08.comparison_view(("sdpa",), (256, 512), "flops", results=FAKE, draw=False)
+        w08.comparison_view(("sdpa",), (256, 512), "speed", results=FAKE, draw=False)
+    with pytest.raises(ValueError, match="phase"):
+        w08.comparison_view(("sdpa",), (256, 512), "time", "decode", results=FAKE, draw=False)
+
+
+def test_comparison_view_separates_the_phases_and_shows_the_model():
+    phased = [
+        Measurement(f"{phase}:{m}", T, s * T, 8 * T, bench08.complexity(m, phase, T))
+        for phase, s in (("train", 3e-6), ("decode", 1e-8))
+        for m in ("sdpa", "gla")
+        for T in (256, 1024)
+    ]
+    decode = w08.comparison_view(("sdpa", "gla"), (256, 1024), "time", "decode", results=phased, draw=False)
+    assert decode["series"]["gla"] == pytest.approx([256e-5, 1024e-5])
+    flops = w08.comparison_view(("sdpa", "gla"), (256, 1024), "flops", "decode", results=phased, draw=False)
+    assert flops["series"]["sdpa"] == [4 * 4 * 256 * 64, 4 * 4 * 1024 * 64]  # 4 H T D: grows with the cache
+    assert flops["series"]["gla"] == [4 * 4 * 64 * 64] * 2  # 4 H D^2: constant
+    train = w08.comparison_view(("sdpa",), (256, 1024), "bytes", "train", results=phased, draw=False)
+    assert train["series"]["sdpa"][0] == 3 * bench08.complexity("sdpa", "prefill", 256)["bytes"]
 
 
 def test_comparison_explorer_updates_across_its_controls():
@@ -50,16 +85,35 @@ def test_comparison_explorer_updates_across_its_controls():
     for index in ((0, 0), (0, 2), (1, 2)):
         c["T range"].index = index
         assert w.result["lengths"] == [256, 512, 1024][index[0] : index[1] + 1]
-    for metric in w08.METRICS:
+    for metric in ("time", "memory"):
         c["metric"].value = metric
         assert w.result["metric"] == metric
+    assert c["phase"].options == ("prefill",)
 
 
-def test_stored_results_load():
+def test_explorer_switches_phase_on_the_stored_results():
+    w = w08.comparison_explorer()
+    c = controls(w)
+    assert set(c["phase"].options) == set(bench08.PHASES)
+    c["mechanisms"].value = ("sdpa", "gla")
+    for phase in bench08.PHASES:
+        c["phase"].value = phase
+        assert w.result["phase"] == phase and len(w.result["lengths"]) >= 2
+    for metric in w08.METRICS:
+        c["metric"].value = metric
+        assert all(v is not None and v > 0 for v in w.result["series"]["gla"]) or metric == "memory"
+
+
+def test_stored_results_load_with_every_mechanism_and_phase():
     results = w08.load_results()
-    assert {"naive", "sdpa", "flash", "linear", "gla", "delta_rule", "ssd", "window"} <= {
-        r.method for r in results
-    }
+    measured = {(bench08.phase_of(r), bench08.mechanism_of(r)) for r in results}
+    assert measured == {(p, m) for p in bench08.PHASES for m in bench08.ALL_METHODS}
+    for phase in bench08.PHASES:
+        lengths = {r.T for r in results if bench08.phase_of(r) == phase}
+        assert len(lengths) >= 4
+    assert max(r.T for r in results if bench08.phase_of(r) == "decode") > bench08.FULL_SEQUENCE_MAX_T
+    for r in results:
+        assert r.seconds > 0 and r.extra["phase"] == bench08.phase_of(r) and r.extra["flops"] > 0
 
 
 def test_decision_guide_follows_the_cache_arithmetic():
@@ -139,17 +193,162 @@ def test_chapter_figures_are_registered_and_draw():
         figure = FIGURES[name]()
         assert figure.axes
         matplotlib.pyplot.close(figure)
+    figure = FIGURES["08_complexity"]()
+    assert len(figure.axes) == 2 * len(bench08.PHASES)  # time and memory, one column per phase
+    matplotlib.pyplot.close(figure)
 
 
-def test_all_suite_measures_every_mechanism_and_they_agree_where_exact():
+def test_all_suite_has_every_mechanism_in_every_phase():
     methods, reference, lengths = bench08.all_suite("cpu")
-    assert reference == "sdpa" and set(methods) == set(bench08.ALL_METHODS)
+    assert reference == "prefill:sdpa"
+    assert set(methods) == {f"{p}:{m}" for p in bench08.PHASES for m in bench08.ALL_METHODS}
+    assert max(lengths) > bench08.FULL_SEQUENCE_MAX_T
+    # train and prefill leave out lengths beyond FULL_SEQUENCE_MAX_T; decode measures them
+    assert methods["train:naive"](2 * bench08.FULL_SEQUENCE_MAX_T) is None
+    for suite, phase in (
+        (bench08.all_train_suite, "train"),
+        (bench08.all_prefill_suite, "prefill"),
+        (bench08.all_decode_suite, "decode"),
+    ):
+        methods, reference, _ = suite("cpu")
+        assert reference == f"{phase}:sdpa" and {
+            bench08.phase_of(Measurement(m, 1, 1, 0)) for m in methods
+        } == {phase}
+
+
+def test_exact_mechanisms_agree_in_prefill():
     x = recurrent_inputs(64, "cpu", torch.float32)
     exact = [bench08.ALL_METHODS[m](x) for m in ("naive", "sdpa", "flash")]
     torch.testing.assert_close(exact[0], exact[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(exact[2], exact[1], atol=1e-5, rtol=1e-4)
-    results = sweep({m: methods[m] for m in ("sdpa", "ssd")}, [64], min_run_time=0.01, progress=False)
-    assert [r.method for r in results] == ["sdpa", "ssd"]
+
+
+@pytest.mark.parametrize("name", list(bench08.ALL_METHODS))
+def test_decode_step_equals_the_last_row_of_the_full_causal_pass(name):
+    # Reference: the exact causal attention (softmax) or the token-by-token recurrence (the
+    # recurrent mechanisms) over the first T tokens; the decode step sees only the cache / state.
+    x = recurrent_inputs(150, "cpu", torch.float64)
+    for T in (1, 70, 150):
+        prefix = {k: v if v.dim() == 1 else v[:, :, :T] for k, v in x.items()}
+        if name in bench08.SOFTMAX_METHODS:
+            window = bench08.WINDOW if name == "window" else T
+            mask = torch.ones(T, T, dtype=torch.bool).tril() & ~torch.ones(T, T, dtype=torch.bool).tril(
+                -window
+            )
+            reference = attention(prefix["q"], prefix["k"], prefix["v"], mask)[:, :, -1:]
+        else:
+            reference = RECURRENT_REFERENCE[name](prefix)[:, :, -1:]
+        step = bench08.decode_step(name, x, T)()
+        output = step[0] if name in bench08.RECURRENT_METHODS else step
+        assert output.shape == (1, 4, 1, 64)
+        torch.testing.assert_close(output, reference, atol=1e-8, rtol=1e-6)
+
+
+def test_decode_step_of_the_window_reads_only_the_last_w_entries():
+    x = recurrent_inputs(bench08.WINDOW + 40, "cpu", torch.float64)
+    changed = {**x, "k": x["k"].clone()}
+    changed["k"][:, :, :40] += 5.0  # keys older than the window
+    torch.testing.assert_close(bench08.decode_step("window", changed)(), bench08.decode_step("window", x)())
+    assert not torch.allclose(bench08.decode_step("sdpa", changed)(), bench08.decode_step("sdpa", x)())
+
+
+def test_recurrent_decode_step_returns_the_state_after_the_token():
+    x = recurrent_inputs(90, "cpu", torch.float64)
+    for name in bench08.RECURRENT_METHODS:
+        _, state = bench08.decode_step(name, x, 90)()
+        _, expected = RECURRENT_REFERENCE[name](x, output_final_state=True)
+        for got, want in zip(*(s if isinstance(s, tuple) else (s,) for s in (state, expected))):
+            torch.testing.assert_close(got, want.to(got.dtype), atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(bench08.ALL_METHODS))
+def test_train_step_gives_the_gradients_of_autograd_on_the_reference(name):
+    x = recurrent_inputs(40, "cpu", torch.float64)
+    grads = bench08.train_step(name, x)()
+    assert len(grads) == len(bench08.TRAIN_INPUTS[name])
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    # the same loss through an independent reference of the forward pass
+    leaves = {k: x[k].detach().clone().requires_grad_(True) for k in bench08.TRAIN_INPUTS[name]}
+    inputs = {**x, **leaves}
+    if name in bench08.SOFTMAX_METHODS:
+        T = x["q"].shape[2]
+        window = bench08.WINDOW if name == "window" else T
+        mask = torch.ones(T, T, dtype=torch.bool).tril() & ~torch.ones(T, T, dtype=torch.bool).tril(-window)
+        output = attention(inputs["q"], inputs["k"], inputs["v"], mask)
+    else:
+        output = RECURRENT_REFERENCE[name](inputs)
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(2)).to(output)
+    expected = torch.autograd.grad(output, list(leaves.values()), grad_output)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6)
+
+
+def test_complexity_model_has_the_textbook_exponents():
+    def slope(name, phase, key):
+        values = [bench08.complexity(name, phase, T)[key] for T in (1024, 4096)]
+        return math.log(values[1] / values[0]) / math.log(4)
+
+    assert slope("naive", "prefill", "flops") == pytest.approx(2.0)
+    assert slope("naive", "prefill", "bytes") > 1.8  # the T x T weights dominate
+    assert 1.0 < slope("flash", "prefill", "bytes") < 1.8  # K, V re-read once per query block
+    for name in ("window", "linear", "gla", "delta_rule", "ssd"):
+        assert slope(name, "prefill", "flops") == pytest.approx(1.0)
+    for name in ("naive", "sdpa", "flash"):
+        assert slope(name, "decode", "bytes") == pytest.approx(1.0, abs=0.02)  # the KV cache is read
+    for name in ("window", "linear", "gla", "delta_rule", "ssd"):
+        assert slope(name, "decode", "flops") == 0.0  # a window or a state: O(1) in T
+    H, D = 4, 64
+    assert bench08.complexity("sdpa", "decode", 100)["flops"] == 4 * H * 100 * D
+    assert (
+        bench08.complexity("gla", "train", 512)["flops"]
+        == 3 * bench08.complexity("gla", "prefill", 512)["flops"]
+    )
+    with pytest.raises(ValueError, match="phase"):
+        bench08.complexity("sdpa", "inference", 64)
+    with pytest.raises(ValueError, match="name"):
+        bench08.complexity("flashy", "decode", 64)
+    with pytest.raises(ValueError, match="T"):
+        bench08.complexity("sdpa", "decode", 0)
+
+
+def test_phase_builders_run_end_to_end_and_report(tmp_path, capsys):
+    for suite in ("all_train", "all_decode", "all"):
+        bench_main([suite, "--lengths", "32", "48", "--min-run-time", "0.01", "--no-progress"])
+    printed = capsys.readouterr().out
+    for title in ("train: causal forward + backward", "prefill: causal forward", "decode: one step"):
+        assert title in printed
+    assert "complexity model vs measurement" in printed and "delta_rule/sdpa" in printed
+    path = tmp_path / "all.json"
+    results = bench_main(
+        [
+            "all",
+            "--lengths",
+            "32",
+            "--min-run-time",
+            "0.01",
+            "--no-progress",
+            "--json",
+            str(path),
+            "--plot",
+            str(tmp_path / "all.png"),
+        ]
+    )
+    assert {r.method for r in results} == {f"{p}:{m}" for p in bench08.PHASES for m in bench08.ALL_METHODS}
+    stored = w08.load_results(path)
+    assert [r.method for r in stored] == [r.method for r in results] and stored[0].extra["flops"] > 0
+    assert (tmp_path / "all.png").stat().st_size > 0
+
+
+def test_phase_builders_bad_input():
+    x = recurrent_inputs(16, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="name"):
+        bench08.decode_step("mamba", x)
+    with pytest.raises(ValueError, match="T"):
+        bench08.decode_step("sdpa", x, 17)
+    with pytest.raises(ValueError, match="name"):
+        bench08.train_step("mamba", x)
+    with pytest.raises(ValueError, match="phase"):
+        bench08.phase_methods("finetune")
 
 
 def test_recall_suite_tiny_configuration_runs_end_to_end(monkeypatch):
@@ -157,6 +356,32 @@ def test_recall_suite_tiny_configuration_runs_end_to_end(monkeypatch):
     assert reference == "attention"
     results = sweep({m: methods[m] for m in ("attention", "gla")}, [16], min_run_time=0.01, progress=False)
     for r in results:
-        assert 0.0 <= r.extra["accuracy"] <= 1.0 and r.extra["num_pairs"] == 2
+        assert 0.0 <= r.extra["accuracy"] <= 1.0 and r.extra["num_pairs"] == 1 and r.extra["steps"] == 2
     report = bench08.recall_report(results)
     assert "attention" in report and "gla" in report
+
+
+def test_stored_recall_grid_has_every_mixer_at_every_length():
+    payload = json.loads((w08.RESULTS_DIR / "recall_grid.json").read_text())
+    assert payload["suite"] == "recall"
+    rows = {(r["method"], r["T"]): r["extra"] for r in payload["results"]}
+    assert set(rows) == {(m, T) for m in RECALL_MIXERS for T in bench08.RECALL_LENGTHS}
+    for (mixer, T), extra in rows.items():
+        assert 0.0 <= extra["accuracy"] <= 1.0 and extra["steps"] == bench08.RECALL_STEPS
+        assert extra["num_pairs"] == bench08.recall_task(T).num_pairs
+        assert extra["state_bytes"] == state_bytes(mixer, T)
+    # what the notebook reads from the grid: softmax attention and DeltaNet recall at T = 64 and 128,
+    # the window cannot (its 16 tokens never reach back to the pairs), DeltaNet still does at T = 256
+    accuracy = {key: extra["accuracy"] for key, extra in rows.items()}
+    assert all(accuracy[(m, T)] > 0.9 for m in ("attention", "deltanet") for T in (64, 128))
+    assert all(accuracy[("sliding_window", T)] < 0.1 for T in bench08.RECALL_LENGTHS)
+    assert accuracy[("deltanet", 256)] > 0.8
+
+
+def test_recall_tasks_grow_their_pairs_with_the_length():
+    assert [bench08.recall_task(T).num_pairs for T in (64, 128, 256)] == [4, 8, 16]  # Zoology's pairs
+    assert bench08.recall_task(8).num_pairs == 1
+    with pytest.raises(ValueError, match="T"):
+        bench08.recall_task(2)
+    with pytest.raises(ValueError, match="num_pairs"):
+        bench08.recall_task(1024)  # 64 pairs: more than the 31 keys of the vocabulary

@@ -74,6 +74,22 @@ def test_every_mixer_runs_forward_and_backward(mixer):
     torch.testing.assert_close(model(changed)[:, :-1], logits[:, :-1], atol=1e-5, rtol=1e-4)
 
 
+def test_recall_models_keep_the_mixers_own_initialisation_and_no_positions():
+    task = MQARTask(vocab_size=16, num_pairs=2, seq_len=8)
+    model = recall.recall_model("attention", task, seed=3)
+    assert model.position_embedding is None  # order comes from the causal mask and the convolution
+    # TinyTransformer draws its linear layers with std 0.02; the mixers keep PyTorch's default
+    # uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 * 64) = 0.072 for d_model = 64.
+    assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.blocks[0].attention.qkv.weight.std().item() == pytest.approx(64**-0.5 / 3**0.5, rel=0.1)
+    gla_model = recall.recall_model("gla", task, seed=3)
+    assert gla_model.blocks[0].attention.layer.gate_up.bias.abs().sum() > 0  # not zeroed
+    same = recall.recall_model("attention", task, seed=3)
+    other = recall.recall_model("attention", task, seed=4)
+    assert torch.equal(same.blocks[1].attention.qkv.weight, model.blocks[1].attention.qkv.weight)
+    assert not torch.equal(other.blocks[1].attention.qkv.weight, model.blocks[1].attention.qkv.weight)
+
+
 def test_state_bytes_follow_the_formulas():
     f32 = 4
     assert recall.state_bytes("attention", 100) == 2 * 2 * 100 * 64 * f32

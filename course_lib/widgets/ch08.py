@@ -1,9 +1,10 @@
 """Chapter 08's explorers: the measured comparison, and a decision guide built on it.
 
-(a) The comparison explorer plots time or peak memory against T for the mechanisms you pick,
-from the results of ``python -m course_lib.bench all`` (the stored ``results/all_small.json`` by
-default, or measurements passed in). (b) The decision guide turns a sequence length, a memory
-budget for the KV cache, whether exact attention is required and whether the workload is
+(a) The comparison explorer plots time, peak memory, or the complexity model's FLOPs or bytes
+against T for the mechanisms and the phase (train, prefill, decode) you pick, from the results of
+``python -m course_lib.bench all`` (the stored ``results/all_small.json`` by default, or
+measurements passed in, e.g. from a live run). (b) The decision guide turns a sequence length, a
+memory budget for the KV cache, whether exact attention is required and whether the workload is
 decode-heavy into a recommendation, its reason and the chapter that teaches it.
 """
 
@@ -16,6 +17,7 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
 from ..bench import Measurement, format_bytes
+from ..benchmarks.ch08 import PHASES, mechanism_of, phase_of
 from ..checks import check_bool, check_choice, check_float, check_int
 from ..viz import STYLE, plot_scaling
 
@@ -32,7 +34,13 @@ __all__ = [
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results"
-METRICS = ("time", "memory")
+METRICS = ("time", "memory", "flops", "bytes")
+_METRIC_LABELS = {
+    "time": "measured time per call (ms)",
+    "memory": "measured peak memory (bytes)",
+    "flops": "model FLOPs per call",
+    "bytes": "model bytes moved per call",
+}
 
 
 def load_results(path: str | Path | None = None) -> list[Measurement]:
@@ -46,21 +54,37 @@ def load_results(path: str | Path | None = None) -> list[Measurement]:
 # --- (a) comparison explorer ----------------------------------------------------------------------
 
 
+def _value(r: Measurement, metric: str) -> float | None:
+    if metric == "time":
+        return r.seconds * 1e3
+    if metric == "memory":
+        return r.peak_bytes
+    return r.extra.get(metric)  # the complexity model, stored with the measurement
+
+
 def comparison_view(
     mechanisms=("naive", "sdpa", "flash", "linear"),
     lengths=(256, 2048),
     metric: str = "time",
+    phase: str = "prefill",
     *,
     results: list[Measurement] | None = None,
     draw: bool = True,
 ) -> dict:
-    """Time (ms) or peak memory (bytes) vs T for ``mechanisms``, T within ``lengths`` (min, max).
+    """Time (ms), peak memory (bytes) or the model's FLOPs or bytes vs T for ``mechanisms`` in
+    ``phase``, T within ``lengths`` (min, max).
 
-    Returns ``series`` ``{name: [value per T]}``, ``lengths`` (the T shown) and ``metric``.
+    Measurements of the ``all`` suites are named ``"phase:mechanism"``; older ones without a
+    phase count as prefill. Returns ``series`` ``{name: [value per T]}`` (None where a point is
+    missing), ``lengths`` (the T shown), ``metric`` and ``phase``.
     """
     results = load_results() if results is None else results
     check_choice(metric, "metric", METRICS)
-    known = list(dict.fromkeys(r.method for r in results))
+    check_choice(phase, "phase", PHASES)
+    results = [r for r in results if phase_of(r) == phase]
+    known = list(dict.fromkeys(mechanism_of(r) for r in results))
+    if not known:
+        raise ValueError(f"phase {phase!r} has no measurement in these results")
     mechanisms = list(mechanisms)
     if not mechanisms:
         raise ValueError("mechanisms must name at least one mechanism")
@@ -71,31 +95,17 @@ def comparison_view(
         raise ValueError(f"lengths must be (min, max) with min <= max, got {tuple(lengths)}")
     Ts = sorted({r.T for r in results if low <= r.T <= high})
     if not Ts:
-        raise ValueError(f"lengths {tuple(lengths)} hold no measured T")
-    by_key = {(r.method, r.T): r for r in results}
+        raise ValueError(f"lengths {tuple(lengths)} hold no T measured in phase {phase!r}")
+    by_key = {(mechanism_of(r), r.T): r for r in results}
     series = {}
     for name in mechanisms:
-        values = []
-        for T in Ts:
-            r = by_key.get((name, T))
-            if r is None:
-                values.append(None)
-            else:
-                values.append(r.seconds * 1e3 if metric == "time" else r.peak_bytes)
-        series[name] = values
-    view = {"series": series, "lengths": Ts, "metric": metric}
+        series[name] = [None if (name, T) not in by_key else _value(by_key[(name, T)], metric) for T in Ts]
+    view = {"series": series, "lengths": Ts, "metric": metric, "phase": phase}
     if draw:
         with plt.rc_context(STYLE):
             figure, ax = plt.subplots(figsize=(6, 4))
             plotted = {k: [v if v else None for v in vs] for k, vs in series.items()}
-            if len(Ts) >= 1:
-                plot_scaling(
-                    Ts,
-                    plotted,
-                    ylabel="time per call (ms)" if metric == "time" else "peak memory (bytes)",
-                    ax=ax,
-                    title=f"measured {metric} vs T",
-                )
+            plot_scaling(Ts, plotted, ylabel=_METRIC_LABELS[metric], ax=ax, title=f"{phase}: {metric} vs T")
             plt.show()
             plt.close(figure)
         view["figure"] = figure
@@ -103,15 +113,19 @@ def comparison_view(
 
 
 def comparison_explorer(results: list[Measurement] | None = None) -> widgets.Widget:
-    """Pick mechanisms, a T range and the metric -> the log-log plot from the stored measurements."""
+    """Pick mechanisms, a T range, the metric and the phase -> the log-log plot of the measurements."""
     results = load_results() if results is None else results
-    names = list(dict.fromkeys(r.method for r in results))
+    names = list(dict.fromkeys(mechanism_of(r) for r in results))
     Ts = sorted({r.T for r in results})
+    phases = [p for p in PHASES if any(phase_of(r) == p for r in results)]
     return widgets.interactive(
         comparison_view,
         mechanisms=widgets.SelectMultiple(options=names, value=tuple(names[:4]), description="mechanisms"),
         lengths=widgets.SelectionRangeSlider(options=Ts, index=(0, len(Ts) - 1), description="T range"),
         metric=widgets.Dropdown(options=METRICS, value="time", description="metric"),
+        phase=widgets.Dropdown(
+            options=phases, value="prefill" if "prefill" in phases else phases[0], description="phase"
+        ),
         results=widgets.fixed(results),
         draw=widgets.fixed(True),
     )
