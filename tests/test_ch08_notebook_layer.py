@@ -385,3 +385,32 @@ def test_recall_tasks_grow_their_pairs_with_the_length():
         bench08.recall_task(2)
     with pytest.raises(ValueError, match="num_pairs"):
         bench08.recall_task(1024)  # 64 pairs: more than the 31 keys of the vocabulary
+
+
+# --- the sources' relative charts, recomputed ---------------------------------------------------
+
+
+def test_relative_to_divides_by_the_reference_at_one_length_and_phase():
+    rows = [
+        Measurement("train:naive", 512, 0.40, 400),
+        Measurement("train:sdpa", 512, 0.10, 20),
+        Measurement("train:sdpa", 1024, 9.0, 9),  # another length: ignored
+        Measurement("prefill:naive", 512, 1.0, 1),  # another phase: ignored
+    ]
+    assert bench08.relative_to(rows, "train", 512) == {"naive": 1.0, "sdpa": 4.0}
+    assert bench08.relative_to(rows, "train", 512, metric="memory") == {"naive": 1.0, "sdpa": 0.05}
+    assert bench08.relative_to(rows, "train", 512, reference="sdpa") == {"naive": 0.25, "sdpa": 1.0}
+    with pytest.raises(ValueError, match="reference"):
+        bench08.relative_to(rows, "train", 2048)
+    with pytest.raises(ValueError, match="metric"):
+        bench08.relative_to(rows, "train", 512, metric="flops")
+    with pytest.raises(ValueError, match="phase"):
+        bench08.relative_to(rows, "inference", 512)
+
+
+def test_relative_bars_scale_to_the_largest_value():
+    text = bench08.relative_bars({"a": 1.0, "bb": 4.0}, width=8)
+    assert text.splitlines() == ["a:  ##       1.00x", "bb: ######## 4.00x"]
+    assert bench08.relative_bars({"a": 0.5}, unit="%", width=4) == "a: #### 50%"
+    with pytest.raises(ValueError, match="values"):
+        bench08.relative_bars({})

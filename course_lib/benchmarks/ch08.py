@@ -73,6 +73,8 @@ __all__ = [
     "all_table",
     "all_report",
     "all_plot",
+    "relative_to",
+    "relative_bars",
     "recall_suite",
     "recall_report",
     "RECALL_STEPS",
@@ -422,6 +424,43 @@ def all_report(results: Sequence[Measurement]) -> str:
                 f" {cells[2]:>10} {cells[3]:>10}"
             )
     return "\n".join(lines[1:])
+
+
+def relative_to(
+    results: Sequence[Measurement], phase: str, T: int, *, reference: str = "naive", metric: str = "speed"
+) -> dict[str, float]:
+    """The sources' "relative to standard attention" bars, from measurements: one number per mechanism.
+
+    ``metric="speed"``: reference time / mechanism time (2.0 = twice as fast as ``reference``);
+    ``metric="memory"``: mechanism peak / reference peak (0.1 = a tenth of the memory). Only the
+    ``phase`` measurements at length ``T`` count; a mechanism without one is left out.
+    """
+    check_choice(phase, "phase", PHASES)
+    check_choice(metric, "metric", ("speed", "memory"))
+    T = check_int(T, "T", min=1)
+    rows = {r.method: r for r in _by_phase(results).get(phase, []) if r.T == T}
+    if reference not in rows:
+        raise ValueError(f"reference {reference!r} has no {phase} measurement at T={T}")
+    base = rows[reference]
+    if metric == "speed":
+        return {name: base.seconds / r.seconds for name, r in rows.items()}
+    if not base.peak_bytes:
+        raise ValueError(f"reference {reference!r} has no peak memory at T={T}")
+    return {name: (r.peak_bytes or 0) / base.peak_bytes for name, r in rows.items()}
+
+
+def relative_bars(values: dict[str, float], *, unit: str = "x", width: int = 28) -> str:
+    """Text bars in the sources' style, scaled so the largest value fills ``width`` characters."""
+    if not values:
+        raise ValueError("values must hold at least one mechanism")
+    largest = max(values.values())
+    label = max(len(name) for name in values) + 1
+    lines = []
+    for name, value in values.items():
+        bar = "#" * max(1, round(width * value / largest)) if value > 0 else ""
+        shown = f"{value:.0%}" if unit == "%" else f"{value:.2f}x"
+        lines.append(f"{name + ':':<{label}} {bar:<{width}} {shown}")
+    return "\n".join(lines)
 
 
 def all_plot(results: Sequence[Measurement], path: str | Path) -> Path:
