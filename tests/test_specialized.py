@@ -34,6 +34,8 @@ from course_lib.specialized import (
     shard_sequence,
     unshard_sequence,
 )
+from course_lib.specialized.ring import _block_gradients, _partial_attention
+from course_lib.standard import attention
 
 F64 = torch.float64
 
@@ -415,6 +417,12 @@ def test_run_ring_attention_bad_input_before_launching():
         run_ring_attention(a, a, a, 2, method="tree")
     with pytest.raises(ValueError, match="layout"):
         run_ring_attention(a, a, a, 2, layout="spiral")
+    with pytest.raises(ValueError, match="grad_output"):
+        run_ring_attention(a, a, a, 2, grad_output=randn(1, 1, 3, 2))
+    with pytest.raises(ValueError, match="grad_output"):
+        run_ring_attention(a, a, a, 2, method="all_gather", grad_output=a)
+    with pytest.raises(TypeError, match="grad_output"):
+        run_ring_attention(a, a, a, 2, grad_output=a.tolist())
     with pytest.raises(ValueError, match="start_method"):
         run_distributed(print, 2, start_method="teleport")
     with pytest.raises(TypeError, match="function"):
@@ -481,14 +489,35 @@ def test_ring_and_all_gather_equal_single_process_attention(world_size):
 
 def test_run_ring_attention_gathers_the_full_result():
     q, k, v = randn(1, 2, 9, 4), randn(1, 2, 9, 4), randn(1, 2, 9, 4)
-    out, stats = run_ring_attention(
-        q, k, v, 3, causal=True, layout="zigzag", return_stats=True, start_method="fork"
+    grad_output = randn(1, 2, 9, 4)
+    out, grads, stats = run_ring_attention(
+        q,
+        k,
+        v,
+        3,
+        causal=True,
+        layout="zigzag",
+        grad_output=grad_output,
+        return_stats=True,
+        start_method="fork",
     )
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
     assert len(stats) == 3
-    half = run_ring_attention(q.half(), k.half(), v.half(), 2, start_method="fork")
-    assert half.dtype == torch.float16
+    # The gathered gradients are the full-sequence ones of one process's autograd.
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    F.scaled_dot_product_attention(*leaves, is_causal=True).backward(grad_output)
+    for grad, leaf in zip(grads, leaves):
+        torch.testing.assert_close(grad, leaf.grad)
+    # Half inputs: K/V blocks travel in half, the dK/dV accumulators in float32 (different messages).
+    half, half_grads = run_ring_attention(
+        q.half(), k.half(), v.half(), 2, grad_output=grad_output.half(), start_method="fork"
+    )
+    assert half.dtype == torch.float16 and all(grad.dtype == torch.float16 for grad in half_grads)
     torch.testing.assert_close(half.double(), F.scaled_dot_product_attention(q, k, v), atol=1e-2, rtol=1e-2)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    F.scaled_dot_product_attention(*leaves).backward(grad_output)
+    for grad, leaf in zip(half_grads, leaves):
+        torch.testing.assert_close(grad.double(), leaf.grad, atol=1e-2, rtol=1e-2)
 
 
 def test_run_ring_attention_with_spawned_processes():
@@ -496,6 +525,75 @@ def test_run_ring_attention_with_spawned_processes():
     q, k, v = randn(1, 1, 5, 3), randn(1, 1, 5, 3), randn(1, 1, 5, 3)
     out = run_ring_attention(q, k, v, 2, causal=True, start_method="spawn")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# --- ring attention's backward ----------------------------------------------------------------------
+
+GRAD_CASES = [
+    # (T, S, D, D_v, causal, layout, scale, dtype); every T leaves the ranks unequal blocks
+    (7, 7, 3, 5, True, "contiguous", None, F64),
+    (9, 9, 4, 4, True, "zigzag", None, F64),
+    (10, 10, 2, 3, True, "zigzag", 0.7, F64),
+    (6, 6, 4, 2, False, "contiguous", None, F64),
+    (5, 9, 2, 3, False, "zigzag", None, F64),  # cross-attention, S != T
+    (11, 11, 4, 4, True, "contiguous", None, torch.float32),
+]
+
+
+def _ring_gradients_worker(rank, world_size, inputs):
+    """Runs on every rank: forward and backward ring for each case; this rank's (dq, dk, dv)."""
+    results = []
+    for (*_, causal, layout, scale, _), (q, k, v, grad_output) in zip(GRAD_CASES, inputs):
+        q_r, k_r, v_r, grad_r = (
+            shard_sequence(x, world_size, layout=layout)[rank] for x in (q, k, v, grad_output)
+        )
+        leaves = [x.clone().requires_grad_() for x in (q_r, k_r, v_r)]
+        out = ring_attention(*leaves, causal=causal, scale=scale, layout=layout)
+        out.backward(grad_r)
+        results.append(tuple(leaf.grad for leaf in leaves))
+    # Without inputs that require grad, no autograd graph is built.
+    q, k, v, _ = inputs[0]
+    plain = ring_attention(*(shard_sequence(x, world_size)[rank] for x in (q, k, v)), causal=True)
+    return results, plain.requires_grad
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=["W2", "W4"])
+def test_ring_attention_gradients_equal_single_process_autograd(world_size):
+    torch.manual_seed(10 + world_size)
+    inputs = [
+        tuple(randn(2, 2, length, dim, dtype=dtype) for length, dim in ((T, D), (S, D), (S, D_v), (T, D_v)))
+        for T, S, D, D_v, _, _, _, dtype in GRAD_CASES
+    ]
+    per_rank = run_distributed(_ring_gradients_worker, world_size, inputs, start_method="fork")
+    for index, ((*_, causal, layout, scale, dtype), (q, k, v, grad_output)) in enumerate(
+        zip(GRAD_CASES, inputs)
+    ):
+        leaves = [x.double().requires_grad_() for x in (q, k, v)]
+        attention(*leaves, causal=causal, scale=scale).backward(grad_output.double())
+        tolerance = {} if dtype == F64 else {"atol": 1e-5, "rtol": 1e-4}
+        for which, leaf in enumerate(leaves):
+            shards = [rank_results[index][which] for rank_results, _ in per_rank]
+            assert all(shard.dtype == dtype for shard in shards)
+            torch.testing.assert_close(
+                unshard_sequence(shards, layout=layout).double(), leaf.grad, **tolerance
+            )
+    assert not any(requires_grad for _, requires_grad in per_rank)
+
+
+def test_block_gradients_of_a_fully_masked_row_are_zero():
+    # One block pair as the backward ring sees it; query 0 comes before every key and sees nothing.
+    q, k, v, grad_output = randn(2, 1, 3, 4), randn(2, 1, 4, 4), randn(2, 1, 4, 3), randn(2, 1, 3, 3)
+    q_positions, k_positions = torch.tensor([0, 3, 5]), torch.tensor([1, 2, 4, 6])
+    out, lse = _partial_attention(q, k, v, q_positions, k_positions, True, 0.5)
+    delta = (grad_output * out).sum(-1)
+    grads = _block_gradients(q, k, v, grad_output, lse, delta, q_positions, k_positions, True, 0.5)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    visible = k_positions.view(1, -1) <= q_positions.view(-1, 1)
+    attention(*leaves, visible, scale=0.5).backward(grad_output)
+    for grad, leaf in zip(grads, leaves):
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad, leaf.grad)
+    assert (grads[0][:, :, 0] == 0).all() and (out[:, :, 0] == 0).all()
 
 
 # --- hybrid stacks ---------------------------------------------------------------------------------

@@ -17,9 +17,16 @@ same amount of unmasked work (:func:`ring_work`). Positions, not block order, de
 so the same ring loop serves both layouts: shard with :func:`shard_sequence`, put back together
 with :func:`unshard_sequence`.
 
+The ring is differentiable. Point-to-point messages carry no autograd history between processes,
+so :func:`ring_attention` has a hand-written backward that is a second ring, FlashAttention's
+backward (chapter 03) spread over ranks: each rank keeps its Q, dO, O and the forward's per-row
+logsumexp, recomputes the softmax weights ``P = exp(scale * Q K^T - lse)`` of each block pair,
+adds its share to its own dQ, and to dK/dV accumulators that travel around the ring behind their
+K/V block. After ``W`` hops every accumulator is back at the rank that owns the block.
+
 :func:`run_ring_attention` launches ``W`` CPU processes (gloo backend, loopback only), runs the
-ring and gathers the result; with as many GPUs as ranks it can use NCCL. The ring is a forward
-pass: point-to-point messages carry no autograd history between processes.
+ring (forward, and backward when given ``grad_output``) and gathers the result; with as many
+GPUs as ranks it can use NCCL.
 """
 
 from __future__ import annotations
@@ -36,7 +43,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..checks import check_attention_inputs, check_bool, check_choice, check_float, check_int, check_tensor
+from ..checks import (
+    check_attention_inputs,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_shape,
+    check_tensor,
+)
 from ..standard import attention
 from ..tiling import combine_partials
 
@@ -242,6 +257,239 @@ def _key_positions(causal, S, world_size, source, kv_lengths, layout, device):
     return torch.arange(kv_lengths[source], device=device)  # without a mask only the count matters
 
 
+def _block_probabilities(q, k, lse, q_positions, k_positions, causal, scale):
+    """``P = exp(scale * q k^T - lse)``, the forward's softmax weights recomputed for one block pair.
+
+    Masked entries are exactly 0, and so is every entry of a row that saw no key (lse ``-inf``).
+    """
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        visible = k_positions.unsqueeze(0) <= q_positions.unsqueeze(1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    # A row with lse -inf has only -inf scores; subtracting 0 instead keeps exp at 0, not NaN.
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(scores - safe_lse.unsqueeze(-1))
+
+
+def _block_gradients(q, k, v, grad_out, lse, delta, q_positions, k_positions, causal, scale):
+    """One block pair's share of the gradients, FlashAttention-style: ``(dq, dk, dv)``.
+
+    ``q``/``grad_out``/``lse``/``delta`` are the query rows' ``(B, H, T_b, D)``, ``(B, H, T_b, D_v)``,
+    ``(B, H, T_b)`` final logsumexp and ``delta = rowsum(grad_out * out)``; ``k``, ``v`` one key block.
+    """
+    probabilities = _block_probabilities(q, k, lse, q_positions, k_positions, causal, scale)
+    grad_v = probabilities.transpose(-2, -1) @ grad_out
+    # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) over all keys is delta.
+    grad_scores = probabilities * (grad_out @ v.transpose(-2, -1) - delta.unsqueeze(-1))
+    grad_q = (grad_scores @ k) * scale
+    grad_k = (grad_scores.transpose(-2, -1) @ q) * scale
+    return grad_q, grad_k, grad_v
+
+
+@dataclass
+class _RingPlan:
+    """What both rings need, worked out once per call: the layout, this rank's pieces, neighbours."""
+
+    causal: bool
+    scale: float
+    layout: str
+    group: dist.ProcessGroup | None
+    world_size: int
+    rank: int
+    seq_len: int  # T: total queries
+    kv_len: int  # S: total keys
+    kv_lengths: list[int]
+    q_positions: torch.Tensor
+    q_pieces: list[tuple[int, int, int, int]]
+    send_to: int
+    receive_from: int
+
+    def source(self, step: int) -> int:
+        """Whose key/value block this rank holds at ``step`` (blocks move from r to r + 1)."""
+        return (self.rank - step) % self.world_size
+
+    def block_pairs(self, source: int, device: torch.device):
+        """The key positions of ``source``'s block and the (query piece, key piece) pairs to compute."""
+        k_positions = _key_positions(
+            self.causal, self.kv_len, self.world_size, source, self.kv_lengths, self.layout, device
+        )
+        k_pieces = _rank_pieces(
+            self.causal, self.kv_len, self.world_size, source, self.kv_lengths[source], self.layout
+        )
+        return k_positions, _pair_plan(self.q_pieces, k_pieces, self.causal)
+
+    def exchange(self, outgoing: torch.Tensor, tag: int = 0) -> tuple[torch.Tensor, list]:
+        """Post "send ``outgoing`` to the next rank, receive a same-shaped tensor from the previous".
+
+        Messages in flight together between the same ranks get different ``tag``s, so a block can
+        never be matched with an accumulator.
+        """
+        incoming = torch.empty_like(outgoing)
+        requests = dist.batch_isend_irecv(
+            [
+                dist.P2POp(dist.isend, outgoing, self.send_to, self.group, tag),
+                dist.P2POp(dist.irecv, incoming, self.receive_from, self.group, tag),
+            ]
+        )
+        return incoming, requests
+
+
+def _ring_plan(q, k, v, causal, scale, group, layout) -> _RingPlan:
+    scale, world_size, rank, T, S, q_lengths, kv_lengths = _setup(q, k, v, causal, scale, group, layout)
+    q_positions = (
+        shard_positions(T, world_size, rank, layout=layout).to(q.device)
+        if causal
+        else torch.arange(q.shape[2], device=q.device)
+    )
+
+    def global_rank(group_rank: int) -> int:
+        return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+    return _RingPlan(
+        causal=causal,
+        scale=scale,
+        layout=layout,
+        group=group,
+        world_size=world_size,
+        rank=rank,
+        seq_len=T,
+        kv_len=S,
+        kv_lengths=kv_lengths,
+        q_positions=q_positions,
+        q_pieces=_rank_pieces(causal, T, world_size, rank, q.shape[2], layout),
+        send_to=global_rank((rank + 1) % world_size),
+        receive_from=global_rank((rank - 1) % world_size),
+    )
+
+
+def _wait(requests) -> None:
+    for request in requests:
+        request.wait()
+
+
+def _ring_forward(q, k, v, plan: _RingPlan):
+    """The forward ring: ``(out, lse, stats)`` with out ``(B, H, T_r, D_v)`` and lse ``(B, H, T_r)``
+    in the compute dtype (at least float32)."""
+    D = q.shape[-1]
+    queries = q.to(torch.promote_types(q.dtype, torch.float32))
+    out = queries.new_zeros(*q.shape[:3], v.shape[-1])
+    lse = queries.new_full(q.shape[:3], float("-inf"))
+    current = _packed_kv(
+        k, v, max(plan.kv_lengths)
+    )  # sent in the input dtype: half inputs send half the bytes
+    message_bytes = current.numel() * current.element_size()
+    bytes_sent = score_entries = 0
+    for step in range(plan.world_size):
+        source = plan.source(step)
+        if step < plan.world_size - 1:
+            # Post the transfer of the next block first, then compute while it is in flight.
+            incoming, requests = plan.exchange(current)
+            bytes_sent += message_bytes
+        block = current[:, :, : plan.kv_lengths[source]].to(queries.dtype)
+        keys, values = block[..., :D], block[..., D:]
+        k_positions, pairs = plan.block_pairs(source, q.device)
+        for (q_start, q_stop, _, _), (k_start, k_stop, _, _) in pairs:
+            part_out, part_lse = _partial_attention(
+                queries[:, :, q_start:q_stop],
+                keys[:, :, k_start:k_stop],
+                values[:, :, k_start:k_stop],
+                plan.q_positions[q_start:q_stop],
+                k_positions[k_start:k_stop],
+                plan.causal,
+                plan.scale,
+            )
+            # The online-softmax merge of chapter 03: rescale both by exp(lse_i - lse_total).
+            merged_out, merged_lse = combine_partials(
+                [out[:, :, q_start:q_stop], part_out], [lse[:, :, q_start:q_stop], part_lse]
+            )
+            out[:, :, q_start:q_stop] = merged_out
+            lse[:, :, q_start:q_stop] = merged_lse
+            score_entries += (q_stop - q_start) * (k_stop - k_start)
+        if step < plan.world_size - 1:
+            _wait(requests)
+            current = incoming
+    blocks_held = 2 if plan.world_size > 1 else 1
+    return out, lse, RingStats(bytes_sent, bytes_sent, score_entries, blocks_held)
+
+
+def _ring_backward(q, k, v, out, lse, grad_out, plan: _RingPlan):
+    """The backward ring: ``(dq, dk, dv)`` for this rank's shards, in the inputs' dtypes.
+
+    Q, dO, lse and ``delta = rowsum(dO * O)`` stay on their rank; each K/V block travels the ring
+    as in the forward, and a dK/dV accumulator for it travels one step behind, collecting every
+    rank's share. The accumulators make ``W`` hops (the blocks ``W - 1``), so each ends at its owner.
+    """
+    D = q.shape[-1]
+    compute_dtype = out.dtype
+    queries, grad_out = q.to(compute_dtype), grad_out.to(compute_dtype)
+    delta = (grad_out * out).sum(-1)
+    grad_q = torch.zeros_like(queries)
+    block_length = max(plan.kv_lengths)
+    current = _packed_kv(k, v, block_length)
+    arriving = None  # the accumulator sent by the previous rank, for the block we hold now
+    for step in range(plan.world_size):
+        source = plan.source(step)
+        if step < plan.world_size - 1:
+            incoming, requests = plan.exchange(current)
+        block = current[:, :, : plan.kv_lengths[source]].to(compute_dtype)
+        keys, values = block[..., :D], block[..., D:]
+        # This rank's share of the block's dK | dV, padded like the block so every message matches.
+        grad_kv = queries.new_zeros(*block.shape[:2], block_length, block.shape[-1])
+        k_positions, pairs = plan.block_pairs(source, q.device)
+        for (q_start, q_stop, _, _), (k_start, k_stop, _, _) in pairs:
+            part_q, part_k, part_v = _block_gradients(
+                queries[:, :, q_start:q_stop],
+                keys[:, :, k_start:k_stop],
+                values[:, :, k_start:k_stop],
+                grad_out[:, :, q_start:q_stop],
+                lse[:, :, q_start:q_stop],
+                delta[:, :, q_start:q_stop],
+                plan.q_positions[q_start:q_stop],
+                k_positions[k_start:k_stop],
+                plan.causal,
+                plan.scale,
+            )
+            grad_q[:, :, q_start:q_stop] += part_q
+            grad_kv[:, :, k_start:k_stop, :D] += part_k
+            grad_kv[:, :, k_start:k_stop, D:] += part_v
+        if arriving is not None:
+            # Wait for the previous rank's sum only now: its transfer overlapped our compute.
+            _wait(arriving[1])
+            grad_kv += arriving[0]
+        if plan.world_size > 1:
+            arriving = plan.exchange(grad_kv, tag=1)
+        if step < plan.world_size - 1:
+            _wait(requests)
+            current = incoming
+    if arriving is not None:
+        _wait(arriving[1])  # after W hops the accumulator of our own block is back
+        grad_kv = arriving[0]
+    S_local = k.shape[2]
+    grad_k = grad_kv[:, :, :S_local, :D].to(k.dtype)
+    grad_v = grad_kv[:, :, :S_local, D:].to(v.dtype)
+    return grad_q.to(q.dtype), grad_k, grad_v
+
+
+class _RingAttentionFunction(torch.autograd.Function):
+    """Ring attention with a hand-written backward that is itself a ring (autograd cannot follow
+    point-to-point messages between processes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, stats_sink):
+        out, lse, stats = _ring_forward(q, k, v, plan)
+        stats_sink.append(stats)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out.to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v = _ring_backward(q, k, v, out, lse, grad_out, ctx.plan)
+        return grad_q, grad_k, grad_v, None, None
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -260,71 +508,18 @@ def ring_attention(
     shards must come from :func:`shard_sequence` of one sequence (``S == T``) with ``layout``;
     global positions, derived from the rank and the layout, decide what each query sees.
 
-    Returns this rank's ``(B, H, T_r, D_v)`` output in q's dtype (and :class:`RingStats`).
+    Differentiable: when the inputs require grad, ``backward`` runs a second ring that returns
+    this rank's ``dq``, ``dk``, ``dv``. It exchanges messages, so every rank of the group must run
+    its backward (as in any data- or sequence-parallel training step).
+
+    Returns this rank's ``(B, H, T_r, D_v)`` output in q's dtype (and :class:`RingStats` of the
+    forward ring).
     """
     check_bool(return_stats, "return_stats")
-    scale, world_size, rank, T, S, q_lengths, kv_lengths = _setup(q, k, v, causal, scale, group, layout)
-    D = q.shape[-1]
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    queries = q.to(compute_dtype)
-    q_positions = (
-        shard_positions(T, world_size, rank, layout=layout).to(q.device)
-        if causal
-        else torch.arange(q.shape[2], device=q.device)
-    )
-    q_pieces = _rank_pieces(causal, T, world_size, rank, q.shape[2], layout)
-    out = queries.new_zeros(*q.shape[:3], v.shape[-1])
-    lse = queries.new_full(q.shape[:3], float("-inf"))
-
-    def global_rank(group_rank: int) -> int:
-        return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
-    send_to, receive_from = global_rank((rank + 1) % world_size), global_rank((rank - 1) % world_size)
-    current = _packed_kv(k, v, max(kv_lengths))  # sent in the input dtype: half inputs send half the bytes
-    message_bytes = current.numel() * current.element_size()
-    bytes_sent = score_entries = 0
-    for step in range(world_size):
-        source = (rank - step) % world_size  # whose block we hold at this step
-        if step < world_size - 1:
-            # Post the transfer of the next block first, then compute while it is in flight.
-            incoming = torch.empty_like(current)
-            requests = dist.batch_isend_irecv(
-                [
-                    dist.P2POp(dist.isend, current, send_to, group),
-                    dist.P2POp(dist.irecv, incoming, receive_from, group),
-                ]
-            )
-            bytes_sent += message_bytes
-        block = current[:, :, : kv_lengths[source]].to(compute_dtype)
-        keys, values = block[..., :D], block[..., D:]
-        k_positions = _key_positions(causal, S, world_size, source, kv_lengths, layout, q.device)
-        k_pieces = _rank_pieces(causal, S, world_size, source, kv_lengths[source], layout)
-        for (q_start, q_stop, _, _), (k_start, k_stop, _, _) in _pair_plan(q_pieces, k_pieces, causal):
-            part_out, part_lse = _partial_attention(
-                queries[:, :, q_start:q_stop],
-                keys[:, :, k_start:k_stop],
-                values[:, :, k_start:k_stop],
-                q_positions[q_start:q_stop],
-                k_positions[k_start:k_stop],
-                causal,
-                scale,
-            )
-            # The online-softmax merge of chapter 03: rescale both by exp(lse_i - lse_total).
-            merged_out, merged_lse = combine_partials(
-                [out[:, :, q_start:q_stop], part_out], [lse[:, :, q_start:q_stop], part_lse]
-            )
-            out[:, :, q_start:q_stop] = merged_out
-            lse[:, :, q_start:q_stop] = merged_lse
-            score_entries += (q_stop - q_start) * (k_stop - k_start)
-        if step < world_size - 1:
-            for request in requests:
-                request.wait()
-            current = incoming
-    result = out.to(q.dtype)
-    if not return_stats:
-        return result
-    blocks_held = 2 if world_size > 1 else 1
-    return result, RingStats(bytes_sent, bytes_sent, score_entries, blocks_held)
+    plan = _ring_plan(q, k, v, causal, scale, group, layout)
+    stats_sink: list[RingStats] = []
+    result = _RingAttentionFunction.apply(q, k, v, plan, stats_sink)
+    return (result, stats_sink[0]) if return_stats else result
 
 
 def all_gather_attention(
@@ -342,7 +537,8 @@ def all_gather_attention(
 
     Same arguments and result as :func:`ring_attention`. Each rank sends its block to the
     ``W - 1`` others (the same bytes as the ring) but then holds all ``W`` blocks, the whole
-    K/V, and cannot start computing before the gather ends.
+    K/V, and cannot start computing before the gather ends. Forward only: the gather carries no
+    autograd history, so k and v get no gradient (use :func:`ring_attention` to train).
     """
     check_bool(return_stats, "return_stats")
     scale, world_size, rank, T, S, q_lengths, kv_lengths = _setup(q, k, v, causal, scale, group, layout)
@@ -481,17 +677,19 @@ def run_distributed(
         ]
 
 
-def _attention_worker(rank, world_size, q_shards, k_shards, v_shards, method, options):
+def _attention_worker(rank, world_size, q_shards, k_shards, v_shards, grad_shards, method, options):
     device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
     function = ring_attention if method == "ring" else all_gather_attention
-    out, stats = function(
-        q_shards[rank].to(device),
-        k_shards[rank].to(device),
-        v_shards[rank].to(device),
-        return_stats=True,
-        **options,
+    wants_grad = grad_shards is not None
+    q, k, v = (
+        shards[rank].to(device).requires_grad_(wants_grad) for shards in (q_shards, k_shards, v_shards)
     )
-    return out.cpu(), stats
+    out, stats = function(q, k, v, return_stats=True, **options)
+    if not wants_grad:
+        return out.cpu(), stats, None
+    # Every rank runs its backward: the backward ring needs all of them.
+    out.backward(grad_shards[rank].to(device))
+    return out.detach().cpu(), stats, tuple(x.grad.cpu() for x in (q, k, v))
 
 
 def run_ring_attention(
@@ -504,17 +702,27 @@ def run_ring_attention(
     scale: float | None = None,
     layout: str = "contiguous",
     method: str = "ring",
+    grad_output: torch.Tensor | None = None,
     backend: str | None = None,
     start_method: str | None = None,
     timeout: float = 120.0,
     return_stats: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, list[RingStats]]:
+) -> (
+    torch.Tensor
+    | tuple[torch.Tensor, list[RingStats]]
+    | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[RingStats]]
+):
     """Shard full ``(B, H, T, D)`` inputs over ``world_size`` processes, run the ring, gather.
 
     ``backend`` defaults to NCCL when q is on CUDA with at least ``world_size`` GPUs, else gloo
     on CPU processes; ``start_method`` as in :func:`run_distributed`. ``method="all_gather"``
     runs :func:`all_gather_attention` instead. Returns the ``(B, H, T, D_v)`` output on q's
     device (and each rank's :class:`RingStats`).
+
+    With ``grad_output`` ``(B, H, T, D_v)`` (the gradient of a loss with respect to the output),
+    every rank also runs the backward ring, and the result gains ``(dq, dk, dv)``, gathered to
+    the full sequence like q, k, v: ``out, (dq, dk, dv)`` (then the stats). Ring method only.
     """
     B, H, T, S, D, D_v = check_attention_inputs(q, k, v)
     world_size = check_int(world_size, "world_size", min=1, max=min(T, S))
@@ -526,17 +734,28 @@ def run_ring_attention(
         raise ValueError(f"k: causal ring attention is self-attention and needs S == T, got S={S}, T={T}")
     if scale is not None:
         scale = check_float(scale, "scale")
+    if grad_output is not None:
+        check_tensor(grad_output, "grad_output", floating=True)
+        check_shape(grad_output, "grad_output", (B, H, T, D_v), names="B, H, T, D_v")
+        if method != "ring":
+            raise ValueError(
+                f"grad_output: gradients need method='ring' (the all-gather is forward only), got {method!r}"
+            )
     if backend is None:
         enough_gpus = q.is_cuda and dist.is_nccl_available() and torch.cuda.device_count() >= world_size
         backend = "nccl" if enough_gpus else "gloo"
     check_choice(backend, "backend", ("gloo", "nccl"))
     source = (lambda x: x.detach()) if backend == "nccl" else (lambda x: x.detach().cpu())
     shards = [shard_sequence(source(x), world_size, layout=layout) for x in (q, k, v)]
+    grad_shards = (
+        None if grad_output is None else shard_sequence(source(grad_output), world_size, layout=layout)
+    )
     options = {"causal": causal, "scale": scale, "layout": layout}
     results = run_distributed(
         _attention_worker,
         world_size,
         *shards,
+        grad_shards,
         method,
         options,
         backend=backend,
@@ -544,4 +763,13 @@ def run_ring_attention(
         timeout=timeout,
     )
     out = unshard_sequence([r[0] for r in results], layout=layout).to(q.device)
-    return (out, [r[1] for r in results]) if return_stats else out
+    outputs: tuple = (out,)
+    if grad_output is not None:
+        grads = tuple(
+            unshard_sequence([r[2][index] for r in results], layout=layout).to(x.device)
+            for index, x in enumerate((q, k, v))
+        )
+        outputs += (grads,)
+    if return_stats:
+        outputs += ([r[1] for r in results],)
+    return outputs[0] if len(outputs) == 1 else outputs
