@@ -6,7 +6,8 @@ each operation and the roofline ``min(peak, intensity * bandwidth)``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -197,35 +198,38 @@ def roofline_explorer_view(
     return view
 
 
-def roofline_explorer(extra_accelerators: Mapping[str, Accelerator] | None = None) -> widgets.Widget:
-    """Accelerator, operation, batch, length and heads -> the point on the roofline and its bound."""
-    devices = [*ACCELERATORS, *(extra_accelerators or {})]
+def _attention_shape_explorer(
+    view_function: Callable[..., dict], num_kv_heads: int, **first_sliders: widgets.Widget
+) -> widgets.VBox:
+    """``first_sliders`` plus heads, KV heads (starting at ``num_kv_heads``), head dim and dtype ->
+    ``view_function``'s HTML below them.
+
+    KV heads cannot outnumber query heads: the KV-heads slider is clipped instead of raising.
+    Returns a VBox whose ``interactive`` attribute is the ``ipywidgets.interactive`` (for tests).
+    """
     out = widgets.HTML()
 
     def update(**controls) -> dict:
         controls["num_kv_heads"] = min(controls["num_kv_heads"], controls["num_heads"])
-        view = roofline_explorer_view(**controls, extra_accelerators=extra_accelerators)
+        view = view_function(**controls)
         out.value = view["html"]
         return view
 
+    heads = widgets.SelectionSlider(options=[8, 16, 32, 64, 128], value=32, description="heads")
+    kv_heads = widgets.SelectionSlider(
+        options=[1, 2, 4, 8, 16, 32], value=num_kv_heads, description="KV heads"
+    )
     controls = widgets.interactive(
         update,
-        accelerator=widgets.Dropdown(options=devices, value="H100-SXM", description="device"),
-        operation=widgets.Dropdown(options=OPERATIONS, value="attention decode", description="operation"),
-        batch=widgets.SelectionSlider(options=[2**p for p in range(0, 9)], value=1, description="batch"),
-        seq_len=widgets.SelectionSlider(
-            options=[2**p for p in range(7, 18)], value=4096, description="length"
-        ),
-        num_heads=widgets.SelectionSlider(options=[8, 16, 32, 64, 128], value=32, description="heads"),
-        num_kv_heads=widgets.SelectionSlider(options=[1, 2, 4, 8, 16, 32], value=32, description="KV heads"),
+        **first_sliders,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
         head_dim=widgets.SelectionSlider(options=[64, 128, 256], value=128, description="head dim"),
         dtype=widgets.Dropdown(options=list(DTYPES), value="bfloat16", description="dtype"),
         draw=widgets.fixed(True),
     )
-    heads, kv_heads = controls.children[4], controls.children[5]
 
     def keep_kv_heads_valid(_change=None) -> None:
-        # KV heads cannot outnumber query heads; clip the slider instead of raising.
         if kv_heads.value > heads.value:
             kv_heads.value = heads.value
 
@@ -234,6 +238,21 @@ def roofline_explorer(extra_accelerators: Mapping[str, Accelerator] | None = Non
     box = widgets.VBox([controls, out])
     box.interactive = controls
     return box
+
+
+def roofline_explorer(extra_accelerators: Mapping[str, Accelerator] | None = None) -> widgets.Widget:
+    """Accelerator, operation, batch, length and heads -> the point on the roofline and its bound."""
+    devices = [*ACCELERATORS, *(extra_accelerators or {})]
+    return _attention_shape_explorer(
+        functools.partial(roofline_explorer_view, extra_accelerators=extra_accelerators),
+        32,
+        accelerator=widgets.Dropdown(options=devices, value="H100-SXM", description="device"),
+        operation=widgets.Dropdown(options=OPERATIONS, value="attention decode", description="operation"),
+        batch=widgets.SelectionSlider(options=[2**p for p in range(0, 9)], value=1, description="batch"),
+        seq_len=widgets.SelectionSlider(
+            options=[2**p for p in range(7, 18)], value=4096, description="length"
+        ),
+    )
 
 
 # --- (b) prefill / decode intensity calculator -------------------------------------------------
@@ -321,34 +340,11 @@ def intensity_calculator_view(
 
 def intensity_calculator() -> widgets.Widget:
     """Length, batch, heads, KV heads, head dim and dtype -> prefill and decode intensities and bounds."""
-    out = widgets.HTML()
-
-    def update(**controls) -> dict:
-        controls["num_kv_heads"] = min(controls["num_kv_heads"], controls["num_heads"])
-        view = intensity_calculator_view(**controls)
-        out.value = view["html"]
-        return view
-
-    controls = widgets.interactive(
-        update,
+    return _attention_shape_explorer(
+        intensity_calculator_view,
+        8,  # start at grouped-query attention: 32 heads share 8 KV heads
         seq_len=widgets.SelectionSlider(
             options=[2**p for p in range(6, 18)], value=4096, description="length"
         ),
         batch=widgets.SelectionSlider(options=[2**p for p in range(0, 9)], value=1, description="batch"),
-        num_heads=widgets.SelectionSlider(options=[8, 16, 32, 64, 128], value=32, description="heads"),
-        num_kv_heads=widgets.SelectionSlider(options=[1, 2, 4, 8, 16, 32], value=8, description="KV heads"),
-        head_dim=widgets.SelectionSlider(options=[64, 128, 256], value=128, description="head dim"),
-        dtype=widgets.Dropdown(options=list(DTYPES), value="bfloat16", description="dtype"),
-        draw=widgets.fixed(True),
     )
-    heads, kv_heads = controls.children[2], controls.children[3]
-
-    def keep_kv_heads_valid(_change=None) -> None:
-        if kv_heads.value > heads.value:
-            kv_heads.value = heads.value
-
-    heads.observe(keep_kv_heads_valid, names="value")
-    kv_heads.observe(keep_kv_heads_valid, names="value")
-    box = widgets.VBox([controls, out])
-    box.interactive = controls
-    return box
