@@ -444,3 +444,16 @@ def test_gallery_figure_is_registered():
 def test_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+def test_decoding_error_equals_eviction_error_through_gathered_keys(small_decoding):
+    """DecodingAttention.error (masked SDPA, full output cached) vs the library's gather-based form."""
+    from course_lib.sparse import eviction_error
+
+    sources = [*small_decoding.layers, ch05.synthetic_decoding_attention(cache_len=40, new_tokens=6)]
+    for data in sources:
+        for policy in ch05.POLICIES:
+            keep = ch05.policy_keep(policy, data, 7, num_sinks=2)
+            expected = eviction_error(*data.decode, data.decode_keep(keep), causal=True)
+            assert data.error(keep) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+            assert expected > 0.01  # a real eviction, not the trivial zero

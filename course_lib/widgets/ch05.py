@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..bench import Measurement, format_bytes, format_table, sweep
 from ..checks import check_bool, check_choice, check_float, check_int, check_tensor
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, repeat_kv
 from ..models import (
     TinyTransformer,
     attention_inputs,
@@ -565,7 +565,7 @@ def evicted_loss(decoding: TrainedDecoding, keeps: list[torch.Tensor] | tuple[to
 
     def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         group = q.shape[1] // k.shape[1]  # SDPA is ~5x faster here than the course's masked softmax
-        return _masked_sdpa(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), masks[index])
+        return _masked_sdpa(q, repeat_kv(k, group), repeat_kv(v, group), masks[index])
 
     # The prompt's cache is the same for every policy: only the new tokens run, on a copy of it.
     cache = copy.deepcopy(decoding.prompt_cache)
