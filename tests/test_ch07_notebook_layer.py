@@ -19,7 +19,7 @@ from course_lib.exercises.ch07 import (
 )
 from course_lib.figures import FIGURES
 from course_lib.figures.ch07 import TAXONOMY, ttt_prediction_errors
-from course_lib.recurrent import delta_rule, gated_delta_rule, gla
+from course_lib.recurrent import delta_rule, gated_delta_rule, gla, ssd
 from course_lib.widgets import ch07 as w07
 
 F64 = torch.float64
@@ -338,3 +338,17 @@ def test_speedups_divide_recurrent_by_chunk_time():
         Measurement("ssd chunk", 8, 1.0, None),
     ]
     assert bench07.speedups(results) == {("gla", 8): 4.0}
+
+
+def test_run_method_passes_each_method_its_own_inputs():
+    x = bench07.recurrent_inputs(20)
+    torch.testing.assert_close(
+        bench07.run_method("delta_rule", x, form="recurrent"),
+        delta_rule(x["q"], x["unit_k"], x["v"], x["beta"], form="recurrent"),
+    )
+    torch.testing.assert_close(
+        bench07.run_method("ssd", x, chunk_size=8),
+        ssd(x["v"], x["dt"], x["A"], x["k"], x["q"], form="parallel"),
+    )
+    with pytest.raises(ValueError, match="name"):
+        bench07.run_method("mamba", x)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bench import Measurement, random_qkv, sweep
-from ..checks import check_int
+from ..checks import check_choice, check_int
 from ..recurrent import delta_rule, gla, ssd
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "RECURRENT_MAX_T",
     "METHODS",
     "recurrent_inputs",
+    "run_method",
     "recurrent_suite",
     "recurrent_chunk_suite",
     "recurrent_sweep",
@@ -60,14 +61,23 @@ def recurrent_inputs(T: int, device="cpu", dtype=torch.float32) -> dict[str, tor
     }
 
 
+def run_method(name: str, x: dict[str, torch.Tensor], **options):
+    """Call ``gla``, ``delta_rule`` or ``ssd`` on :func:`recurrent_inputs` ``x``; ``options`` pass through.
+
+    The delta rule reads the unit keys; SSD maps x <- v, B <- k, C <- q with its own dt and A.
+    """
+    check_choice(name, "name", METHODS)
+    if name == "gla":
+        return gla(x["q"], x["k"], x["v"], x["g"], **options)
+    if name == "delta_rule":
+        return delta_rule(x["q"], x["unit_k"], x["v"], x["beta"], **options)
+    return ssd(x["v"], x["dt"], x["A"], x["k"], x["q"], **options)
+
+
 def _method(name: str, form: str, device, dtype):
     def build(T: int):
         x = recurrent_inputs(T, device, dtype)
-        if name == "gla":
-            return lambda: gla(x["q"], x["k"], x["v"], x["g"], form=form, chunk_size=CHUNK)
-        if name == "delta_rule":
-            return lambda: delta_rule(x["q"], x["unit_k"], x["v"], x["beta"], form=form, chunk_size=CHUNK)
-        return lambda: ssd(x["v"], x["dt"], x["A"], x["k"], x["q"], form=form, chunk_size=CHUNK)
+        return lambda: run_method(name, x, form=form, chunk_size=CHUNK)
 
     return build
 

@@ -46,11 +46,10 @@ from ..bench import Measurement, format_bytes, format_table, loglog_slope
 from ..checks import check_choice, check_int
 from ..linear import linear_attention
 from ..recall import RECALL_MIXERS, MQARTask, mqar_batch, train_recall
-from ..recurrent import delta_rule, gla, ssd
 from ..sparse import sliding_window_attention
 from ..standard import attention
 from ..tiling import flash_attention
-from .ch07 import recurrent_inputs
+from .ch07 import recurrent_inputs, run_method
 
 __all__ = [
     "SUITES",
@@ -103,11 +102,10 @@ ALL_METHODS = {
     "flash": lambda x: flash_attention(x["q"], x["k"], x["v"], causal=True, block_q=128, block_k=128),
     "window": lambda x: sliding_window_attention(x["q"], x["k"], x["v"], WINDOW, causal=True),
     "linear": lambda x: linear_attention(x["q"], x["k"], x["v"], causal=True, form="chunk", chunk_size=CHUNK),
-    "gla": lambda x: gla(x["q"], x["k"], x["v"], x["g"], form="chunk", chunk_size=CHUNK),
-    "delta_rule": lambda x: delta_rule(
-        x["q"], x["unit_k"], x["v"], x["beta"], form="chunk", chunk_size=CHUNK
-    ),
-    "ssd": lambda x: ssd(x["v"], x["dt"], x["A"], x["k"], x["q"], form="chunk", chunk_size=CHUNK),
+    # chapter 07's methods, each on its own inputs of recurrent_inputs (see run_method)
+    "gla": lambda x: run_method("gla", x, form="chunk", chunk_size=CHUNK),
+    "delta_rule": lambda x: run_method("delta_rule", x, form="chunk", chunk_size=CHUNK),
+    "ssd": lambda x: run_method("ssd", x, form="chunk", chunk_size=CHUNK),
 }
 
 # The inputs each mechanism reads: the train phase differentiates with respect to all of them.
@@ -201,40 +199,10 @@ def decode_step(name: str, x: dict[str, torch.Tensor], T: int | None = None) -> 
         return lambda: linear_attention(
             new["q"], new["k"], new["v"], form="recurrent", initial_state=state, output_final_state=True
         )
-    if name == "gla":
-        run = lambda y, form, state: gla(  # noqa: E731
-            y["q"],
-            y["k"],
-            y["v"],
-            y["g"],
-            form=form,
-            chunk_size=CHUNK,
-            initial_state=state,
-            output_final_state=True,
-        )
-    elif name == "delta_rule":
-        run = lambda y, form, state: delta_rule(  # noqa: E731
-            y["q"],
-            y["unit_k"],
-            y["v"],
-            y["beta"],
-            form=form,
-            chunk_size=CHUNK,
-            initial_state=state,
-            output_final_state=True,
-        )
-    else:
-        run = lambda y, form, state: ssd(  # noqa: E731
-            y["v"],
-            y["dt"],
-            y["A"],
-            y["k"],
-            y["q"],
-            form=form,
-            chunk_size=CHUNK,
-            initial_state=state,
-            output_final_state=True,
-        )
+
+    def run(y, form, state):
+        return run_method(name, y, form=form, chunk_size=CHUNK, initial_state=state, output_final_state=True)
+
     state = run(context, "chunk", None)[1] if T > 1 else None
     return lambda: run(new, "recurrent", state)
 
