@@ -583,6 +583,8 @@ def test_ttt_mlp_bad_input():
         ttt_mlp(q, k, v, lr, (W1, W2), mini_batch_size=0)
     with pytest.raises(ValueError, match="form"):
         ttt_mlp(q, k, v, lr, (W1, W2), form="parallel")
+    with pytest.raises(TypeError, match="output_final_state"):
+        ttt_mlp(q, k, v, lr, (W1, W2), output_final_state="yes")
 
 
 def test_rwkv6_matches_the_paper_formula():

@@ -37,7 +37,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_attention_inputs, check_divisible, check_int, check_shape, check_tensor
+from ..checks import (
+    check_attention_inputs,
+    check_bool,
+    check_choice,
+    check_divisible,
+    check_int,
+    check_shape,
+    check_tensor,
+)
 from ._common import check_options, check_per_step, check_scale, check_state, compute_dtype
 from .delta_rule import delta_chunk_scan
 
@@ -183,7 +191,8 @@ def ttt_mlp(
     B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
     if S != T:
         raise ValueError(f"k must have the same length T={T} as q, got k {tuple(k.shape)}")
-    check_options(form, 1, output_final_state, ("recurrent", "chunk"))
+    check_choice(form, "form", ("recurrent", "chunk"))  # no chunk_size: the mini-batch is the chunk
+    check_bool(output_final_state, "output_final_state")
     mini_batch_size = check_int(mini_batch_size, "mini_batch_size", min=1)
     check_per_step(lr, "lr", q)
     if not bool(torch.isfinite(lr).all()) or bool((lr < 0).any()):
