@@ -568,3 +568,25 @@ def test_stats_bytes_moved_checks_its_argument():
     with pytest.raises(ValueError, match="bytes_per_element"):
         FlashStats().bytes_moved(0)
     assert math.isclose(FlashStats(elements_read=3, elements_written=2).bytes_moved(2), 10)
+
+
+def test_tile_gradients_of_one_whole_tile_equal_autograd():
+    """With the tile holding every key, its shares are the full gradients of masked attention."""
+    from course_lib.tiling import tile_gradients
+
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 5, 4, generator=generator, dtype=torch.float64)
+    k = torch.randn(2, 3, 7, 4, generator=generator, dtype=torch.float64)
+    v = torch.randn(2, 3, 7, 6, generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(2, 3, 5, 6, generator=generator, dtype=torch.float64)
+    mask = torch.rand(5, 7, generator=generator) > 0.3
+    mask[:, 0] = True  # every row sees a key
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    scores = (leaves[0] @ leaves[1].transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ leaves[2]
+    expected = torch.autograd.grad(out, leaves, grad_out)
+    with torch.no_grad():
+        row_terms = -(grad_out * out).sum(-1)
+        actual = tile_gradients(q, k, v, grad_out, scores, scores.logsumexp(-1), row_terms, 0.5)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)

@@ -53,7 +53,7 @@ from ..checks import (
     check_tensor,
 )
 from ..standard import attention
-from ..tiling import combine_partials
+from ..tiling import combine_partials, tile_gradients
 
 __all__ = [
     "shard_positions",
@@ -257,10 +257,12 @@ def _key_positions(causal, S, world_size, source, kv_lengths, layout, device):
     return torch.arange(kv_lengths[source], device=device)  # without a mask only the count matters
 
 
-def _block_probabilities(q, k, lse, q_positions, k_positions, causal, scale):
-    """``P = exp(scale * q k^T - lse)``, the forward's softmax weights recomputed for one block pair.
+def _block_gradients(q, k, v, grad_out, lse, delta, q_positions, k_positions, causal, scale):
+    """One block pair's share of the gradients, FlashAttention's tile backward: ``(dq, dk, dv)``.
 
-    Masked entries are exactly 0, and so is every entry of a row that saw no key (lse ``-inf``).
+    ``q``/``grad_out``/``lse``/``delta`` are the query rows' ``(B, H, T_b, D)``, ``(B, H, T_b, D_v)``,
+    ``(B, H, T_b)`` final logsumexp and ``delta = rowsum(grad_out * out)``; ``k``, ``v`` one key block.
+    Global positions decide the causal mask, as in the forward.
     """
     scores = (q @ k.transpose(-2, -1)) * scale
     if causal:
@@ -268,22 +270,7 @@ def _block_probabilities(q, k, lse, q_positions, k_positions, causal, scale):
         scores = scores.masked_fill(~visible, float("-inf"))
     # A row with lse -inf has only -inf scores; subtracting 0 instead keeps exp at 0, not NaN.
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.exp(scores - safe_lse.unsqueeze(-1))
-
-
-def _block_gradients(q, k, v, grad_out, lse, delta, q_positions, k_positions, causal, scale):
-    """One block pair's share of the gradients, FlashAttention-style: ``(dq, dk, dv)``.
-
-    ``q``/``grad_out``/``lse``/``delta`` are the query rows' ``(B, H, T_b, D)``, ``(B, H, T_b, D_v)``,
-    ``(B, H, T_b)`` final logsumexp and ``delta = rowsum(grad_out * out)``; ``k``, ``v`` one key block.
-    """
-    probabilities = _block_probabilities(q, k, lse, q_positions, k_positions, causal, scale)
-    grad_v = probabilities.transpose(-2, -1) @ grad_out
-    # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) over all keys is delta.
-    grad_scores = probabilities * (grad_out @ v.transpose(-2, -1) - delta.unsqueeze(-1))
-    grad_q = (grad_scores @ k) * scale
-    grad_k = (grad_scores.transpose(-2, -1) @ q) * scale
-    return grad_q, grad_k, grad_v
+    return tile_gradients(q, k, v, grad_out, scores, safe_lse, -delta, scale)
 
 
 @dataclass

@@ -6,7 +6,7 @@ Read the modules in the notebook's order: ``online_softmax`` (streaming max and 
 """
 
 from .decoding import flash_decoding
-from .flash import FlashStats, TileStep, flash_attention, flash_attention_trace
+from .flash import FlashStats, TileStep, flash_attention, flash_attention_trace, tile_gradients
 from .io_cost import IOCost, io_cost
 from .online_softmax import combine_partials, merge_softmax_stats, online_softmax
 from .quantized import quantize_blocks, quantized_attention, random_hadamard, random_orthogonal
@@ -17,6 +17,7 @@ __all__ = [
     "combine_partials",
     "flash_attention",
     "flash_attention_trace",
+    "tile_gradients",
     "FlashStats",
     "TileStep",
     "io_cost",

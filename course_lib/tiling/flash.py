@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 from ..checks import check_attention_inputs, check_bool, check_choice, check_float, check_int
 from .online_softmax import _finite_or_zero
 
-__all__ = ["FlashStats", "TileStep", "flash_attention", "flash_attention_trace"]
+__all__ = ["FlashStats", "TileStep", "flash_attention", "flash_attention_trace", "tile_gradients"]
 
 
 # --- bookkeeping: what the loops did ---------------------------------------------------------
@@ -234,6 +234,32 @@ _FORWARDS = {"fa1": _forward_fa1, "fa2": _forward_fa2}
 # --- the backward pass ------------------------------------------------------------------------
 
 
+def tile_gradients(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor,
+    scores: torch.Tensor,
+    lse: torch.Tensor,
+    row_terms: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One tile's share of the attention gradients, with the weights recomputed from the logsumexp.
+
+    q ``(B, H, T_b, D)``, k ``(B, H, S_b, D)``, v ``(B, H, S_b, D_v)``, grad_out ``(B, H, T_b, D_v)``;
+    ``scores = scale * q k^T`` with ``-inf`` where masked, ``(B, H, T_b, S_b)``; ``lse`` the rows'
+    final logsumexp ``(B, H, T_b)`` (``+inf`` or ``0`` for a row that saw no key, so P is 0);
+    ``row_terms`` is ``-rowsum(grad_out * out)`` plus any gradient on the logsumexp, ``(B, H, T_b)``.
+    ``P = exp(scores - lse)``, ``dS = P * (dO V^T + row_terms)``; returns ``(scale dS K,
+    scale dS^T Q, P^T dO)``: this tile's additions to dQ, dK and dV.
+    """
+    probabilities = torch.exp(scores - lse.unsqueeze(-1))
+    grad_scores = probabilities * (grad_out @ v.transpose(-2, -1) + row_terms.unsqueeze(-1))
+    grad_q = scale * (grad_scores @ k)
+    grad_k = scale * (grad_scores.transpose(-2, -1) @ q)
+    return grad_q, grad_k, probabilities.transpose(-2, -1) @ grad_out
+
+
 def _backward(q, k, v, out, lse, grad_out, grad_lse, scale, causal, block_q, block_k):
     """FlashAttention-2's backward: outer loop over K/V blocks, P recomputed block by block."""
     T, S = q.shape[2], k.shape[2]
@@ -257,14 +283,14 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, scale, causal, block_q, blo
             scores = _block_scores(
                 q_block, k_block, scale, visibility, (q_start, q_end), (k_start, k_end), offset
             )
-            probabilities = torch.exp(scores - safe_lse[:, :, rows].unsqueeze(-1))
-            grad_v_block += probabilities.transpose(-2, -1) @ grad_out_block
-            grad_probabilities = grad_out_block @ v_block.transpose(-2, -1)
             # d lse / d s = P, so a gradient on the logsumexp adds to (dP - D).
-            row_terms = (grad_lse[:, :, rows] - delta[:, :, rows]).unsqueeze(-1)
-            grad_scores = probabilities * (grad_probabilities + row_terms)
-            grad_q[:, :, rows] += scale * (grad_scores @ k_block)
-            grad_k_block += scale * (grad_scores.transpose(-2, -1) @ q_block)
+            row_terms = grad_lse[:, :, rows] - delta[:, :, rows]
+            tile_q, tile_k, tile_v = tile_gradients(
+                q_block, k_block, v_block, grad_out_block, scores, safe_lse[:, :, rows], row_terms, scale
+            )
+            grad_q[:, :, rows] += tile_q
+            grad_k_block += tile_k
+            grad_v_block += tile_v
         grad_k[:, :, k_start:k_end] = grad_k_block
         grad_v[:, :, k_start:k_end] = grad_v_block
     return grad_q, grad_k, grad_v
