@@ -7,6 +7,7 @@ the right kind that is out of range, and every message starts with the argument'
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Sequence
 
@@ -23,6 +24,8 @@ __all__ = [
     "check_divisible",
     "check_bool",
     "check_generator",
+    "compute_dtype",
+    "resolve_scale",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -178,3 +181,29 @@ def check_generator(generator: object, seed: object) -> torch.Generator:
         return generator
     seed = 0 if seed is None else check_int(seed, "seed", min=0)
     return torch.Generator().manual_seed(seed)
+
+
+def compute_dtype(x: torch.Tensor | torch.dtype) -> torch.dtype:
+    """The dtype every mechanism accumulates in: float64 stays float64, anything else is float32.
+
+    Half-precision inputs are computed in float32 and cast back at the end; float64 is kept so
+    that gradient checks and the course's float64 agreement tests stay exact.
+    """
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    return torch.promote_types(dtype, torch.float32)
+
+
+def resolve_scale(scale: object, head_dim: int, name: str = "scale") -> float:
+    """The score scale: ``head_dim ** -0.5`` when ``scale`` is None, else a finite real number.
+
+    Zero and negative scales are allowed (a zero scale gives uniform weights); bools, inf and
+    NaN are refused, since they silently turn every output into NaN.
+    """
+    if scale is None:
+        return float(head_dim) ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name} must be a real number or None, got {type(scale).__name__}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be a finite number")
+    return value

@@ -773,9 +773,15 @@ def test_bad_initial_state_shape(method):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m.name != "ssd"], ids=lambda m: m.name)
 def test_bad_scale(method):
+    # One rule everywhere: a finite real number (0 and negatives allowed); inf, NaN and bools refused.
     inputs, _ = draw(method, T=4, with_state=False)
-    with pytest.raises(ValueError, match="scale"):
-        method.call(inputs, scale=-1.0)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            method.call(inputs, scale=bad)
+    with pytest.raises(TypeError, match="scale"):
+        method.call(inputs, scale=True)
+    for allowed in (0.0, -1.0):
+        assert torch.isfinite(method.call(inputs, scale=allowed)).all()
 
 
 def test_bad_helper_arguments():

@@ -12,33 +12,100 @@ with matrix products: inside a chunk like masked attention, across chunks throug
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+
 import torch
 
-from ..checks import check_bool, check_choice, check_float, check_int, check_shape, check_tensor
-
-# Accumulate in float32 for half inputs, keep float64 when the caller asks for it.
-COMPUTE_DTYPES = (torch.float32, torch.float64)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; everything else is accumulated in float32."""
-    return x.dtype if x.dtype in COMPUTE_DTYPES else torch.float32
+from ..checks import (
+    check_attention_inputs,
+    check_bool,
+    check_choice,
+    check_int,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    resolve_scale,
+)
+from .runner import State
 
 
 def check_options(
     form: object, chunk_size: object, output_final_state: object, forms: tuple[str, ...]
 ) -> None:
-    """Check the keyword options every recurrent method shares."""
+    """Check the keyword options every recurrent method shares (TODO: fold into check_recurrent_inputs)."""
     check_choice(form, "form", forms)
     check_int(chunk_size, "chunk_size", min=1)
     check_bool(output_final_state, "output_final_state")
 
 
 def check_scale(scale: object, head_dim: int) -> float:
-    """Default ``D_k ** -0.5``; an explicit scale must be a positive number."""
-    if scale is None:
-        return head_dim**-0.5
-    return check_float(scale, "scale", min=0.0, min_open=True)
+    """TODO: callers move to :func:`course_lib.checks.resolve_scale`."""
+    return resolve_scale(scale, head_dim)
+
+
+def check_recurrent_inputs(
+    q: object,
+    k: object,
+    v: object,
+    *,
+    form: object,
+    forms: tuple[str, ...],
+    chunk_size: object,
+    scale: object,
+    initial_state: object,
+    output_final_state: object,
+    query_name: str = "q",
+) -> tuple[int, int, int, int, int, float]:
+    """The checks every recurrent method shares; returns ``(B, H, T, D_k, D_v, scale)``.
+
+    q, k: (B, H, T, D_k); v: (B, H, T, D_v); ``initial_state`` None or (B, H, D_k, D_v); the
+    scale follows the course's one rule (:func:`course_lib.checks.resolve_scale`).
+    """
+    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
+    if S != T:
+        raise ValueError(f"k must have the same length T={T} as {query_name}, got k {tuple(k.shape)}")
+    check_choice(form, "form", forms)
+    check_int(chunk_size, "chunk_size", min=1)
+    check_bool(output_final_state, "output_final_state")
+    check_state(initial_state, (B, H, D_k, D_v), q.device)
+    return B, H, T, D_k, D_v, resolve_scale(scale, D_k)
+
+
+def run_form(
+    forms: Mapping[str, Callable[..., tuple[torch.Tensor, State]]],
+    form: str,
+    tensors: Sequence[torch.Tensor],
+    state: State,
+    *,
+    value_dim: int,
+    output_final_state: bool,
+) -> torch.Tensor | tuple[torch.Tensor, State]:
+    """The envelope every recurrent method shares: cast in, run the chosen form, cast back.
+
+    ``tensors`` (queries first) and ``state`` are cast to the compute dtype (float32 for half
+    inputs, float64 kept); ``forms[form](*tensors, state)`` returns ``(o, final_state)``. For
+    T = 0 no form runs: the output is ``(B, H, 0, value_dim)`` and the final state is ``state``.
+    Returns ``o`` in the queries' dtype, and the final state (compute dtype) when asked.
+    """
+    input_dtype, dtype = tensors[0].dtype, compute_dtype(tensors[0])
+    tensors = [x.to(dtype) for x in tensors]
+    state = tuple(s.to(dtype) for s in state) if isinstance(state, tuple) else state.to(dtype)
+    B, H, T = tensors[0].shape[:3]
+    if T == 0:
+        o = tensors[0].new_zeros(B, H, 0, value_dim)
+    else:
+        o, state = forms[form](*tensors, state)
+    o = o.to(input_dtype)
+    return (o, state) if output_final_state else o
+
+
+def zero_state(
+    q: torch.Tensor, key_dim: int, value_dim: int, initial_state: torch.Tensor | None
+) -> torch.Tensor:
+    """``initial_state`` as given, or zeros of shape (B, H, D_k, D_v) on q's device."""
+    if initial_state is not None:
+        return initial_state
+    return torch.zeros(*q.shape[:2], key_dim, value_dim, device=q.device, dtype=compute_dtype(q))
 
 
 def check_per_step(x: object, name: str, like: torch.Tensor) -> torch.Tensor:

@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_attention_inputs, check_shape, check_tensor
-from ._common import check_log_gate, check_options, check_scale, check_state, chunk_gated_scan, compute_dtype
+from ..checks import check_shape, check_tensor
+from ._common import check_log_gate, check_recurrent_inputs, chunk_gated_scan, run_form, zero_state
+from .runner import read_state, run_recurrence
 
 __all__ = ["gla"]
 
 
-def _gla_recurrent(q, k, v, g, scale, initial_state):
-    """Naive reference: q, k, g (B, H, T, D_k); v (B, H, T, D_v). Returns (o, final state)."""
-    B, H, T, D_k = q.shape
-    state = q.new_zeros(B, H, D_k, v.shape[-1]) if initial_state is None else initial_state
-    outputs = []
-    for t in range(T):
-        state = g[:, :, t, :, None].exp() * state + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t] * scale, state))
-    return torch.stack(outputs, dim=2), state
+def _gla_recurrent(q, k, v, g, scale, state):
+    """Naive reference: decay every row of S by its own gate, write k v^T, read S^T (scale q)."""
+    return run_recurrence(
+        q.shape[2],
+        state,
+        decay=lambda t, S: g[:, :, t, :, None].exp() * S,
+        write=lambda t, S: k[:, :, t, :, None] * v[:, :, t, None, :],
+        read=lambda t, S: read_state(q[:, :, t] * scale, S),
+    )
 
 
 def gla(
@@ -49,22 +50,23 @@ def gla(
     state (float32, or float64 for float64 inputs) when ``output_final_state``.
     With ``g = 0`` this is unnormalised causal linear attention.
     """
-    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
-    if S != T:
-        raise ValueError(f"k must have the same length T={T} as q, got k {tuple(k.shape)}")
-    check_options(form, chunk_size, output_final_state, ("recurrent", "chunk"))
+    B, H, T, D_k, D_v, scale = check_recurrent_inputs(
+        q,
+        k,
+        v,
+        form=form,
+        forms=("recurrent", "chunk"),
+        chunk_size=chunk_size,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
     check_tensor(g, "g", ndim=4, floating=True)
     check_shape(g, "g", (B, H, T, D_k), names="B, H, T, D_k")
     check_log_gate(g, "g")
-    scale = check_scale(scale, D_k)
-    check_state(initial_state, (B, H, D_k, D_v), q.device)
-
-    input_dtype, dtype = q.dtype, compute_dtype(q)
-    q, k, v, g = (x.to(dtype) for x in (q, k, v, g))
-    state = None if initial_state is None else initial_state.to(dtype)
-    if form == "recurrent":
-        o, state = _gla_recurrent(q, k, v, g, scale, state)
-    else:
-        o, state = chunk_gated_scan(q * scale, k, v, g, chunk_size, state)
-    o = o.to(input_dtype)
-    return (o, state) if output_final_state else o
+    forms = {
+        "recurrent": lambda q, k, v, g, S: _gla_recurrent(q, k, v, g, scale, S),
+        "chunk": lambda q, k, v, g, S: chunk_gated_scan(q * scale, k, v, g, chunk_size, S),
+    }
+    state = zero_state(q, D_k, D_v, initial_state)
+    return run_form(forms, form, (q, k, v, g), state, value_dim=D_v, output_final_state=output_final_state)
