@@ -1,0 +1,100 @@
+"""Compact attention (chapter 04): fewer key/value heads, or a compressed latent cache."""
+
+from __future__ import annotations
+
+from ..kv_cache import MultiHeadLatentAttention, gqa_attention
+from ..mixers import AttentionMixer
+from . import builders, costs
+from .core import Mechanism, register
+
+
+def _gqa(kv_heads):
+    """Declaration pieces of grouped-query attention with ``kv_heads(geometry)`` key/value heads."""
+
+    def inputs(T, g, generator):
+        return builders.qkv(T, g, generator, kv_heads=kv_heads(g))
+
+    def call(x, *, causal=True):
+        return gqa_attention(x["q"], x["k"], x["v"], causal=causal)
+
+    def state_numbers(T, g):
+        return T * kv_heads(g) * (g.head_dim + g.dv)
+
+    def cost(phase, T, g):
+        # The compute of attention is unchanged; a decoding step reads H / H_kv times fewer bytes.
+        c = costs.softmax(phase, T, g, materialises=True)
+        if phase == "decode":
+            c["bytes"] -= costs.F32 * 2 * T * g.head_dim * (g.heads - kv_heads(g))
+        return c
+
+    return {"inputs": inputs, "call": call, "state_numbers": state_numbers, "cost": cost}
+
+
+register(
+    Mechanism(
+        name="mqa",
+        title="MQA",
+        family="compact",
+        chapter=4,
+        summary="all query heads share one key/value head: an H-fold smaller KV cache",
+        reference="Fast Transformer Decoding: One Write-Head is All You Need, Shazeer, 2019",
+        function=gqa_attention,
+        decode="cache",
+        mixer=lambda d_model, num_heads, **options: AttentionMixer(
+            d_model, num_heads, num_kv_heads=1, **options
+        ),
+        config_fields=("rope",),
+        **_gqa(lambda g: 1),
+    )
+)
+
+register(
+    Mechanism(
+        name="gqa",
+        title="GQA",
+        family="compact",
+        chapter=4,
+        summary="groups of query heads share a key/value head: H / H_kv times smaller KV cache",
+        reference="GQA: Training Generalized Multi-Query Transformer Models, Ainslie et al., 2023",
+        function=gqa_attention,
+        decode="cache",
+        mixer=lambda d_model, num_heads, *, num_kv_heads=None, **options: AttentionMixer(
+            d_model, num_heads, num_kv_heads=num_kv_heads or max(num_heads // 2, 1), **options
+        ),
+        config_fields=("num_kv_heads", "rope"),
+        **_gqa(lambda g: g.kv_heads),
+    )
+)
+
+register(
+    Mechanism(
+        name="mla",
+        title="MLA",
+        family="compact",
+        chapter=4,
+        summary="keys and values rebuilt from a small cached latent (plus a decoupled RoPE key)",
+        reference="DeepSeek-V2, DeepSeek-AI, 2024",
+        function=MultiHeadLatentAttention,
+        decode="cache",
+        # The latent (latent_dim) and the shared RoPE key (rope_dim) per token; the chapter-04 layer's
+        # defaults are a latent of 4 head dims and a RoPE key of half a head dim.
+        state_numbers=lambda T, g: T * (4 * g.head_dim + g.head_dim // 2),
+        mixer=lambda d_model, num_heads, *, latent_dim=16, rope_dim=8, mla_mode="absorbed": _MLAMixer(
+            d_model, num_heads, latent_dim=latent_dim, rope_dim=rope_dim, mode=mla_mode
+        ),
+        config_fields=("latent_dim", "rope_dim", "mla_mode"),
+    )
+)
+
+
+class _MLAMixer(MultiHeadLatentAttention):
+    """Chapter 04's latent attention with the inference path (``mode``) fixed at construction."""
+
+    def __init__(self, d_model, num_heads, *, latent_dim, rope_dim, mode):
+        super().__init__(
+            d_model, num_heads, head_dim=d_model // num_heads, latent_dim=latent_dim, rope_dim=rope_dim
+        )
+        self.mode = mode
+
+    def forward(self, x, *, cache=None, layer_index=0):
+        return super().forward(x, cache=cache, layer_index=layer_index, mode=self.mode)

@@ -1,0 +1,111 @@
+"""Sparse attention (chapter 05): each query sees a subset of the keys."""
+
+from __future__ import annotations
+
+import torch
+
+from ..mixers import AttentionMixer
+from ..sparse import block_sparse_attention, lsh_attention, sliding_window_attention, topk_attention
+from . import builders, costs
+from .core import Mechanism, register
+
+WINDOW = 256  # keys per query of the sliding window (the query included) in the comparison
+BLOCK = 64  # block size of the block-sparse layout and of LSH's chunks
+
+
+def _band_layout(T: int, block: int, device) -> torch.Tensor:
+    """The diagonal block and the one before it, causal: a block-wise local band."""
+    blocks = -(-T // block)
+    rows = torch.arange(blocks, device=device)
+    offset = rows[:, None] - rows[None, :]
+    return (offset >= 0) & (offset <= 1)
+
+
+register(
+    Mechanism(
+        name="sliding_window",
+        title="sliding window",
+        family="sparse",
+        chapter=5,
+        summary="each query sees the last w keys: O(T w) time, a KV cache of w tokens",
+        reference="Longformer, Beltagy, Peters and Cohan, 2020; Mistral 7B, Jiang et al., 2023",
+        function=sliding_window_attention,
+        inputs=builders.qkv,
+        call=lambda x, *, window, causal=True: sliding_window_attention(
+            x["q"], x["k"], x["v"], window, causal=causal
+        ),
+        options={"window": WINDOW},
+        decode="cache",
+        cache_window=WINDOW,
+        state_numbers=lambda T, g: min(T, WINDOW) * g.heads * (g.head_dim + g.dv),
+        cost=lambda phase, T, g: costs.window(phase, T, g, window=WINDOW),
+        mixer=lambda d_model, num_heads, *, window=16, **options: AttentionMixer(
+            d_model, num_heads, core="window", window=window, **options
+        ),
+        config_fields=("rope",),
+    )
+)
+
+register(
+    Mechanism(
+        name="block_sparse",
+        title="block-sparse (band)",
+        family="sparse",
+        chapter=5,
+        summary="only the active tiles of a block layout are computed (here a causal band of 2 blocks)",
+        reference="Generating Long Sequences with Sparse Transformers, Child et al., 2019",
+        function=block_sparse_attention,
+        inputs=builders.qkv,
+        call=lambda x, *, block_size, causal=True: block_sparse_attention(
+            x["q"],
+            x["k"],
+            x["v"],
+            _band_layout(x["q"].shape[2], block_size, x["q"].device),
+            block_size,
+            causal=causal,
+        ),
+        options={"block_size": BLOCK},
+        cost=lambda phase, T, g: costs.window(phase, T, g, window=BLOCK),
+    )
+)
+
+register(
+    Mechanism(
+        name="topk",
+        title="top-k",
+        family="sparse",
+        chapter=5,
+        summary="each query keeps its k best keys; choosing them still needs every score",
+        reference="Memory-efficient Transformers via Top-k Attention, Gupta et al., 2021",
+        function=topk_attention,
+        inputs=builders.qkv,
+        call=lambda x, *, top_k, causal=True: topk_attention(x["q"], x["k"], x["v"], top_k, causal=causal),
+        options={"top_k": 32},
+        decode="cache",
+        state_numbers=lambda T, g: T * g.heads * (g.head_dim + g.dv),
+        cost=lambda phase, T, g: costs.softmax(phase, T, g, materialises=True),
+    )
+)
+
+register(
+    Mechanism(
+        name="lsh",
+        title="LSH (Reformer)",
+        family="sparse",
+        chapter=5,
+        summary="hash shared queries/keys into buckets; attend within a bucket's chunk and the one before",
+        # Its buckets and chunks are drawn over the whole sequence, so a later token can move an
+        # earlier one into another chunk: causal masking, but not a mixer a decoder can run step by step.
+        causal=False,
+        reference="Reformer: The Efficient Transformer, Kitaev, Kaiser and Levskaya, 2020",
+        function=lsh_attention,
+        inputs=lambda T, g, generator: {
+            key: value for key, value in builders.qkv(T, g, generator).items() if key in ("q", "v")
+        },
+        call=lambda x, *, num_buckets, chunk_size, causal=True: lsh_attention(
+            x["q"], x["v"], num_buckets=num_buckets, chunk_size=chunk_size, causal=causal, seed=0
+        ),
+        options={"num_buckets": 8, "chunk_size": BLOCK},
+        trainable=("q", "v"),
+    )
+)

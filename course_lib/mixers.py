@@ -1,0 +1,178 @@
+"""One causal attention layer for the softmax family: full, grouped-query, windowed or linear.
+
+Every token mixer of the course maps ``x (B, T, d_model)`` to ``(B, T, d_model)`` causally. The
+recurrent mechanisms have their layers in :mod:`course_lib.recurrent.layers`; this module holds
+the one layer that the attention-like mechanisms share, because they differ only in the core
+that turns ``q, k, v`` into the output:
+
+- ``core="softmax"``: exact causal softmax attention (MHA with ``num_kv_heads = num_heads``,
+  GQA with fewer key/value heads, MQA with one);
+- ``core="window"``: sliding-window attention over the last ``window`` tokens;
+- ``core="linear"``: causal linear attention (elu + 1 features, chunk form).
+
+Around the core: q, k, v projections (``num_kv_heads`` heads for k and v), an optional short
+causal convolution over q, k and v (``conv_size``, as Zoology's recall models use), optional
+rotary positions (``rope``) and an output projection. With a :class:`~course_lib.kv_cache.KVCache`
+the layer decodes: new keys and values are appended and the queries attend to everything cached
+(softmax and window cores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checks import check_bool, check_choice, check_divisible, check_int, check_tensor
+from .kv_cache import KVCache, repeat_kv
+from .linear import linear_attention
+from .recurrent.layers import ShortConvolution
+from .sparse import sliding_window_attention
+from .standard import apply_rope, causal_mask
+
+__all__ = ["CORES", "AttentionMixer", "causal_softmax"]
+
+CORES = ("softmax", "window", "linear")
+
+
+def causal_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention with the diagonal aligned to the end, GQA-aware, fused.
+
+    q (B, H, T, D); k, v (B, H_kv, S, D) with S >= T. PyTorch's fused kernel computes the same
+    numbers as :func:`course_lib.standard.attention` (tested in chapter 01) with a fused backward,
+    which keeps training the tiny models affordable on a CPU. Its ``is_causal`` aligns the
+    diagonal to the start, so a query block shorter than the keys gets an explicit mask.
+    """
+    T, S = q.shape[2], k.shape[2]
+    group = q.shape[1] != k.shape[1]
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group)
+    mask = causal_mask(T, S, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group)
+
+
+class AttentionMixer(nn.Module):
+    """A causal attention layer: ``x (B, T, d_model) -> (B, T, d_model)``, see the module docstring.
+
+    Args:
+        d_model, num_heads: width and query heads (``head_dim = d_model / num_heads`` by default).
+        num_kv_heads: key/value heads, dividing ``num_heads`` (default ``num_heads``: MHA).
+        core: one of :data:`CORES`.
+        window: tokens a query sees with ``core="window"`` (itself included).
+        conv_size: width of the short causal convolution over q, k, v (0: none).
+        rope: rotate queries and keys by their positions.
+        chunk_size: chunk length of the linear core.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        core: str = "softmax",
+        window: int = 16,
+        conv_size: int = 0,
+        rope: bool = False,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.d_model = check_int(d_model, "d_model", min=1)
+        self.num_heads = check_int(num_heads, "num_heads", min=1)
+        self.num_kv_heads = (
+            self.num_heads if num_kv_heads is None else check_int(num_kv_heads, "num_kv_heads", min=1)
+        )
+        check_divisible(self.num_heads, "num_heads", self.num_kv_heads, "num_kv_heads")
+        if head_dim is None:
+            check_divisible(d_model, "d_model", num_heads, "num_heads")
+            head_dim = d_model // num_heads
+        self.head_dim = check_int(head_dim, "head_dim", min=1)
+        self.core = check_choice(core, "core", CORES)
+        self.window = check_int(window, "window", min=1)
+        self.conv_size = check_int(conv_size, "conv_size", min=0)
+        self.rope = check_bool(rope, "rope")
+        self.chunk_size = check_int(chunk_size, "chunk_size", min=1)
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d_model, q_width, bias=False)
+        self.k_proj = nn.Linear(d_model, kv_width, bias=False)
+        self.v_proj = nn.Linear(d_model, kv_width, bias=False)
+        self.conv = ShortConvolution(q_width + 2 * kv_width, conv_size) if conv_size > 0 else None
+        self.out_proj = nn.Linear(q_width, d_model, bias=False)
+
+    # Set only by course_lib.models.forward_with_attention: replaces the core by attend(q, k, v).
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def kv_numbers_per_token(self) -> int:
+        """Numbers this layer caches per token: ``2 * num_kv_heads * head_dim``."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def make_cache(self, num_layers, batch_size, max_len, *, dtype=torch.float32, device=None) -> KVCache:
+        """A KV cache for ``num_layers`` layers like this one (the model shares one across blocks)."""
+        if self.core == "linear" or self.conv is not None:
+            raise ValueError(
+                f"core={self.core!r}, conv_size={self.conv_size}: only softmax and window cores without a "
+                "short convolution decode from a KV cache"
+            )
+        return KVCache(
+            num_layers, batch_size, self.num_kv_heads, max_len, self.head_dim, dtype=dtype, device=device
+        )
+
+    def queries_keys_values(
+        self, x: torch.Tensor, *, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project ``x (B, T, d_model)`` to ``q (B, H, T, D)`` and ``k, v (B, H_kv, T, D)``.
+
+        With RoPE, queries and keys are rotated at positions ``start .. start + T - 1`` (``start``
+        is the number of tokens already cached).
+        """
+        check_tensor(x, "x", ndim=3, floating=True)
+        B, T, width = x.shape
+        if width != self.d_model:
+            raise ValueError(f"x must have last dim d_model={self.d_model}, got shape {tuple(x.shape)}")
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.conv is not None:
+            q, k, v = self.conv(torch.cat([q, k, v], dim=-1)).split(
+                [q.shape[-1], k.shape[-1], v.shape[-1]], -1
+            )
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope:
+            positions = torch.arange(start, start + T, device=x.device)
+            q, k = apply_rope(q, positions), apply_rope(k, positions)
+        return q, k, v
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head output ``(B, H, T, D)`` -> the layer output ``(B, T, d_model)``, through ``out_proj``."""
+        B, H, T, D = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+    def forward(self, x: torch.Tensor, *, cache=None, layer_index: int = 0) -> torch.Tensor:
+        if cache is not None and (self.core == "linear" or self.conv is not None):
+            raise ValueError("cache: this layer has no KV cache (linear core or short convolution)")
+        start = 0 if cache is None else cache.length(layer_index)
+        q, k, v = self.queries_keys_values(x, start=start)
+        if cache is not None:
+            k, v = cache.append(layer_index, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.attend is not None:
+            return self.merge_heads(self.attend(q, k, v))
+        return self.merge_heads(self._core(q, k, v))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.core == "softmax":
+            return causal_softmax(q, k, v)
+        group = self.num_heads // self.num_kv_heads
+        k, v = (repeat_kv(t, group) for t in (k, v)) if group > 1 else (k, v)
+        if self.core == "window":
+            return sliding_window_attention(q, k, v, self.window, causal=True)
+        return linear_attention(q, k, v, causal=True, form="chunk", chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"core={self.core!r}, conv_size={self.conv_size}, rope={self.rope}"
+        )

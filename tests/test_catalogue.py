@@ -1,0 +1,209 @@
+"""The catalogue of mechanisms: one declaration per mechanism, and the contract every entry keeps.
+
+The tests below iterate the catalogue, so a new declaration is checked without editing this
+file: its inputs run, its causal mechanisms do not look ahead, its forms agree, its decoding
+step equals the last row of a full pass, and its declared state size equals the state it keeps.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from course_lib import catalogue
+from course_lib.catalogue import Geometry, Mechanism
+
+F64 = torch.float64
+SMALL = Geometry(batch=2, heads=2, head_dim=8, kv_heads=1)
+RUNNABLE = catalogue.mechanisms(has="run")
+CAUSAL = [m for m in RUNNABLE if m.causal]
+IDS = lambda m: m.name  # noqa: E731
+
+
+def output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def numel(state) -> int:
+    return sum(part.numel() for part in state) if isinstance(state, tuple) else state.numel()
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+
+def test_names_are_unique_and_lookup_is_by_name():
+    names = catalogue.names()
+    assert len(names) == len(set(names)) >= 20
+    for name in names:
+        assert catalogue.get(name).name == name
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="name='softmax'.*gla"):
+        catalogue.get("softmax")
+    with pytest.raises(TypeError, match="name"):
+        catalogue.get(3)
+
+
+def test_declaring_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match="declared twice"):
+        catalogue.register(catalogue.get("gla"))
+    with pytest.raises(TypeError, match="mechanism"):
+        catalogue.register("gla")
+
+
+def test_filters():
+    assert set(catalogue.names(family="linear")) >= {"linear_attention", "gla", "deltanet"}
+    assert all(m.chapter == 7 for m in catalogue.mechanisms(chapter=7))
+    assert all(m.has("mixer") and m.has("decode") for m in catalogue.mechanisms(has=("mixer", "decode")))
+    chapters = [m.chapter for m in catalogue.mechanisms()]
+    assert chapters == sorted(chapters)
+    with pytest.raises(ValueError, match="family"):
+        catalogue.mechanisms(family="fast")
+    with pytest.raises(ValueError, match="capability"):
+        catalogue.mechanisms(has="speed")
+
+
+def test_a_declaration_checks_itself():
+    with pytest.raises(ValueError, match="family"):
+        Mechanism("x", "x", "fast", 1, "", "", function=len)
+    with pytest.raises(ValueError, match="inputs and call"):
+        Mechanism("x", "x", "exact", 1, "", "", function=len, inputs=lambda T, g, gen: {})
+    with pytest.raises(ValueError, match="decode"):
+        Mechanism("x", "x", "exact", 1, "", "", function=len, decode="both")
+
+
+def test_lookup_never_depends_on_import_order():
+    # A fresh interpreter that imports nothing else first.
+    code = "from course_lib.catalogue import get; print(get('gla').title, get('mamba2').chapter)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["GLA", "7"]
+
+
+# --- every runnable mechanism -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mechanism", RUNNABLE, ids=IDS)
+@pytest.mark.parametrize("T", [1, 19])
+def test_runs_on_its_inputs(mechanism, T):
+    x = mechanism.make_inputs(T, SMALL, dtype=F64, seed=3)
+    o = output(mechanism.run(x))
+    assert o.shape == (SMALL.batch, SMALL.heads, T, SMALL.dv)
+    assert o.dtype == F64 and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("mechanism", RUNNABLE, ids=IDS)
+def test_inputs_are_seeded(mechanism):
+    a, b, c = (mechanism.make_inputs(11, SMALL, seed=s) for s in (1, 1, 2))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert any(not torch.equal(a[key], c[key]) for key in a if key not in mechanism.static_inputs)
+    assert set(mechanism.trainable) <= set(a)
+
+
+@pytest.mark.parametrize("mechanism", CAUSAL, ids=IDS)
+def test_causal_mechanisms_do_not_look_ahead(mechanism):
+    T = 23
+    x, other = (mechanism.make_inputs(T, SMALL, dtype=F64, seed=s) for s in (4, 40))
+    changed = {  # the last token's inputs replaced by another draw from the same distribution
+        key: value
+        if key in mechanism.static_inputs
+        else torch.cat([value[:, :, :-1], other[key][:, :, -1:]], 2)
+        for key, value in x.items()
+    }
+    before, after = output(mechanism.run(x)), output(mechanism.run(changed))
+    torch.testing.assert_close(before[:, :, :-1], after[:, :, :-1], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(before[:, :, -1], after[:, :, -1])
+
+
+@pytest.mark.parametrize("mechanism", [m for m in RUNNABLE if m.forms], ids=IDS)
+def test_every_form_gives_the_same_numbers(mechanism):
+    x = mechanism.make_inputs(21, SMALL, dtype=F64, seed=5)
+    reference = output(mechanism.run(x, form=mechanism.forms[0]))
+    for form in mechanism.forms[1:]:
+        options = {"chunk_size": 16} if "chunk_size" in mechanism.options else {}
+        torch.testing.assert_close(output(mechanism.run(x, form=form, **options)), reference)
+
+
+def decode_last(mechanism: Mechanism, x, T: int):
+    """One decoding step for token T (1-based), as chapter 08's decode phase runs it."""
+    last = mechanism.tokens(x, T - 1, T)
+    if mechanism.decode == "state":
+        _, state = mechanism.run(mechanism.tokens(x, 0, T - 1), output_final_state=True)
+        o, new_state = mechanism.run(last, form="recurrent", initial_state=state, output_final_state=True)
+        return o, new_state
+    first = 0 if mechanism.cache_window is None else max(T - mechanism.cache_window, 0)
+    cache = mechanism.tokens(x, first, T)
+    return mechanism.run({**cache, **{key: last[key] for key in ("q",)}}), None
+
+
+@pytest.mark.parametrize("mechanism", catalogue.mechanisms(has="decode"), ids=IDS)
+def test_decoding_one_token_equals_the_last_row_of_a_full_pass(mechanism):
+    T = 17
+    x = mechanism.make_inputs(T, SMALL, dtype=F64, seed=6)
+    full = output(mechanism.run(x))
+    step, _ = decode_last(mechanism, x, T)
+    torch.testing.assert_close(output(step)[:, :, 0], full[:, :, -1])
+
+
+@pytest.mark.parametrize("mechanism", catalogue.mechanisms(has=("decode", "state")), ids=IDS)
+def test_declared_state_size_is_the_state_it_keeps(mechanism):
+    one = Geometry(batch=1, heads=2, head_dim=8, kv_heads=1)
+    T = 13
+    x = mechanism.make_inputs(T, one, dtype=F64, seed=7)
+    if mechanism.decode == "state":
+        _, state = mechanism.run(x, output_final_state=True)
+        kept = numel(state)
+    else:  # the keys and values a decoding step reads
+        window = T if mechanism.cache_window is None else min(T, mechanism.cache_window)
+        kept = x["k"][:, :, -window:].numel() + x["v"][:, :, -window:].numel()
+    assert mechanism.state_numbers(T, one) == kept
+    assert mechanism.state_bytes(T, one, dtype=torch.float16) == 2 * kept
+
+
+@pytest.mark.parametrize("mechanism", catalogue.mechanisms(has="cost"), ids=IDS)
+def test_cost_model(mechanism):
+    g = Geometry()
+    for phase in catalogue.PHASES:
+        cost = mechanism.cost(phase, 1024, g)
+        assert cost["flops"] > 0 and cost["bytes"] > 0
+    train, prefill = mechanism.cost("train", 1024, g), mechanism.cost("prefill", 1024, g)
+    assert train["flops"] == 3 * prefill["flops"]
+    if not mechanism.has("decode"):
+        return
+    short, long = mechanism.cost("decode", 256, g), mechanism.cost("decode", 4096, g)
+    if mechanism.decode == "state" or mechanism.cache_window:
+        assert long == short  # a fixed-size state (or window): decoding cost does not grow with T
+    else:
+        assert long["bytes"] > 8 * short["bytes"]
+
+
+# --- mixers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mechanism", catalogue.mechanisms(has="mixer"), ids=IDS)
+def test_mixers_are_causal_token_mixers(mechanism):
+    torch.manual_seed(0)
+    layer = mechanism.build_mixer(32, 4).double()
+    x = torch.randn(2, 13, 32, dtype=F64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    changed = torch.cat([x[:, :-1], x[:, -1:] + 1.0], dim=1)
+    torch.testing.assert_close(layer(changed)[:, :-1], y[:, :-1], rtol=1e-10, atol=1e-10)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_a_mechanism_without_a_mixer_says_which_have_one():
+    with pytest.raises(ValueError, match="no token-mixer layer.*gla"):
+        catalogue.get("sdpa").build_mixer(32, 4)
+
+
+def test_gates_describe_the_recurrences():
+    for mechanism in catalogue.mechanisms(has="gates"):
+        assert mechanism.family == "linear" and "recurrent" in mechanism.forms
+    assert catalogue.get("gla").gates.forget == "vector"
+    assert catalogue.get("deltanet").gates.write == "delta"
+    assert catalogue.get("retnet").gates.forget == "fixed"
