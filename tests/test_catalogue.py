@@ -159,7 +159,7 @@ def test_declared_state_size_is_the_state_it_keeps(mechanism):
     else:  # the keys and values a decoding step reads
         window = T if mechanism.cache_window is None else min(T, mechanism.cache_window)
         kept = x["k"][:, :, -window:].numel() + x["v"][:, :, -window:].numel()
-    assert mechanism.state_numbers(T, one) == kept
+    assert mechanism.state_numbers(T, one, **mechanism.options) == kept
     assert mechanism.state_bytes(T, one, dtype=torch.float16) == 2 * kept
 
 

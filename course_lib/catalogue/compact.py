@@ -17,7 +17,7 @@ def _gqa(kv_heads):
     def call(x, *, causal=True):
         return gqa_attention(x["q"], x["k"], x["v"], causal=causal)
 
-    def state_numbers(T, g):
+    def state_numbers(T, g, **_):
         return T * kv_heads(g) * (g.head_dim + g.dv)
 
     def cost(phase, T, g):
@@ -78,7 +78,7 @@ register(
         decode="cache",
         # The latent (latent_dim) and the shared RoPE key (rope_dim) per token; the chapter-04 layer's
         # defaults are a latent of 4 head dims and a RoPE key of half a head dim.
-        state_numbers=lambda T, g: T * (4 * g.head_dim + g.head_dim // 2),
+        state_numbers=lambda T, g, **_: T * (4 * g.head_dim + g.head_dim // 2),
         mixer=lambda d_model, num_heads, *, latent_dim=16, rope_dim=8, mla_mode="absorbed": _MLAMixer(
             d_model, num_heads, latent_dim=latent_dim, rope_dim=rope_dim, mode=mla_mode
         ),

@@ -103,11 +103,15 @@ class Mechanism:
         decode: how it decodes one token: "cache" (attend to the cached keys and values), "state"
             (one recurrent step from a fixed-size state) or None (no decoding phase).
         cache_window: for "cache": at most this many cached tokens are read (sliding window).
-        state_numbers: ``state_numbers(T, geometry) -> int``: numbers one sequence keeps per layer
-            for decoding after T tokens (KV cache or recurrent state).
+        state_numbers: ``state_numbers(T, geometry, **options) -> int``: numbers one sequence keeps
+            per layer for decoding after T tokens (KV cache or recurrent state); ``options`` are
+            ``call``'s (e.g. the window).
         cost: ``cost(phase, T, geometry) -> {"flops", "bytes"}``: a model of one call (float32).
         mixer: ``mixer(d_model, num_heads, **options) -> nn.Module`` mapping (B, T, d_model) to
             (B, T, d_model) causally, or None.
+        mixer_geometry: ``mixer_geometry(d_model, num_heads) -> Geometry``: the heads and state
+            sizes of the mixer at its default options (default: ``num_heads`` heads of
+            ``d_model / num_heads``), so the state of a model's layer can be read off the catalogue.
         config_fields: fields of ``models.ModelConfig`` passed to ``mixer`` as options.
         gates: :class:`Gates` of a recurrent mechanism, or None.
     """
@@ -128,9 +132,10 @@ class Mechanism:
     static_inputs: tuple[str, ...] = ()
     decode: str | None = None
     cache_window: int | None = None
-    state_numbers: Callable[[int, Geometry], int] | None = None
+    state_numbers: Callable[..., int] | None = None
     cost: Callable[[str, int, Geometry], dict[str, float]] | None = None
     mixer: Callable[..., nn.Module] | None = None
+    mixer_geometry: Callable[[int, int], Geometry] | None = None
     config_fields: tuple[str, ...] = ()
     gates: Gates | None = None
 

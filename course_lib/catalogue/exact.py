@@ -20,7 +20,7 @@ def _sdpa(x, *, causal: bool = True):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, device=q.device))
 
 
-def _kv_cache(T, g):
+def _kv_cache(T, g, **_):
     return T * g.heads * (g.head_dim + g.dv)
 
 

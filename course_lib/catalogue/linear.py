@@ -11,7 +11,7 @@ CHUNK = 64
 LINFORMER_K = 64  # projected length k of Linformer
 
 
-def _linear_state(T, g, features=None):
+def _linear_state(T, g, features=None, **_):
     """S = sum phi(k) v^T and the normaliser z = sum phi(k), with D' features (D by default)."""
     features = g.head_dim if features is None else features
     return g.heads * features * (g.dv + 1)
@@ -60,7 +60,7 @@ register(
         options={"form": "chunk", "chunk_size": CHUNK},
         forms=("parallel", "recurrent", "chunk"),
         decode="state",
-        state_numbers=lambda T, g: _linear_state(T, g, _favor_features(g.head_dim)),
+        state_numbers=lambda T, g, **_: _linear_state(T, g, _favor_features(g.head_dim)),
         cost=lambda phase, T, g: costs.chunked(phase, T, g, chunk=CHUNK),
     )
 )

@@ -31,13 +31,13 @@ from ..recurrent.layers import (
     TTTLinearMixer,
 )
 from . import builders, costs
-from .core import Gates, Mechanism, register
+from .core import Gates, Geometry, Mechanism, register
 
 CHUNK = 64
 TTT_HIDDEN = 2  # TTT-MLP's hidden width, in multiples of D_k
 
 
-def _matrix_state(T, g):
+def _matrix_state(T, g, **_):
     return g.heads * g.head_dim * g.dv
 
 
@@ -121,9 +121,14 @@ _recurrent(
     call=lambda x, **o: ssd(x["x"], x["dt"], x["A"], x["B"], x["C"], **o),
     static_inputs=("A",),
     trainable=("C", "B", "x", "dt", "A"),
-    state_numbers=lambda T, g: g.heads * g.n * g.dv,
+    state_numbers=lambda T, g, **_: g.heads * g.n * g.dv,
     gates=Gates(forget="scalar", select="dt"),
     mixer=Mamba2Mixer,
+    # The layer widens to expand * d_model = 2 d_model channels, split into heads of P = 2 d / H,
+    # with a state of N = 16 per channel.
+    mixer_geometry=lambda d_model, num_heads: Geometry(
+        heads=num_heads, head_dim=16, value_dim=2 * d_model // num_heads, state_size=16
+    ),
 )
 
 _recurrent(
@@ -140,7 +145,7 @@ _recurrent(
     ),
     call=lambda x, **o: mlstm(x["q"], x["k"], x["v"], x["i"], x["f"], **o),
     trainable=("q", "k", "v", "i", "f"),
-    state_numbers=lambda T, g: g.heads * (g.head_dim * g.dv + g.head_dim + 1),
+    state_numbers=lambda T, g, **_: g.heads * (g.head_dim * g.dv + g.head_dim + 1),
     gates=Gates(forget="scalar", select="exp(i)"),
     mixer=MLSTMMixer,
 )
@@ -222,7 +227,7 @@ _recurrent(
     call=_ttt_mlp_call,
     options={"mini_batch_size": 16},
     trainable=("q", "k", "v", "lr"),
-    state_numbers=lambda T, g: g.heads * TTT_HIDDEN * g.head_dim * (g.head_dim + g.dv),
+    state_numbers=lambda T, g, **_: g.heads * TTT_HIDDEN * g.head_dim * (g.head_dim + g.dv),
     cost=None,
     gates=Gates(select="lr", write="delta"),
 )

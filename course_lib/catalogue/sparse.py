@@ -37,7 +37,7 @@ register(
         options={"window": WINDOW},
         decode="cache",
         cache_window=WINDOW,
-        state_numbers=lambda T, g: min(T, WINDOW) * g.heads * (g.head_dim + g.dv),
+        state_numbers=lambda T, g, window=WINDOW, **_: min(T, window) * g.heads * (g.head_dim + g.dv),
         cost=lambda phase, T, g: costs.window(phase, T, g, window=WINDOW),
         mixer=lambda d_model, num_heads, *, window=16, **options: AttentionMixer(
             d_model, num_heads, core="window", window=window, **options
@@ -82,7 +82,7 @@ register(
         call=lambda x, *, top_k, causal=True: topk_attention(x["q"], x["k"], x["v"], top_k, causal=causal),
         options={"top_k": 32},
         decode="cache",
-        state_numbers=lambda T, g: T * g.heads * (g.head_dim + g.dv),
+        state_numbers=lambda T, g, **_: T * g.heads * (g.head_dim + g.dv),
         cost=lambda phase, T, g: costs.softmax(phase, T, g, materialises=True),
     )
 )
