@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..bench import Measurement, random_qkv, sweep
 from ..checks import check_choice, check_int
+from ..measure import Measurement, random_qkv, sweep
 from ..recurrent import delta_rule, gla, ssd
 
 __all__ = [
@@ -99,13 +99,13 @@ def _methods(device, dtype, forms):
 
 
 def recurrent_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """SDPA (causal) and the chunk and recurrent forms of gla, delta_rule, ssd; T = 256 .. 4096."""
+    """Causal forward: SDPA vs chunk and recurrent forms of GLA, the delta rule, SSD; T = 256 .. 4096."""
     lengths = [T for T in LENGTHS if T <= RECURRENT_MAX_T]
     return _methods(device, dtype, ("chunk", "recurrent")), "sdpa", lengths
 
 
 def recurrent_chunk_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """SDPA (causal) and the chunk forms only; T = 256 .. 16384."""
+    """Causal forward: SDPA vs the chunk forms of GLA, the delta rule and SSD; T = 256 .. 16384."""
     return _methods(device, dtype, ("chunk",)), "sdpa", list(CHUNK_LENGTHS)
 
 
@@ -150,4 +150,6 @@ def speedups(results: Sequence[Measurement]) -> dict[tuple[str, int], float]:
     return out
 
 
+for _suite in (recurrent_suite, recurrent_chunk_suite):
+    _suite.shape = {"B": 1, "H": HEADS, "D": HEAD_DIM, "chunk": CHUNK}
 SUITES = {"recurrent": recurrent_suite, "recurrent_chunk": recurrent_chunk_suite}

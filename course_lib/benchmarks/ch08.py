@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..bench import Measurement, format_bytes, format_table, loglog_slope
 from ..checks import check_choice, check_int
 from ..linear import linear_attention
+from ..measure import Measurement, format_bytes, format_table, loglog_slope
 from ..recall import RECALL_MIXERS, MQARTask, mqar_batch, train_recall
 from ..sparse import sliding_window_attention
 from ..standard import attention
@@ -308,7 +308,10 @@ def phase_methods(
 
 
 def all_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """All three phases in one run: train and prefill up to T = 2048, decode up to 16384."""
+    """Train, prefill and decode of every mechanism in one run: time, peak memory, FLOP/byte model.
+
+    Train and prefill up to T = 2048, decode up to 16384.
+    """
     methods = {}
     for phase in PHASES:
         limit = None if phase == "decode" else FULL_SEQUENCE_MAX_T
@@ -317,17 +320,17 @@ def all_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
 
 
 def all_train_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Forward + backward of every mechanism; T = 256 .. 2048."""
+    """Train phase: causal forward + backward of every mechanism; T = 256 .. 2048."""
     return phase_methods("train", device, dtype), "train:sdpa", list(ALL_LENGTHS)
 
 
 def all_prefill_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """One causal forward pass of every mechanism; T = 256 .. 2048."""
+    """Prefill phase: one causal forward pass of every mechanism; T = 256 .. 2048."""
     return phase_methods("prefill", device, dtype), "prefill:sdpa", list(ALL_LENGTHS)
 
 
 def all_decode_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """One decoding step of every mechanism at a context of T = 256 .. 16384."""
+    """Decode phase: one step (KV cache or recurrent state) of every mechanism at context T = 256 .. 16384."""
     return phase_methods("decode", device, dtype), "decode:sdpa", list(DECODE_LENGTHS)
 
 
@@ -445,6 +448,7 @@ def all_plot(results: Sequence[Measurement], path: str | Path) -> Path:
 
 for _suite in (all_suite, all_train_suite, all_prefill_suite, all_decode_suite):
     _suite.table, _suite.report, _suite.plot = all_table, all_report, all_plot
+    _suite.shape = {"B": 1, "H": HEADS, "D": HEAD_DIM}
 
 
 # --- recall -----------------------------------------------------------------------------------
@@ -465,7 +469,10 @@ def recall_suite(
     batch_size: int = RECALL_BATCH,
     progress: bool = True,
 ):
-    """Train every recall mixer at each length T (:func:`recall_task`), then time its evaluation pass.
+    """MQAR recall: accuracy of every mixer trained at each T, and the time of one evaluation pass.
+
+    Each mixer is trained on :func:`recall_task` at each length T = 64 .. 256, then one forward
+    pass over a batch of 64 held-out sequences is timed.
 
     Training runs on the CPU whatever ``device`` says (the models are tiny).
     """
@@ -510,6 +517,8 @@ def recall_report(results: list[Measurement]) -> str:
 
 
 recall_suite.report = recall_report
+# The timed call: the recall model (d_model 64, 4 heads of 16, 2 layers) on 64 sequences.
+recall_suite.shape = {"B": 64, "H": 4, "D": 16, "d_model": 64}
 
 SUITES = {
     "all": all_suite,

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
-from ..bench import Measurement, loglog_slope
 from ..benchmarks.ch08 import PHASES, mechanism_of, phase_of
+from ..measure import Measurement, loglog_slope
 from ..viz import STYLE
 from ..widgets.ch08 import RESULTS_DIR, load_results
 

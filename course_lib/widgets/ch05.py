@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from ..bench import Measurement, format_bytes, format_table, sweep
 from ..checks import check_bool, check_choice, check_float, check_int, check_tensor
 from ..kv_cache import KVCache, repeat_kv
+from ..measure import Measurement, format_bytes, format_table, sweep
 from ..models import (
     TinyTransformer,
     attention_inputs,

@@ -16,9 +16,9 @@ from pathlib import Path
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
-from ..bench import Measurement, format_bytes
 from ..benchmarks.ch08 import PHASES, mechanism_of, phase_of
 from ..checks import check_bool, check_choice, check_float, check_int
+from ..measure import Measurement, format_bytes
 from ..viz import STYLE, plot_scaling
 
 __all__ = [
