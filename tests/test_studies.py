@@ -123,3 +123,31 @@ def test_recall_grid_point_trains_and_returns_what_the_grid_stores():
     )
     with pytest.raises(ValueError, match="T"):
         recall_grid.recall_task(2)
+
+
+def test_chapter_05_widget_and_suite_use_the_studies():
+    from course_lib.benchmarks import ch05 as bench05
+    from course_lib.studies import eviction, sparse_kernels
+    from course_lib.widgets import ch05 as w05
+
+    for name in (
+        "DecodingAttention",
+        "synthetic_decoding_attention",
+        "TrainedDecoding",
+        "trained_decoding",
+        "POLICIES",
+        "policy_keep",
+        "eviction_curves",
+        "evicted_loss",
+        "EvictionStudy",
+        "eviction_study",
+        "trained_eviction_study",
+        "EVICTION_BUDGETS",
+    ):
+        assert getattr(w05, name) is getattr(eviction, name), name
+    methods, reference, _ = bench05.sparse_suite("cpu", window=8)
+    assert reference == sparse_kernels.REFERENCE and list(methods) == list(
+        sparse_kernels.sparse_methods(window=8)
+    )
+    for name, build in methods.items():
+        torch.testing.assert_close(build(24)(), sparse_kernels.sparse_methods(window=8)[name](24)())
