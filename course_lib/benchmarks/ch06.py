@@ -3,7 +3,7 @@
 ``python -m course_lib.bench linear`` runs SDPA (causal) and the chunk form from T = 512 to 16384
 (one sequence, 8 heads, D = 64, elu+1 features, chunks of 64). The recurrent form is a Python loop
 over tokens (about 0.15 s per call at T = 4096 on a quiet 2-core CPU, and it grows linearly), so it
-has its own suite, ``linear_recurrent``, capped at ``RECURRENT_MAX_T`` = 4096 (``bench.sweep``
+has its own suite, ``linear_recurrent``, capped at ``RECURRENT_MAX_T`` = 4096 (``measure.sweep``
 measures every method at every length). :func:`linear_sweep` runs both and merges them, so one table
 shows all three
 methods with ``-`` where the recurrent form was not run; :func:`crossover` reads off the first

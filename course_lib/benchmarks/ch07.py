@@ -4,7 +4,7 @@
 ``ssd``, the chunk form and the recurrent form (one sequence, H = 4 heads, D = 64, chunks of 64;
 SSD with P = N = 64) from T = 256 to 4096. The recurrent forms are Python loops over tokens, 0.2 to
 0.4 s per call at T = 4096 on a quiet 2-core CPU; their time grows linearly, so beyond
-``RECURRENT_MAX_T`` = 4096 :func:`recurrent_sweep` leaves them out (``bench.sweep`` itself
+``RECURRENT_MAX_T`` = 4096 :func:`recurrent_sweep` leaves them out (``measure.sweep`` itself
 measures every method at every length). On a CPU a token step costs a few microseconds of
 overhead per op, so the chunk forms win by a single-digit to low double-digit factor; on a GPU,
 where every op of the loop is a kernel launch, the gap is far larger.

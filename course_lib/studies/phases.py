@@ -254,7 +254,7 @@ def phase_methods(
     *,
     max_t: int | None = None,
 ) -> dict[str, Callable[[int], Callable[[], object] | None]]:
-    """Builders ``{"phase:mechanism": build}`` for ``bench.sweep``; ``build(T)`` returns None for
+    """Builders ``{"phase:mechanism": build}`` for ``measure.sweep``; ``build(T)`` returns None for
     ``T > max_t`` (that length is left out) and otherwise a callable whose ``extra`` holds the
     phase, the mechanism and :func:`complexity`."""
     check_choice(phase, "phase", PHASES)
