@@ -1,36 +1,31 @@
-"""Measuring time and peak memory, the one timing helper every chapter uses.
-
-Time comes from :mod:`torch.utils.benchmark` (warm-up, CUDA synchronisation, median of blocked
-runs). Peak memory is measured, not computed: on CUDA from the caching allocator's peak
-counter, on Linux CPUs from the process's peak resident set (``VmHWM``), reset before each run.
+"""The benchmark command: run one chapter's comparison, print its table, write JSON and a plot.
 
 Command line::
 
+    python -m course_lib.bench --help                   # the suites and what each measures
     python -m course_lib.bench standard                 # naive attention vs SDPA, T = 256 .. 4096
     python -m course_lib.bench standard --lengths 256 512 --json results.json --plot scaling.png
+
+The suites are the ``SUITES`` dicts of the modules ``course_lib.benchmarks.ch*``. ``--help`` reads
+their names and descriptions from the source, so it imports neither torch nor any suite; running
+a suite imports only the module that defines it. The measuring itself (timing, peak memory,
+sweeps, tables) is :mod:`course_lib.measure`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
-import math
-import platform
-import re
-import sys
+import ast
+import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-import torch.utils.benchmark as torch_benchmark
-from tqdm.auto import tqdm
+__all__ = ["suites", "suite_descriptions", "load_suite", "describe_shape", "main"]
 
-from .checks import check_choice, check_float, check_int
+BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
 
-__all__ = [
+# Names that lived here before the measuring moved to course_lib.measure: kept for one release.
+_MOVED_TO_MEASURE = (
     "Measurement",
     "time_function",
     "peak_memory_bytes",
@@ -38,258 +33,64 @@ __all__ = [
     "format_table",
     "format_bytes",
     "loglog_slope",
+    "environment_summary",
     "save_json",
     "random_qkv",
-    "suites",
-    "main",
-]
+)
 
 
-@dataclass
-class Measurement:
-    """One benchmark point: a method at a sequence length."""
+def __getattr__(name: str):
+    """``course_lib.bench.sweep`` and the other measuring names still work (they are in measure)."""
+    if name in _MOVED_TO_MEASURE:
+        from . import measure
 
-    method: str
-    T: int
-    seconds: float
-    peak_bytes: int | None
-    extra: dict = field(default_factory=dict)
+        return getattr(measure, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# --- timing ---------------------------------------------------------------------------------
+# --- finding the suites -------------------------------------------------------------------------
 
 
-def time_function(fn: Callable[[], object], *, min_run_time: float = 0.2) -> float:
-    """Median wall time of ``fn()`` in seconds, measured by ``torch.utils.benchmark``."""
-    min_run_time = check_float(min_run_time, "min_run_time", min=0.0, min_open=True)
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-# --- peak memory ----------------------------------------------------------------------------
-
-# glibc's mallopt parameters: M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: leave the allocator alone
-        return None
-
-
-def _allocator_for_memory() -> None:
-    """Make glibc hand freed blocks back to the OS, so resident memory tracks live tensors.
-
-    glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, where a later
-    allocation reuses them without raising the resident set: the peak would be hidden. Serving
-    every block of 64 KiB or more with mmap, and trimming the heap now, makes the peak visible.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-        libc.malloc_trim(0)
-
-
-def _allocator_for_timing() -> None:
-    """Undo :func:`_allocator_for_memory` for timing: keep freed blocks (up to 32 MiB) for reuse.
-
-    With the 64 KiB mmap threshold every medium-sized temporary costs an mmap, a munmap and page
-    faults, which slows loops of small tensor ops (a token-by-token recurrence) by up to 6x and
-    would time the allocator instead of the method. 32 MiB is the ceiling that glibc's own
-    adaptive threshold reaches in a warmed-up process.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
-
-
-def _resident_bytes() -> tuple[int, int]:
-    """(peak, current) resident set size of this process, from /proc/self/status."""
-    status = Path("/proc/self/status").read_text()
-    peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
-    current = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
-    return peak, current
-
-
-def _can_measure_cpu_memory() -> bool:
-    return sys.platform.startswith("linux") and Path("/proc/self/clear_refs").exists()
-
-
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int | None:
-    """Peak memory that ``fn()`` allocates above what was in use before the call, in bytes.
-
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the rise of the peak resident set size
-    (Linux only; returns ``None`` elsewhere). Includes every temporary the call creates.
-    """
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        del result
-        return torch.cuda.max_memory_allocated(device) - before
-    if not _can_measure_cpu_memory():
-        return None
-    _allocator_for_memory()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        _, before = _resident_bytes()
-        result = fn()
-        peak, _ = _resident_bytes()
-        del result
-    finally:
-        _allocator_for_timing()
-    return max(peak - before, 0)
-
-
-# --- sweeps and reports ---------------------------------------------------------------------
-
-
-def sweep(
-    methods: dict[str, Callable[[int], Callable[[], object]]],
-    lengths: Sequence[int],
-    *,
-    device: torch.device | str = "cpu",
-    min_run_time: float = 0.2,
-    measure_memory: bool = True,
-    progress: bool = True,
-) -> list[Measurement]:
-    """Time (and measure the peak memory of) every method at every length.
-
-    ``methods[name](T)`` builds the inputs for length ``T`` and returns a zero-argument callable
-    to measure, so input creation is neither timed nor counted as peak memory. A dict in the
-    callable's ``extra`` attribute (e.g. an accuracy) is stored with the measurement. A builder
-    may return ``None`` to leave that length out (e.g. a phase measured over a shorter range).
-    """
-    if not methods:
-        raise ValueError("methods must name at least one method")
-    for T in lengths:
-        check_int(T, "lengths", min=1)
-    results = []
-    jobs = [(T, name) for T in lengths for name in methods]
-    for T, name in tqdm(jobs, desc="benchmark", disable=not progress, leave=False):
-        call = methods[name](T)
-        if call is None:
+def _suites_in_source(path: Path) -> dict[str, str]:
+    """``{suite: first line of its function's docstring}`` from the ``SUITES = {...}`` of one module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    found: dict[str, str] = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if not any(isinstance(t, ast.Name) and t.id == "SUITES" for t in targets):
             continue
-        peak = peak_memory_bytes(call, device) if measure_memory else None
-        seconds = time_function(call, min_run_time=min_run_time)
-        results.append(Measurement(name, T, seconds, peak, dict(getattr(call, "extra", None) or {})))
-        del call
-    return results
+        if not isinstance(node.value, ast.Dict):
+            raise ValueError(f"{path}: SUITES must be a dict literal {{name: suite function}}")
+        for key, value in zip(node.value.keys, node.value.values):
+            if not (isinstance(key, ast.Constant) and isinstance(value, ast.Name)):
+                raise ValueError(f"{path}: SUITES must map names (str) to functions of the module")
+            docstring = ast.get_docstring(functions[value.id]) if value.id in functions else None
+            found[key.value] = (docstring or "").strip().split("\n")[0]
+    return found
 
 
-def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
-    """Slope of the least-squares line through ``(log x, log y)``: 2 means quadratic growth."""
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"x and y must have the same length >= 2, got {len(x)} and {len(y)}")
-    if min(x) <= 0 or min(y) <= 0:
-        raise ValueError("x and y must be positive for a log-log fit")
-    log_x = torch.tensor([math.log(v) for v in x], dtype=torch.float64)
-    log_y = torch.tensor([math.log(v) for v in y], dtype=torch.float64)
-    centred_x = log_x - log_x.mean()
-    return float((centred_x * (log_y - log_y.mean())).sum() / (centred_x**2).sum())
+def _suite_modules() -> dict[str, tuple[str, str]]:
+    """``{suite: (module name, description)}`` for every suite, read from the source."""
+    found: dict[str, tuple[str, str]] = {}
+    for path in sorted(BENCHMARKS.glob("ch*.py")):
+        module = f"{__package__}.benchmarks.{path.stem}"
+        for name, description in _suites_in_source(path).items():
+            found[name] = (module, description)
+    return found
 
 
-def format_bytes(n: float | None) -> str:
-    """Human-readable bytes in powers of 1024: ``format_bytes(2**31) == '2.0 GiB'``."""
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+def suite_descriptions() -> dict[str, str]:
+    """Every suite's name and the first line of its docstring (what it measures), without imports."""
+    return {name: description for name, (_, description) in sorted(_suite_modules().items())}
 
 
-def format_table(results: Sequence[Measurement], reference: str | None = None) -> str:
-    """A text table: one row per length, time and peak memory per method, and the time ratio
-    of each method to ``reference`` (measured in the same process, so the ratio is what counts)."""
-    methods = list(dict.fromkeys(r.method for r in results))
-    lengths = sorted({r.T for r in results})
-    if reference is not None:
-        check_choice(reference, "reference", methods)
-    by_key = {(r.method, r.T): r for r in results}
-    header = ["T"]
-    for m in methods:
-        header += [f"{m} ms", f"{m} peak"]
-        if reference is not None and m != reference:
-            header.append(f"{m}/{reference}")
-    rows = [header]
-    for T in lengths:
-        row = [str(T)]
-        for m in methods:
-            r = by_key.get((m, T))
-            row += [f"{r.seconds * 1e3:.2f}" if r else "-", format_bytes(r.peak_bytes) if r else "-"]
-            if reference is not None and m != reference:
-                ref = by_key.get((reference, T))
-                row.append(f"{r.seconds / ref.seconds:.2f}x" if r and ref else "-")
-        rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    for m in methods:
-        points = [(r.T, r.seconds) for r in results if r.method == m]
-        if len(points) >= 2:
-            slope = loglog_slope([p[0] for p in points], [p[1] for p in points])
-            lines.append(f"log-log slope of time vs T for {m}: {slope:.2f}")
-    return "\n".join(lines)
-
-
-def environment_summary(device: torch.device | str = "cpu") -> dict:
-    """What a result depends on: versions, device, threads."""
-    device = torch.device(device)
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
-
-
-def save_json(results: Sequence[Measurement], path: str | Path, *, suite: str, device: str = "cpu") -> Path:
-    """Write the measurements and the environment they came from as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "suite": suite,
-        "environment": environment_summary(device),
-        "results": [asdict(r) for r in results],
-    }
-    path.write_text(json.dumps(payload, indent=2))
-    return path
-
-
-# --- suites ---------------------------------------------------------------------------------
-
-
-def random_qkv(
-    T: int,
-    *,
-    batch: int = 1,
-    heads: int = 8,
-    head_dim: int = 64,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> list[torch.Tensor]:
-    """Seeded ``(batch, heads, T, head_dim)`` queries, keys and values for a benchmark point."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (batch, heads, T, head_dim)
-    return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(3)]
+def load_suite(name: str) -> Callable:
+    """The suite ``name``, importing only the benchmark module that defines it."""
+    modules = _suite_modules()
+    if name not in modules:
+        raise ValueError(f"name must be one of the suites {sorted(modules)}, got {name!r}")
+    return importlib.import_module(modules[name][0]).SUITES[name]
 
 
 def suites() -> dict[str, Callable]:
@@ -298,51 +99,80 @@ def suites() -> dict[str, Callable]:
     A suite is called with a device and returns ``(methods, reference method, default lengths)``,
     where ``methods[name](T)`` returns the zero-argument callable to measure at length ``T``.
     Optional attributes of a suite change what the command line prints and plots:
-    ``table(results) -> str`` replaces :func:`format_table`, ``report(results) -> str`` is printed
-    after the table, and ``plot(results, path)`` replaces the default log-log plot of time vs T.
+    ``shape`` (a dict with the batch ``B``, heads ``H`` and head dim ``D`` of the run, printed
+    above the table and stored in the JSON), ``table(results) -> str`` replaces
+    :func:`course_lib.measure.format_table`, ``report(results) -> str`` is printed after the
+    table, and ``plot(results, path)`` replaces the default log-log plot of time vs T.
     """
-    import importlib
-    import pkgutil
-
-    from . import benchmarks
-
     found: dict[str, Callable] = {}
-    for module_info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda m: m.name):
-        if module_info.name.startswith("ch"):
-            found.update(importlib.import_module(f"{benchmarks.__name__}.{module_info.name}").SUITES)
+    for module in sorted({module for module, _ in _suite_modules().values()}):
+        found.update(importlib.import_module(module).SUITES)
     return found
 
 
-def main(argv: Sequence[str] | None = None) -> list[Measurement]:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__.split("\n\n")[0])
-    available = suites()
-    parser.add_argument("suite", choices=sorted(available), help="which chapter's comparison to run")
+def describe_shape(shape: dict | None) -> str:
+    """``"B=1, H=8, D=64"`` for a suite's ``shape`` (other entries follow, e.g. the window)."""
+    if not shape:
+        return "B, H, D: not declared by the suite"
+    return ", ".join(f"{key}={value}" for key, value in shape.items())
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def _parser(descriptions: dict[str, str]) -> argparse.ArgumentParser:
+    width = max(len(name) for name in descriptions)
+    listing = "\n".join(f"  {name:<{width}}  {text}" for name, text in descriptions.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m course_lib.bench",
+        description="Measure time and peak memory of one chapter's comparison; print a table.",
+        epilog=f"suites (what each measures):\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("suite", choices=list(descriptions), metavar="SUITE", help="the suite to run (below)")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: the suite's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per point")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--plot", type=Path, help="write a log-log plot of time vs T here")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None):
+    """Run the command line; returns the list of :class:`~course_lib.measure.Measurement`."""
+    args = _parser(suite_descriptions()).parse_args(argv)
+    # Imported only now: --help and argument errors need neither torch nor any suite.
+    import torch
+
+    from .checks import check_int
+    from .measure import environment_summary, format_table, save_json, sweep
+
     if args.threads is not None:
         torch.set_num_threads(check_int(args.threads, "threads", min=1))
-
-    methods, reference, default_lengths = available[args.suite](args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    suite = load_suite(args.suite)
+    methods, reference, default_lengths = suite(device)
     lengths = args.lengths or default_lengths
     results = sweep(
-        methods, lengths, device=args.device, min_run_time=args.min_run_time, progress=not args.no_progress
+        methods, lengths, device=device, min_run_time=args.min_run_time, progress=not args.no_progress
     )
-    env = environment_summary(args.device)
-    print(f"suite {args.suite} on {env['device']} ({env['threads']} threads), torch {env['torch']}")
-    table = getattr(available[args.suite], "table", None)  # a suite may format its own tables
+    env = environment_summary(device)
+    threads = env["threads"]
+    shape = getattr(suite, "shape", None)
+    print(
+        f"suite {args.suite} on {env['device']} ({threads} thread{'' if threads == 1 else 's'}), "
+        f"torch {env['torch']}\n{describe_shape(shape)}"
+    )
+    table = getattr(suite, "table", None)  # a suite may format its own tables
     print(table(results) if table is not None else format_table(results, reference=reference))
-    report = getattr(available[args.suite], "report", None)  # a suite may add its own summary
+    report = getattr(suite, "report", None)  # a suite may add its own summary
     if report is not None:
         print(report(results))
     if args.json:
-        print(f"wrote {save_json(results, args.json, suite=args.suite, device=args.device)}")
-    plot = getattr(available[args.suite], "plot", None)  # a suite may draw its own figure
+        print(f"wrote {save_json(results, args.json, suite=args.suite, device=device, shape=shape)}")
+    plot = getattr(suite, "plot", None)  # a suite may draw its own figure
     if args.plot and plot is not None:
         plot(results, args.plot)
         print(f"wrote {args.plot}")

@@ -13,8 +13,8 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 
-from .bench import format_bytes, loglog_slope
 from .checks import check_tensor
+from .measure import format_bytes, loglog_slope
 
 __all__ = ["STYLE", "new_axes", "plot_attention", "plot_mask", "plot_scaling", "format_bytes"]
 

@@ -1,78 +1,48 @@
-"""The timing and memory helpers: they measure what they claim, and the CLI writes its table and JSON."""
+"""The benchmark command: it lists the suites without importing them, runs one, and prints its shape."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from course_lib import bench
+from course_lib import bench, measure
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_time_function_measures_a_known_sleep():
-    import time
-
-    seconds = bench.time_function(lambda: time.sleep(0.01), min_run_time=0.05)
-    assert 0.009 < seconds < 0.1
-
-
-@pytest.mark.skipif(not bench._can_measure_cpu_memory(), reason="peak RSS is read from Linux /proc")
-def test_peak_memory_sees_a_temporary_allocation():
-    size = 64 * 2**20  # 64 MiB, freed before the function returns
-
-    def allocate_and_free():
-        x = torch.ones(size // 4)
-        return float(x[0])
-
-    measured = bench.peak_memory_bytes(allocate_and_free)
-    assert 0.9 * size < measured < 1.5 * size
-    assert bench.peak_memory_bytes(lambda: 1.0) < 8 * 2**20
-
-
-@pytest.mark.skipif(not bench._can_measure_cpu_memory(), reason="peak RSS is read from Linux /proc")
-def test_timing_after_a_memory_measurement_does_not_pay_for_page_faults():
-    # Memory mode serves every block >= 64 KiB with mmap: each new 1 MiB tensor would fault in
-    # 256 fresh pages. Afterwards a freed block must be reused from the heap, as in a normal run.
-    import resource
-
-    bench.peak_memory_bytes(lambda: torch.ones(2**20).sum())
-
-    def allocate_many():
-        for _ in range(200):
-            torch.ones(2**18).sum()  # 1 MiB each, freed at once
-
-    allocate_many()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    allocate_many()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 200 * 256 // 10, f"{faults} page faults: freed blocks are not reused"
+def test_help_lists_every_suite_with_what_it_measures_without_importing_torch():
+    # A fresh interpreter: --help must answer from the source, before torch or any suite loads.
+    code = (
+        "import sys\n"
+        "from course_lib import bench\n"
+        "try:\n"
+        "    bench.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('course_lib.benchmarks.')]\n"
+        "print('LOADED', sorted(loaded))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "LOADED []" in run.stdout
+    lines = run.stdout.splitlines()
+    for name, description in bench.suite_descriptions().items():
+        assert any(line.split()[:1] == [name] and line.endswith(description) for line in lines), name
 
 
-def test_loglog_slope_recovers_power_laws():
-    lengths = [256, 512, 1024, 2048]
-    assert bench.loglog_slope(lengths, [3e-9 * t**2 for t in lengths]) == pytest.approx(2.0)
-    assert bench.loglog_slope(lengths, [5.0 * t for t in lengths]) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="x and y"):
-        bench.loglog_slope([1], [1])
-
-
-def test_format_bytes():
-    assert bench.format_bytes(512) == "512 B"
-    assert bench.format_bytes(2**31) == "2.0 GiB"
-    assert bench.format_bytes(None) == "n/a"
-
-
-def test_sweep_and_table_report_ratios_against_the_reference():
-    methods = {
-        "slow": lambda T: lambda: torch.ones(T, T).sum(),
-        "fast": lambda T: lambda: torch.ones(T).sum(),
-    }
-    results = bench.sweep(methods, [64, 128], min_run_time=0.01, progress=False)
-    assert {(r.method, r.T) for r in results} == {(m, t) for m in methods for t in (64, 128)}
-    assert all(r.seconds > 0 for r in results)
-    table = bench.format_table(results, reference="fast")
-    assert "slow/fast" in table and "log-log slope" in table
-    with pytest.raises(ValueError, match="reference"):
-        bench.format_table(results, reference="missing")
+def test_source_reading_finds_exactly_the_suites_the_modules_define():
+    suites = bench.suites()
+    descriptions = bench.suite_descriptions()
+    assert set(descriptions) == set(suites)
+    for name, suite in suites.items():
+        assert descriptions[name] == suite.__doc__.strip().split("\n")[0]
+        assert len(descriptions[name]) > 20, f"suite {name} needs a one-line description of what it measures"
+        assert bench.load_suite(name) is suite
+        assert {"B", "H", "D"} <= set(getattr(suite, "shape", {})), f"suite {name} declares no B, H, D"
 
 
 def test_cli_standard_writes_table_and_json(tmp_path, capsys):
@@ -96,16 +66,24 @@ def test_cli_standard_writes_table_and_json(tmp_path, capsys):
     assert "naive/sdpa" in printed
     payload = json.loads(path.read_text())
     assert payload["suite"] == "standard" and len(payload["results"]) == 4
+    assert payload["shape"] == {"B": 1, "H": 8, "D": 64}
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
-def test_sweep_leaves_out_the_lengths_a_builder_declines():
-    methods = {
-        "short": lambda T: (lambda: torch.ones(T).sum()) if T <= 64 else None,
-        "every": lambda T: lambda: torch.ones(T).sum(),
-    }
-    results = bench.sweep(methods, [32, 128], min_run_time=0.01, progress=False)
-    assert [(r.method, r.T) for r in results] == [("short", 32), ("every", 32), ("every", 128)]
+def test_cli_prints_the_shape_and_counts_threads_in_english(capsys):
+    threads = torch.get_num_threads()
+    try:
+        bench.main(
+            ["standard", "--lengths", "16", "--min-run-time", "0.01", "--no-progress", "--threads", "1"]
+        )
+        printed = capsys.readouterr().out
+        assert "(1 thread)" in printed and "threads)" not in printed
+        assert "B=1, H=8, D=64" in printed
+        torch.set_num_threads(2)
+        bench.main(["standard", "--lengths", "16", "--min-run-time", "0.01", "--no-progress"])
+        assert "(2 threads)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_cli_uses_a_suites_own_table_report_and_plot(tmp_path, capsys, monkeypatch):
@@ -116,24 +94,29 @@ def test_cli_uses_a_suites_own_table_report_and_plot(tmp_path, capsys, monkeypat
     suite.table = lambda results: f"own table of {len(results)} measurements"
     suite.report = lambda results: "own report"
     suite.plot = lambda results, path: drawn.append((len(results), path))
-    monkeypatch.setattr(bench, "suites", lambda: {"mine": suite})
+    monkeypatch.setattr(bench, "suite_descriptions", lambda: {"mine": "a test suite"})
+    monkeypatch.setattr(bench, "load_suite", lambda name: {"mine": suite}[name])
     bench.main(["mine", "--min-run-time", "0.01", "--no-progress", "--plot", str(tmp_path / "p.png")])
     printed = capsys.readouterr().out
     assert "own table of 2 measurements" in printed and "own report" in printed
     assert "a ms" not in printed  # format_table was replaced
+    assert "B, H, D: not declared" in printed
     assert drawn == [(2, tmp_path / "p.png")]
 
 
-@pytest.mark.parametrize(
-    "call,error,name",
-    [
-        (lambda: bench.time_function(3), TypeError, "fn"),
-        (lambda: bench.time_function(lambda: 0, min_run_time=0), ValueError, "min_run_time"),
-        (lambda: bench.peak_memory_bytes(None), TypeError, "fn"),
-        (lambda: bench.sweep({}, [8]), ValueError, "methods"),
-        (lambda: bench.sweep({"a": lambda T: lambda: 0}, [0]), ValueError, "lengths"),
-    ],
-)
-def test_bad_input_names_the_argument(call, error, name):
-    with pytest.raises(error, match=name):
-        call()
+def test_the_measuring_names_still_answer_from_bench_for_one_release():
+    for name in bench._MOVED_TO_MEASURE:
+        assert getattr(bench, name) is getattr(measure, name)
+    from course_lib.bench import Measurement, sweep
+
+    assert Measurement is measure.Measurement and sweep is measure.sweep
+    with pytest.raises(AttributeError, match="no_such_name"):
+        bench.no_such_name  # noqa: B018
+
+
+def test_bad_input_names_the_argument(capsys):
+    with pytest.raises(ValueError, match="name"):
+        bench.load_suite("no_such_suite")
+    with pytest.raises(SystemExit):
+        bench.main(["no_such_suite"])
+    assert "SUITE" in capsys.readouterr().err

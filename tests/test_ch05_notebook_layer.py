@@ -446,14 +446,21 @@ def test_bad_input_names_the_argument(call, error, name):
         call()
 
 
-def test_decoding_error_equals_eviction_error_through_gathered_keys(small_decoding):
-    """DecodingAttention.error (masked SDPA, full output cached) vs the library's gather-based form."""
-    from course_lib.sparse import eviction_error
-
+def test_decoding_error_equals_attention_with_an_explicit_eviction_mask(small_decoding):
+    """DecodingAttention.error (the library's eviction_error on gathered keys) vs dense attention
+    with the eviction spelled out as a mask over the whole cache."""
     sources = [*small_decoding.layers, ch05.synthetic_decoding_attention(cache_len=40, new_tokens=6)]
     for data in sources:
+        B, H, T, _ = data.q.shape
+        c, group = data.cache_len, data.group_size
+        q, k, v = data.q[:, :, c:], data.k.repeat_interleave(group, 1), data.v.repeat_interleave(group, 1)
         for policy in ch05.POLICIES:
-            keep = ch05.policy_keep(policy, data, 7, num_sinks=2)
-            expected = eviction_error(*data.decode, data.decode_keep(keep), causal=True)
+            keep = ch05.policy_keep(policy, data, 7, num_sinks=2).expand(B, data.k.shape[1], 7)
+            mask = torch.zeros(B, H, T - c, T, dtype=torch.bool)
+            for b, h, i in itertools.product(range(B), range(H), range(T - c)):
+                kept = set(keep[b, h // group].tolist()) | set(range(c, T))  # new tokens are never evicted
+                mask[b, h, i] = torch.tensor([j <= c + i and j in kept for j in range(T)])
+            full = attention(q, k, v, causal=True)
+            expected = float((attention(q, k, v, mask) - full).norm() / full.norm())
             assert data.error(keep) == pytest.approx(expected, rel=1e-4, abs=1e-6)
             assert expected > 0.01  # a real eviction, not the trivial zero

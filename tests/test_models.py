@@ -257,3 +257,22 @@ def test_make_eviction_model_saves_what_load_reads(monkeypatch, tmp_path):
     tokens = random_tokens(1, 20, V=len(m.VOCAB))
     torch.testing.assert_close(loaded(tokens), made(tokens))
     assert torch.load(path, weights_only=True)["training"]["steps"] == 2
+
+
+def test_the_models_command_and_the_shipped_weights_path():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import course_lib
+
+    # The weights are package data of course_lib (pyproject: course_lib = ["data/*.pt"]).
+    assert m.EVICTION_MODEL_PATH == Path(course_lib.__file__).resolve().parent / "data" / "eviction_model.pt"
+    run = subprocess.run(
+        [sys.executable, "-m", "course_lib.models"],
+        cwd=Path(course_lib.__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "--make-eviction-model" in run.stderr

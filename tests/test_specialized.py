@@ -34,7 +34,7 @@ from course_lib.specialized import (
     shard_sequence,
     unshard_sequence,
 )
-from course_lib.specialized.ring import _block_gradients, _partial_attention
+from course_lib.specialized.ring.attention import _block_gradients, _partial_attention
 from course_lib.standard import attention
 
 F64 = torch.float64
@@ -427,6 +427,10 @@ def test_run_ring_attention_bad_input_before_launching():
         run_distributed(print, 2, start_method="teleport")
     with pytest.raises(TypeError, match="function"):
         run_distributed("print", 2)
+    # the course's one scale rule (checks.resolve_scale): a finite real number, 0 and negatives allowed
+    for scale, error in ((float("inf"), ValueError), (float("nan"), ValueError), (True, TypeError)):
+        with pytest.raises(error, match="scale"):
+            run_ring_attention(a, a, a, 2, scale=scale)
 
 
 # --- ring attention on real process groups ---------------------------------------------------------
@@ -534,6 +538,7 @@ GRAD_CASES = [
     (7, 7, 3, 5, True, "contiguous", None, F64),
     (9, 9, 4, 4, True, "zigzag", None, F64),
     (10, 10, 2, 3, True, "zigzag", 0.7, F64),
+    (8, 8, 3, 3, True, "contiguous", -0.6, F64),  # any finite scale, negatives too (resolve_scale)
     (6, 6, 4, 2, False, "contiguous", None, F64),
     (5, 9, 2, 3, False, "zigzag", None, F64),  # cross-attention, S != T
     (11, 11, 4, 4, True, "contiguous", None, torch.float32),

@@ -3,7 +3,7 @@
 ``python -m course_lib.bench linear`` runs SDPA (causal) and the chunk form from T = 512 to 16384
 (one sequence, 8 heads, D = 64, elu+1 features, chunks of 64). The recurrent form is a Python loop
 over tokens (about 0.15 s per call at T = 4096 on a quiet 2-core CPU, and it grows linearly), so it
-has its own suite, ``linear_recurrent``, capped at ``RECURRENT_MAX_T`` = 4096 (``bench.sweep``
+has its own suite, ``linear_recurrent``, capped at ``RECURRENT_MAX_T`` = 4096 (``measure.sweep``
 measures every method at every length). :func:`linear_sweep` runs both and merges them, so one table
 shows all three
 methods with ``-`` where the recurrent form was not run; :func:`crossover` reads off the first
@@ -17,25 +17,26 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..bench import Measurement, random_qkv, sweep
 from ..checks import check_int
 from ..linear import linear_attention
+from ..measure import Measurement, random_qkv, sweep
 
 __all__ = ["SUITES", "RECURRENT_MAX_T", "linear_suite", "linear_recurrent_suite", "linear_sweep", "crossover"]
 
 RECURRENT_MAX_T = 4096
+BATCH, HEADS, HEAD_DIM, CHUNK = 1, 8, 64, 64
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
 
 
 def _methods(device, dtype, forms):
     def sdpa(T: int):
-        q, k, v = random_qkv(T, device=device, dtype=dtype)
+        q, k, v = random_qkv(T, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, device=device, dtype=dtype)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def linear(form):
         def build(T: int):
-            q, k, v = random_qkv(T, device=device, dtype=dtype)
-            return lambda: linear_attention(q, k, v, form=form, chunk_size=64)
+            q, k, v = random_qkv(T, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, device=device, dtype=dtype)
+            return lambda: linear_attention(q, k, v, form=form, chunk_size=CHUNK)
 
         return build
 
@@ -43,12 +44,12 @@ def _methods(device, dtype, forms):
 
 
 def linear_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """SDPA (causal) vs the chunk form, T = 512 .. 16384. Reference: SDPA."""
+    """Causal forward: SDPA vs linear attention's chunk form (elu+1 features); T = 512 .. 16384."""
     return _methods(device, dtype, ("chunk",)), "sdpa", list(LENGTHS)
 
 
 def linear_recurrent_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """SDPA vs the chunk and recurrent forms, T = 512 .. RECURRENT_MAX_T. Reference: SDPA."""
+    """Causal forward: SDPA vs linear attention's chunk and recurrent forms; T = 512 .. 4096."""
     lengths = [T for T in LENGTHS if T <= RECURRENT_MAX_T]
     return _methods(device, dtype, ("chunk", "recurrent")), "sdpa", lengths
 
@@ -95,4 +96,6 @@ def crossover(results: Sequence[Measurement], method: str = "chunk", reference: 
     return None
 
 
+for _suite in (linear_suite, linear_recurrent_suite):
+    _suite.shape = {"B": BATCH, "H": HEADS, "D": HEAD_DIM, "chunk": CHUNK}
 SUITES = {"linear": linear_suite, "linear_recurrent": linear_recurrent_suite}

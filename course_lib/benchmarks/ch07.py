@@ -4,7 +4,7 @@
 ``ssd``, the chunk form and the recurrent form (one sequence, H = 4 heads, D = 64, chunks of 64;
 SSD with P = N = 64) from T = 256 to 4096. The recurrent forms are Python loops over tokens, 0.2 to
 0.4 s per call at T = 4096 on a quiet 2-core CPU; their time grows linearly, so beyond
-``RECURRENT_MAX_T`` = 4096 :func:`recurrent_sweep` leaves them out (``bench.sweep`` itself
+``RECURRENT_MAX_T`` = 4096 :func:`recurrent_sweep` leaves them out (``measure.sweep`` itself
 measures every method at every length). On a CPU a token step costs a few microseconds of
 overhead per op, so the chunk forms win by a single-digit to low double-digit factor; on a GPU,
 where every op of the loop is a kernel launch, the gap is far larger.
@@ -19,9 +19,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..bench import Measurement, random_qkv, sweep
-from ..checks import check_choice, check_int
-from ..recurrent import delta_rule, gla, ssd
+from ..checks import check_int
+from ..measure import Measurement, random_qkv, sweep
+
+# The inputs live in a study (chapter 08 times the same ones); still importable from here.
+from ..studies.inputs import HEAD_DIM, HEADS, METHODS, recurrent_inputs, run_method
 
 __all__ = [
     "SUITES",
@@ -38,40 +40,7 @@ __all__ = [
 RECURRENT_MAX_T = 4096
 LENGTHS = [256, 512, 1024, 2048, 4096]
 CHUNK_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
-METHODS = ("gla", "delta_rule", "ssd")
-HEADS, HEAD_DIM, CHUNK = 4, 64, 64
-
-
-def recurrent_inputs(T: int, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Seeded inputs for one benchmark point: q, k, v (1, 4, T, 64), unit keys, GLA log gates,
-    beta, and SSD's dt and A."""
-    q, k, v = random_qkv(T, heads=HEADS, head_dim=HEAD_DIM, device=device, dtype=dtype)
-    generator = torch.Generator().manual_seed(1)
-    gates = torch.randn(1, HEADS, T, HEAD_DIM, generator=generator)
-    steps = torch.randn(1, HEADS, T, generator=generator)
-    return {
-        "q": q,
-        "k": k,
-        "v": v,
-        "unit_k": F.normalize(k.float(), dim=-1).to(dtype),
-        "g": F.logsigmoid(gates + 3.0).to(device=device, dtype=dtype),
-        "beta": torch.sigmoid(steps).to(device=device, dtype=dtype),
-        "dt": F.softplus(steps - 2.0).to(device=device, dtype=dtype),
-        "A": -torch.linspace(1.0, 4.0, HEADS).to(device=device, dtype=dtype),
-    }
-
-
-def run_method(name: str, x: dict[str, torch.Tensor], **options):
-    """Call ``gla``, ``delta_rule`` or ``ssd`` on :func:`recurrent_inputs` ``x``; ``options`` pass through.
-
-    The delta rule reads the unit keys; SSD maps x <- v, B <- k, C <- q with its own dt and A.
-    """
-    check_choice(name, "name", METHODS)
-    if name == "gla":
-        return gla(x["q"], x["k"], x["v"], x["g"], **options)
-    if name == "delta_rule":
-        return delta_rule(x["q"], x["unit_k"], x["v"], x["beta"], **options)
-    return ssd(x["v"], x["dt"], x["A"], x["k"], x["q"], **options)
+CHUNK = 64
 
 
 def _method(name: str, form: str, device, dtype):
@@ -99,13 +68,13 @@ def _methods(device, dtype, forms):
 
 
 def recurrent_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """SDPA (causal) and the chunk and recurrent forms of gla, delta_rule, ssd; T = 256 .. 4096."""
+    """Causal forward: SDPA vs chunk and recurrent forms of GLA, the delta rule, SSD; T = 256 .. 4096."""
     lengths = [T for T in LENGTHS if T <= RECURRENT_MAX_T]
     return _methods(device, dtype, ("chunk", "recurrent")), "sdpa", lengths
 
 
 def recurrent_chunk_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """SDPA (causal) and the chunk forms only; T = 256 .. 16384."""
+    """Causal forward: SDPA vs the chunk forms of GLA, the delta rule and SSD; T = 256 .. 16384."""
     return _methods(device, dtype, ("chunk",)), "sdpa", list(CHUNK_LENGTHS)
 
 
@@ -150,4 +119,6 @@ def speedups(results: Sequence[Measurement]) -> dict[tuple[str, int], float]:
     return out
 
 
+for _suite in (recurrent_suite, recurrent_chunk_suite):
+    _suite.shape = {"B": 1, "H": HEADS, "D": HEAD_DIM, "chunk": CHUNK}
 SUITES = {"recurrent": recurrent_suite, "recurrent_chunk": recurrent_chunk_suite}

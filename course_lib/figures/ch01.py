@@ -9,7 +9,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from ..bench import format_bytes
+from ..measure import format_bytes
 from ..standard import attention, causal_mask
 from ..viz import STYLE, new_axes, plot_mask
 from ..widgets.ch01 import ACCELERATOR_MEMORY_GIB, score_memory

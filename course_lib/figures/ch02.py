@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import Polygon
 
-from ..bench import format_bytes
 from ..hardware import ACCELERATORS, decode_intensity, prefill_intensity
+from ..measure import format_bytes
 from ..viz import STYLE
 from ..widgets.ch02 import plot_roofline
 

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
-from ..bench import format_bytes
 from ..kv_cache import MODEL_CONFIGS, kv_numbers_per_token
+from ..measure import format_bytes
 from ..viz import STYLE
 from ..widgets.ch04 import PAGED_TRACE, draw_paged_cache, replay_paged_trace
 

@@ -11,8 +11,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from ..recurrent import delta_rule, gla, retnet_gammas, ttt_linear
+from ..studies.gates import gate_profile
 from ..viz import STYLE
-from ..widgets.ch07 import gate_explorer_view
 
 __all__ = ["FIGURES", "gates", "taxonomy", "ttt_hidden_state", "TAXONOMY", "ttt_prediction_errors"]
 
@@ -52,7 +52,7 @@ def gates() -> Figure:
         axes[0].set_title("forget gate, fixed (RetNet, 4 heads)")
         axes[0].legend(frameon=False, fontsize=8)
 
-        view = gate_explorer_view("gla", decay=0.97, spread=1.0, steps=300, draw=False)
+        view = gate_profile("gla", decay=0.97, spread=1.0, steps=300)
         per_dim = view["per_dim"]
         for d in range(per_dim.shape[1]):
             axes[1].plot(per_dim[:, d].numpy(), color="#0072B2", alpha=0.35, linewidth=0.9)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
-from ..bench import Measurement, loglog_slope
-from ..benchmarks.ch08 import PHASES, mechanism_of, phase_of
+from ..results import load_results
+from ..studies.phases import phase_comparison
 from ..viz import STYLE
-from ..widgets.ch08 import RESULTS_DIR, load_results
 
 __all__ = ["FIGURES", "CLASSES", "TAXONOMY", "four_classes", "taxonomy", "phase_comparison", "complexity"]
 
@@ -101,47 +100,10 @@ def taxonomy() -> Figure:
     return figure
 
 
-_PHASE_TITLES = {
-    "train": "train (forward + backward)",
-    "prefill": "prefill (causal forward)",
-    "decode": "decode (one step at context T)",
-}
-
-
-def phase_comparison(results: Sequence[Measurement]) -> Figure:
-    """Measured time (top row) and peak memory (bottom row) vs T, one column per phase present,
-    with each mechanism's fitted log-log slope of time in the legend."""
-    phases = [p for p in PHASES if any(phase_of(r) == p for r in results)]
-    if not phases:
-        raise ValueError("results hold no measurement")
-    with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(2, len(phases), figsize=(5 * len(phases), 7.5), squeeze=False)
-        for column, phase in enumerate(phases):
-            rows = [r for r in results if phase_of(r) == phase]
-            top, bottom = axes[0, column], axes[1, column]
-            for name in dict.fromkeys(mechanism_of(r) for r in rows):
-                points = sorted((r.T, r.seconds, r.peak_bytes) for r in rows if mechanism_of(r) == name)
-                Ts = [p[0] for p in points]
-                slope = loglog_slope(Ts, [p[1] for p in points]) if len(points) > 1 else float("nan")
-                top.plot(Ts, [p[1] * 1e3 for p in points], marker="o", label=f"{name} ({slope:.2f})")
-                memory = [(p[0], p[2]) for p in points if p[2]]
-                bottom.plot([t for t, _ in memory], [b / 2**20 for _, b in memory], marker="o", label=name)
-            top.set_title(f"{_PHASE_TITLES[phase]}: time")
-            bottom.set_title(f"{_PHASE_TITLES[phase]}: peak memory")
-            top.legend(frameon=False, fontsize=7, title="log-log slope", title_fontsize=7)
-            for ax, label in ((top, "time per call (ms)"), (bottom, "peak memory (MiB)")):
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_xlabel("sequence length / context T")
-                ax.set_ylabel(label)
-                ax.grid(True, alpha=0.3)
-        figure.tight_layout()
-    return figure
-
-
 def complexity(path=None) -> Figure:
-    """:func:`phase_comparison` of the stored ``results/all_small.json`` (or the file at ``path``)."""
-    return phase_comparison(load_results(RESULTS_DIR / "all_small.json" if path is None else path))
+    """:func:`~course_lib.studies.phases.phase_comparison` of the stored ``results/all_small.json``
+    (or the file at ``path``)."""
+    return phase_comparison(load_results(path))
 
 
 FIGURES: dict[str, Callable[[], Figure]] = {

@@ -8,9 +8,9 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
 
-from ..bench import format_bytes
 from ..checks import check_choice, check_float, check_int
 from ..hardware import ACCELERATORS
+from ..measure import format_bytes
 from ..sparse import sliding_window_mask
 from ..standard import attention, causal_mask
 from ..viz import STYLE, plot_attention, plot_mask

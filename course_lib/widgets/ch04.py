@@ -9,11 +9,11 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Rectangle
 
-from ..bench import format_bytes
 from ..checks import check_choice, check_float, check_int
 from ..decoding import filter_logits
 from ..hardware import ACCELERATORS
 from ..kv_cache import MODEL_CONFIGS, PagedKVCache, kv_cache_bytes
+from ..measure import format_bytes
 from ..viz import STYLE
 
 __all__ = [

@@ -1,10 +1,11 @@
 """Chapter 07's explorers: what forget gates keep over time, and what select gates do to recall.
 
-(a) The gate explorer follows one write through a recurrence ``S_t = G_t * S_{t-1} + write_t``:
-how much of it is left after t steps (the decay profile), after how many steps it has fallen
-below 1/e (the effective memory horizon), and how large the whole state grows under a stream of
-random writes. (b) The recall demo writes key-value pairs into a state with linear attention and
-with the delta rule and reads them back: interference between keys, and overwriting one key.
+(a) The gate explorer draws one write followed through a recurrence ``S_t = G_t * S_{t-1} +
+write_t`` (the study :mod:`course_lib.studies.gates`): how much of it is left after t steps (the
+decay profile), after how many steps it has fallen below 1/e (the effective memory horizon), and
+how large the whole state grows under a stream of random writes. (b) The recall demo writes
+key-value pairs into a state with linear attention and with the delta rule and reads them back:
+interference between keys, and overwriting one key.
 Both compute in float64; their states are checked against :mod:`course_lib.recurrent` in the tests.
 """
 
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 
 from ..checks import check_bool, check_choice, check_float, check_int
 from ..recurrent import delta_rule, gla
+
+# The gate simulation is a study; GATE_METHODS and gate_inputs stay importable here for one release.
+from ..studies.gates import GATE_METHODS, gate_inputs, gate_profile
 from ..viz import STYLE
 
 __all__ = [
@@ -37,80 +41,6 @@ F64 = torch.float64
 
 # --- (a) gate explorer --------------------------------------------------------------------------
 
-GATE_METHODS = ("linear attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet")
-_DELTA = ("deltanet", "gated_deltanet")
-
-
-def gate_inputs(
-    method: str = "gla",
-    decay: float = 0.95,
-    spread: float = 1.0,
-    beta: float = 0.5,
-    steps: int = 200,
-    head_dim: int = 16,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Seeded inputs of one head: unit keys (T, D), unit values (T, D), log gates (T, D), beta (T,).
-
-    The forget gate's typical value is ``decay`` (per step). "linear attention" and "deltanet" have
-    none (log gate 0); "retnet" uses ``log(decay)`` at every step; "mamba2" and "gated_deltanet"
-    multiply it by a log-normal factor of width ``spread`` per step (one number for all key
-    dimensions, data dependent); "gla" does so per step *and* per key dimension, each dimension with
-    its own typical rate. The multiplier has mean 1, so the mean log gate stays ``log(decay)``.
-    ``beta`` is the delta rule's write strength (the select gate); 1 for the other methods.
-    """
-    check_choice(method, "method", GATE_METHODS)
-    decay = check_float(decay, "decay", min=0.0, max=1.0, min_open=True, max_open=True)
-    spread = check_float(spread, "spread", min=0.0)
-    beta = check_float(beta, "beta", min=0.0, max=1.0)
-    T = check_int(steps, "steps", min=2)
-    D = check_int(head_dim, "head_dim", min=1)
-    generator = torch.Generator().manual_seed(seed)
-    keys = F.normalize(torch.randn(T, D, generator=generator, dtype=F64), dim=-1)
-    values = F.normalize(torch.randn(T, D, generator=generator, dtype=F64), dim=-1)
-    noise = torch.randn(T, D, generator=generator, dtype=F64)
-    per_dim = torch.randn(D, generator=generator, dtype=F64)
-    base = math.log(decay)
-    if method in ("linear attention", "deltanet"):
-        log_gates = torch.zeros(T, D, dtype=F64)
-    elif method == "retnet":
-        log_gates = torch.full((T, D), base, dtype=F64)
-    elif method in ("mamba2", "gated_deltanet"):
-        z = noise[:, :1].expand(T, D)  # one gate per step, shared by every key dimension
-        log_gates = base * torch.exp(spread * z - spread**2 / 2)
-    else:  # gla: each dimension its own rate, and data-dependent wobble per step
-        z = 0.8 * per_dim + 0.6 * noise
-        log_gates = base * torch.exp(spread * z - spread**2 / 2)
-    betas = torch.full((T,), beta if method in _DELTA else 1.0, dtype=F64)
-    return {"keys": keys, "values": values, "log_gates": log_gates, "beta": betas}
-
-
-def _simulate(inputs: dict[str, torch.Tensor], delta: bool) -> dict[str, torch.Tensor]:
-    """Run the recurrence; follow the first write on its own (the recurrence is linear in S)."""
-    k, v, g, beta = inputs["keys"], inputs["values"], inputs["log_gates"], inputs["beta"]
-    T, D = k.shape
-    state = torch.zeros(D, v.shape[1], dtype=F64)
-    first = beta[0] * torch.outer(k[0], v[0])  # what the first token wrote
-    first_norm = first.norm()
-    profile, state_norm = [], []
-    for t in range(T):
-        state = g[t, :, None].exp() * state
-        if t > 0:
-            first = g[t, :, None].exp() * first
-        if delta:
-            state = state + beta[t] * torch.outer(k[t], v[t] - state.T @ k[t])
-            if t > 0:  # the correction also erases what the first write left along k_t
-                first = first - beta[t] * torch.outer(k[t], first.T @ k[t])
-        else:
-            state = state + beta[t] * torch.outer(k[t], v[t])
-        profile.append((first.norm() / first_norm).item() if first_norm > 0 else 0.0)
-        state_norm.append(state.norm().item())
-    return {
-        "profile": torch.tensor(profile, dtype=F64),
-        "state_norm": torch.tensor(state_norm, dtype=F64),
-        "final_state": state,
-    }
-
 
 def gate_explorer_view(
     method: str = "gla",
@@ -121,33 +51,14 @@ def gate_explorer_view(
     *,
     draw: bool = True,
 ) -> dict:
-    """Decay profile, memory horizon and state norm of one head of ``method`` (see :func:`gate_inputs`).
+    """Draw :func:`course_lib.studies.gates.gate_profile` of one head of ``method``: the decay profile
+    and memory horizon (left), the state norm under random writes (right).
 
-    Returns ``inputs``, ``profile`` (T,): the Frobenius norm of what is left of the first write,
-    relative to the write itself; ``per_dim`` (T, D): ``exp(cumulative log gate)`` per key dimension;
-    ``horizon``: the first step at which the profile is below 1/e (None if never within ``steps``);
-    ``typical_horizon``: ``-1 / mean log gate`` (``1/(1 - gamma)`` to first order, None without a
-    forget gate); ``state_norm`` (T,) and ``final_state`` (D, D).
+    Returns the profile's dict (``inputs``, ``profile``, ``per_dim``, ``horizon``,
+    ``typical_horizon``, ``state_norm``, ``final_state``), plus ``figure`` when drawn.
     """
-    inputs = gate_inputs(method, decay, spread, beta, steps)
-    result = _simulate(inputs, method in _DELTA)
-    profile = result["profile"]
-    below = (profile < math.exp(-1)).nonzero()
-    horizon = int(below[0]) if len(below) else None
-    mean_log_gate = inputs["log_gates"].mean().item()
-    cumulative = inputs["log_gates"].clone()
-    cumulative[0] = 0.0  # the first write is not decayed at its own step
-    per_dim = cumulative.cumsum(0).exp()
-    view = {
-        "method": method,
-        "inputs": inputs,
-        "profile": profile,
-        "per_dim": per_dim,
-        "horizon": horizon,
-        "typical_horizon": -1.0 / mean_log_gate if mean_log_gate < 0 else None,
-        "state_norm": result["state_norm"],
-        "final_state": result["final_state"],
-    }
+    view = gate_profile(method, decay, spread, beta, steps)
+    profile, per_dim, horizon = view["profile"], view["per_dim"], view["horizon"]
     if draw:
         T = profile.shape[0]
         with plt.rc_context(STYLE):
@@ -166,7 +77,7 @@ def gate_explorer_view(
             shown = "beyond the window" if horizon is None else f"{horizon} steps"
             left.set_title(f"{method}: decay profile, horizon {shown}")
             left.legend(frameon=False, fontsize=8)
-            right.plot(range(1, T + 1), result["state_norm"].numpy(), color="#009E73")
+            right.plot(range(1, T + 1), view["state_norm"].numpy(), color="#009E73")
             right.set_xlabel("tokens written")
             right.set_ylabel("||S_t|| (Frobenius)")
             right.set_title("state norm under random unit writes")

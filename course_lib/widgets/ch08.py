@@ -10,15 +10,16 @@ decode-heavy into a recommendation, its reason and the chapter that teaches it.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
-from ..bench import Measurement, format_bytes
-from ..benchmarks.ch08 import PHASES, mechanism_of, phase_of
 from ..checks import check_bool, check_choice, check_float, check_int
+from ..measure import Measurement, format_bytes
+
+# Stored results are loaded by course_lib.results (RESULTS_DIR and load_results stay importable
+# from here for one release).
+from ..results import RESULTS_DIR, load_results
+from ..studies.phases import PHASES, mechanism_of, phase_of
 from ..viz import STYLE, plot_scaling
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "decision_guide",
 ]
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "results"
 METRICS = ("time", "memory", "flops", "bytes")
 _METRIC_LABELS = {
     "time": "measured time per call (ms)",
@@ -41,14 +41,6 @@ _METRIC_LABELS = {
     "flops": "model FLOPs per call",
     "bytes": "model bytes moved per call",
 }
-
-
-def load_results(path: str | Path | None = None) -> list[Measurement]:
-    """Measurements from a JSON file written by ``python -m course_lib.bench ... --json``
-    (default: ``results/all_small.json``)."""
-    path = RESULTS_DIR / "all_small.json" if path is None else Path(path)
-    payload = json.loads(path.read_text())
-    return [Measurement(**r) for r in payload["results"]]
 
 
 # --- (a) comparison explorer ----------------------------------------------------------------------
