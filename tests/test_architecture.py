@@ -4,7 +4,8 @@ Read from the source with ``ast`` (nothing is imported), including imports insid
 a lazy import counts as much as one at the top. Each module belongs to a floor:
 
     ground      checks, environment, measure, viz
-    algorithms  standard, hardware, tiling/, kv_cache/, sparse/, linear, recurrent/, specialized/, decoding
+    algorithms  standard, hardware, tiling/, kv_cache/, sparse/, linear, recurrent/, specialized/, decoding,
+                mixers, relative_positions
     catalogue   catalogue/
     studies     models/, recall, results, studies/, serving/
     leaves      widgets/, figures/, exercises/, benchmarks/, bench, student, grade, kernels/
@@ -38,6 +39,8 @@ FLOORS = {
         "recurrent",
         "specialized",
         "decoding",
+        "mixers",
+        "relative_positions",
     ),
     "catalogue": ("catalogue",),
     "studies": ("models", "recall", "results", "studies", "serving"),
