@@ -150,9 +150,10 @@ def speculative_decode(
     so that it never overshoots ``max_new_tokens``.
 
     Returns ``(outputs, stats)``: the new tokens of each prompt, and ``drafted``, ``accepted``,
-    ``acceptance_rate`` (accepted / drafted), ``target_forwards`` and ``draft_forwards`` (batched
-    calls), ``rounds`` (summed over rows) and ``tokens_per_round`` (tokens emitted per target
-    forward of a row: 1 for plain decoding, up to ``k + 1``).
+    ``acceptance_rate`` (accepted / drafted), ``resampled`` (rounds that ended with a rejection),
+    ``bonus`` (rounds whose drafts were all accepted), ``target_forwards`` and ``draft_forwards``
+    (batched calls), ``rounds`` (summed over rows) and ``tokens_per_round`` (tokens emitted per
+    target forward of a row: 1 for plain decoding, up to ``k + 1``).
     """
     _attention_of(target, "target")
     _attention_of(draft, "draft")
@@ -194,7 +195,15 @@ def speculative_decode(
     for row in range(len(prompts)):
         caches["target"].add_sequence(row)
         caches["draft"].add_sequence(row)
-    stats = {"drafted": 0, "accepted": 0, "target_forwards": 0, "draft_forwards": 0, "rounds": 0}
+    stats = {
+        "drafted": 0,
+        "accepted": 0,
+        "resampled": 0,
+        "bonus": 0,
+        "target_forwards": 0,
+        "draft_forwards": 0,
+    }
+    stats["rounds"] = 0
 
     def probabilities(logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.to(torch.float64) / temperature, dim=-1)
@@ -241,10 +250,12 @@ def speculative_decode(
             accepted, following = verify_draft_greedy(padded_drafts, scores, num_drafted=drafted)
         else:
             uniform = torch.full((vocab_size,), 1.0 / vocab_size, dtype=torch.float64)
-            q = torch.stack(
-                [torch.stack(draft_dists[row] + [uniform] * (width - k_row[row])) for row in active]
-            )
-            q = q if width else torch.zeros(len(active), 0, vocab_size, dtype=torch.float64)
+            if width:  # rows that drafted fewer than width tokens are padded (those positions are ignored)
+                q = torch.stack(
+                    [torch.stack(draft_dists[row] + [uniform] * (width - k_row[row])) for row in active]
+                )
+            else:
+                q = torch.zeros(len(active), 0, vocab_size, dtype=torch.float64)
             accepted, following = verify_draft(
                 padded_drafts, q, probabilities(scores), generator=generator, num_drafted=drafted
             )
@@ -256,6 +267,8 @@ def speculative_decode(
             remaining[row] -= kept + 1
             stats["drafted"] += k_row[row]
             stats["accepted"] += kept
+            stats["resampled"] += kept < k_row[row]
+            stats["bonus"] += 0 < k_row[row] == kept
             stats["rounds"] += 1
             for cache in caches.values():  # the newest token is emitted, not yet fed
                 cache.truncate(row, min(cache.length(row), len(tokens[row]) - 1))
