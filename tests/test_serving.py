@@ -668,6 +668,28 @@ def test_the_rule_alone_emits_the_target_distribution_and_resampling_from_p_does
     assert accepted.tolist() == [2, 1, 0] and following.tolist() == [2, 0, 1]
 
 
+def test_every_emitted_position_follows_the_target_with_several_drafts():
+    # Context-free distributions per position: the token emitted at position j (an accepted draft,
+    # a resample after a rejection at j, or the bonus when all earlier drafts were kept) must follow
+    # p_j, among the rounds that reach position j. Rows draft 0 .. k tokens.
+    generator = torch.Generator().manual_seed(1)
+    k, n, vocabulary = 3, 30_000, 5
+    p = torch.softmax(1.5 * torch.randn(k + 1, vocabulary, generator=generator, dtype=torch.float64), -1)
+    q = torch.softmax(1.5 * torch.randn(k, vocabulary, generator=generator, dtype=torch.float64), -1)
+    drafted = torch.stack(
+        [torch.multinomial(q[i], n, replacement=True, generator=generator) for i in range(k)], 1
+    )
+    num_drafted = torch.randint(0, k + 1, (n,), generator=generator)
+    accepted, following = verify_draft(
+        drafted, q.expand(n, -1, -1), p.expand(n, -1, -1), generator=generator, num_drafted=num_drafted
+    )
+    assert (accepted <= num_drafted).all()
+    for j in range(k + 1):
+        reached = accepted >= j
+        emitted = torch.where(accepted > j, drafted[:, min(j, k - 1)], following)[reached]
+        assert chi_square_p_value(torch.bincount(emitted, minlength=vocabulary).double(), p[j]) > 1e-3, j
+
+
 def speculative_sample_counts(target, draft, prompt, n: int) -> torch.Tensor:
     outputs, stats = speculative_decode(target, draft, [prompt] * n, 3, k=2, temperature=1.0, seed=0)
     assert stats["resampled"] > 0 and stats["bonus"] > 0 and stats["accepted"] > 0
