@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 TRACE_REQUESTS = 32
-ENGINE = {"num_blocks": 160, "block_size": 16, "token_budget": 64, "max_running": 16}
+ENGINE = {"num_blocks": 64, "block_size": 16, "token_budget": 64, "max_running": 16}
 
 
 @functools.cache

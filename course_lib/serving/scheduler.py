@@ -277,7 +277,8 @@ class Scheduler:
     def _choose(self, request: Request, logits: torch.Tensor) -> int:
         if request.temperature == 0:
             return int(logits.argmax())
-        token = sample_next_token(logits[None], generator=request.generator, temperature=request.temperature)
+        logits = logits[None].cpu()  # each request's generator lives on the CPU
+        token = sample_next_token(logits, generator=request.generator, temperature=request.temperature)
         return int(token)
 
     def _release(self, request: Request) -> None:
@@ -325,7 +326,9 @@ class Scheduler:
             self._arrive()
         started = time.perf_counter()
         scheduled, preempted = self._schedule()
-        decodes, emitted = self._run(scheduled) if scheduled else (0, 0)
+        if not scheduled:  # cannot happen: a lone request always fits (add_request checks it)
+            raise RuntimeError(f"the scheduler made no progress at time {self.time}")
+        decodes, emitted = self._run(scheduled)
         seconds = time.perf_counter() - started
         usage = self.cache.usage()
         reserved = self.reserved_blocks()

@@ -218,7 +218,8 @@ def speculative_decode(
             group = [row for row in active if k_row[row] > j]
             cache = caches["draft"]
             batch = [(row, (tokens[row] + drafts[row])[cache.length(row) :]) for row in group]
-            last = torch.stack([logits[-1] for logits in paged_forward(draft, cache, batch)])
+            # The rule runs on the CPU (with the CPU generator), whatever device the models use.
+            last = torch.stack([logits[-1] for logits in paged_forward(draft, cache, batch)]).cpu()
             stats["draft_forwards"] += 1
             if greedy:
                 proposed = last.argmax(-1)
@@ -232,7 +233,7 @@ def speculative_decode(
         # Verify: one target forward over each row's unseen tokens and its drafts.
         cache = caches["target"]
         batch = [(row, (tokens[row] + drafts[row])[cache.length(row) :]) for row in active]
-        outputs = paged_forward(target, cache, batch)
+        outputs = [logits.cpu() for logits in paged_forward(target, cache, batch)]
         stats["target_forwards"] += 1
         width = max(k_row.values())
         drafted = torch.tensor([k_row[row] for row in active], dtype=torch.long)
