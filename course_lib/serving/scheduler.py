@@ -5,7 +5,7 @@ next one. A request that finishes early idles in its slot; one that arrives mean
 the whole batch; memory for every request's worst case is reserved up front.
 
 **Continuous batching** (Orca, Yu et al., 2022; vLLM) schedules per *iteration*: every step
-- retires requests that finished in the previous step and frees their blocks at once;
+- retires a request as soon as its last token is out, and frees its blocks for the next step;
 - gives one decode token to every running request, and the rest of a per-step **token budget**
   to prefill chunks of requests still reading their prompt (chunked prefill piggybacked on the
   decodes, as in Sarathi-Serve: a long prompt no longer stalls everyone's next token);

@@ -184,7 +184,7 @@ def speculative_decode(
     if not greedy:
         generator = check_generator(generator, seed)
 
-    # Each row stores at most its prompt plus max_new_tokens - 1 tokens in either cache.
+    # Each row stores at most its prompt plus max_new_tokens - 1 tokens in either cache: this always fits.
     num_blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
     caches = {
         "target": PagedModelCache.for_model(target, num_blocks=num_blocks, block_size=block_size),
@@ -195,15 +195,8 @@ def speculative_decode(
     for row in range(len(prompts)):
         caches["target"].add_sequence(row)
         caches["draft"].add_sequence(row)
-    stats = {
-        "drafted": 0,
-        "accepted": 0,
-        "resampled": 0,
-        "bonus": 0,
-        "target_forwards": 0,
-        "draft_forwards": 0,
-    }
-    stats["rounds"] = 0
+    stats = dict.fromkeys(("drafted", "accepted", "resampled", "bonus", "rounds"), 0)
+    stats |= {"target_forwards": 0, "draft_forwards": 0}
 
     def probabilities(logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.to(torch.float64) / temperature, dim=-1)
