@@ -73,16 +73,14 @@ CASES = [
 def test_kernel_and_reference_match_the_per_query_loop(H, H_kv, T, S, block_size, top_k):
     q, k, v = make_inputs(2, H, H_kv, T, S, 3, 2)
     expected = moba_loop(q, k, v, block_size=block_size, top_k=top_k)
-    torch.testing.assert_close(
-        moba_attention(q, k, v, block_size=block_size, top_k=top_k, query_chunk=4), expected
-    )
+    torch.testing.assert_close(moba_attention(q, k, v, block_size=block_size, top_k=top_k), expected)
     torch.testing.assert_close(moba_reference(q, k, v, block_size=block_size, top_k=top_k), expected)
 
 
 @pytest.mark.parametrize("T,S", [(1, 1), (31, 31), (64, 64), (10, 75), (75, 10)])
 def test_kernel_matches_dense_reference_on_awkward_shapes(T, S):
     q, k, v = make_inputs(2, 4, 2, T, S, 5, 7, seed=T * S)
-    out = moba_attention(q, k, v, block_size=8, top_k=3, query_chunk=16)
+    out = moba_attention(q, k, v, block_size=8, top_k=3)
     torch.testing.assert_close(out, moba_reference(q, k, v, block_size=8, top_k=3))
 
 
@@ -121,7 +119,9 @@ def test_work_counts_blocks_and_shrinks_with_length():
         positions = torch.arange(T)
         assert work.blocks_computed == 2 * int((positions // 32 + 1).clamp(max=3).sum())
         assert work.blocks_causal == 2 * int((positions // 32 + 1).sum())
-        assert work.scores_computed == 2 * T * 3 * 32 and work.scores_dense == 2 * T * T
+        # Every computed score lies in a chosen block; the rest is padding to the busiest head.
+        assert work.blocks_computed * 32 <= work.scores_computed <= 1.1 * work.blocks_computed * 32
+        assert work.scores_dense == 2 * T * T
         fractions.append(work.block_fraction)
     assert fractions[0] < 0.7 and fractions[1] < fractions[0] * 0.6
 
@@ -138,9 +138,7 @@ def test_queries_before_the_first_key_get_zeros():
 def test_gradcheck():
     q, k, v = make_inputs(1, 4, 2, 10, 10, 3, 2, seed=4)
     inputs = [x.requires_grad_() for x in (q, k, v)]
-    assert torch.autograd.gradcheck(
-        lambda *a: moba_attention(*a, block_size=3, top_k=2, query_chunk=4), inputs
-    )
+    assert torch.autograd.gradcheck(lambda *a: moba_attention(*a, block_size=3, top_k=2), inputs)
     grads = torch.autograd.grad(moba_attention(*inputs, block_size=3, top_k=2).square().sum(), inputs)
     expected = torch.autograd.grad(moba_reference(*inputs, block_size=3, top_k=2).square().sum(), inputs)
     for got, want in zip(grads, expected):
@@ -182,7 +180,6 @@ _q, _k, _v = make_inputs(1, 4, 2, 6, 6, 4)
         (lambda: moba_attention(_q, _k, _v, top_k=0), ValueError, "top_k"),
         (lambda: moba_attention(_q, _k, _v, top_k=1.5), TypeError, "top_k"),
         (lambda: moba_attention(_q, _k, _v, scale=float("nan")), ValueError, "scale"),
-        (lambda: moba_attention(_q, _k, _v, query_chunk=0), ValueError, "query_chunk"),
         (lambda: moba_attention(_q, _k, _v, return_work="no"), TypeError, "return_work"),
         (
             lambda: moba_attention(_q, _k[:, :1].expand(1, 3, 6, 4), _v[:, :1].expand(1, 3, 6, 4)),

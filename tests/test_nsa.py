@@ -110,7 +110,7 @@ LOOP_CASES = [
 def test_kernel_and_reference_match_the_per_query_loop(H, H_kv, T, S, options):
     q, k, v, gates = make_inputs(2, H, H_kv, T, S, 3, 2)
     expected = nsa_loop(q, k, v, gates, **options)
-    torch.testing.assert_close(nsa_attention(q, k, v, gates, query_chunk=5, **options), expected)
+    torch.testing.assert_close(nsa_attention(q, k, v, gates, **options), expected)
     torch.testing.assert_close(nsa_reference(q, k, v, gates, **options), expected)
 
 
@@ -118,7 +118,7 @@ def test_kernel_and_reference_match_the_per_query_loop(H, H_kv, T, S, options):
 def test_kernel_matches_dense_reference_on_awkward_shapes(T, S):
     q, k, v, gates = make_inputs(2, 4, 2, T, S, 5, 3, seed=T + S)
     options = dict(block_size=8, num_selected=4, window=7, compress_block=8, compress_stride=4)
-    out, work = nsa_attention(q, k, v, gates, query_chunk=16, return_work=True, **options)
+    out, work = nsa_attention(q, k, v, gates, return_work=True, **options)
     torch.testing.assert_close(out, nsa_reference(q, k, v, gates, **options))
     assert work.scores_dense == 2 * 4 * T * S
 
@@ -174,10 +174,11 @@ def test_long_sequences_skip_most_blocks():
         q, k, v, gates = make_inputs(1, 2, 1, T, T, 8, dtype=torch.float32)
         _, work = nsa_attention(q, k, v, gates, block_size=16, num_selected=4, window=32, compress_block=16,
                                 compress_stride=8, return_work=True)  # fmt: skip
-        # Scores: T x N_c compressed, T x (4 blocks of 16) selected, the window's 32-query bands.
+        # Scores per query head: T x N_c compressed, 16 per selected block (one KV head, so no
+        # padding), and the window's bands of 32 queries x (32 + 31) keys.
         N_c = (T - 16) // 8 + 1
-        assert work.scores_computed == 2 * (T * N_c + T * 4 * 16 + T * (32 + 31))
         assert work.blocks_computed == T * 4 - (1 + 2 + 3) * 16  # the first 3 blocks' queries have fewer
+        assert work.scores_computed == 2 * (T * N_c + work.blocks_computed * 16 + T * (32 + 31))
         fractions.append((work.block_fraction, work.score_fraction))
     assert fractions[0][0] < 0.25 and fractions[0][1] < 0.4
     assert fractions[1][0] < fractions[0][0] / 1.8 and fractions[1][1] < fractions[0][1] / 1.4
@@ -201,7 +202,7 @@ def test_queries_with_nothing_to_see_get_zeros():
 def test_gradcheck():
     q, k, v, gates = make_inputs(1, 2, 1, 11, 11, 3, 2, seed=7)
     inputs = [x.requires_grad_() for x in (q, k, v, gates)]
-    assert torch.autograd.gradcheck(lambda *a: nsa_attention(*a, query_chunk=4, **SMALL), inputs)
+    assert torch.autograd.gradcheck(lambda *a: nsa_attention(*a, **SMALL), inputs)
     # The same gradients as the dense reference.
     grads = torch.autograd.grad(nsa_attention(*inputs, **SMALL).square().sum(), inputs)
     expected = torch.autograd.grad(nsa_reference(*inputs, **SMALL).square().sum(), inputs)
@@ -297,7 +298,6 @@ _q, _k, _v, _g = make_inputs(1, 4, 2, 6, 6, 4)
             "compressed",
         ),  # fmt: skip
         (lambda: nsa_attention(_q, _k, _v, _g, scale=float("inf")), ValueError, "scale"),
-        (lambda: nsa_attention(_q, _k, _v, _g, query_chunk=0), ValueError, "query_chunk"),
         (lambda: nsa_attention(_q, _k, _v, _g, return_work=1), TypeError, "return_work"),
         (lambda: nsa_reference(_q, _k, _v, _g, window=-2), ValueError, "window"),
         (lambda: overlapping_blocks(_k, 2, 3), ValueError, "compress_stride"),

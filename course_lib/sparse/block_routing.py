@@ -9,8 +9,9 @@ only. This module holds the three steps they share:
   compression).
 - :func:`select_blocks`: the ``n`` best eligible blocks per query, forced blocks first, ties to
   the earlier block, so that a kernel and a reference choose identically.
-- :func:`attend_selected_blocks`: attention over the keys of the chosen blocks only, a chunk of
-  queries at a time, so no ``T x S`` tensor is ever built; it also counts the scores it computed.
+- :func:`attend_selected_blocks`: attention over the keys of the chosen blocks only, one key
+  block at a time with the queries that chose it, so no ``T x S`` tensor is ever built; it also
+  counts the scores it computed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_int, check_tensor
-from ..standard import masked_softmax
 
 __all__ = ["block_means", "select_blocks", "selection_mask", "attend_selected_blocks", "BlockWork"]
 
@@ -119,9 +119,14 @@ def attend_selected_blocks(
     block_size: int,
     *,
     scale: float,
-    query_chunk: int = 64,
 ) -> tuple[torch.Tensor, int]:
     """Causal attention of each query over the keys of its selected blocks only.
+
+    Block by block, as MoBA's kernel does: for key block ``j``, gather the queries that chose
+    it (a ragged batch, padded to the busiest head), compute their scores against that block
+    alone, and keep each (query, block) pair's normalised partial output and logsumexp. Then
+    merge each query's partials exactly, as FlashDecoding merges its splits (chapter 03):
+    ``o = sum_s exp(lse_s - lse) o_s``. Every score computed belongs to a selected block.
 
     Args:
         q: ``(B, H_kv, G, T, D)``: the ``G`` query heads of each key/value head.
@@ -131,36 +136,73 @@ def attend_selected_blocks(
             group shares its blocks, NSA) or ``G`` (each head chooses, MoBA).
         block_size: keys per block.
         scale: multiplies the scores.
-        query_chunk: queries handled at once; the gathered keys take
-            ``query_chunk * n * block_size * D`` numbers per head, whatever ``T`` and ``S`` are.
 
-    Returns ``(out, scores_computed)``: ``(B, H_kv, G, T, D_v)`` in the compute dtype of the
-    inputs, zeros for a query with nothing selected; and the number of dot products evaluated.
+    Returns ``(out, scores_computed)``: ``(B, H_kv, G, T, D_v)`` in the dtype of q, zeros for a
+    query with nothing selected; and the number of dot products evaluated (padding included).
     """
     B, H_kv, G, T, D = q.shape
     S, D_v = k.shape[2], v.shape[-1]
-    n = indices.shape[-1]
+    G_sel, n = indices.shape[2], indices.shape[-1]
     if T == 0 or S == 0 or n == 0:
         return q.new_zeros(B, H_kv, G, T, D_v), 0
-    offsets = torch.arange(block_size, device=q.device)
-    computed, pieces = 0, []
-    for start in range(0, T, query_chunk):
-        stop = min(start + query_chunk, T)
-        chunk_indices, chunk_valid = indices[:, :, :, start:stop], valid[:, :, :, start:stop]
-        positions = (chunk_indices.unsqueeze(-1) * block_size + offsets).flatten(-2)  # (B, H_kv, G', C, n*bs)
-        query_positions = torch.arange(start, stop, device=q.device).view(-1, 1) + (S - T)
-        allowed = (
-            chunk_valid.repeat_interleave(block_size, dim=-1)
-            & (positions < S)
-            & (positions <= query_positions)
-        )
-        gather_at = positions.clamp(max=S - 1)
-        G_sel, C, width = gather_at.shape[2], stop - start, gather_at.shape[-1]
-        flat = gather_at.reshape(B, H_kv, G_sel * C * width, 1)
-        keys = k.gather(2, flat.expand(-1, -1, -1, D)).view(B, H_kv, G_sel, C, width, D)
-        values = v.gather(2, flat.expand(-1, -1, -1, D_v)).view(B, H_kv, G_sel, C, width, D_v)
-        scores = torch.einsum("bkgcd,bkgcwd->bkgcw", q[:, :, :, start:stop], keys) * scale
-        weights = masked_softmax(scores, allowed)
-        pieces.append(torch.einsum("bkgcw,bkgcwd->bkgcd", weights, values))
-        computed += B * H_kv * G * C * width
-    return torch.cat(pieces, dim=3), computed
+    heads, rows, shared = B * H_kv, G_sel * T, G // G_sel  # rows choose blocks; `shared` queries each
+    num_blocks = -(-S // block_size)
+    queries = q.reshape(heads, G_sel, shared, T, D).transpose(2, 3).reshape(heads, rows, shared, D)
+    keys, values = k.reshape(heads, S, D), v.reshape(heads, S, D_v)
+    row_positions = (torch.arange(rows, device=q.device) % T) + (S - T)
+
+    # Sort every (row, slot) pair of a head by the block it reads; invalid pairs go last.
+    block_of_pair = torch.where(valid, indices, num_blocks).reshape(heads, rows * n)
+    order = torch.sort(block_of_pair, dim=-1, stable=True).indices
+    counts = torch.zeros(heads, num_blocks + 1, dtype=torch.long, device=q.device)
+    counts = counts.scatter_add(-1, block_of_pair, torch.ones_like(block_of_pair))[:, :num_blocks]
+    starts = counts.cumsum(-1) - counts
+
+    pieces_out, pieces_lse, pieces_at, computed = [], [], [], 0
+    for block in range(num_blocks):
+        busiest = int(counts[:, block].max())
+        if busiest == 0:
+            continue
+        slot = torch.arange(busiest, device=q.device)
+        used = slot < counts[:, block : block + 1]  # (heads, busiest): real pairs, not padding
+        pairs = order.gather(-1, (starts[:, block : block + 1] + slot).clamp(max=rows * n - 1))
+        row = pairs // n
+        first, last = block * block_size, min((block + 1) * block_size, S)
+        key_positions = torch.arange(first, last, device=q.device)
+        block_queries = queries.gather(1, row.view(heads, busiest, 1, 1).expand(-1, -1, shared, D))
+        scores = torch.einsum("hmrd,hkd->hmrk", block_queries, keys[:, first:last]) * scale
+        allowed = used.unsqueeze(-1) & (key_positions <= row_positions[row].unsqueeze(-1))
+        scores = scores.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(scores - row_max)
+        total = weights.sum(dim=-1, keepdim=True)
+        seen = total > 0
+        safe_total = torch.where(seen, total, torch.ones_like(total))
+        pieces_out.append((weights / safe_total) @ values[:, first:last].unsqueeze(1))
+        # log(total) only where something was seen, so no -inf (and no NaN gradient) is created.
+        pieces_lse.append(torch.where(seen, row_max + torch.log(safe_total), float("-inf")).squeeze(-1))
+        flat_head = torch.arange(heads, device=q.device).unsqueeze(1) * (rows * n)
+        pieces_at.append(torch.where(used, flat_head + pairs, -1))
+        computed += heads * busiest * shared * (last - first)
+    if not pieces_at:  # no query chose any block
+        return q.new_zeros(B, H_kv, G, T, D_v), 0
+
+    # Scatter the partials to their (head, row, slot) and merge the slots of each row.
+    at = torch.cat([p.flatten() for p in pieces_at])
+    keep = at >= 0
+    partial = q.new_zeros(heads * rows * n, shared, D_v).index_put(
+        (at[keep],), torch.cat([p.flatten(0, 1) for p in pieces_out])[keep]
+    )
+    lse = torch.full((heads * rows * n, shared), float("-inf"), dtype=q.dtype, device=q.device).index_put(
+        (at[keep],), torch.cat([p.flatten(0, 1) for p in pieces_lse])[keep]
+    )
+    partial, lse = partial.view(heads, rows, n, shared, D_v), lse.view(heads, rows, n, shared)
+    best = lse.amax(dim=2, keepdim=True)
+    best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+    share = torch.exp(lse - best)  # each slot's softmax mass, relative to the largest
+    mass = share.sum(dim=2, keepdim=True)
+    mass = torch.where(mass > 0, mass, torch.ones_like(mass)).squeeze(2).unsqueeze(-1)
+    out = (share.unsqueeze(-1) * partial).sum(dim=2) / mass
+    out = out.view(heads, G_sel, T, shared, D_v).transpose(2, 3).reshape(B, H_kv, G, T, D_v)
+    return out, computed

@@ -82,7 +82,6 @@ def moba_attention(
     block_size: int = 64,
     top_k: int = 3,
     scale: float | None = None,
-    query_chunk: int = 64,
     return_work: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, BlockWork]:
     """MoBA attention over the chosen blocks only.
@@ -93,14 +92,12 @@ def moba_attention(
             long-context models 4096 with ``top_k=12``).
         top_k: blocks per query and head, its own block included.
         scale: multiplies the scores; defaults to ``D ** -0.5``.
-        query_chunk: queries whose blocks are gathered at once (bounds the memory).
         return_work: also return a :class:`BlockWork` (blocks counted per query and head).
 
     Returns ``(B, H, T, D_v)`` in the dtype of ``q`` (and the work); a query before the first key
     (``T > S``) gets zeros.
     """
     check_bool(return_work, "return_work")
-    query_chunk = check_int(query_chunk, "query_chunk", min=1)
     B, H, H_kv, T, S, D, D_v, block_size, top_k, scale = _check(q, k, v, block_size, top_k, scale)
     G = H // H_kv
     if T == 0 or S == 0:
@@ -117,7 +114,6 @@ def moba_attention(
         valid.view(B, H_kv, G, T, n),
         block_size,
         scale=scale,
-        query_chunk=query_chunk,
     )
     out = out.reshape(B, H, T, D_v).to(q.dtype)
     if not return_work:
@@ -161,7 +157,6 @@ class MixtureOfBlockAttention(nn.Module):
         num_kv_heads: int | None = None,
         block_size: int = 64,
         top_k: int = 3,
-        query_chunk: int = 64,
     ) -> None:
         super().__init__()
         self.d_model = check_int(d_model, "d_model", min=1)
@@ -173,7 +168,6 @@ class MixtureOfBlockAttention(nn.Module):
         check_divisible(num_heads, "num_heads", self.num_kv_heads, "num_kv_heads")
         self.block_size = check_int(block_size, "block_size", min=1)
         self.top_k = check_int(top_k, "top_k", min=1)
-        self.query_chunk = check_int(query_chunk, "query_chunk", min=1)
         D = self.head_dim = d_model // num_heads
         self.W_q = nn.Linear(d_model, num_heads * D, bias=False)
         self.W_k = nn.Linear(d_model, self.num_kv_heads * D, bias=False)
@@ -192,7 +186,7 @@ class MixtureOfBlockAttention(nn.Module):
         k = self.W_k(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
         v = self.W_v(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
         result = moba_attention(
-            q, k, v, block_size=self.block_size, top_k=self.top_k, query_chunk=self.query_chunk,
+            q, k, v, block_size=self.block_size, top_k=self.top_k,
             return_work=return_work,
         )  # fmt: skip
         out, work = result if return_work else (result, None)

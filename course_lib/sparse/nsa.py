@@ -229,7 +229,6 @@ def nsa_attention(
     num_local_blocks: int = 2,
     compressed: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: float | None = None,
-    query_chunk: int = 64,
     return_work: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, BlockWork]:
     """NSA, computing only what each branch needs (defaults: the paper's settings).
@@ -246,14 +245,12 @@ def nsa_attention(
         compressed: ``(k_cmp, v_cmp)`` of shapes ``(B, H_kv, N_c, D)`` and ``(B, H_kv, N_c, D_v)``
             from a learned compression, ``N_c = compressed_block_count(S, l, d)``; None: block means.
         scale: multiplies the scores; defaults to ``D ** -0.5``.
-        query_chunk: queries whose selected blocks are gathered at once (bounds the memory).
         return_work: also return a :class:`BlockWork` (blocks per query and KV head).
 
     Returns ``(B, H, T, D_v)`` in the dtype of ``q`` (and the work). The compressed and selected
     branches of a query that has nothing there yet are zero, never NaN.
     """
     check_bool(return_work, "return_work")
-    query_chunk = check_int(query_chunk, "query_chunk", min=1)
     options = (
         block_size,
         num_selected,
@@ -283,9 +280,8 @@ def nsa_attention(
     )  # fmt: skip
     # 2. Selected branch: gather the chosen blocks only, shared by the group's query heads.
     o_slc, selected_scores = attend_selected_blocks(
-        grouped, keys, values, indices.unsqueeze(2), valid.unsqueeze(2), block_size,
-        scale=scale, query_chunk=query_chunk,
-    )  # fmt: skip
+        grouped, keys, values, indices.unsqueeze(2), valid.unsqueeze(2), block_size, scale=scale
+    )
     # 3. Window branch: a band of the last `window` keys.
     o_win = sliding_window_attention(
         q.to(dtype), repeat_kv(keys, G), repeat_kv(values, G), window, scale=scale
@@ -457,7 +453,6 @@ class NativeSparseAttention(nn.Module):
         num_initial_blocks: int = 1,
         num_local_blocks: int = 2,
         compression: str = "linear",
-        query_chunk: int = 64,
     ) -> None:
         super().__init__()
         self.d_model = check_int(d_model, "d_model", min=1)
@@ -474,7 +469,6 @@ class NativeSparseAttention(nn.Module):
             num_local_blocks=num_local_blocks,
         )  # fmt: skip
         _check_options(0, 0, *self.options.values())
-        self.query_chunk = check_int(query_chunk, "query_chunk", min=1)
         D = self.head_dim = d_model // num_heads
         self.W_q = nn.Linear(d_model, num_heads * D, bias=False)
         self.W_k = nn.Linear(d_model, self.num_kv_heads * D, bias=False)
@@ -509,10 +503,7 @@ class NativeSparseAttention(nn.Module):
             key_blocks = overlapping_blocks(k, l, d) + self.block_position
             value_blocks = overlapping_blocks(v, l, d)
             compressed = (self.compress_k(key_blocks.flatten(-2)), self.compress_v(value_blocks.flatten(-2)))
-        result = nsa_attention(
-            q, k, v, gates, compressed=compressed, query_chunk=self.query_chunk, return_work=return_work,
-            **self.options,
-        )  # fmt: skip
+        result = nsa_attention(q, k, v, gates, compressed=compressed, return_work=return_work, **self.options)
         out, work = result if return_work else (result, None)
         out = self.W_o(out.transpose(1, 2).reshape(B, T, self.num_heads * D))
         return (out, work) if return_work else out
