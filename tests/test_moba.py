@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from course_lib.sparse.moba import (
     MixtureOfBlockAttention,
@@ -198,3 +200,17 @@ _q, _k, _v = make_inputs(1, 4, 2, 6, 6, 4)
 def test_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+@given(
+    T=st.integers(1, 30),
+    S=st.integers(1, 30),
+    block_size=st.integers(1, 9),
+    top_k=st.integers(1, 5),
+    H_kv=st.sampled_from([1, 2]),
+    seed=st.integers(0, 1000),
+)
+def test_kernel_equals_reference_for_any_shape(T, S, block_size, top_k, H_kv, seed):
+    q, k, v = make_inputs(1, 2, H_kv, T, S, 3, 2, seed=seed)
+    out = moba_attention(q, k, v, block_size=block_size, top_k=top_k)
+    torch.testing.assert_close(out, moba_reference(q, k, v, block_size=block_size, top_k=top_k))

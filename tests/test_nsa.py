@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from course_lib.sparse.block_routing import block_means, select_blocks, selection_mask
 from course_lib.sparse.nsa import (
@@ -313,3 +315,25 @@ _q, _k, _v, _g = make_inputs(1, 4, 2, 6, 6, 4)
 def test_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+@given(
+    T=st.integers(1, 30),
+    S=st.integers(1, 30),
+    block_size=st.integers(1, 8),
+    extra_selected=st.integers(0, 3),
+    window=st.integers(1, 12),
+    compress=st.tuples(st.integers(1, 8), st.integers(1, 8)).filter(lambda lc: lc[1] <= lc[0]),
+    local=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    seed=st.integers(0, 1000),
+)
+def test_kernel_equals_reference_for_any_options(
+    T, S, block_size, extra_selected, window, compress, local, seed
+):
+    q, k, v, gates = make_inputs(1, 2, 1, T, S, 3, 2, seed=seed)
+    options = dict(block_size=block_size, num_selected=max(1, sum(local) + extra_selected), window=window,
+                   compress_block=compress[0], compress_stride=compress[1],
+                   num_initial_blocks=local[0], num_local_blocks=local[1])  # fmt: skip
+    torch.testing.assert_close(
+        nsa_attention(q, k, v, gates, **options), nsa_reference(q, k, v, gates, **options)
+    )
