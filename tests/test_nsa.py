@@ -195,8 +195,9 @@ def test_queries_with_nothing_to_see_get_zeros():
     assert (out[:, :, :3] == 0).all() and (out[:, :, 3:] != 0).any() and torch.isfinite(out).all()
     # T > S: the first T - S queries have no key at all, in any branch.
     q, k, v, gates = make_inputs(1, 2, 2, 9, 4, 4)
-    out = nsa_attention(q, k, v, gates, **SMALL)
+    out, work = nsa_attention(q, k, v, gates, return_work=True, **SMALL)
     assert (out[:, :, :5] == 0).all() and torch.isfinite(out).all()
+    assert work.blocks_causal == 2 * (1 + 1 + 1 + 1)  # only the last 4 queries see a key, one block each
     assert nsa_attention(q[:, :, :0], k, v, gates[:, :, :0], **SMALL).shape == (1, 2, 0, 4)
     assert (nsa_attention(q, k[:, :, :0], v[:, :, :0], gates, **SMALL) == 0).all()
 

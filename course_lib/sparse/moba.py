@@ -119,7 +119,7 @@ def moba_attention(
     if not return_work:
         return out
     query_positions = torch.arange(T) + (S - T)
-    causal_blocks = int(((query_positions // block_size + 1).clamp(min=0)).sum()) * B * H
+    causal_blocks = int((query_positions // block_size + 1).clamp(min=0).sum()) * B * H
     work = BlockWork(int(valid.sum()), causal_blocks, scores_computed, B * H * T * S)
     return out, work
 

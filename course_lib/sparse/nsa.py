@@ -296,7 +296,7 @@ def nsa_attention(
     if not return_work:
         return out
     query_positions = torch.arange(T) + (S - T)
-    causal_blocks = int((query_positions // block_size + 1).sum()) * B * H_kv
+    causal_blocks = int((query_positions // block_size + 1).clamp(min=0).sum()) * B * H_kv
     window_block = min(window, max(T, S), T)
     window_scores = (
         B * H * (-(-T // window_block) * window_block) * (window_block + min(window, max(T, S)) - 1)
