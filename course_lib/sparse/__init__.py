@@ -7,6 +7,9 @@ The subpackage follows the notebook:
 - :mod:`.lsh`: Reformer's hashing attention.
 - :mod:`.learned`: a learned key gate and an adaptive window, both trainable.
 - :mod:`.eviction`: KV-cache eviction for long decoding (StreamingLLM sinks, H2O heavy hitters).
+- :mod:`.block_routing`, :mod:`.nsa`, :mod:`.moba`: trainable sparse attention that routes each
+  query to a few key blocks (NSA's three gated branches, MoBA's top-k blocks).
+- :mod:`.vision`: spatial-reduction (PVT, Segformer) and divided space-time (TimeSformer) attention.
 """
 
 from .eviction import eviction_error, h2o_keep, keep_mask, kept_attention, streaming_keep
@@ -31,6 +34,21 @@ from .masks import (
     reachability,
     sliding_window_mask,
     strided_mask,
+)
+
+# isort: split
+# The trainable sparse attentions of 2025 and attention for images and video.
+from .block_routing import BlockWork, attend_selected_blocks, block_means, select_blocks, selection_mask
+from .moba import MixtureOfBlockAttention, moba_attention, moba_mask, moba_reference, moba_selection
+from .nsa import NativeSparseAttention, nsa_attention, nsa_masks, nsa_reference
+from .vision import (
+    DividedSpaceTimeAttention,
+    SpatialReductionAttention,
+    space_attention,
+    spatial_reduction,
+    spatial_reduction_attention,
+    time_attention,
+    vision_attention_cost,
 )
 
 __all__ = [
@@ -59,4 +77,25 @@ __all__ = [
     "keep_mask",
     "kept_attention",
     "eviction_error",
+    "BlockWork",
+    "block_means",
+    "select_blocks",
+    "selection_mask",
+    "attend_selected_blocks",
+    "nsa_attention",
+    "nsa_reference",
+    "nsa_masks",
+    "NativeSparseAttention",
+    "moba_selection",
+    "moba_mask",
+    "moba_attention",
+    "moba_reference",
+    "MixtureOfBlockAttention",
+    "spatial_reduction",
+    "spatial_reduction_attention",
+    "SpatialReductionAttention",
+    "time_attention",
+    "space_attention",
+    "DividedSpaceTimeAttention",
+    "vision_attention_cost",
 ]

@@ -10,6 +10,7 @@ from .flash import FlashStats, TileStep, flash_attention, flash_attention_trace,
 from .io_cost import IOCost, io_cost
 from .online_softmax import combine_partials, merge_softmax_stats, online_softmax
 from .quantized import quantize_blocks, quantized_attention, random_hadamard, random_orthogonal
+from .sage2 import attention_error, outlier_qkv, sage2_attention, thread_groups
 
 __all__ = [
     "online_softmax",
@@ -27,4 +28,8 @@ __all__ = [
     "quantized_attention",
     "random_hadamard",
     "random_orthogonal",
+    "sage2_attention",
+    "thread_groups",
+    "outlier_qkv",
+    "attention_error",
 ]
