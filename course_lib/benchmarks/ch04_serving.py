@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..bench import Measurement
+from ..measure import Measurement
 from ..models import VOCAB, corpus_split, load_eviction_model
 from ..serving import load_draft_model, make_trace, serve, speculative_decode, truncated_model
 
@@ -239,5 +239,10 @@ def _speculative_table(results: Sequence[Measurement]) -> str:
 
 
 speculative_suite.table = _speculative_table
+
+# The model every suite serves: chapter 05's trained tiny GQA model (4 query heads of 16, 2 KV heads).
+_SHAPE = {"B": "requests of the trace", "H": 4, "D": 16, "H_kv": 2}
+for _suite in (serving_suite, prefix_caching_suite, speculative_suite):
+    _suite.shape = _SHAPE
 
 SUITES = {"serving": serving_suite, "prefix_caching": prefix_caching_suite, "speculative": speculative_suite}
