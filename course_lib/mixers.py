@@ -23,10 +23,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .checks import check_bool, check_choice, check_divisible, check_int, check_tensor
-from .kv_cache import KVCache, repeat_kv
+from .checks import check_bool, check_choice, check_int, check_tensor
+from .kv_cache import GroupedQueryAttention, KVCache, repeat_kv
 from .linear import linear_attention
 from .recurrent.layers import ShortConvolution
 from .sparse import sliding_window_attention
@@ -53,8 +52,12 @@ def causal_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group)
 
 
-class AttentionMixer(nn.Module):
+class AttentionMixer(GroupedQueryAttention):
     """A causal attention layer: ``x (B, T, d_model) -> (B, T, d_model)``, see the module docstring.
+
+    Chapter 04's :class:`~course_lib.kv_cache.GroupedQueryAttention` (same projections, same
+    parameter names) plus what a model needs: the core, the short convolution, RoPE and a cache
+    factory.
 
     Args:
         d_model, num_heads: width and query heads (``head_dim = d_model / num_heads`` by default).
@@ -79,35 +82,19 @@ class AttentionMixer(nn.Module):
         rope: bool = False,
         chunk_size: int = 64,
     ) -> None:
-        super().__init__()
-        self.d_model = check_int(d_model, "d_model", min=1)
-        self.num_heads = check_int(num_heads, "num_heads", min=1)
-        self.num_kv_heads = (
-            self.num_heads if num_kv_heads is None else check_int(num_kv_heads, "num_kv_heads", min=1)
-        )
-        check_divisible(self.num_heads, "num_heads", self.num_kv_heads, "num_kv_heads")
-        if head_dim is None:
-            check_divisible(d_model, "d_model", num_heads, "num_heads")
-            head_dim = d_model // num_heads
-        self.head_dim = check_int(head_dim, "head_dim", min=1)
+        num_heads = check_int(num_heads, "num_heads", min=1)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        super().__init__(d_model, num_heads, num_kv_heads, head_dim=head_dim)
         self.core = check_choice(core, "core", CORES)
         self.window = check_int(window, "window", min=1)
         self.conv_size = check_int(conv_size, "conv_size", min=0)
         self.rope = check_bool(rope, "rope")
         self.chunk_size = check_int(chunk_size, "chunk_size", min=1)
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d_model, q_width, bias=False)
-        self.k_proj = nn.Linear(d_model, kv_width, bias=False)
-        self.v_proj = nn.Linear(d_model, kv_width, bias=False)
         self.conv = ShortConvolution(q_width + 2 * kv_width, conv_size) if conv_size > 0 else None
-        self.out_proj = nn.Linear(q_width, d_model, bias=False)
 
     # Set only by course_lib.models.forward_with_attention: replaces the core by attend(q, k, v).
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-
-    def kv_numbers_per_token(self) -> int:
-        """Numbers this layer caches per token: ``2 * num_kv_heads * head_dim``."""
-        return 2 * self.num_kv_heads * self.head_dim
 
     def make_cache(self, num_layers, batch_size, max_len, *, dtype=torch.float32, device=None) -> KVCache:
         """A KV cache for ``num_layers`` layers like this one (the model shares one across blocks)."""
@@ -150,7 +137,7 @@ class AttentionMixer(nn.Module):
         B, H, T, D = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward(self, x: torch.Tensor, *, cache=None, layer_index: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, cache=None, layer_index: int = 0) -> torch.Tensor:  # type: ignore[override]
         if cache is not None and (self.core == "linear" or self.conv is not None):
             raise ValueError("cache: this layer has no KV cache (linear core or short convolution)")
         start = 0 if cache is None else cache.length(layer_index)
