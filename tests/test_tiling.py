@@ -634,27 +634,28 @@ def test_rescale_factor_is_zero_not_nan_for_a_row_that_saw_nothing():
     torch.testing.assert_close(rescale_factor(old, new), torch.tensor([0.0, 0.0, math.exp(-2.0)]))
 
 
+@pytest.mark.parametrize("scale", [0.6, 0.0, -0.7], ids=["0.6", "zero", "negative"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("T, S", [(1, 1), (7, 13), (13, 7), (0, 5), (5, 0)], ids=lambda x: str(x))
-def test_plain_loops_forward_and_backward_equal_the_dense_reference(T, S, causal):
+def test_plain_loops_forward_and_backward_equal_the_dense_reference(T, S, causal, scale):
     q, k, v = make_qkv(2, 2, T, S, 3, 5, seed=T + 10 * S)
     for forward in (flash_forward_fa1, flash_forward_fa2):
-        out, lse = forward(q, k, v, scale=0.6, causal=causal, block_q=3, block_k=4)
-        torch.testing.assert_close(out, reference_attention(q, k, v, causal, scale=0.6))
-        torch.testing.assert_close(lse, reference_lse(q, k, causal, scale=0.6))
+        out, lse = forward(q, k, v, scale=scale, causal=causal, block_q=3, block_k=4)
+        torch.testing.assert_close(out, reference_attention(q, k, v, causal, scale=scale))
+        torch.testing.assert_close(lse, reference_lse(q, k, causal, scale=scale))
     # The backward against autograd through the dense reference, with gradients on both outputs.
     generator = torch.Generator().manual_seed(7)
     grad_out = torch.randn(2, 2, T, 5, generator=generator, dtype=torch.float64)
     grad_lse = torch.randn(2, 2, T, generator=generator, dtype=torch.float64)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    scores = reference_scores(*leaves[:2], causal, scale=0.6)
+    scores = reference_scores(*leaves[:2], causal, scale=scale)
     dense_out = torch.softmax(scores, dim=-1).nan_to_num(0.0) @ leaves[2]
     visible = torch.isfinite(scores).any(-1)  # rows with no key: lse -inf, no gradient through it
     dense_lse = torch.where(visible, torch.logsumexp(scores.masked_fill(~visible[..., None], 0), -1), 0)
     loss = (dense_out * grad_out).sum() + (dense_lse * grad_lse).sum()
     expected = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
     grads = flash_backward(
-        q, k, v, out, lse, grad_out, grad_lse=grad_lse, scale=0.6, causal=causal, block_q=3, block_k=4
+        q, k, v, out, lse, grad_out, grad_lse=grad_lse, scale=scale, causal=causal, block_q=3, block_k=4
     )
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
@@ -757,6 +758,8 @@ def test_scale_zero_and_negative_are_used_and_inf_nan_bool_refused(name):
         (lambda: flash_forward_fa1(_q, _k, _v, causal=1), TypeError, "causal"),
         (lambda: flash_backward(_q, _k, _v, _v, _q[..., 0], _v[:, :, :2]), ValueError, "grad_out"),
         (lambda: flash_backward(_q, _k, _v, _v, _q, _v), ValueError, "lse"),
+        (lambda: flash_backward(_q, _k, _v, _v, _q[..., 0], _v, scale=float("inf")), ValueError, "scale"),
+        (lambda: flash_backward(_q, _k, _v, _v, _q[..., 0], _v, scale=True), TypeError, "scale"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
