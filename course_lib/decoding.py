@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .checks import check_float, check_int, check_tensor
+from .checks import check_float, check_int, check_tensor, compute_dtype
 
 __all__ = [
     "apply_temperature",
@@ -75,7 +75,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     _check_logits(logits)
     p = check_float(p, "p", min=0.0, max=1.0, min_open=True)
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-    probabilities = torch.softmax(sorted_logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    probabilities = torch.softmax(sorted_logits.to(compute_dtype(logits)), dim=-1)
     mass_before = probabilities.cumsum(dim=-1) - probabilities
     kept_sorted = mass_before < p
     kept_sorted[..., 0] = True
@@ -115,7 +115,7 @@ def sample_next_token(
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    probabilities = torch.softmax(filtered.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    probabilities = torch.softmax(filtered.to(compute_dtype(logits)), dim=-1)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 

@@ -31,7 +31,10 @@ from .checks import (
     check_int,
     check_shape,
     check_tensor,
+    compute_dtype,
+    resolve_scale,
 )
+from .recurrent.runner import run_recurrence
 
 __all__ = [
     "elu_plus_one",
@@ -40,6 +43,9 @@ __all__ = [
     "FavorPlus",
     "favor_plus",
     "linear_attention",
+    "parallel_form",
+    "recurrent_form",
+    "chunk_form",
     "linear_attention_matrix",
     "efficient_attention",
     "linformer_attention",
@@ -49,11 +55,6 @@ __all__ = [
 FORMS = ("parallel", "recurrent", "chunk")
 # Added to the normaliser so a query that sees no key (or only zero features) returns zeros, not NaN.
 DEFAULT_EPS = 1e-6
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; half precision and float32 are accumulated in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # --- feature maps -------------------------------------------------------------------------------
@@ -92,8 +93,8 @@ class FavorPlus:
     the normaliser never cancels (the sin/cos features of the first random-feature papers do).
     ``orthogonal=True`` draws the ``w`` in blocks of ``head_dim`` mutually orthogonal directions
     with chi-distributed lengths: each ``w`` is still marginally ``N(0, I)`` (unbiased), and the
-    variance drops. ``scale`` defaults to ``head_dim ** -0.5``, so ``linear_attention`` with this
-    map and ``causal=False`` approximates ``softmax(Q K^T / sqrt(D)) V``.
+    variance drops. ``scale`` (finite, >= 0) defaults to ``head_dim ** -0.5``, so ``linear_attention``
+    with this map and ``causal=False`` approximates ``softmax(Q K^T / sqrt(D)) V``.
 
     The features are fixed until :meth:`redraw`; the projection lives on the CPU in float64 and is
     cast to the input's device and dtype on each call. No max-subtraction is done, so very large
@@ -116,9 +117,10 @@ class FavorPlus:
             # Performer's default m = d log d, and at least d.
             num_features = max(self.head_dim, int(self.head_dim * math.log(self.head_dim)))
         self.num_features = check_int(num_features, "num_features", min=1)
-        self.scale = (
-            self.head_dim**-0.5 if scale is None else check_float(scale, "scale", min=0, min_open=True)
-        )
+        self.scale = resolve_scale(scale, self.head_dim)
+        if self.scale < 0:
+            # phi(q) . phi(k) is a positive-definite kernel; exp(scale q . k) is one only for scale >= 0.
+            raise ValueError(f"scale={self.scale} must be >= 0 for FAVOR+ (it estimates exp(scale * q . k))")
         self.orthogonal = check_bool(orthogonal, "orthogonal")
         self._generator = check_generator(generator, seed)
         self.projection = self._draw()
@@ -191,7 +193,7 @@ def _features(q, k, v, feature_map, scale, initial_state, normalize):
             "normalize=True needs a non-negative feature_map; identity_map gives signed features whose "
             "normaliser can be zero — use normalize=False"
         )
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     phi_q, phi_k = feature_map(q.to(dtype)), feature_map(k.to(dtype))
     for name, phi, x in (("q", phi_q, q), ("k", phi_k, k)):
         if not isinstance(phi, torch.Tensor) or phi.dim() != 4 or phi.shape[:3] != x.shape[:3]:
@@ -229,8 +231,15 @@ def _features(q, k, v, feature_map, scale, initial_state, normalize):
     return phi_q * scale, phi_k, values, state
 
 
-def _parallel(phi_q, phi_k, v, state, causal):
-    """Quadratic form: the (masked) T x S matrix phi(Q) phi(K)^T, plus what the initial state adds."""
+def parallel_form(
+    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quadratic form: the (masked) T x S matrix phi(Q) phi(K)^T, plus what the initial state adds.
+
+    The three forms share one signature: phi_q ``(B, H, T, D')`` (already scaled), phi_k
+    ``(B, H, S, D')``, v ``(B, H, S, D_v)``, state ``(B, H, D', D_v)``, all in the compute dtype;
+    each returns ``(o, final_state)``: ``(B, H, T, D_v)`` and ``(B, H, D', D_v)``.
+    """
     T, S = phi_q.shape[2], phi_k.shape[2]
     scores = phi_q @ phi_k.transpose(-1, -2)
     if causal:
@@ -248,26 +257,48 @@ def _align_to_end(phi_q, phi_k, v):
         phi_q = F_.pad(phi_q, (0, 0, S - T, 0))
     elif T > S:
         phi_k, v = F_.pad(phi_k, (0, 0, T - S, 0)), F_.pad(v, (0, 0, T - S, 0))
-    return phi_q, phi_k, v, T
+    return phi_q, phi_k, v
 
 
-def _recurrent(phi_q, phi_k, v, state, causal):
-    """Token by token: write S_t = S_{t-1} + phi(k_t) v_t^T, then read phi(q_t)^T S_t."""
-    if not causal:
-        for t in range(phi_k.shape[2]):
-            state = state + phi_k[:, :, t, :, None] * v[:, :, t, None, :]
-        return phi_q @ state, state
-    phi_q, phi_k, v, T = _align_to_end(phi_q, phi_k, v)
-    outputs = []
-    for t in range(phi_q.shape[2]):
-        state = state + phi_k[:, :, t, :, None] * v[:, :, t, None, :]
-        outputs.append((phi_q[:, :, t, :, None] * state).sum(2))
-    return torch.stack(outputs, dim=2)[:, :, -T:], state
+def recurrent_form(
+    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token by token, through chapter 07's runner: write ``S_t = S_{t-1} + phi(k_t) v_t^T``, read
+    ``phi(q_t)^T S_t``. Same signature as :func:`parallel_form`.
+
+    Causal queries and keys are aligned at the end (query i is read after key S - T + i); without
+    ``causal`` every query is read after the last key (queries padded in front, keys behind).
+    """
+    T, S = phi_q.shape[2], phi_k.shape[2]
+    if causal:
+        phi_q, phi_k, v = _align_to_end(phi_q, phi_k, v)
+    else:
+        phi_q, phi_k, v = F_.pad(phi_q, (0, 0, S, 0)), F_.pad(phi_k, (0, 0, 0, T)), F_.pad(v, (0, 0, 0, T))
+    length = phi_q.shape[2]
+    if length == 0:  # no query and no key
+        return phi_q.new_zeros(*phi_q.shape[:3], v.shape[-1]), state
+    outputs, state = run_recurrence(
+        length,
+        state,
+        write=lambda t, memory: phi_k[:, :, t, :, None] * v[:, :, t, None, :],
+        read=lambda t, memory: (phi_q[:, :, t, :, None] * memory).sum(2),
+    )
+    return outputs[:, :, length - T :], state
 
 
-def _chunk(phi_q, phi_k, v, state, causal, chunk_size):
-    """Chunkwise: masked attention inside each chunk, the state (a prefix sum) across chunks."""
-    B, H = phi_q.shape[:2]
+def chunk_form(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    causal: bool,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise: masked attention inside each chunk, the state (a prefix sum) across chunks.
+
+    Same signature as :func:`parallel_form`, plus ``chunk_size``.
+    """
+    B, H, T = phi_q.shape[:3]
     if not causal:
         # With no mask every query reads the same state: one sum over all chunks' outer products.
         pad = -phi_k.shape[2] % chunk_size
@@ -275,8 +306,10 @@ def _chunk(phi_q, phi_k, v, state, causal, chunk_size):
         v_c = F_.pad(v, (0, 0, 0, pad)).reshape(B, H, -1, chunk_size, v.shape[-1])
         state = state + (phi_k_c.transpose(-1, -2) @ v_c).sum(2)
         return phi_q @ state, state
-    phi_q, phi_k, v, T = _align_to_end(phi_q, phi_k, v)
+    phi_q, phi_k, v = _align_to_end(phi_q, phi_k, v)
     length = phi_q.shape[2]
+    if length == 0:  # no query and no key
+        return phi_q.new_zeros(*phi_q.shape[:3], v.shape[-1]), state
     pad = -length % chunk_size  # zero features at the end change no earlier output and no state
 
     def split(x):
@@ -289,7 +322,7 @@ def _chunk(phi_q, phi_k, v, state, causal, chunk_size):
     before = after - chunk_states
     scores = torch.tril(phi_q_c @ phi_k_c.transpose(-1, -2))  # inside a chunk: plain causal attention
     output = phi_q_c @ before + scores @ v_c
-    output = output.reshape(B, H, -1, v.shape[-1])[:, :, :length][:, :, -T:]
+    output = output.reshape(B, H, -1, v.shape[-1])[:, :, length - T : length]
     return output, after[:, :, -1]
 
 
@@ -321,10 +354,12 @@ def linear_attention(
     non-negative features, for which the normaliser is a sum of non-negative terms.
 
     Forms (same numbers, different cost): ``"parallel"`` builds the masked (T, S) matrix
-    phi(Q) phi(K)^T (quadratic, the reference); ``"recurrent"`` walks the tokens with a
-    ``(D', D_v)`` state; ``"chunk"`` does masked attention inside chunks of ``chunk_size`` and
-    passes the state between chunks. ``causal=True`` aligns the diagonal to the end (query i sees
-    keys ``j <= S - T + i``); a query that sees nothing reads only the initial state.
+    phi(Q) phi(K)^T (quadratic, the reference, :func:`parallel_form`); ``"recurrent"`` walks the
+    tokens with a ``(D', D_v)`` state (:func:`recurrent_form`, through chapter 07's
+    :func:`~course_lib.recurrent.run_recurrence`); ``"chunk"`` does masked attention inside chunks
+    of ``chunk_size`` and passes the state between chunks (:func:`chunk_form`). ``causal=True``
+    aligns the diagonal to the end (query i sees keys ``j <= S - T + i``); a query that sees
+    nothing reads only the initial state. ``T = 0`` gives a ``(B, H, 0, D_v)`` output.
 
     State: ``S = sum_j phi(k_j) v_j^T`` of shape (B, H, D', D_v); with ``normalize=True`` the state
     is the tuple ``(S, z)`` with ``z = sum_j phi(k_j)`` of shape (B, H, D') — the normaliser's own
@@ -338,17 +373,17 @@ def linear_attention(
     normalize = check_bool(normalize, "normalize")
     check_choice(form, "form", FORMS)
     chunk_size = check_int(chunk_size, "chunk_size", min=1)
-    scale = D**-0.5 if scale is None else check_float(scale, "scale", min=0, min_open=True)
+    scale = resolve_scale(scale, D)
     eps = check_float(eps, "eps", min=0, min_open=True)
     output_final_state = check_bool(output_final_state, "output_final_state")
     phi_q, phi_k, values, state = _features(q, k, v, feature_map, scale, initial_state, normalize)
 
     if form == "parallel":
-        output, final = _parallel(phi_q, phi_k, values, state, causal)
+        output, final = parallel_form(phi_q, phi_k, values, state, causal)
     elif form == "recurrent":
-        output, final = _recurrent(phi_q, phi_k, values, state, causal)
+        output, final = recurrent_form(phi_q, phi_k, values, state, causal)
     else:
-        output, final = _chunk(phi_q, phi_k, values, state, causal, chunk_size)
+        output, final = chunk_form(phi_q, phi_k, values, state, causal, chunk_size)
     if normalize:
         output = output[..., :-1] / (output[..., -1:] + eps)
         final = (final[..., :-1], final[..., -1])
@@ -378,7 +413,7 @@ def linear_attention_matrix(
     B, H, T, S, D, _ = check_attention_inputs(q, k, values)
     causal = check_bool(causal, "causal")
     normalize = check_bool(normalize, "normalize")
-    scale = D**-0.5 if scale is None else check_float(scale, "scale", min=0, min_open=True)
+    scale = resolve_scale(scale, D)
     eps = check_float(eps, "eps", min=0, min_open=True)
     phi_q, phi_k, *_ = _features(q, k, values, feature_map, scale, None, normalize)
     matrix = phi_q @ phi_k.transpose(-1, -2)
@@ -409,7 +444,7 @@ def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     causal form: the softmax over the sequence would need every future key.
     """
     check_attention_inputs(q, k, v)
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     query_weights = torch.softmax(q.to(dtype), dim=-1)  # over features D
     key_weights = torch.softmax(k.to(dtype), dim=-2)  # over the sequence S
     context = key_weights.transpose(-1, -2) @ v.to(dtype)  # (B, H, D, D_v)
@@ -459,8 +494,8 @@ def linformer_attention(
         raise ValueError(
             f"E and F must project to the same length P, got E {tuple(E.shape)}, F {tuple(F.shape)}"
         )
-    scale = D**-0.5 if scale is None else check_float(scale, "scale", min=0, min_open=True)
-    dtype = _compute_dtype(q)
+    scale = resolve_scale(scale, D)
+    dtype = compute_dtype(q)
     keys, values = k.to(dtype), v.to(dtype)
     if key_padding_mask is not None:
         check_tensor(key_padding_mask, "key_padding_mask", ndim=2, dtype=torch.bool)

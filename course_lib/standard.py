@@ -19,6 +19,8 @@ from .checks import (
     check_int,
     check_mask,
     check_tensor,
+    compute_dtype,
+    resolve_scale,
 )
 
 __all__ = [
@@ -102,7 +104,8 @@ def attention(
         v: ``(B, H, S, D_v)`` values.
         mask: bool, broadcastable to ``(B, H, T, S)``; True means "may attend".
         causal: also apply :func:`causal_mask` (aligned to the end when ``T != S``).
-        scale: multiplies the scores; defaults to ``D ** -0.5``.
+        scale: multiplies the scores; defaults to ``D ** -0.5``; any finite number (0 gives
+            uniform weights over the visible keys).
         bias: float, broadcastable to ``(B, H, T, S)``, added to the scores (e.g. ALiBi).
         return_weights: also return the ``(B, H, T, S)`` attention weights.
 
@@ -113,7 +116,7 @@ def attention(
     B, H, T, S, D, _ = check_attention_inputs(q, k, v)
     check_bool(causal, "causal")
     check_bool(return_weights, "return_weights")
-    scale = D**-0.5 if scale is None else check_float(scale, "scale")
+    scale = resolve_scale(scale, D)
     allowed = None
     if mask is not None:
         allowed = check_mask(mask, "mask", (B, H, T, S)).to(q.device)
@@ -122,17 +125,17 @@ def attention(
         allowed = square if allowed is None else allowed & square
 
     # Accumulate in float32 (or float64) so fp16/bf16 inputs do not overflow in the softmax.
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-2, -1)) * scale
+    dtype = compute_dtype(q)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
     if bias is not None:
         check_tensor(bias, "bias", floating=True)
         try:
-            scores = scores + bias.to(compute_dtype)
+            scores = scores + bias.to(dtype)
         except RuntimeError:
             raise ValueError(f"bias of shape {tuple(bias.shape)} must broadcast to {(B, H, T, S)}") from None
     weights = masked_softmax(scores, allowed)
 
-    out = (weights @ v.to(compute_dtype)).to(q.dtype)
+    out = (weights @ v.to(dtype)).to(q.dtype)
     if return_weights:
         return out, weights.to(q.dtype)
     return out
@@ -268,11 +271,11 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None = None, base: flo
         check_tensor(positions, "positions", ndim=1)
         if positions.shape[0] != T:
             raise ValueError(f"positions must have length T={T}, got {positions.shape[0]}")
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    inverse_frequencies = base ** (-torch.arange(0, D, 2, device=x.device, dtype=compute_dtype) / D)
-    angles = positions.to(compute_dtype).unsqueeze(-1) * inverse_frequencies
+    dtype = compute_dtype(x)
+    inverse_frequencies = base ** (-torch.arange(0, D, 2, device=x.device, dtype=dtype) / D)
+    angles = positions.to(dtype).unsqueeze(-1) * inverse_frequencies
     cos, sin = torch.cos(angles), torch.sin(angles)
-    even, odd = x[..., 0::2].to(compute_dtype), x[..., 1::2].to(compute_dtype)
+    even, odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
 

@@ -75,3 +75,54 @@ def test_numbers_pass_through():
 def test_errors_name_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# --- the dtype rule and the scale rule ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+    ids=["fp16", "bf16", "fp32", "fp64"],
+)
+def test_compute_dtype_keeps_float64_and_lifts_the_rest_to_float32(dtype, expected):
+    assert checks.compute_dtype(dtype) == expected
+    assert checks.compute_dtype(torch.zeros(2, dtype=dtype)) == expected
+
+
+@pytest.mark.parametrize("head_dim", [1, 4, 64, 7])
+def test_resolve_scale_defaults_to_one_over_root_head_dim(head_dim):
+    assert checks.resolve_scale(None, head_dim) == pytest.approx(1 / head_dim**0.5, rel=1e-15)
+
+
+@pytest.mark.parametrize("scale", [0, 0.0, -0.0, -2.5, 3, 1e-300, -1e300], ids=str)
+def test_resolve_scale_takes_any_finite_real_as_a_float(scale):
+    value = checks.resolve_scale(scale, 8)
+    assert isinstance(value, float) and value == float(scale)
+    assert checks.resolve_scale(torch.tensor(0.5).item(), 8) == 0.5
+
+
+@pytest.mark.parametrize(
+    "scale, error",
+    [
+        (float("inf"), ValueError),
+        (float("-inf"), ValueError),
+        (float("nan"), ValueError),
+        (True, TypeError),
+        (False, TypeError),
+        ("0.5", TypeError),
+        (torch.tensor(0.5), TypeError),
+        (1j, TypeError),
+    ],
+    ids=["inf", "-inf", "nan", "True", "False", "str", "tensor", "complex"],
+)
+def test_resolve_scale_refuses_what_is_not_a_finite_real(scale, error):
+    with pytest.raises(error, match=r"^scale"):
+        checks.resolve_scale(scale, 8)
+    with pytest.raises(error, match=r"^temperature"):  # the message names the argument it is given
+        checks.resolve_scale(scale, 8, name="temperature")

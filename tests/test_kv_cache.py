@@ -224,7 +224,7 @@ def test_gqa_attention_property_matches_reference(batch, kv_heads, group, T, S, 
         (lambda: gqa_attention(torch.randn(1, 2, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
                                torch.ones(3, 3, dtype=torch.bool)), ValueError, "mask"),
         (lambda: gqa_attention(torch.randn(1, 2, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
-                               scale=-1.0), ValueError, "scale"),
+                               scale=float("inf")), ValueError, "scale"),
         (lambda: gqa_attention("q", torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4)), TypeError, "q"),
         (lambda: gqa_attention(torch.randn(1, 2, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
                                causal=1), TypeError, "causal"),
@@ -235,7 +235,7 @@ def test_gqa_attention_property_matches_reference(batch, kv_heads, group, T, S, 
         (lambda: MultiQueryAttention(0, 2), ValueError, "d_model"),
         (lambda: GroupedQueryAttention(8, 2, 1)(torch.randn(1, 3, 7)), ValueError, "x"),
     ],
-    ids=["heads-not-multiple", "mask-shape", "scale-negative", "q-not-tensor", "causal-not-bool",
+    ids=["heads-not-multiple", "mask-shape", "scale-inf", "q-not-tensor", "causal-not-bool",
          "repeat-group-0", "repeat-x-3d", "layer-heads", "layer-d-model", "mqa-d-model", "layer-x-width"],
 )  # fmt: skip
 def test_gqa_bad_input(call, error, name):
@@ -569,6 +569,38 @@ def test_paged_attention_half_precision_query():
     assert out.dtype == torch.float16
     expected = reference_attention(q[None], keys.half()[None], values.half()[None], end_causal(2, 7))[0]
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7], ids=["zero", "negative"])
+def test_paged_attention_and_gqa_take_any_finite_scale(scale):
+    cache = make_paged(block_size=4)
+    cache.add_sequence("s")
+    keys, values = random_kv(9)
+    cache.append("s", keys, values)
+    q = torch.randn(4, 3, HEAD_DIM, dtype=torch.float64)
+    expected = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=end_causal(3, 9), enable_gqa=True, scale=scale
+    )
+    torch.testing.assert_close(cache.attention("s", q, scale=scale), expected)
+    out = gqa_attention(q[None], keys[None], values[None], causal=True, scale=scale)
+    torch.testing.assert_close(out[0], expected)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_paged_attention_and_gqa_refuse_a_scale_that_is_not_finite(bad):
+    cache = make_paged(block_size=4)
+    cache.add_sequence("s")
+    cache.append("s", *random_kv(5))
+    q = torch.randn(4, 2, HEAD_DIM, dtype=torch.float64)
+    keys, values = random_kv(5)
+    for call in (
+        lambda scale: cache.attention("s", q, scale=scale),
+        lambda scale: gqa_attention(q[None], keys[None], values[None], scale=scale),
+    ):
+        with pytest.raises(ValueError, match="scale"):
+            call(bad)
+        with pytest.raises(TypeError, match="scale"):
+            call(True)
 
 
 def test_fork_shares_blocks_and_copy_on_write_isolates():

@@ -516,7 +516,9 @@ LINEAR_BAD = [
     (dict(chunk_size=2.0), TypeError, "chunk_size"),
     (dict(causal=1), TypeError, "causal"),
     (dict(normalize=None), TypeError, "normalize"),
-    (dict(scale=-1.0), ValueError, "scale"),
+    (dict(scale=float("inf")), ValueError, "scale"),
+    (dict(scale=float("nan")), ValueError, "scale"),
+    (dict(scale=True), TypeError, "scale"),
     (dict(eps=0.0), ValueError, "eps"),
     (dict(output_final_state="yes"), TypeError, "output_final_state"),
     (dict(initial_state=torch.zeros(2, 2, 5, 3)), TypeError, "initial_state"),
@@ -553,7 +555,11 @@ def test_feature_maps_and_matrix_bad_input():
     with pytest.raises(TypeError, match="generator"):
         favor_plus(4, generator=1)
     with pytest.raises(ValueError, match="scale"):
-        favor_plus(4, scale=0.0)
+        favor_plus(4, scale=-1.0)  # exp(-q.k) is not a kernel positive features can estimate
+    with pytest.raises(ValueError, match="scale"):
+        favor_plus(4, scale=float("inf"))
+    with pytest.raises(ValueError, match="scale"):
+        linear_attention_matrix(Q, K, scale=float("nan"))
     with pytest.raises(TypeError, match="orthogonal"):
         favor_plus(4, orthogonal="yes")
     with pytest.raises(ValueError, match="head_dim=4"):
@@ -584,11 +590,73 @@ def test_efficient_and_linformer_bad_input():
         linformer_attention(Q, K, V, E, E, key_padding_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="key_padding_mask"):
         linformer_attention(Q, K, V, E, E, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="scale"):
-        linformer_attention(Q, K, V, E, E, scale=0.0)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            linformer_attention(Q, K, V, E, E, scale=bad)
     with pytest.raises(ValueError, match="num_heads"):
         LinformerAttention(8, 3, 10, 2)
     with pytest.raises(ValueError, match="proj_len"):
         LinformerAttention(8, 2, 10, 0)
     with pytest.raises(ValueError, match="embed_dim"):
         LinformerAttention(8, 2, 10, 2)(torch.randn(1, 4, 6))
+
+
+# --- the scale rule and empty sequences ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7], ids=["zero", "negative"])
+def test_any_finite_scale_is_used_as_given(scale):
+    q, k, v = make_qkv(T=5, S=6)
+    for form in FORMS:
+        got = linear_attention(q, k, v, feature_map=identity_map, normalize=False, form=form, scale=scale)
+        expected = naive_linear_attention(q, k, v, identity_map, causal=True, normalize=False, scale=scale)
+        torch.testing.assert_close(got, expected)
+    matrix = linear_attention_matrix(q, k, feature_map=identity_map, normalize=False, scale=scale)
+    torch.testing.assert_close(matrix, torch.tril(q @ k.transpose(-1, -2), diagonal=1) * scale)
+    eye = torch.eye(6, dtype=torch.float64)
+    got = linformer_attention(q, k, v, eye, eye, scale=scale)
+    torch.testing.assert_close(got, F_.scaled_dot_product_attention(q, k, v, scale=scale))
+
+
+def test_favor_with_scale_zero_is_the_constant_kernel():
+    phi = favor_plus(4, 6, scale=0.0, seed=0)
+    features = phi(torch.randn(3, 4, dtype=torch.float64))
+    torch.testing.assert_close(features @ features.T, torch.ones(3, 3, dtype=torch.float64))  # exp(0 * q.k)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_no_queries_give_an_empty_output_and_the_state_of_every_key(form, causal, normalize):
+    phi = elu_plus_one if normalize else identity_map
+    initial = make_state(2, 2, 5, 3, normalize)
+    for S in (0, 4):
+        q, k, v = make_qkv(T=0, S=S)
+        out, state = linear_attention(
+            q,
+            k,
+            v,
+            feature_map=phi,
+            normalize=normalize,
+            causal=causal,
+            form=form,
+            chunk_size=3,
+            initial_state=initial,
+            output_final_state=True,
+        )
+        assert out.shape == (2, 2, 0, 3)
+        # The final state is the initial one plus every key of the call (none when S = 0).
+        _, expected = linear_attention(
+            torch.zeros(2, 2, 1, 5, dtype=torch.float64),
+            k,
+            v,
+            feature_map=phi,
+            normalize=normalize,
+            causal=False,
+            form="parallel",
+            initial_state=initial,
+            output_final_state=True,
+        )
+        assert_states_close(state, expected)
+        if S == 0:
+            assert_states_close(state, initial)

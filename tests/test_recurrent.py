@@ -13,13 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from course_lib.recurrent import (
+    chunk_gated_scan,
     delta_rule,
     gated_delta_rule,
     gla,
     mlstm,
+    read_state,
     retention,
     retention_decay_matrix,
     retnet_gammas,
+    run_recurrence,
     rwkv6,
     segsum,
     ssd,
@@ -802,3 +805,141 @@ def test_bad_helper_arguments():
         gated_delta_rule(q, q, q, None, torch.zeros(1, 1, 4))
     with pytest.raises(TypeError, match="x"):
         ssd([1.0], torch.zeros(1, 1, 4), torch.tensor([-1.0]), q, q)
+
+
+# --- empty sequences -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "given-state"])
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_empty_sequence_gives_an_empty_output_and_keeps_the_state(method, with_state):
+    inputs, state = draw(method, T=0, with_state=with_state)
+    forms = (
+        ("recurrent", "parallel", "chunk") if method.name in ("retention", "ssd") else ("recurrent", "chunk")
+    )
+    for form in forms:
+        o, final = method.call(inputs, form=form, initial_state=state, output_final_state=True)
+        assert o.shape == (2, 2, 0, 4) and o.dtype == F64
+        expected = state if with_state else tuple(torch.zeros_like(s) for s in flat((o, final))[1:])
+        for got, want in zip(flat((o, final))[1:], flat((o, expected))[1:], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        half = {name: x.half() for name, x in inputs.items()}
+        assert method.call(half, form=form).shape == (2, 2, 0, 4)
+
+
+def test_ttt_mlp_empty_sequence_keeps_the_weights():
+    q, k, v, lr, state = ttt_mlp_inputs(T=0)
+    for form in ("recurrent", "chunk"):
+        o, final = ttt_mlp(q, k, v, lr, state, form=form, output_final_state=True)
+        assert o.shape == (2, 2, 0, 3)
+        for got, want in zip(final, state, strict=True):
+            assert torch.equal(got, want)
+
+
+# --- the runner ------------------------------------------------------------------------------
+
+
+def test_run_recurrence_with_constant_decay_is_the_geometric_sum():
+    """S_t = gamma S_{t-1} + c_t unrolls to gamma^t S_0 + sum_{s <= t} gamma^(t - s) c_s."""
+    gen = torch.Generator().manual_seed(0)
+    T, gamma = 9, 0.7
+    c = randn(T, 2, 3, generator=gen)
+    start = randn(2, 3, generator=gen)
+    o, final = run_recurrence(
+        T, start, decay=lambda t, S: gamma * S, write=lambda t, S: c[t], read=lambda t, S: S[None]
+    )
+    steps = torch.arange(1, T + 1, dtype=F64)
+    powers = torch.tril(gamma ** (steps[:, None] - steps[None, :]))  # gamma^(t - s) for s <= t
+    expected = torch.einsum("ts,sij->tij", powers, c) + (gamma**steps)[:, None, None] * start
+    torch.testing.assert_close(o[0], expected.permute(1, 0, 2), **TIGHT)  # reads stacked on dim 2
+    torch.testing.assert_close(final, expected[-1], **TIGHT)
+
+
+def test_run_recurrence_write_sees_the_decayed_state():
+    """A write towards a target, S_t = S' + beta (v - S') with S' = a S_{t-1}, has the closed form
+    S_t = v beta / (1 - r) (1 - r^t) + r^t S_0 with r = a (1 - beta)."""
+    T, a, beta, target = 7, 0.9, 0.3, 2.0
+    start = torch.tensor([[-1.0]], dtype=F64)
+    o, final = run_recurrence(
+        T,
+        start,
+        decay=lambda t, S: a * S,
+        write=lambda t, S: beta * (target - S),
+        read=lambda t, S: S,
+    )
+    r = a * (1 - beta)
+    steps = torch.arange(1, T + 1, dtype=F64)
+    expected = target * beta / (1 - r) * (1 - r**steps) + r**steps * start[0, 0]
+    torch.testing.assert_close(o[0, 0], expected, **TIGHT)
+
+
+def test_run_recurrence_tuple_state_and_the_order_decay_write_read():
+    calls = []
+
+    def decay(t, state):
+        calls.append(("decay", t))
+        total, count = state
+        return 0.5 * total, count
+
+    def write(t, state):
+        calls.append(("write", t))
+        return state[0] + 1.0, torch.ones_like(state[1])  # the write sees the decayed total
+
+    def read(t, state):
+        calls.append(("read", t))
+        return torch.stack(state, dim=-1)
+
+    start = (torch.full((1, 1), 4.0, dtype=F64), torch.zeros(1, 1, dtype=F64))
+    o, (total, count) = run_recurrence(3, start, decay=decay, write=write, read=read)
+    assert calls == [(step, t) for t in range(3) for step in ("decay", "write", "read")]
+    # total: 4 -> (2 + 2 + 1) = 5 -> (2.5 + 2.5 + 1) = 6 -> 7; count: 1, 2, 3
+    torch.testing.assert_close(o[0, 0], torch.tensor([[5.0, 1.0], [6.0, 2.0], [7.0, 3.0]], dtype=F64))
+    assert total.item() == 7.0 and count.item() == 3.0
+
+
+def test_run_recurrence_read_first_reads_the_previous_state():
+    gen = torch.Generator().manual_seed(1)
+    c = randn(5, 2, 3, generator=gen)
+    options = dict(decay=lambda t, S: 0.8 * S, write=lambda t, S: c[t], read=lambda t, S: S)
+    after, final_after = run_recurrence(5, torch.zeros(2, 3, dtype=F64), **options)
+    before, final_before = run_recurrence(5, torch.zeros(2, 3, dtype=F64), read_first=True, **options)
+    assert torch.equal(final_after, final_before)
+    assert torch.equal(before[:, :, 0], torch.zeros(2, 3, dtype=F64))  # S_0
+    assert torch.equal(before[:, :, 1:], after[:, :, :-1])  # o_t = S_{t-1}
+
+
+def test_read_state_is_s_transpose_q():
+    gen = torch.Generator().manual_seed(2)
+    query, state = randn(2, 3, 4, generator=gen), randn(2, 3, 4, 5, generator=gen)
+    expected = torch.stack([torch.stack([state[b, h].T @ query[b, h] for h in range(3)]) for b in range(2)])
+    torch.testing.assert_close(read_state(query, state), expected, **TIGHT)
+
+
+def test_run_recurrence_bad_arguments():
+    state = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="steps"):
+        run_recurrence(0, state, write=lambda t, S: S, read=lambda t, S: S)
+    with pytest.raises(TypeError, match="steps"):
+        run_recurrence(2.0, state, write=lambda t, S: S, read=lambda t, S: S)
+    with pytest.raises(TypeError, match="read_first"):
+        run_recurrence(2, state, write=lambda t, S: S, read=lambda t, S: S, read_first=1)
+
+
+def test_chunk_gated_scan_is_public_and_equals_the_runner():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (
+        randn(1, 2, 10, 3, generator=gen),
+        randn(1, 2, 10, 3, generator=gen),
+        randn(1, 2, 10, 4, generator=gen),
+    )
+    g = log_gate(1, 2, 10, 3, generator=gen)
+    o, final = chunk_gated_scan(q, k, v, g, 4, torch.zeros(1, 2, 3, 4, dtype=F64))
+    expected, expected_final = run_recurrence(
+        10,
+        torch.zeros(1, 2, 3, 4, dtype=F64),
+        decay=lambda t, S: g[:, :, t, :, None].exp() * S,
+        write=lambda t, S: k[:, :, t, :, None] * v[:, :, t, None, :],
+        read=lambda t, S: read_state(q[:, :, t], S),
+    )
+    torch.testing.assert_close(o, expected, **TIGHT)
+    torch.testing.assert_close(final, expected_final, **TIGHT)

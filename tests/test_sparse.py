@@ -910,3 +910,53 @@ BAD_INPUTS = [
 def test_bad_input_raises_with_the_argument_named(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+# --- the scale rule: any finite number, inf/NaN/bool refused ------------------------------------------
+
+
+def _flat_nat(q, k, v, **kw):
+    images = [x.reshape(1, 2, 3, 3, x.shape[-1]) for x in (q, k, v)]
+    return neighborhood_attention_2d(*images, 3, **kw).flatten(2, 3)
+
+
+_EVERYTHING = torch.arange(9)
+# Each kernel with settings under which it attends to every key, so dense attention is its reference.
+_SCALED_KERNELS = {
+    "sliding_window_attention": lambda q, k, v, **kw: sliding_window_attention(
+        q, k, v, 9, causal=False, **kw
+    ),
+    "block_sparse_attention": lambda q, k, v, **kw: block_sparse_attention(
+        q, k, v, torch.ones(3, 3, dtype=torch.bool), 3, **kw
+    ),
+    "topk_attention": lambda q, k, v, **kw: topk_attention(q, k, v, 9, **kw),
+    "neighborhood_attention_2d": _flat_nat,
+    "kept_attention": lambda q, k, v, **kw: kept_attention(q, k, v, _EVERYTHING, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCALED_KERNELS))
+def test_kernels_take_zero_and_negative_scales_and_refuse_inf_nan_bool(name):
+    call = _SCALED_KERNELS[name]
+    q, k, v = random_qkv(1, 2, 9, 9, 4, D_v=3)  # 9 tokens: a 3 x 3 image for the neighbourhood kernel
+    for scale in (0.0, -0.7):
+        torch.testing.assert_close(call(q, k, v, scale=scale), dense_reference(q, k, v, scale=scale))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            call(q, k, v, scale=bad)
+    with pytest.raises(TypeError, match="scale"):
+        call(q, k, v, scale=True)
+
+
+def test_lsh_attention_and_eviction_error_take_any_finite_scale_only():
+    qk, _, v = random_qkv(1, 2, 5, 5, 4)
+    others = ~torch.eye(5, dtype=torch.bool)  # one bucket, one chunk: every key but the query itself
+    for scale in (0.0, -0.7):
+        expected = dense_reference(qk, F.normalize(qk, dim=-1), v, others, scale=scale)
+        torch.testing.assert_close(lsh_attention(qk, v, num_buckets=1, chunk_size=8, scale=scale), expected)
+        assert eviction_error(qk, qk, v, torch.arange(5), scale=scale) == pytest.approx(0.0, abs=1e-12)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            lsh_attention(qk, v, num_buckets=1, chunk_size=8, scale=bad)
+        with pytest.raises(ValueError, match="scale"):
+            eviction_error(qk, qk, v, torch.arange(5), scale=bad)

@@ -673,3 +673,24 @@ def test_hybrid_bad_input():
         HybridLayer(7, 2, "full")
     with pytest.raises(ValueError, match="x"):
         HybridAttentionStack(8, 2, ["full"])(torch.randn(1, 3, 6))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7], ids=["zero", "negative"])
+def test_differential_attention_takes_any_finite_scale(scale):
+    q1, k1, q2, k2, v = (randn(1, 2, 4, 3) for _ in range(5))
+    out = differential_attention(q1, k1, q2, k2, v, 0.5, scale=scale)
+    expected = F.scaled_dot_product_attention(q1, k1, v, scale=scale) - 0.5 * F.scaled_dot_product_attention(
+        q2, k2, v, scale=scale
+    )
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize(
+    "scale, error",
+    [(float("inf"), ValueError), (float("nan"), ValueError), (True, TypeError)],
+    ids=["inf", "nan", "bool"],
+)
+def test_differential_attention_refuses_a_scale_that_is_not_finite(scale, error):
+    a = randn(1, 2, 3, 4)
+    with pytest.raises(error, match="scale"):
+        differential_attention(a, a, a, a, a, 0.5, scale=scale)

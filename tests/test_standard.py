@@ -395,3 +395,23 @@ def test_alibi_bias_plugs_into_attention():
 def test_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+# --- the scale rule ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7, 3], ids=["zero", "negative", "int"])
+def test_any_finite_scale_is_used_as_given(scale):
+    q, k, v = qkv(T=4, S=6)
+    torch.testing.assert_close(attention(q, k, v, scale=scale), dense_reference(q, k, v, scale=scale))
+
+
+@pytest.mark.parametrize(
+    "scale, error",
+    [(float("inf"), ValueError), (float("-inf"), ValueError), (float("nan"), ValueError), (True, TypeError)],
+    ids=["inf", "-inf", "nan", "bool"],
+)
+def test_scale_that_is_not_a_finite_number_is_refused(scale, error):
+    q, k, v = qkv(T=4, S=6)
+    with pytest.raises(error, match="scale"):
+        attention(q, k, v, scale=scale)

@@ -12,9 +12,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from course_lib.tiling import (
     FlashStats,
     combine_partials,
+    finish_fold,
     flash_attention,
     flash_attention_trace,
+    flash_backward,
     flash_decoding,
+    flash_forward_fa1,
+    flash_forward_fa2,
+    fold_block,
     io_cost,
     merge_softmax_stats,
     online_softmax,
@@ -22,6 +27,9 @@ from course_lib.tiling import (
     quantized_attention,
     random_hadamard,
     random_orthogonal,
+    rescale_factor,
+    start_fold,
+    tile_schedule,
 )
 
 # --- the independent reference ----------------------------------------------------------------
@@ -590,3 +598,171 @@ def test_tile_gradients_of_one_whole_tile_equal_autograd():
         actual = tile_gradients(q, k, v, grad_out, scores, scores.logsumexp(-1), row_terms, 0.5)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+# --- the fold, the plain loops and the schedule ---------------------------------------------------
+
+
+@given(
+    cuts=st.lists(st.integers(0, 9), min_size=1, max_size=5), masked_fraction=st.sampled_from([0.0, 0.5, 1.0])
+)
+def test_fold_block_over_any_split_equals_dense_softmax(cuts, masked_fraction):
+    n = sum(cuts)
+    generator = torch.Generator().manual_seed(n)
+    scores = 5 * torch.randn(3, 2, n, generator=generator, dtype=torch.float64)
+    masked = torch.rand(3, 2, n, generator=generator) < masked_fraction
+    scores = scores.masked_fill(masked, float("-inf"))
+    values = torch.randn(3, n, 4, generator=generator, dtype=torch.float64)  # shared by the 2 rows
+    state = start_fold((3, 2), 4, dtype=torch.float64, device="cpu")
+    start = 0
+    for size in cuts:
+        block = slice(start, start + size)
+        state = fold_block(*state, scores[..., block], values[:, block])
+        start += size
+    out, lse = finish_fold(*state)
+    # Independent reference: the dense softmax of each row, zeros for a row with no visible key.
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    expected_out = torch.einsum("brn,bnd->brd", weights, values)
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1))
+    assert not out.isnan().any()
+
+
+def test_rescale_factor_is_zero_not_nan_for_a_row_that_saw_nothing():
+    old = torch.tensor([float("-inf"), float("-inf"), 1.0])
+    new = torch.tensor([float("-inf"), 2.0, 3.0])
+    torch.testing.assert_close(rescale_factor(old, new), torch.tensor([0.0, 0.0, math.exp(-2.0)]))
+
+
+@pytest.mark.parametrize("scale", [0.6, 0.0, -0.7], ids=["0.6", "zero", "negative"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("T, S", [(1, 1), (7, 13), (13, 7), (0, 5), (5, 0)], ids=lambda x: str(x))
+def test_plain_loops_forward_and_backward_equal_the_dense_reference(T, S, causal, scale):
+    q, k, v = make_qkv(2, 2, T, S, 3, 5, seed=T + 10 * S)
+    for forward in (flash_forward_fa1, flash_forward_fa2):
+        out, lse = forward(q, k, v, scale=scale, causal=causal, block_q=3, block_k=4)
+        torch.testing.assert_close(out, reference_attention(q, k, v, causal, scale=scale))
+        torch.testing.assert_close(lse, reference_lse(q, k, causal, scale=scale))
+    # The backward against autograd through the dense reference, with gradients on both outputs.
+    generator = torch.Generator().manual_seed(7)
+    grad_out = torch.randn(2, 2, T, 5, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(2, 2, T, generator=generator, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    scores = reference_scores(*leaves[:2], causal, scale=scale)
+    dense_out = torch.softmax(scores, dim=-1).nan_to_num(0.0) @ leaves[2]
+    visible = torch.isfinite(scores).any(-1)  # rows with no key: lse -inf, no gradient through it
+    dense_lse = torch.where(visible, torch.logsumexp(scores.masked_fill(~visible[..., None], 0), -1), 0)
+    loss = (dense_out * grad_out).sum() + (dense_lse * grad_lse).sum()
+    expected = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    grads = flash_backward(
+        q, k, v, out, lse, grad_out, grad_lse=grad_lse, scale=scale, causal=causal, block_q=3, block_k=4
+    )
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_plain_loops_compute_half_precision_in_float32():
+    q, k, v = make_qkv(1, 2, 9, 9, 8, dtype=torch.float16)
+    out, lse = flash_forward_fa2(q, k, v, causal=True, block_q=4, block_k=4)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, causal=True), atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("loop_order", LOOP_ORDERS)
+@pytest.mark.parametrize("T, S", [(6, 6), (5, 11), (11, 5), (0, 4)], ids=lambda x: str(x))
+def test_tile_schedule_visits_every_pair_once_in_loop_order(T, S, loop_order):
+    tiles = tile_schedule(T, S, block_q=2, block_k=3, causal=True, loop_order=loop_order)
+    n_q, n_k = -(-T // 2), -(-S // 3)
+    assert sorted((t.q_block, t.k_block) for t in tiles) == [(i, j) for i in range(n_q) for j in range(n_k)]
+    outer = [t.q_block if loop_order == "fa2" else t.k_block for t in tiles]
+    assert outer == sorted(outer)
+    for tile in tiles:
+        assert tile.q_rows == (2 * tile.q_block, min(2 * tile.q_block + 2, T))
+        assert tile.k_rows == (3 * tile.k_block, min(3 * tile.k_block + 3, S))
+        # From the mask itself: which keys of the tile its queries may see (j <= i + S - T).
+        queries = torch.arange(*tile.q_rows).unsqueeze(1)
+        keys = torch.arange(*tile.k_rows).unsqueeze(0)
+        allowed = keys <= queries + (S - T)
+        expected = "none" if not allowed.any() else "full" if allowed.all() else "partial"
+        assert tile.visibility == expected
+
+
+def test_flash_decoding_with_no_keys_or_no_queries():
+    q, k, v = make_qkv(1, 2, 3, 0, 4, 5)
+    out, lse = flash_decoding(q, k, v, num_splits=3, return_lse=True)
+    assert out.shape == (1, 2, 3, 5) and (out == 0).all() and torch.isneginf(lse).all()
+    q, k, v = make_qkv(1, 2, 0, 6, 4, 5)
+    assert flash_decoding(q, k, v, num_splits=2).shape == (1, 2, 0, 5)
+
+
+# --- the scale rule: any finite number, inf/NaN/bool refused ------------------------------------------
+
+_SCALED = {
+    "flash_attention": lambda q, k, v, **kw: flash_attention(
+        q, k, v, causal=True, block_q=3, block_k=2, **kw
+    ),
+    "flash_attention_fa1": lambda q, k, v, **kw: flash_attention(
+        q, k, v, causal=True, block_q=3, block_k=2, loop_order="fa1", **kw
+    ),
+    "flash_attention_trace": lambda q, k, v, **kw: (
+        flash_attention_trace(q, k, v, causal=True, block_q=3, block_k=8, **kw)[-1].output
+    ),
+    "flash_decoding": lambda q, k, v, **kw: flash_decoding(q, k, v, num_splits=3, causal=True, **kw),
+    "flash_forward_fa2": lambda q, k, v, **kw: flash_forward_fa2(
+        q, k, v, causal=True, block_q=3, block_k=2, **kw
+    )[0],
+    "flash_forward_fa1": lambda q, k, v, **kw: flash_forward_fa1(
+        q, k, v, causal=True, block_q=3, block_k=2, **kw
+    )[0],
+    "quantized_attention": lambda q, k, v, **kw: quantized_attention(
+        q, k, v, causal=True, smooth_k=False, bits=8, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCALED))
+def test_scale_zero_and_negative_are_used_and_inf_nan_bool_refused(name):
+    call = _SCALED[name]
+    q, k, v = make_qkv(
+        1, 2, 3, 5, 4, 3, dtype=torch.float32 if name == "quantized_attention" else torch.float64
+    )
+    for scale in (0.0, -0.7):
+        expected = reference_attention(q, k, v, causal=True, scale=scale)
+        got = call(q, k, v, scale=scale).double()
+        if name == "flash_attention_trace":  # the last step holds the last Q block
+            expected = expected[:, :, -got.shape[2] :]
+        tolerance = dict(atol=5e-2, rtol=5e-2) if name == "quantized_attention" else {}
+        torch.testing.assert_close(got, expected, **tolerance)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            call(q, k, v, scale=bad)
+    with pytest.raises(TypeError, match="scale"):
+        call(q, k, v, scale=True)
+
+
+@pytest.mark.parametrize(
+    "call, error, name",
+    [
+        (lambda: tile_schedule(4, 4, loop_order="fa3"), ValueError, "loop_order"),
+        (lambda: tile_schedule(-1, 4), ValueError, "T"),
+        (lambda: tile_schedule(4, 4, block_k=0), ValueError, "block_k"),
+        (lambda: start_fold((2,), -1, dtype=torch.float32, device="cpu"), ValueError, "value_dim"),
+        (
+            lambda: fold_block(
+                torch.zeros(2), torch.zeros(2), torch.zeros(2, 1), [1.0], torch.zeros(2, 1, 1)
+            ),
+            TypeError,
+            "scores",
+        ),
+        (lambda: flash_forward_fa2(_q, _k, _v, block_q=0), ValueError, "block_q"),
+        (lambda: flash_forward_fa1(_q, _k, _v, causal=1), TypeError, "causal"),
+        (lambda: flash_backward(_q, _k, _v, _v, _q[..., 0], _v[:, :, :2]), ValueError, "grad_out"),
+        (lambda: flash_backward(_q, _k, _v, _v, _q, _v), ValueError, "lse"),
+        (lambda: flash_backward(_q, _k, _v, _v, _q[..., 0], _v, scale=float("inf")), ValueError, "scale"),
+        (lambda: flash_backward(_q, _k, _v, _v, _q[..., 0], _v, scale=True), TypeError, "scale"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_bad_input_of_the_plain_loops_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call()

@@ -23,10 +23,10 @@ from ..checks import (
     check_attention_inputs,
     check_bool,
     check_divisible,
-    check_float,
     check_int,
     check_mask,
     check_tensor,
+    resolve_scale,
 )
 from ..standard import attention, causal_mask
 
@@ -72,7 +72,7 @@ def gqa_attention(
     H_kv = k.shape[1]
     check_divisible(H_q, "num_heads", H_kv, "num_kv_heads")
     check_bool(causal, "causal")
-    scale = D**-0.5 if scale is None else check_float(scale, "scale", min=0.0, min_open=True)
+    scale = resolve_scale(scale, D)
     group = H_q // H_kv
 
     # Stack each group's queries along the length, (B, H_kv, group * T, D), so every key/value head

@@ -22,7 +22,16 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from ..checks import check_bool, check_divisible, check_float, check_int, check_shape, check_tensor
+from ..checks import (
+    check_bool,
+    check_divisible,
+    check_int,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    resolve_scale,
+)
+from ..tiling.online_softmax import finish_fold, fold_block, start_fold
 
 __all__ = ["PagedKVCache", "simulate_fragmentation"]
 
@@ -197,36 +206,28 @@ class PagedKVCache:
         H_q, T, D = q.shape
         check_divisible(H_q, "num_heads", self.num_kv_heads, "num_kv_heads")
         check_bool(causal, "causal")
-        scale = D**-0.5 if scale is None else check_float(scale, "scale", min=0.0, min_open=True)
+        scale = resolve_scale(scale, D)
         length = self.lengths[seq_id]
         if causal and T > length:
             raise ValueError(f"q has T={T} queries but seq_id={seq_id!r} holds only {length} tokens")
         H_kv, group = self.num_kv_heads, H_q // self.num_kv_heads
-        compute_dtype = torch.promote_types(q.dtype, torch.float32)
-        queries = q.to(compute_dtype).reshape(H_kv, group * T, D)
+        dtype = compute_dtype(q)
+        queries = q.to(dtype).reshape(H_kv, group * T, D)
         query_positions = (length - T + torch.arange(T, device=q.device)).repeat(group)  # (group*T,)
-        running_max = torch.full((H_kv, group * T, 1), -math.inf, dtype=compute_dtype, device=q.device)
-        running_sum = torch.zeros(H_kv, group * T, 1, dtype=compute_dtype, device=q.device)
-        accumulator = torch.zeros(H_kv, group * T, self.value_dim, dtype=compute_dtype, device=q.device)
+        row_max, row_sum, accumulator = start_fold(
+            (H_kv, group * T), self.value_dim, dtype=dtype, device=q.device
+        )
         for logical, physical in enumerate(self.block_tables[seq_id]):
             start = logical * self.block_size
             count = min(self.block_size, length - start)
-            keys = self.key_blocks[physical, :, :count].to(compute_dtype)
-            values = self.value_blocks[physical, :, :count].to(compute_dtype)
+            keys = self.key_blocks[physical, :, :count].to(dtype)
+            values = self.value_blocks[physical, :, :count].to(dtype)
             scores = (queries @ keys.transpose(-2, -1)) * scale  # (H_kv, group*T, count)
             if causal:
                 key_positions = start + torch.arange(count, device=q.device)
                 scores = scores.masked_fill(key_positions > query_positions[:, None], -math.inf)
-            new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
-            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            correction = torch.exp(running_max - safe_max)
-            probabilities = torch.exp(scores - safe_max)
-            running_sum = running_sum * correction + probabilities.sum(dim=-1, keepdim=True)
-            accumulator = accumulator * correction + probabilities @ values
-            running_max = new_max
-        out = torch.where(
-            running_sum > 0, accumulator / running_sum.clamp_min(1e-30), torch.zeros_like(accumulator)
-        )
+            row_max, row_sum, accumulator = fold_block(row_max, row_sum, accumulator, scores, values)
+        out, _ = finish_fold(row_max, row_sum, accumulator)
         return out.reshape(H_q, T, self.value_dim).to(q.dtype)
 
     # --- reporting ---------------------------------------------------------------------------

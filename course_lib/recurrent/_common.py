@@ -1,4 +1,9 @@
-"""Machinery shared by the recurrent methods: argument checks and the chunkwise gated scan.
+"""Machinery shared by the recurrent methods: the envelope and the chunkwise gated scan.
+
+The envelope is what every method's public function does around its forms, written once: check
+the inputs (:func:`check_recurrent_inputs`), start from zeros when no state is given
+(:func:`zero_state`), cast to the compute dtype, run the chosen form, cast back, and answer
+``T = 0`` without running any form (:func:`run_form`).
 
 Every method of chapter 07 is one recurrence over a matrix state ``S`` of shape
 ``(B, H, D_k, D_v)``: decay first, then write, then read,
@@ -29,18 +34,21 @@ from ..checks import (
 from .runner import State
 
 
-def check_options(
-    form: object, chunk_size: object, output_final_state: object, forms: tuple[str, ...]
+def check_form_options(
+    form: object, forms: tuple[str, ...], chunk_size: object, output_final_state: object
 ) -> None:
-    """Check the keyword options every recurrent method shares (TODO: fold into check_recurrent_inputs)."""
+    """The keyword options every recurrent method shares: ``form``, ``chunk_size``, ``output_final_state``."""
     check_choice(form, "form", forms)
     check_int(chunk_size, "chunk_size", min=1)
     check_bool(output_final_state, "output_final_state")
 
 
-def check_scale(scale: object, head_dim: int) -> float:
-    """TODO: callers move to :func:`course_lib.checks.resolve_scale`."""
-    return resolve_scale(scale, head_dim)
+def check_sequence_inputs(q: object, k: object, v: object, query_name: str = "q") -> tuple[int, ...]:
+    """q, k ``(B, H, T, D_k)`` and v ``(B, H, T, D_v)``, one length T; returns ``(B, H, T, D_k, D_v)``."""
+    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
+    if S != T:
+        raise ValueError(f"k must have the same length T={T} as {query_name}, got k {tuple(k.shape)}")
+    return B, H, T, D_k, D_v
 
 
 def check_recurrent_inputs(
@@ -58,15 +66,12 @@ def check_recurrent_inputs(
 ) -> tuple[int, int, int, int, int, float]:
     """The checks every recurrent method shares; returns ``(B, H, T, D_k, D_v, scale)``.
 
-    q, k: (B, H, T, D_k); v: (B, H, T, D_v); ``initial_state`` None or (B, H, D_k, D_v); the
-    scale follows the course's one rule (:func:`course_lib.checks.resolve_scale`).
+    q, k: (B, H, T, D_k); v: (B, H, T, D_v); ``initial_state`` None or (B, H, D_k, D_v) (a method
+    with a tuple state passes None here and checks its own); the scale follows the course's one
+    rule (:func:`course_lib.checks.resolve_scale`).
     """
-    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
-    if S != T:
-        raise ValueError(f"k must have the same length T={T} as {query_name}, got k {tuple(k.shape)}")
-    check_choice(form, "form", forms)
-    check_int(chunk_size, "chunk_size", min=1)
-    check_bool(output_final_state, "output_final_state")
+    B, H, T, D_k, D_v = check_sequence_inputs(q, k, v, query_name)
+    check_form_options(form, forms, chunk_size, output_final_state)
     check_state(initial_state, (B, H, D_k, D_v), q.device)
     return B, H, T, D_k, D_v, resolve_scale(scale, D_k)
 

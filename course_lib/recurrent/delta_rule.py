@@ -23,41 +23,36 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_attention_inputs
 from ._common import (
     causal_log_decay,
     check_log_gate,
-    check_options,
     check_per_step,
-    check_scale,
-    check_state,
-    compute_dtype,
+    check_recurrent_inputs,
     pad_time,
+    run_form,
     scan_chunk_states,
+    zero_state,
 )
+from .runner import read_state, run_recurrence
 
 __all__ = ["delta_rule", "gated_delta_rule"]
 
 
-def _delta_rule_recurrent(q, k, v, beta, scale, state):
-    """Naive reference for DeltaNet: q, k (B, H, T, D_k); v (B, H, T, D_v); beta (B, H, T)."""
-    outputs = []
-    for t in range(q.shape[2]):
-        error = v[:, :, t] - torch.einsum("bhkv,bhk->bhv", state, k[:, :, t])
-        state = state + beta[:, :, t, None, None] * k[:, :, t, :, None] * error[:, :, None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t] * scale, state))
-    return torch.stack(outputs, dim=2), state
+def _delta_rule_recurrent(q, k, v, g, beta, scale, state):
+    """Naive reference: decay by exp(g_t) (no decay when g is None), then write the error
+    ``beta_t k_t (v_t - S^T k_t)^T`` of the decayed state, then read. q, k (B, H, T, D_k)."""
 
+    def write(t, S):
+        error = v[:, :, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, :, t])
+        return beta[:, :, t, None, None] * k[:, :, t, :, None] * error[:, :, None, :]
 
-def _gated_delta_rule_recurrent(q, k, v, g, beta, scale, state):
-    """Naive reference for Gated DeltaNet: decay the state by exp(g_t), then the delta update."""
-    outputs = []
-    for t in range(q.shape[2]):
-        state = g[:, :, t, None, None].exp() * state
-        error = v[:, :, t] - torch.einsum("bhkv,bhk->bhv", state, k[:, :, t])
-        state = state + beta[:, :, t, None, None] * k[:, :, t, :, None] * error[:, :, None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t] * scale, state))
-    return torch.stack(outputs, dim=2), state
+    return run_recurrence(
+        q.shape[2],
+        state,
+        decay=None if g is None else lambda t, S: g[:, :, t, None, None].exp() * S,
+        write=write,
+        read=lambda t, S: read_state(q[:, :, t] * scale, S),
+    )
 
 
 def delta_chunk_scan(q, k, v, beta, g, chunk_size, state, block_size=1):
@@ -110,30 +105,36 @@ def _check_beta(beta: object, q: torch.Tensor) -> torch.Tensor:
 
 
 def _run(q, k, v, beta, g, form, chunk_size, scale, initial_state, output_final_state):
-    """Checks shared by both rules, then dispatch to the recurrent or chunk form."""
-    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
-    if S != T:
-        raise ValueError(f"k must have the same length T={T} as q, got k {tuple(k.shape)}")
-    check_options(form, chunk_size, output_final_state, ("recurrent", "chunk"))
+    """Checks shared by both rules, then the envelope around the recurrent or chunk form."""
+    B, H, T, D_k, D_v, scale = check_recurrent_inputs(
+        q,
+        k,
+        v,
+        form=form,
+        forms=("recurrent", "chunk"),
+        chunk_size=chunk_size,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
     _check_beta(beta, q)
     if g is not None:
         check_per_step(g, "g", q)
         check_log_gate(g, "g")
-    scale = check_scale(scale, D_k)
-    check_state(initial_state, (B, H, D_k, D_v), q.device)
-
-    input_dtype, dtype = q.dtype, compute_dtype(q)
-    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
-    g = None if g is None else g.to(dtype)
-    state = q.new_zeros(B, H, D_k, D_v) if initial_state is None else initial_state.to(dtype)
-    if form == "recurrent" and g is None:
-        o, state = _delta_rule_recurrent(q, k, v, beta, scale, state)
-    elif form == "recurrent":
-        o, state = _gated_delta_rule_recurrent(q, k, v, g, beta, scale, state)
+    if g is None:  # DeltaNet: no decay
+        tensors = (q, k, v, beta)
+        forms = {
+            "recurrent": lambda q, k, v, beta, S: _delta_rule_recurrent(q, k, v, None, beta, scale, S),
+            "chunk": lambda q, k, v, beta, S: delta_chunk_scan(q * scale, k, v, beta, None, chunk_size, S),
+        }
     else:
-        o, state = delta_chunk_scan(q * scale, k, v, beta, g, chunk_size, state)
-    o = o.to(input_dtype)
-    return (o, state) if output_final_state else o
+        tensors = (q, k, v, beta, g)
+        forms = {
+            "recurrent": lambda q, k, v, beta, g, S: _delta_rule_recurrent(q, k, v, g, beta, scale, S),
+            "chunk": lambda q, k, v, beta, g, S: delta_chunk_scan(q * scale, k, v, beta, g, chunk_size, S),
+        }
+    state = zero_state(q, D_k, D_v, initial_state)
+    return run_form(forms, form, tensors, state, value_dim=D_v, output_final_state=output_final_state)
 
 
 def delta_rule(

@@ -41,6 +41,7 @@ from .ttt import ttt_linear
 __all__ = [
     "ShortConvolution",
     "HeadRMSNorm",
+    "QKVMixer",
     "RetNetMixer",
     "GLAMixer",
     "Mamba2Mixer",
@@ -126,7 +127,7 @@ class _Mixer(nn.Module):
         return f"{sizes}, form={self.form!r}"
 
 
-class _QKVMixer(_Mixer):
+class QKVMixer(_Mixer):
     """Mixers with q, k, v projections (optionally through a short convolution), a per-head output
     norm, an optional output gate and an output projection. Subclasses supply ``_core``."""
 
@@ -164,6 +165,9 @@ class _QKVMixer(_Mixer):
         raise NotImplementedError
 
 
+_QKVMixer = QKVMixer  # the earlier private name, kept as an alias for one release
+
+
 def _per_head(x: torch.Tensor) -> torch.Tensor:
     """(B, T, H) -> (B, H, T): one gate value per head and token."""
     return x.transpose(1, 2)
@@ -176,7 +180,7 @@ def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 # --- the mixers ------------------------------------------------------------------------------
 
 
-class RetNetMixer(_QKVMixer):
+class RetNetMixer(QKVMixer):
     """Multi-scale retention (RetNet): one fixed decay per head, ``gamma_h = 1 - 2^(-5-h)``.
 
     No data-dependent gate: the decays are a buffer, not parameters. Output: per-head norm, swish
@@ -192,7 +196,7 @@ class RetNetMixer(_QKVMixer):
         return retention(q, k, v, self.log_decay.to(q.dtype), form=form, chunk_size=self.chunk_size)
 
 
-class GLAMixer(_QKVMixer):
+class GLAMixer(QKVMixer):
     """Gated Linear Attention: a data-dependent forget gate per key dimension.
 
     ``g = logsigmoid(W_2 W_1 x + b) / gate_normalizer`` with a low-rank ``W_2 W_1`` (rank
@@ -223,7 +227,7 @@ class GLAMixer(_QKVMixer):
         return gla(q, k, v, _split_heads(g, self.num_heads), form=form, chunk_size=self.chunk_size)
 
 
-class MLSTMMixer(_QKVMixer):
+class MLSTMMixer(QKVMixer):
     """xLSTM's mLSTM: exponential input gate, sigmoid forget gate, normaliser state.
 
     ``i = W_i x + b_i`` (pre-activation, the gate is exp(i)), ``f = logsigmoid(W_f x + b_f)`` with
@@ -247,7 +251,7 @@ class MLSTMMixer(_QKVMixer):
         return mlstm(q, k, v, i, f, form=form, chunk_size=self.chunk_size)
 
 
-class DeltaNetMixer(_QKVMixer):
+class DeltaNetMixer(QKVMixer):
     """DeltaNet: the delta rule with ``beta = sigmoid(W_beta x)`` per head and token.
 
     q, k and v pass through a short convolution (kernel ``conv_size``, default 4) with SiLU; q and
@@ -267,7 +271,7 @@ class DeltaNetMixer(_QKVMixer):
         return delta_rule(q, k, v, beta, form=form, chunk_size=self.chunk_size)
 
 
-class GatedDeltaNetMixer(_QKVMixer):
+class GatedDeltaNetMixer(QKVMixer):
     """Gated DeltaNet: DeltaNet with a Mamba-2 style scalar decay per head and token.
 
     ``g = -exp(A_log) * softplus(W_a x + dt_bias)`` (log decay <= 0), ``beta = sigmoid(W_beta x)``;
@@ -293,7 +297,7 @@ class GatedDeltaNetMixer(_QKVMixer):
         return gated_delta_rule(q, k, v, g, beta, form=form, chunk_size=self.chunk_size)
 
 
-class TTTLinearMixer(_QKVMixer):
+class TTTLinearMixer(QKVMixer):
     """TTT-Linear: the state is a linear model trained online on ``||W^T k - v||^2 / 2``.
 
     Inner learning rates ``lr = base_lr * sigmoid(W_lr x)`` per head and token; one gradient step
@@ -330,7 +334,7 @@ class TTTLinearMixer(_QKVMixer):
         )
 
 
-class RWKV6Mixer(_QKVMixer):
+class RWKV6Mixer(QKVMixer):
     """RWKV-6 time mixing: token shift, per-dimension data-dependent decay, a bonus for the current token.
 
     Each branch (r, k, v, decay, gate) sees ``x + mu * (x_{t-1} - x_t)`` (the token shift, with a

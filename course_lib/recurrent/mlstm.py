@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_attention_inputs, check_shape, check_tensor
-from ._common import check_log_gate, check_options, check_per_step, check_scale, compute_dtype, pad_time
+from ..checks import check_shape, check_tensor
+from ._common import check_log_gate, check_per_step, check_recurrent_inputs, pad_time, run_form, zero_state
+from .runner import read_state, run_recurrence
 
 __all__ = ["mlstm"]
 
@@ -29,21 +30,33 @@ MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _mlstm_recurrent(q, k, v, i, f, scale, state):
-    """Naive reference: the stabilised recurrence one token at a time. state = (C~, n~, m)."""
-    memory, normaliser, stabiliser = state
-    outputs = []
-    for t in range(q.shape[2]):
+    """Naive reference: the stabilised recurrence one token at a time. state = (C~, n~, m).
+
+    The decay moves the stabiliser to ``m_t = max(f_t + m_{t-1}, i_t)`` and rescales C~ and n~ to
+    it; the write then adds the token with its gate ``exp(i_t - m_t)`` (and leaves m as it is).
+    """
+
+    def decay(t, state):
+        memory, normaliser, stabiliser = state
         new_stabiliser = torch.maximum(f[:, :, t] + stabiliser, i[:, :, t]).detach()
         forget = (f[:, :, t] + stabiliser - new_stabiliser).exp()[..., None]
-        write = (i[:, :, t] - new_stabiliser).exp()[..., None]
-        memory = forget[..., None] * memory + (write * k[:, :, t])[..., None] * v[:, :, t, None, :]
-        normaliser = forget * normaliser + write * k[:, :, t]
-        stabiliser = new_stabiliser
+        return forget[..., None] * memory, forget * normaliser, new_stabiliser
+
+    def write(t, state):
+        gate = (i[:, :, t] - state[2]).exp()[..., None]
+        return (
+            (gate * k[:, :, t])[..., None] * v[:, :, t, None, :],
+            gate * k[:, :, t],
+            torch.zeros_like(state[2]),
+        )
+
+    def read(t, state):
+        memory, normaliser, stabiliser = state
         query = q[:, :, t] * scale
-        numerator = torch.einsum("bhk,bhkv->bhv", query, memory)
         denominator = torch.maximum((normaliser * query).sum(-1).abs(), (-stabiliser).exp())
-        outputs.append(numerator / denominator[..., None])
-    return torch.stack(outputs, dim=2), (memory, normaliser, stabiliser)
+        return read_state(query, memory) / denominator[..., None]
+
+    return run_recurrence(q.shape[2], state, decay=decay, write=write, read=read)
 
 
 def _mlstm_chunk(q, k, v, i, f, chunk_size, state):
@@ -110,20 +123,25 @@ def mlstm(
     memory is ``exp(m) * C~``. ``initial_state=None`` means zeros with m = 0.
     Returns o (B, H, T, D_v) in q's dtype, plus the final triple when ``output_final_state``.
     """
-    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
-    if S != T:
-        raise ValueError(f"k must have the same length T={T} as q, got k {tuple(k.shape)}")
-    check_options(form, chunk_size, output_final_state, ("recurrent", "chunk"))
+    B, H, T, D_k, D_v, scale = check_recurrent_inputs(
+        q,
+        k,
+        v,
+        form=form,
+        forms=("recurrent", "chunk"),
+        chunk_size=chunk_size,
+        scale=scale,
+        initial_state=None,  # a triple, checked below
+        output_final_state=output_final_state,
+    )
     check_per_step(i, "i", q)
     if not bool(torch.isfinite(i).all()):
         raise ValueError("i must be finite (an input gate pre-activation)")
     check_per_step(f, "f", q)
     check_log_gate(f, "f")
-    scale = check_scale(scale, D_k)
-    input_dtype, dtype = q.dtype, compute_dtype(q)
     if initial_state is None:
-        state = (q.new_zeros(B, H, D_k, D_v, dtype=dtype), q.new_zeros(B, H, D_k, dtype=dtype))
-        state = (*state, q.new_zeros(B, H, dtype=dtype))
+        memory = zero_state(q, D_k, D_v, None)
+        state = (memory, memory.new_zeros(B, H, D_k), memory.new_zeros(B, H))
     else:
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3:
             raise TypeError("initial_state must be a tuple (C, n, m) of three tensors")
@@ -133,12 +151,9 @@ def mlstm(
             check_shape(part, f"initial_state[{index}]", shape, names=names)
             if part.device != q.device:
                 raise ValueError(f"initial_state[{index}] must be on {q.device} like q, got {part.device}")
-        state = tuple(part.to(dtype) for part in initial_state)
-
-    q, k, v, i, f = (x.to(dtype) for x in (q, k, v, i, f))
-    if form == "recurrent":
-        o, state = _mlstm_recurrent(q, k, v, i, f, scale, state)
-    else:
-        o, state = _mlstm_chunk(q * scale, k, v, i, f, chunk_size, state)
-    o = o.to(input_dtype)
-    return (o, state) if output_final_state else o
+        state = tuple(initial_state)
+    forms = {
+        "recurrent": lambda q, k, v, i, f, S: _mlstm_recurrent(q, k, v, i, f, scale, S),
+        "chunk": lambda q, k, v, i, f, S: _mlstm_chunk(q * scale, k, v, i, f, chunk_size, S),
+    }
+    return run_form(forms, form, (q, k, v, i, f), state, value_dim=D_v, output_final_state=output_final_state)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_attention_inputs, check_int, check_shape, check_tensor
+from ..checks import check_int, check_shape, check_tensor
 from ._common import (
     causal_log_decay,
     check_log_gate,
-    check_options,
-    check_scale,
-    check_state,
+    check_recurrent_inputs,
     chunk_gated_scan,
-    compute_dtype,
+    run_form,
+    zero_state,
 )
+from .runner import read_state, run_recurrence
 
 __all__ = ["retnet_gammas", "retention_decay_matrix", "retention"]
 
@@ -44,16 +44,16 @@ def retention_decay_matrix(g: torch.Tensor, T: int) -> torch.Tensor:
     return causal_log_decay(g[:, None] * steps).exp()
 
 
-def _retention_recurrent(q, k, v, g, scale, initial_state):
-    """Naive reference: one state update per token. q, k (B, H, T, D_k); v (B, H, T, D_v); g (H,)."""
-    B, H, T, D_k = q.shape
-    state = q.new_zeros(B, H, D_k, v.shape[-1]) if initial_state is None else initial_state
-    decay = g.exp()[None, :, None, None]
-    outputs = []
-    for t in range(T):
-        state = decay * state + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t] * scale, state))
-    return torch.stack(outputs, dim=2), state
+def _retention_recurrent(q, k, v, g, scale, state):
+    """Naive reference: decay S by gamma_h, write k v^T, read S^T (scale q). g (H,)."""
+    gamma = g.exp()[None, :, None, None]
+    return run_recurrence(
+        q.shape[2],
+        state,
+        decay=lambda t, S: gamma * S,
+        write=lambda t, S: k[:, :, t, :, None] * v[:, :, t, None, :],
+        read=lambda t, S: read_state(q[:, :, t] * scale, S),
+    )
 
 
 def _retention_parallel(q, k, v, g, scale, initial_state):
@@ -63,11 +63,10 @@ def _retention_parallel(q, k, v, g, scale, initial_state):
     o = (scale * q @ k.transpose(-1, -2) * decay_matrix) @ v
     # The state after T steps sums every key with its decay to the end: row T-1 of D.
     state = torch.einsum("hs,bhsk,bhsv->bhkv", decay_matrix[:, -1], k, v)
-    if initial_state is not None:
-        steps = torch.arange(1, T + 1, device=q.device, dtype=q.dtype)
-        start_decay = (g[:, None] * steps).exp()  # (H, T): gamma^(t + 1)
-        o = o + (scale * q * start_decay[None, :, :, None]) @ initial_state
-        state = state + start_decay[None, :, -1, None, None] * initial_state
+    steps = torch.arange(1, T + 1, device=q.device, dtype=q.dtype)
+    start_decay = (g[:, None] * steps).exp()  # (H, T): gamma^(t + 1)
+    o = o + (scale * q * start_decay[None, :, :, None]) @ initial_state
+    state = state + start_decay[None, :, -1, None, None] * initial_state
     return o, state
 
 
@@ -90,25 +89,26 @@ def retention(
     initial_state: (B, H, D_k, D_v) or None. Returns o (B, H, T, D_v) in q's dtype, and the final
     state (float32, or float64 for float64 inputs) when ``output_final_state``.
     """
-    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
-    if S != T:
-        raise ValueError(f"k must have the same length T={T} as q, got k {tuple(k.shape)}")
-    check_options(form, chunk_size, output_final_state, ("recurrent", "parallel", "chunk"))
+    B, H, T, D_k, D_v, scale = check_recurrent_inputs(
+        q,
+        k,
+        v,
+        form=form,
+        forms=("recurrent", "parallel", "chunk"),
+        chunk_size=chunk_size,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
     check_tensor(g, "g", ndim=1, floating=True)
     check_shape(g, "g", (H,), names="H")
     check_log_gate(g, "g")
-    scale = check_scale(scale, D_k)
-    check_state(initial_state, (B, H, D_k, D_v), q.device)
-
-    input_dtype, dtype = q.dtype, compute_dtype(q)
-    q, k, v, g = (x.to(dtype) for x in (q, k, v, g))
-    state = None if initial_state is None else initial_state.to(dtype)
-    if form == "recurrent":
-        o, state = _retention_recurrent(q, k, v, g, scale, state)
-    elif form == "parallel":
-        o, state = _retention_parallel(q, k, v, g, scale, state)
-    else:
-        gate = g[None, :, None, None].expand(B, H, T, 1)
-        o, state = chunk_gated_scan(q * scale, k, v, gate, chunk_size, state)
-    o = o.to(input_dtype)
-    return (o, state) if output_final_state else o
+    forms = {
+        "recurrent": lambda q, k, v, g, S: _retention_recurrent(q, k, v, g, scale, S),
+        "parallel": lambda q, k, v, g, S: _retention_parallel(q, k, v, g, scale, S),
+        "chunk": lambda q, k, v, g, S: chunk_gated_scan(
+            q * scale, k, v, g[None, :, None, None].expand(B, H, T, 1), chunk_size, S
+        ),
+    }
+    state = zero_state(q, D_k, D_v, initial_state)
+    return run_form(forms, form, (q, k, v, g), state, value_dim=D_v, output_final_state=output_final_state)

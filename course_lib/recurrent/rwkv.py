@@ -16,21 +16,27 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_attention_inputs, check_shape, check_tensor
-from ._common import check_log_gate, check_options, check_scale, check_state, chunk_gated_scan, compute_dtype
+from ..checks import check_shape, check_tensor
+from ._common import check_log_gate, check_recurrent_inputs, chunk_gated_scan, run_form, zero_state
+from .runner import read_state, run_recurrence
 
 __all__ = ["rwkv6"]
 
 
 def _rwkv6_recurrent(r, k, v, w, u, scale, state):
-    """Naive reference: read S_{t-1} and the bonus, then decay and write."""
-    outputs = []
-    for t in range(r.shape[2]):
-        key_value = k[:, :, t, :, None] * v[:, :, t, None, :]
-        read = state + u[None, :, :, None] * key_value
-        outputs.append(torch.einsum("bhk,bhkv->bhv", r[:, :, t] * scale, read))
-        state = w[:, :, t, :, None].exp() * state + key_value
-    return torch.stack(outputs, dim=2), state
+    """Naive reference: read S_{t-1} and the bonus first, then decay and write."""
+
+    def key_value(t):
+        return k[:, :, t, :, None] * v[:, :, t, None, :]
+
+    return run_recurrence(
+        r.shape[2],
+        state,
+        read_first=True,
+        read=lambda t, S: read_state(r[:, :, t] * scale, S + u[None, :, :, None] * key_value(t)),
+        decay=lambda t, S: w[:, :, t, :, None].exp() * S,
+        write=lambda t, S: key_value(t),
+    )
 
 
 def _rwkv6_chunk(r, k, v, w, u, scale, chunk_size, state):
@@ -63,24 +69,26 @@ def rwkv6(
     form "recurrent" or "chunk"; initial_state (B, H, D_k, D_v) or None. Returns o (B, H, T, D_v)
     in r's dtype, plus the final state when ``output_final_state``.
     """
-    B, H, T, S, D_k, D_v = check_attention_inputs(r, k, v)
-    if S != T:
-        raise ValueError(f"k must have the same length T={T} as r, got k {tuple(k.shape)}")
-    check_options(form, chunk_size, output_final_state, ("recurrent", "chunk"))
+    B, H, T, D_k, D_v, scale = check_recurrent_inputs(
+        r,
+        k,
+        v,
+        form=form,
+        forms=("recurrent", "chunk"),
+        chunk_size=chunk_size,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        query_name="r",
+    )
     check_tensor(w, "w", ndim=4, floating=True)
     check_shape(w, "w", (B, H, T, D_k), names="B, H, T, D_k")
     check_log_gate(w, "w")
     check_tensor(u, "u", ndim=2, floating=True)
     check_shape(u, "u", (H, D_k), names="H, D_k")
-    scale = check_scale(scale, D_k)
-    check_state(initial_state, (B, H, D_k, D_v), r.device)
-
-    input_dtype, dtype = r.dtype, compute_dtype(r)
-    r, k, v, w, u = (x.to(dtype) for x in (r, k, v, w, u))
-    state = r.new_zeros(B, H, D_k, D_v) if initial_state is None else initial_state.to(dtype)
-    if form == "recurrent":
-        o, state = _rwkv6_recurrent(r, k, v, w, u, scale, state)
-    else:
-        o, state = _rwkv6_chunk(r, k, v, w, u, scale, chunk_size, state)
-    o = o.to(input_dtype)
-    return (o, state) if output_final_state else o
+    forms = {
+        "recurrent": lambda r, k, v, w, u, S: _rwkv6_recurrent(r, k, v, w, u, scale, S),
+        "chunk": lambda r, k, v, w, u, S: _rwkv6_chunk(r, k, v, w, u, scale, chunk_size, S),
+    }
+    state = zero_state(r, D_k, D_v, initial_state)
+    return run_form(forms, form, (r, k, v, w, u), state, value_dim=D_v, output_final_state=output_final_state)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_shape, check_tensor
-from ._common import check_options, check_per_step, check_state, compute_dtype, pad_time
+from ._common import check_form_options, check_per_step, check_state, pad_time, run_form, zero_state
+from .runner import run_recurrence
 
 __all__ = ["segsum", "ssd"]
 
@@ -39,17 +40,15 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~below, float("-inf"))
 
 
-def _ssd_recurrent(x, dt, A, B, C, initial_state):
-    """Naive reference: the selective SSM one step at a time."""
-    batch, H, T, P = x.shape
-    state = x.new_zeros(batch, H, B.shape[-1], P) if initial_state is None else initial_state
-    outputs = []
-    for t in range(T):
-        decay = (A[None, :] * dt[:, :, t]).exp()[..., None, None]
-        write = B[:, :, t, :, None] * (dt[:, :, t, None, None] * x[:, :, t, None, :])
-        state = decay * state + write
-        outputs.append(torch.einsum("bhn,bhnp->bhp", C[:, :, t], state))
-    return torch.stack(outputs, dim=2), state
+def _ssd_recurrent(x, dt, A, B, C, state):
+    """Naive reference: the selective SSM one step at a time, through the runner of chapter 07."""
+    return run_recurrence(
+        x.shape[2],
+        state,
+        decay=lambda t, h: (A[None, :] * dt[:, :, t]).exp()[..., None, None] * h,
+        write=lambda t, h: B[:, :, t, :, None] * (dt[:, :, t, None, None] * x[:, :, t, None, :]),
+        read=lambda t, h: torch.einsum("bhn,bhnp->bhp", C[:, :, t], h),
+    )
 
 
 def _ssd_quadratic(x, dt, A, B, C, initial_state):
@@ -59,17 +58,15 @@ def _ssd_quadratic(x, dt, A, B, C, initial_state):
     y = (L * (C @ B.transpose(-1, -2))) @ (dt[..., None] * x)
     to_end = L[..., -1, :]  # decay from each step to the last one
     state = torch.einsum("bhs,bhsn,bhsp->bhnp", to_end, B, dt[..., None] * x)
-    if initial_state is not None:
-        from_start = log_decay.cumsum(dim=-1).exp()  # (batch, H, T)
-        y = y + (C * from_start[..., None]) @ initial_state
-        state = state + from_start[..., -1, None, None] * initial_state
+    from_start = log_decay.cumsum(dim=-1).exp()  # (batch, H, T)
+    y = y + (C * from_start[..., None]) @ initial_state
+    state = state + from_start[..., -1, None, None] * initial_state
     return y, state
 
 
 def _ssd_chunked(x, dt, A, B, C, chunk_size, initial_state):
     """The chunked SSD algorithm in four steps (all chunks at once, then a scan over chunk states)."""
     batch, H, T, P = x.shape
-    N = B.shape[-1]
     size = min(chunk_size, T)
     x, B, C = (pad_time(t, size) for t in (x, B, C))
     dt = pad_time(dt[..., None], size)[..., 0]
@@ -85,8 +82,7 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, initial_state):
     to_end = (cumulative[..., -1:] - cumulative).exp()
     chunk_states = torch.einsum("bhcs,bhcsn,bhcsp->bhcnp", to_end, B, xdt)
     # 3. states between chunks: a scalar-decay recurrence over chunks, itself a segsum over chunk totals
-    start = x.new_zeros(batch, H, 1, N, P) if initial_state is None else initial_state[:, :, None]
-    chunk_states = torch.cat([start, chunk_states], dim=2)  # (batch, H, chunks + 1, N, P)
+    chunk_states = torch.cat([initial_state[:, :, None], chunk_states], dim=2)  # (batch, H, chunks + 1, N, P)
     totals = torch.nn.functional.pad(cumulative[..., -1], (1, 0))  # (batch, H, chunks + 1)
     states = torch.einsum("bhij,bhjnp->bhinp", segsum(totals).exp(), chunk_states)
     incoming, final_state = states[:, :, :-1], states[:, :, -1]
@@ -117,7 +113,7 @@ def ssd(
     """
     check_tensor(x, "x", ndim=4, floating=True)
     batch, H, T, P = x.shape
-    check_options(form, chunk_size, output_final_state, ("recurrent", "parallel", "chunk"))
+    check_form_options(form, ("recurrent", "parallel", "chunk"), chunk_size, output_final_state)
     check_per_step(dt, "dt", x)
     check_tensor(A, "A", ndim=1, floating=True)
     check_shape(A, "A", (H,), names="H")
@@ -132,16 +128,12 @@ def ssd(
         raise ValueError(f"A must be finite and < 0 (a decay exp(A dt) < 1), got {A.tolist()}")
     if not bool(torch.isfinite(dt).all()) or bool((dt < 0).any()):
         raise ValueError("dt must be finite and >= 0 (a step size after softplus)")
-    check_state(initial_state, (batch, H, B.shape[-1], P), x.device)
-
-    input_dtype, dtype = x.dtype, compute_dtype(x)
-    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
-    state = None if initial_state is None else initial_state.to(dtype)
-    if form == "recurrent":
-        y, state = _ssd_recurrent(x, dt, A, B, C, state)
-    elif form == "parallel":
-        y, state = _ssd_quadratic(x, dt, A, B, C, state)
-    else:
-        y, state = _ssd_chunked(x, dt, A, B, C, chunk_size, state)
-    y = y.to(input_dtype)
-    return (y, state) if output_final_state else y
+    N = B.shape[-1]
+    check_state(initial_state, (batch, H, N, P), x.device)
+    forms = {
+        "recurrent": _ssd_recurrent,
+        "parallel": _ssd_quadratic,
+        "chunk": lambda x, dt, A, B, C, h: _ssd_chunked(x, dt, A, B, C, chunk_size, h),
+    }
+    state = zero_state(x, N, P, initial_state)
+    return run_form(forms, form, (x, dt, A, B, C), state, value_dim=P, output_final_state=output_final_state)

@@ -37,32 +37,39 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..checks import (
-    check_attention_inputs,
-    check_bool,
-    check_choice,
-    check_divisible,
-    check_int,
-    check_shape,
-    check_tensor,
-)
-from ._common import check_options, check_per_step, check_scale, check_state, compute_dtype
+from ..checks import check_bool, check_choice, check_divisible, check_int, check_shape, check_tensor
+from ._common import check_per_step, check_recurrent_inputs, check_sequence_inputs, run_form, zero_state
 from .delta_rule import delta_chunk_scan
+from .runner import read_state, run_recurrence
 
 __all__ = ["ttt_linear", "ttt_mlp"]
 
 
 def _ttt_linear_recurrent(q, k, v, lr, scale, weight, mini_batch_size):
-    """Naive reference: explicit gradient steps, the gradient taken at the mini-batch's start."""
-    outputs = []
-    for t in range(q.shape[2]):
-        if t % mini_batch_size == 0:
-            weight_at_start = weight
+    """Naive reference: explicit gradient steps, the gradient taken at the mini-batch's start.
+
+    The runner's state is the pair ``(W, W_0)``: the weights and a copy of them as they were when
+    the current mini-batch began. The "decay" only refreshes that copy on a mini-batch boundary.
+    """
+
+    def start_of_mini_batch(t, state):
+        weight, weight_at_start = state
+        return weight, (weight if t % mini_batch_size == 0 else weight_at_start)
+
+    def gradient_step(t, state):
+        weight_at_start = state[1]
         prediction = torch.einsum("bhkv,bhk->bhv", weight_at_start, k[:, :, t])
         gradient = k[:, :, t, :, None] * (prediction - v[:, :, t])[:, :, None, :]
-        weight = weight - lr[:, :, t, None, None] * gradient
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t] * scale, weight))
-    return torch.stack(outputs, dim=2), weight
+        return -lr[:, :, t, None, None] * gradient, torch.zeros_like(weight_at_start)
+
+    o, (weight, _) = run_recurrence(
+        q.shape[2],
+        (weight, weight),
+        decay=start_of_mini_batch,
+        write=gradient_step,
+        read=lambda t, state: read_state(q[:, :, t] * scale, state[0]),
+    )
+    return o, weight
 
 
 def ttt_linear(
@@ -87,28 +94,31 @@ def ttt_linear(
     the delta rule's WY form with the corrections of one mini-batch decoupled.
     Returns o (B, H, T, D_v) in q's dtype, plus the final W when ``output_final_state``.
     """
-    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
-    if S != T:
-        raise ValueError(f"k must have the same length T={T} as q, got k {tuple(k.shape)}")
-    check_options(form, chunk_size, output_final_state, ("recurrent", "chunk"))
+    B, H, T, D_k, D_v, scale = check_recurrent_inputs(
+        q,
+        k,
+        v,
+        form=form,
+        forms=("recurrent", "chunk"),
+        chunk_size=chunk_size,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
     mini_batch_size = check_int(mini_batch_size, "mini_batch_size", min=1)
     if form == "chunk":  # chunks must start on a mini-batch boundary
         check_divisible(chunk_size, "chunk_size", mini_batch_size, "mini_batch_size")
     check_per_step(lr, "lr", q)
     if not bool(torch.isfinite(lr).all()) or bool((lr < 0).any()):
         raise ValueError("lr must be finite and >= 0 (inner learning rates)")
-    scale = check_scale(scale, D_k)
-    check_state(initial_state, (B, H, D_k, D_v), q.device)
-
-    input_dtype, dtype = q.dtype, compute_dtype(q)
-    q, k, v, lr = (x.to(dtype) for x in (q, k, v, lr))
-    weight = q.new_zeros(B, H, D_k, D_v) if initial_state is None else initial_state.to(dtype)
-    if form == "recurrent":
-        o, weight = _ttt_linear_recurrent(q, k, v, lr, scale, weight, mini_batch_size)
-    else:
-        o, weight = delta_chunk_scan(q * scale, k, v, lr, None, chunk_size, weight, mini_batch_size)
-    o = o.to(input_dtype)
-    return (o, weight) if output_final_state else o
+    forms = {
+        "recurrent": lambda q, k, v, lr, W: _ttt_linear_recurrent(q, k, v, lr, scale, W, mini_batch_size),
+        "chunk": lambda q, k, v, lr, W: delta_chunk_scan(
+            q * scale, k, v, lr, None, chunk_size, W, mini_batch_size
+        ),
+    }
+    weight = zero_state(q, D_k, D_v, initial_state)
+    return run_form(forms, form, (q, k, v, lr), weight, value_dim=D_v, output_final_state=output_final_state)
 
 
 # --- TTT-MLP ------------------------------------------------------------------------------------
@@ -129,20 +139,31 @@ def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
 def _ttt_mlp_recurrent(q, k, v, lr, W1, W2, mini_batch_size):
     """Naive reference: per token, the gradient of its loss by autograd at the mini-batch's start.
 
+    The runner's state is ``(W1, W2, W1_0, W2_0)``: the weights and their copy from the start of
+    the mini-batch, refreshed by the "decay" on each boundary, as in TTT-Linear's reference.
     Differentiable (``create_graph``) when gradients are enabled, so the outer loop can train it.
     """
-    outputs = []
-    for t in range(q.shape[2]):
-        if t % mini_batch_size == 0:
-            start = (W1, W2)
+
+    def start_of_mini_batch(t, state):
+        W1, W2, *at_start = state
+        return (W1, W2, W1, W2) if t % mini_batch_size == 0 else (W1, W2, *at_start)
+
+    def gradient_step(t, state):
         with torch.enable_grad():
-            w1, w2 = (w if w.requires_grad else w.detach().requires_grad_() for w in start)
+            w1, w2 = (w if w.requires_grad else w.detach().requires_grad_() for w in state[2:])
             loss = 0.5 * (_mlp(k[:, :, t, None], w1, w2) - v[:, :, t, None]).pow(2).sum()
             grad1, grad2 = torch.autograd.grad(loss, (w1, w2), create_graph=torch.is_grad_enabled())
-        W1 = W1 - lr[:, :, t, None, None] * grad1
-        W2 = W2 - lr[:, :, t, None, None] * grad2
-        outputs.append(_mlp(q[:, :, t, None], W1, W2)[:, :, 0])
-    return torch.stack(outputs, dim=2), (W1, W2)
+        rate = lr[:, :, t, None, None]
+        return -rate * grad1, -rate * grad2, torch.zeros_like(state[2]), torch.zeros_like(state[3])
+
+    o, (W1, W2, _, _) = run_recurrence(
+        q.shape[2],
+        (W1, W2, W1, W2),
+        decay=start_of_mini_batch,
+        write=gradient_step,
+        read=lambda t, state: _mlp(q[:, :, t, None], state[0], state[1])[:, :, 0],
+    )
+    return o, (W1, W2)
 
 
 def _ttt_mlp_minibatch(q, k, v, lr, W1, W2, mini_batch_size):
@@ -188,9 +209,7 @@ def ttt_mlp(
     dual form with hand-written gradients. Returns o (B, H, T, D_v) in q's dtype, plus the final
     ``(W1, W2)`` when ``output_final_state``.
     """
-    B, H, T, S, D_k, D_v = check_attention_inputs(q, k, v)
-    if S != T:
-        raise ValueError(f"k must have the same length T={T} as q, got k {tuple(k.shape)}")
+    B, H, T, D_k, D_v = check_sequence_inputs(q, k, v)
     check_choice(form, "form", ("recurrent", "chunk"))  # no chunk_size: the mini-batch is the chunk
     check_bool(output_final_state, "output_final_state")
     mini_batch_size = check_int(mini_batch_size, "mini_batch_size", min=1)
@@ -207,10 +226,10 @@ def ttt_mlp(
     for name, w in (("initial_state[0]", W1), ("initial_state[1]", W2)):
         if w.device != q.device:
             raise ValueError(f"{name} must be on {q.device} like q, got {w.device}")
-
-    input_dtype, dtype = q.dtype, compute_dtype(q)
-    q, k, v, lr, W1, W2 = (x.to(dtype) for x in (q, k, v, lr, W1, W2))
-    run = _ttt_mlp_recurrent if form == "recurrent" else _ttt_mlp_minibatch
-    o, state = run(q, k, v, lr, W1, W2, mini_batch_size)
-    o = o.to(input_dtype)
-    return (o, state) if output_final_state else o
+    forms = {
+        "recurrent": lambda q, k, v, lr, W: _ttt_mlp_recurrent(q, k, v, lr, *W, mini_batch_size),
+        "chunk": lambda q, k, v, lr, W: _ttt_mlp_minibatch(q, k, v, lr, *W, mini_batch_size),
+    }
+    return run_form(
+        forms, form, (q, k, v, lr), (W1, W2), value_dim=D_v, output_final_state=output_final_state
+    )

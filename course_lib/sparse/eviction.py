@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_attention_inputs, check_bool, check_int, check_tensor
+from ..checks import check_attention_inputs, check_bool, check_int, check_tensor, compute_dtype, resolve_scale
 from ..standard import attention
-from .kernels import resolve_scale
 
 __all__ = ["streaming_keep", "h2o_keep", "keep_mask", "kept_attention", "eviction_error"]
 
@@ -58,7 +57,7 @@ def h2o_keep(attention_weights: torch.Tensor, budget: int, *, recent: int | None
     batch_shape = attention_weights.shape[:-2]
     if budget >= S:
         return torch.arange(S, device=attention_weights.device).expand(*batch_shape, S)
-    accumulated = attention_weights.to(torch.promote_types(attention_weights.dtype, torch.float32)).sum(-2)
+    accumulated = attention_weights.to(compute_dtype(attention_weights)).sum(-2)
     older = accumulated[..., : S - recent]
     heavy = older.topk(budget - recent, dim=-1).indices
     newest = torch.arange(S - recent, S, device=attention_weights.device).expand(*batch_shape, recent)
@@ -127,6 +126,6 @@ def eviction_error(
     """Relative error ``||o_kept - o_full|| / ||o_full||`` of :func:`kept_attention` vs full attention."""
     kept = kept_attention(q, k, v, keep, causal=causal, scale=scale)
     full = attention(q, k, v, causal=causal, scale=scale)
-    dtype = torch.promote_types(q.dtype, torch.float32)
+    dtype = compute_dtype(q)
     difference = torch.linalg.vector_norm((kept - full).to(dtype))
     return float(difference / torch.linalg.vector_norm(full.to(dtype)).clamp_min(torch.finfo(dtype).tiny))

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from ..checks import (
     check_attention_inputs,
     check_bool,
-    check_float,
     check_int,
     check_mask,
     check_shape,
     check_tensor,
+    compute_dtype,
+    resolve_scale,
 )
 from ..standard import masked_softmax
 
@@ -28,15 +29,6 @@ __all__ = [
     "topk_attention",
     "neighborhood_attention_2d",
 ]
-
-
-def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
-    """float32 for half-precision inputs (accumulate in float32), float64 stays float64."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def resolve_scale(scale: float | None, head_dim: int) -> float:
-    return head_dim**-0.5 if scale is None else check_float(scale, "scale")
 
 
 # --- sliding window: a band of width w, computed block by block --------------------------------
@@ -93,7 +85,7 @@ def sliding_window_attention(
     band = (distance < window) & ((distance >= 0) if causal else (distance > -window))
     allowed = ((key_positions >= 0) & (key_positions < S)).unsqueeze(1) & band  # (blocks, block, span)
 
-    dtype = compute_dtype_of(q)
+    dtype = compute_dtype(q)
     key_blocks = k.to(dtype)[:, :, gather_index]  # (B, H, blocks, span, D)
     value_blocks = v.to(dtype)[:, :, gather_index]  # (B, H, blocks, span, D_v)
     query_blocks = F.pad(q.to(dtype), (0, 0, 0, num_blocks * block - T)).view(B, H, num_blocks, block, D)
@@ -153,7 +145,7 @@ def block_sparse_attention(
     order = torch.argsort((~layout).to(torch.int8), dim=-1, stable=True)[..., :active_count]
     active = layout.gather(-1, order)  # (B, H, T_blocks, A): False marks padding slots
 
-    dtype = compute_dtype_of(q)
+    dtype = compute_dtype(q)
     pad_keys = key_blocks * block_size - S
     keys = F.pad(k.to(dtype), (0, 0, 0, pad_keys)).view(B, H, key_blocks, block_size, D)
     values = F.pad(v.to(dtype), (0, 0, 0, pad_keys)).view(B, H, key_blocks, block_size, D_v)
@@ -203,7 +195,7 @@ def topk_attention(
     top_k = check_int(top_k, "top_k", min=1)
     check_bool(causal, "causal")
     scale = resolve_scale(scale, D)
-    dtype = compute_dtype_of(q)
+    dtype = compute_dtype(q)
     scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
     if mask is not None:
         scores = scores.masked_fill(~check_mask(mask, "mask", (B, H, T, S)).to(q.device), float("-inf"))
@@ -252,7 +244,7 @@ def neighborhood_attention_2d(
         return starts.unsqueeze(1) + torch.arange(kernel_size, device=q.device)  # (length, kernel)
 
     rows, cols = neighbour_index(height), neighbour_index(width)
-    dtype = compute_dtype_of(q)
+    dtype = compute_dtype(q)
 
     def neighbourhoods(x: torch.Tensor) -> torch.Tensor:
         # (B, H, height, width, kernel, kernel, dim) -> (B, H, height, width, kernel^2, dim)

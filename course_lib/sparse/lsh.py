@@ -14,9 +14,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_bool, check_generator, check_int, check_shape, check_tensor
+from ..checks import (
+    check_bool,
+    check_generator,
+    check_int,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    resolve_scale,
+)
 from ..standard import masked_softmax
-from .kernels import compute_dtype_of, resolve_scale
 
 __all__ = ["lsh_buckets", "lsh_attention"]
 
@@ -45,7 +52,7 @@ def lsh_buckets(
     if num_buckets == 1:
         return torch.zeros(B, H, num_hashes, T, dtype=torch.long, device=qk.device)
     rotations = torch.randn(num_hashes, D, num_buckets // 2, generator=generator, dtype=torch.float64)
-    dtype = compute_dtype_of(qk)
+    dtype = compute_dtype(qk)
     projected = torch.einsum("bhtd,rdn->bhrtn", qk.to(dtype), rotations.to(qk.device, dtype))
     return torch.cat((projected, -projected), dim=-1).argmax(dim=-1)
 
@@ -86,7 +93,7 @@ def lsh_attention(
     check_bool(causal, "causal")
     scale = resolve_scale(scale, D)
     buckets = lsh_buckets(qk, num_buckets, num_hashes=num_hashes, generator=generator, seed=seed)
-    R, device, dtype = num_hashes, qk.device, compute_dtype_of(qk)
+    R, device, dtype = num_hashes, qk.device, compute_dtype(qk)
 
     # Sort each round by (bucket, position); `order[..., s]` is the position sitting in slot s.
     positions = torch.arange(T, device=device)

@@ -24,7 +24,15 @@ import numbers
 import torch
 from torch import nn
 
-from ..checks import check_attention_inputs, check_bool, check_float, check_int, check_tensor
+from ..checks import (
+    check_attention_inputs,
+    check_bool,
+    check_float,
+    check_int,
+    check_tensor,
+    compute_dtype,
+    resolve_scale,
+)
 from ..standard import attention
 
 __all__ = ["differential_lambda_init", "differential_attention", "DifferentialAttention"]
@@ -94,11 +102,11 @@ def differential_attention(
             )
     check_bool(causal, "causal")
     check_bool(return_weights, "return_weights")
-    scale = D**-0.5 if scale is None else check_float(scale, "scale")
+    scale = resolve_scale(scale, D)
 
-    compute_dtype = torch.promote_types(q1.dtype, torch.float32)
-    lam = _check_lambda(lambda_, H, q1).to(compute_dtype)
-    q1, k1, q2, k2, values = (x.to(compute_dtype) for x in (q1, k1, q2, k2, v))
+    dtype = compute_dtype(q1)
+    lam = _check_lambda(lambda_, H, q1).to(dtype)
+    q1, k1, q2, k2, values = (x.to(dtype) for x in (q1, k1, q2, k2, v))
     # (A1 - lambda A2) v = A1 v - lambda A2 v: two ordinary attention calls, no new kernel needed.
     out1, weights1 = attention(q1, k1, values, mask, causal=causal, scale=scale, return_weights=True)
     out2, weights2 = attention(q2, k2, values, mask, causal=causal, scale=scale, return_weights=True)
@@ -117,7 +125,7 @@ class _HeadRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = x.to(torch.promote_types(x.dtype, torch.float32))
+        compute = x.to(compute_dtype(x))
         normed = compute * torch.rsqrt(compute.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (normed * self.weight.to(normed.dtype)).to(x.dtype)
 

@@ -1,24 +1,53 @@
 """Chapter 03: tiling and FlashAttention, from the online softmax to low-precision attention.
 
 Read the modules in the notebook's order: ``online_softmax`` (streaming max and sum),
-``flash`` (the FA1/FA2 loops and the backward pass), ``io_cost`` (HBM traffic), ``decoding``
+``flash`` (the plain FA1/FA2 loops and the backward pass, flash_attention, and the instrumented
+schedule), ``io_cost`` (HBM traffic), ``decoding``
 (FlashDecoding) and ``quantized`` (SageAttention, FlashAttention-3's rotation).
 """
 
 from .decoding import flash_decoding
-from .flash import FlashStats, TileStep, flash_attention, flash_attention_trace, tile_gradients
+from .flash import (
+    FlashStats,
+    Tile,
+    TileStep,
+    flash_attention,
+    flash_attention_trace,
+    flash_backward,
+    flash_forward_fa1,
+    flash_forward_fa2,
+    tile_gradients,
+    tile_schedule,
+)
 from .io_cost import IOCost, io_cost
-from .online_softmax import combine_partials, merge_softmax_stats, online_softmax
+from .online_softmax import (
+    combine_partials,
+    finish_fold,
+    fold_block,
+    merge_softmax_stats,
+    online_softmax,
+    rescale_factor,
+    start_fold,
+)
 from .quantized import quantize_blocks, quantized_attention, random_hadamard, random_orthogonal
 from .sage2 import attention_error, outlier_qkv, sage2_attention, thread_groups
 
 __all__ = [
     "online_softmax",
     "merge_softmax_stats",
+    "rescale_factor",
+    "start_fold",
+    "fold_block",
+    "finish_fold",
     "combine_partials",
-    "flash_attention",
-    "flash_attention_trace",
+    "flash_forward_fa2",
+    "flash_forward_fa1",
+    "flash_backward",
     "tile_gradients",
+    "flash_attention",
+    "Tile",
+    "tile_schedule",
+    "flash_attention_trace",
     "FlashStats",
     "TileStep",
     "io_cost",

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_attention_inputs, check_bool, check_float, check_int
-from .online_softmax import _combine, _finite_or_zero
+from ..checks import check_attention_inputs, check_bool, check_int, compute_dtype, resolve_scale
+from .online_softmax import _combine, finish_fold, fold_block, start_fold
 
 __all__ = ["flash_decoding"]
 
@@ -46,14 +46,14 @@ def flash_decoding(
     num_splits = check_int(num_splits, "num_splits", min=1)
     check_bool(causal, "causal")
     check_bool(return_lse, "return_lse")
-    scale = D**-0.5 if scale is None else check_float(scale, "scale")
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = resolve_scale(scale, D)
+    dtype = compute_dtype(q)
 
     # Pad the keys to num_splits equal chunks; padded positions are masked out.
     chunk = -(-S // num_splits)
     padding = chunk * num_splits - S
-    keys = F.pad(k.to(compute_dtype), (0, 0, 0, padding)).view(B, H, num_splits, chunk, D)
-    values = F.pad(v.to(compute_dtype), (0, 0, 0, padding)).view(B, H, num_splits, chunk, Dv)
+    keys = F.pad(k.to(dtype), (0, 0, 0, padding)).view(B, H, num_splits, chunk, D)
+    values = F.pad(v.to(dtype), (0, 0, 0, padding)).view(B, H, num_splits, chunk, Dv)
     key_index = torch.arange(chunk * num_splits, device=q.device)
     allowed = (key_index < S).expand(T, -1)
     if causal:
@@ -61,14 +61,12 @@ def flash_decoding(
         allowed = allowed & (key_index <= query_index + (S - T))
     allowed = allowed.view(T, num_splits, chunk).transpose(0, 1)  # (splits, T, chunk)
 
-    # Each split: ordinary attention over its chunk, kept with its logsumexp.
-    scores = torch.einsum("bhtd,bhncd->bhntc", q.to(compute_dtype), keys) * scale
+    # Each split (all at once, on dim 2): the online-softmax fold of its one block of keys, kept
+    # as a normalised partial output with its logsumexp.
+    scores = torch.einsum("bhtd,bhncd->bhntc", q.to(dtype), keys) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
-    split_max = _finite_or_zero(scores.amax(dim=-1))
-    probabilities = torch.exp(scores - split_max.unsqueeze(-1))
-    split_sum = probabilities.sum(dim=-1)
-    partial_out = (probabilities @ values) / torch.where(split_sum > 0, split_sum, 1.0).unsqueeze(-1)
-    partial_lse = split_max + torch.log(split_sum)
+    state = start_fold((B, H, num_splits, T), Dv, dtype=dtype, device=q.device)
+    partial_out, partial_lse = finish_fold(*fold_block(*state, scores, values))
 
     # The reduction: weights exp(lse_i - lse) rescale every split to the common denominator.
     out, lse = _combine(partial_out, partial_lse, dim=2)

@@ -2,76 +2,69 @@
 
 The loops are those of the papers, written with PyTorch ops on blocks so every step can be
 read and checked; a real kernel runs one Q block per thread block and keeps the tiles in SRAM.
+Every tile's scores go through the one online-softmax fold of :mod:`.online_softmax`.
 
-- ``loop_order="fa1"`` (Dao et al., 2022, Algorithm 1): the outer loop walks K/V blocks, the
-  inner loop Q blocks. O, the running max m and sum l live in "HBM" (full tensors); each step
-  reads them, rescales, normalises and writes them back.
-- ``loop_order="fa2"`` (Dao, 2023): the outer loop walks Q blocks, the inner loop K/V blocks.
+- :func:`flash_forward_fa2` (Dao, 2023): the outer loop walks Q blocks, the inner loop K/V blocks.
   A Q block's accumulator stays on chip, is rescaled only by ``exp(m_old - m_new)`` and is
   divided by l once at the end; the logsumexp ``m + log(l)`` is kept for the backward pass.
+- :func:`flash_forward_fa1` (Dao et al., 2022, Algorithm 1): the outer loop walks K/V blocks, the
+  inner loop Q blocks. O, the running max m and sum l live in "HBM" (full tensors); each step
+  reads them, folds the tile in, normalises O again and writes them back.
+- :func:`flash_backward` saves nothing but q, k, v, O and the logsumexp, and recomputes each block
+  of P from them: ``P = exp(s - lse)``, ``dS = P * (dP - D)`` with ``D = rowsum(dO * O)``.
 
-The backward pass saves only q, k, v, O and the logsumexp, and recomputes each block of P from
-them: ``P = exp(s - lse)``, ``dS = P * (dP - D)`` with ``D = rowsum(dO * O)``.
+:func:`flash_attention` puts these loops behind autograd. The last part of the module is the
+instrumentation of chapter 03, kept out of the loops: :func:`tile_schedule` lists the tiles in
+the order a loop visits them, :class:`FlashStats` counts what that schedule moves between HBM and
+chip, and :func:`flash_attention_trace` replays it with the same fold, recording every step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..checks import check_attention_inputs, check_bool, check_choice, check_float, check_int
-from .online_softmax import _finite_or_zero
+from ..checks import (
+    check_attention_inputs,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    resolve_scale,
+)
+from .online_softmax import finish_fold, fold_block, merge_softmax_stats, rescale_factor, start_fold
 
-__all__ = ["FlashStats", "TileStep", "flash_attention", "flash_attention_trace", "tile_gradients"]
-
-
-# --- bookkeeping: what the loops did ---------------------------------------------------------
-
-
-@dataclass
-class FlashStats:
-    """Counts filled in by one :func:`flash_attention` call (pass an instance as ``stats=``).
-
-    Element counts are per (batch element, head), so they compare with :func:`io_cost`:
-    a block of ``r`` rows of q (head dim ``D``) read from HBM adds ``r * D`` to ``elements_read``.
-    """
-
-    block_pairs: int = 0
-    blocks_computed: int = 0
-    blocks_skipped: int = 0
-    elements_read: int = 0
-    elements_written: int = 0
-
-    def bytes_moved(self, bytes_per_element: float) -> float:
-        """HBM bytes read plus written, at ``bytes_per_element`` bytes per element."""
-        return (self.elements_read + self.elements_written) * check_float(
-            bytes_per_element, "bytes_per_element", min=0, min_open=True
-        )
+__all__ = [
+    "flash_forward_fa2",
+    "flash_forward_fa1",
+    "tile_gradients",
+    "flash_backward",
+    "flash_attention",
+    "Tile",
+    "tile_schedule",
+    "FlashStats",
+    "TileStep",
+    "flash_attention_trace",
+]
 
 
-@dataclass
-class TileStep:
-    """One (Q block, K block) step of the schedule, as :func:`flash_attention_trace` records it.
-
-    ``row_max``, ``row_sum`` (``(B, H, rows)``) and ``output`` (``(B, H, rows, D_v)``, the current
-    normalised estimate of O for the block's queries) are copies taken after the step.
-    """
-
-    step: int
-    q_block: int
-    k_block: int
-    q_rows: tuple[int, int]
-    k_rows: tuple[int, int]
-    skipped: bool
-    row_max: torch.Tensor = field(repr=False)
-    row_sum: torch.Tensor = field(repr=False)
-    output: torch.Tensor = field(repr=False)
+# --- tiles ---------------------------------------------------------------------------------------
 
 
-def _visibility(q_start: int, q_end: int, k_start: int, k_end: int, offset: int, causal: bool) -> str:
-    """'full', 'partial' or 'none': how much of a block query i may see (keys j <= i + offset)."""
+def _blocks(length: int, size: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` rows of consecutive blocks of ``size`` rows; the last may be shorter."""
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def _visibility(q_rows: tuple[int, int], k_rows: tuple[int, int], offset: int, causal: bool) -> str:
+    """'full', 'partial' or 'none': how much of a tile query i may see (keys j <= i + offset)."""
+    (q_start, q_end), (k_start, k_end) = q_rows, k_rows
     if not causal:
         return "full"
     if k_start > q_end - 1 + offset:
@@ -81,157 +74,127 @@ def _visibility(q_start: int, q_end: int, k_start: int, k_end: int, offset: int,
     return "partial"
 
 
-def _causal_block_mask(
-    q_start: int, q_end: int, k_start: int, k_end: int, offset: int, device
-) -> torch.Tensor:
-    rows = torch.arange(q_start, q_end, device=device).unsqueeze(1)
-    cols = torch.arange(k_start, k_end, device=device).unsqueeze(0)
-    return cols <= rows + offset
-
-
-def _block_scores(q_block, k_block, scale, visibility, q_range, k_range, offset):
+def _block_scores(q_block, k_block, visibility, q_rows, k_rows, offset, scale=None):
     """Scores of one tile, -inf where causal forbids; ``scale=None`` if q_block is pre-scaled."""
     scores = q_block @ k_block.transpose(-2, -1)
     if scale is not None:
         scores = scores * scale
     if visibility == "partial":
-        allowed = _causal_block_mask(*q_range, *k_range, offset, scores.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        rows = torch.arange(*q_rows, device=scores.device).unsqueeze(1)
+        cols = torch.arange(*k_rows, device=scores.device).unsqueeze(0)
+        scores = scores.masked_fill(cols > rows + offset, float("-inf"))
     return scores
 
 
-# --- the forward loops ------------------------------------------------------------------------
+def _check_loop_arguments(q, k, v, scale, causal, block_q, block_k):
+    """Checks shared by the loops; returns ``(q, k, v)`` in the compute dtype, scale, block_q, block_k."""
+    D = check_attention_inputs(q, k, v)[4]
+    check_bool(causal, "causal")
+    scale = resolve_scale(scale, D)
+    block_q = check_int(block_q, "block_q", min=1)
+    block_k = check_int(block_k, "block_k", min=1)
+    dtype = compute_dtype(q)
+    return (q.to(dtype), k.to(dtype), v.to(dtype)), scale, block_q, block_k
 
 
-def _forward_fa2(q, k, v, scale, causal, block_q, block_k, stats, trace):
-    """Outer loop over Q blocks, inner over K/V blocks; normalise once at the end."""
-    B, H, T, D = q.shape
-    S, Dv = k.shape[2], v.shape[3]
-    offset = S - T
-    out = q.new_empty(B, H, T, Dv)
-    lse = q.new_empty(B, H, T)
-    for q_index, q_start in enumerate(range(0, T, block_q)):
-        q_end = min(q_start + block_q, T)
-        rows = q_end - q_start
-        q_block = q[:, :, q_start:q_end] * scale  # scaled once: it stays on chip for the inner loop
-        stats.elements_read += rows * D
-        row_max = q.new_full((B, H, rows), float("-inf"))
-        row_sum = q.new_zeros(B, H, rows)
-        accumulator = q.new_zeros(B, H, rows, Dv)
-        for k_index, k_start in enumerate(range(0, S, block_k)):
-            k_end = min(k_start + block_k, S)
-            visibility = _visibility(q_start, q_end, k_start, k_end, offset, causal)
-            stats.block_pairs += 1
+def _check_saved(q, v, out, lse, grad_out, grad_lse):
+    """Check what the backward pass gets besides q, k, v; returns them in q's (compute) dtype."""
+    rows = q.shape[:3]
+    if grad_lse is None:
+        grad_lse = torch.zeros(rows, dtype=q.dtype, device=q.device)
+    shapes = {"out": (*rows, v.shape[3]), "lse": rows, "grad_out": (*rows, v.shape[3]), "grad_lse": rows}
+    for name, x in (("out", out), ("lse", lse), ("grad_out", grad_out), ("grad_lse", grad_lse)):
+        check_tensor(x, name, floating=True)
+        check_shape(x, name, shapes[name])
+    return tuple(x.to(q.dtype) for x in (out, lse, grad_out, grad_lse))
+
+
+# --- the forward loops ---------------------------------------------------------------------------
+
+
+def flash_forward_fa2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-2's forward pass: Q blocks outside, K/V blocks inside, normalise once.
+
+    q ``(B, H, T, D)``, k ``(B, H, S, D)``, v ``(B, H, S, D_v)``; ``scale`` defaults to ``D ** -0.5``;
+    ``causal`` aligns the diagonal to the end. Returns ``(out, lse)``: ``(B, H, T, D_v)`` and the
+    ``(B, H, T)`` logsumexp, in float32 (float64 stays float64). A query that sees no key gets
+    zeros and logsumexp ``-inf``. No autograd of its own: :func:`flash_attention` adds the backward.
+    """
+    (q, k, v), scale, block_q, block_k = _check_loop_arguments(q, k, v, scale, causal, block_q, block_k)
+    T, S = q.shape[2], k.shape[2]
+    out = q.new_empty(*q.shape[:3], v.shape[3])
+    lse = q.new_empty(q.shape[:3])
+    for q_rows in _blocks(T, block_q):
+        rows = slice(*q_rows)
+        q_block = q[:, :, rows] * scale  # scaled once: it stays on chip for the whole inner loop
+        row_max, row_sum, accumulator = start_fold(
+            q_block.shape[:3], v.shape[3], dtype=q.dtype, device=q.device
+        )
+        for k_rows in _blocks(S, block_k):
+            visibility = _visibility(q_rows, k_rows, S - T, causal)
             if visibility == "none":
-                stats.blocks_skipped += 1
-            else:
-                stats.blocks_computed += 1
-                k_block, v_block = k[:, :, k_start:k_end], v[:, :, k_start:k_end]
-                stats.elements_read += (k_end - k_start) * (D + Dv)
-                scores = _block_scores(
-                    q_block, k_block, None, visibility, (q_start, q_end), (k_start, k_end), offset
-                )
-                new_max = torch.maximum(row_max, scores.amax(dim=-1))
-                safe_max = _finite_or_zero(new_max)
-                probabilities = torch.exp(scores - safe_max.unsqueeze(-1))
-                # Everything accumulated so far was relative to the old max: rescale it.
-                correction = torch.exp(row_max - safe_max)
-                row_sum = row_sum * correction + probabilities.sum(dim=-1)
-                accumulator = accumulator * correction.unsqueeze(-1) + probabilities @ v_block
-                row_max = new_max
-            if trace is not None:
-                partial = accumulator / torch.where(row_sum > 0, row_sum, 1.0).unsqueeze(-1)
-                trace.append(
-                    TileStep(
-                        len(trace),
-                        q_index,
-                        k_index,
-                        (q_start, q_end),
-                        (k_start, k_end),
-                        visibility == "none",
-                        row_max.clone(),
-                        row_sum.clone(),
-                        partial.clone(),
-                    )
-                )
-        out[:, :, q_start:q_end] = accumulator / torch.where(row_sum > 0, row_sum, 1.0).unsqueeze(-1)
-        lse[:, :, q_start:q_end] = row_max + torch.log(row_sum)
-        stats.elements_written += rows * Dv + rows
+                continue  # wholly above the causal diagonal: never loaded
+            cols = slice(*k_rows)
+            scores = _block_scores(q_block, k[:, :, cols], visibility, q_rows, k_rows, S - T)
+            row_max, row_sum, accumulator = fold_block(row_max, row_sum, accumulator, scores, v[:, :, cols])
+        out[:, :, rows], lse[:, :, rows] = finish_fold(row_max, row_sum, accumulator)
     return out, lse
 
 
-def _forward_fa1(q, k, v, scale, causal, block_q, block_k, stats, trace):
-    """Outer loop over K/V blocks, inner over Q blocks; O, m and l re-read and rewritten each step."""
-    B, H, T, D = q.shape
-    S, Dv = k.shape[2], v.shape[3]
-    offset = S - T
-    out = q.new_zeros(B, H, T, Dv)
-    row_max = q.new_full((B, H, T), float("-inf"))
-    row_sum = q.new_zeros(B, H, T)
-    stats.elements_written += T * Dv + 2 * T  # O = 0, m = -inf, l = 0 initialised in HBM
-    for k_index, k_start in enumerate(range(0, S, block_k)):
-        k_end = min(k_start + block_k, S)
-        k_block, v_block = k[:, :, k_start:k_end], v[:, :, k_start:k_end]
-        loaded = False
-        for q_index, q_start in enumerate(range(0, T, block_q)):
-            q_end = min(q_start + block_q, T)
-            rows = q_end - q_start
-            visibility = _visibility(q_start, q_end, k_start, k_end, offset, causal)
-            stats.block_pairs += 1
+def flash_forward_fa1(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention's (2022) forward pass: K/V blocks outside, Q blocks inside.
+
+    O, the running max m and the running sum l are full tensors in HBM. Each K/V block comes on
+    chip once; every Q block then reads its rows of O, m and l, merges the tile's own statistics
+    into them and writes them back, with O normalised again at every step (Algorithm 1 of the
+    paper). Same arguments and result as :func:`flash_forward_fa2`.
+    """
+    (q, k, v), scale, block_q, block_k = _check_loop_arguments(q, k, v, scale, causal, block_q, block_k)
+    T, S = q.shape[2], k.shape[2]
+    row_max, row_sum, out = start_fold(q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
+    for k_rows in _blocks(S, block_k):
+        k_block, v_block = k[:, :, slice(*k_rows)], v[:, :, slice(*k_rows)]
+        for q_rows in _blocks(T, block_q):
+            visibility = _visibility(q_rows, k_rows, S - T, causal)
             if visibility == "none":
-                stats.blocks_skipped += 1
-            else:
-                stats.blocks_computed += 1
-                if not loaded:  # K_j, V_j come on chip once, when first needed
-                    stats.elements_read += (k_end - k_start) * (D + Dv)
-                    loaded = True
-                q_block = q[:, :, q_start:q_end]
-                old_out = out[:, :, q_start:q_end]
-                old_max, old_sum = row_max[:, :, q_start:q_end], row_sum[:, :, q_start:q_end]
-                stats.elements_read += rows * (D + Dv + 2)
-                scores = _block_scores(
-                    q_block, k_block, scale, visibility, (q_start, q_end), (k_start, k_end), offset
-                )
-                block_max = scores.amax(dim=-1)
-                probabilities = torch.exp(scores - _finite_or_zero(block_max).unsqueeze(-1))
-                block_sum = probabilities.sum(dim=-1)
-                new_max = torch.maximum(old_max, block_max)
-                safe_max = _finite_or_zero(new_max)
-                old_weight = torch.exp(old_max - safe_max) * old_sum
-                new_weight = torch.exp(block_max - safe_max)
-                new_sum = old_weight + new_weight * block_sum
-                # O is kept normalised: undo the old 1/l, add the new block, divide by the new l.
-                numerator = old_weight.unsqueeze(-1) * old_out + new_weight.unsqueeze(-1) * (
-                    probabilities @ v_block
-                )
-                out[:, :, q_start:q_end] = numerator / torch.where(new_sum > 0, new_sum, 1.0).unsqueeze(-1)
-                row_max[:, :, q_start:q_end] = new_max
-                row_sum[:, :, q_start:q_end] = new_sum
-                stats.elements_written += rows * (Dv + 2)
-            if trace is not None:
-                trace.append(
-                    TileStep(
-                        len(trace),
-                        q_index,
-                        k_index,
-                        (q_start, q_end),
-                        (k_start, k_end),
-                        visibility == "none",
-                        row_max[:, :, q_start:q_end].clone(),
-                        row_sum[:, :, q_start:q_end].clone(),
-                        out[:, :, q_start:q_end].clone(),
-                    )
-                )
-    lse = row_max + torch.log(row_sum)
-    stats.elements_read += 2 * T
-    stats.elements_written += T
-    return out, lse
+                continue
+            rows = slice(*q_rows)
+            scores = _block_scores(q[:, :, rows], k_block, visibility, q_rows, k_rows, S - T, scale)
+            # The tile on its own: its max m~, the sum l~ of P~ = exp(s - m~), and P~ V.
+            empty = start_fold(scores.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
+            block_max, block_sum, block_values = fold_block(*empty, scores, v_block)
+            # Merge it with the rows' m, l and O read from HBM. O is stored normalised, so the old
+            # O is weighted by its rescaled sum, the tile by its rescaled factor, and the whole
+            # divided by the new sum: the extra non-matmul work that FA2 removes.
+            old_max, old_sum = row_max[:, :, rows], row_sum[:, :, rows]
+            new_max, new_sum = merge_softmax_stats(old_max, old_sum, block_max, block_sum)
+            old_weight = rescale_factor(old_max, new_max) * old_sum
+            new_weight = rescale_factor(block_max, new_max)
+            numerator = old_weight.unsqueeze(-1) * out[:, :, rows] + new_weight.unsqueeze(-1) * block_values
+            out[:, :, rows], _ = finish_fold(new_max, new_sum, numerator)
+            row_max[:, :, rows], row_sum[:, :, rows] = new_max, new_sum
+    return out, row_max + torch.log(row_sum)
 
 
-_FORWARDS = {"fa1": _forward_fa1, "fa2": _forward_fa2}
-
-
-# --- the backward pass ------------------------------------------------------------------------
+# --- the backward pass ---------------------------------------------------------------------------
 
 
 def tile_gradients(
@@ -260,90 +223,92 @@ def tile_gradients(
     return grad_q, grad_k, probabilities.transpose(-2, -1) @ grad_out
 
 
-def _backward(q, k, v, out, lse, grad_out, grad_lse, scale, causal, block_q, block_k):
-    """FlashAttention-2's backward: outer loop over K/V blocks, P recomputed block by block."""
+def flash_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    grad_lse: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashAttention-2's backward pass: K/V blocks outside, Q blocks inside, P recomputed per tile.
+
+    q, k, v as in :func:`flash_forward_fa2`; ``out`` ``(B, H, T, D_v)`` and ``lse`` ``(B, H, T)`` are
+    what the forward returned, ``grad_out`` the gradient on ``out`` and ``grad_lse`` (optional) the
+    gradient on ``lse``. Returns ``(grad_q, grad_k, grad_v)`` in the compute dtype. dK_j and dV_j
+    are accumulated on chip for one K/V block; each tile adds its share to dQ.
+    """
+    (q, k, v), scale, block_q, block_k = _check_loop_arguments(q, k, v, scale, causal, block_q, block_k)
+    out, lse, grad_out, grad_lse = _check_saved(q, v, out, lse, grad_out, grad_lse)
     T, S = q.shape[2], k.shape[2]
-    offset = S - T
+
     # D_i = sum_d dO_id O_id equals sum_j P_ij dP_ij: the softmax Jacobian's correction term.
     delta = (grad_out * out).sum(dim=-1)
     # A row that saw no key has lse = -inf and P = 0: use +inf so exp(s - lse) is 0, not NaN.
     safe_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
     grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for k_start in range(0, S, block_k):
-        k_end = min(k_start + block_k, S)
-        k_block, v_block = k[:, :, k_start:k_end], v[:, :, k_start:k_end]
+    for k_rows in _blocks(S, block_k):
+        cols = slice(*k_rows)
+        k_block, v_block = k[:, :, cols], v[:, :, cols]
         grad_k_block, grad_v_block = torch.zeros_like(k_block), torch.zeros_like(v_block)
-        for q_start in range(0, T, block_q):
-            q_end = min(q_start + block_q, T)
-            visibility = _visibility(q_start, q_end, k_start, k_end, offset, causal)
+        for q_rows in _blocks(T, block_q):
+            visibility = _visibility(q_rows, k_rows, S - T, causal)
             if visibility == "none":
                 continue
-            rows = slice(q_start, q_end)
-            q_block, grad_out_block = q[:, :, rows], grad_out[:, :, rows]
-            scores = _block_scores(
-                q_block, k_block, scale, visibility, (q_start, q_end), (k_start, k_end), offset
-            )
+            rows = slice(*q_rows)
+            scores = _block_scores(q[:, :, rows], k_block, visibility, q_rows, k_rows, S - T, scale)
             # d lse / d s = P, so a gradient on the logsumexp adds to (dP - D).
             row_terms = grad_lse[:, :, rows] - delta[:, :, rows]
             tile_q, tile_k, tile_v = tile_gradients(
-                q_block, k_block, v_block, grad_out_block, scores, safe_lse[:, :, rows], row_terms, scale
+                q[:, :, rows],
+                k_block,
+                v_block,
+                grad_out[:, :, rows],
+                scores,
+                safe_lse[:, :, rows],
+                row_terms,
+                scale,
             )
             grad_q[:, :, rows] += tile_q
             grad_k_block += tile_k
             grad_v_block += tile_v
-        grad_k[:, :, k_start:k_end] = grad_k_block
-        grad_v[:, :, k_start:k_end] = grad_v_block
+        grad_k[:, :, cols] = grad_k_block
+        grad_v[:, :, cols] = grad_v_block
     return grad_q, grad_k, grad_v
+
+
+# --- flash_attention: the loops behind autograd ---------------------------------------------------
+
+_FORWARDS = {"fa1": flash_forward_fa1, "fa2": flash_forward_fa2}
 
 
 class _FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, block_q, block_k, loop_order, stats):
+    def forward(ctx, q, k, v, scale, causal, block_q, block_k, loop_order):
         # Half-precision inputs are computed in float32; float64 stays float64 (gradient checks).
-        compute_dtype = torch.promote_types(q.dtype, torch.float32)
-        out, lse = _FORWARDS[loop_order](
-            q.to(compute_dtype),
-            k.to(compute_dtype),
-            v.to(compute_dtype),
-            scale,
-            causal,
-            block_q,
-            block_k,
-            stats,
-            None,
-        )
+        settings = dict(scale=scale, causal=causal, block_q=block_q, block_k=block_k)
+        out, lse = _FORWARDS[loop_order](q, k, v, **settings)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.settings = (scale, causal, block_q, block_k)
+        ctx.settings = settings
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        compute_dtype = lse.dtype
-        grads = _backward(
-            q.to(compute_dtype),
-            k.to(compute_dtype),
-            v.to(compute_dtype),
-            out.to(compute_dtype),
-            lse,
-            grad_out.to(compute_dtype),
-            grad_lse.to(compute_dtype),
-            *ctx.settings,
-        )
-        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True)) + (None,) * 6
-
-
-# --- the public functions ---------------------------------------------------------------------
+        grads = flash_backward(q, k, v, out, lse, grad_out, grad_lse=grad_lse, **ctx.settings)
+        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True)) + (None,) * 5
 
 
 def _check_flash_arguments(q, k, v, causal, scale, block_q, block_k, loop_order):
-    D = check_attention_inputs(q, k, v)[4]
-    check_bool(causal, "causal")
-    scale = D**-0.5 if scale is None else check_float(scale, "scale")
-    block_q = check_int(block_q, "block_q", min=1)
-    block_k = check_int(block_k, "block_k", min=1)
+    _, scale, block_q, block_k = _check_loop_arguments(q, k, v, scale, causal, block_q, block_k)
     check_choice(loop_order, "loop_order", _FORWARDS)
     return scale, block_q, block_k
 
@@ -373,8 +338,8 @@ def flash_attention(
         block_q, block_k: rows of q and of k/v per tile; any size, including 1 or more than T.
         loop_order: ``"fa2"`` (outer loop over Q blocks) or ``"fa1"`` (outer loop over K/V blocks).
         return_lse: also return the logsumexp of each row of scores, ``(B, H, T)``.
-        stats: a :class:`FlashStats` to fill with the counts of tiles computed and skipped and
-            of the elements read from and written to HBM.
+        stats: a :class:`FlashStats` to add the counts of tiles computed and skipped and of the
+            elements read from and written to HBM to (per batch element and head).
 
     Returns:
         ``(B, H, T, D_v)`` in the input dtype (and the float32/float64 logsumexp). A query that
@@ -385,10 +350,128 @@ def flash_attention(
     check_bool(return_lse, "return_lse")
     if stats is not None and not isinstance(stats, FlashStats):
         raise TypeError(f"stats must be a FlashStats or None, got {type(stats).__name__}")
-    out, lse = _FlashAttentionFunction.apply(
-        q, k, v, scale, causal, block_q, block_k, loop_order, FlashStats() if stats is None else stats
-    )
+    out, lse = _FlashAttentionFunction.apply(q, k, v, scale, causal, block_q, block_k, loop_order)
+    if stats is not None:
+        schedule = tile_schedule(
+            q.shape[2], k.shape[2], block_q=block_q, block_k=block_k, causal=causal, loop_order=loop_order
+        )
+        _count_io(stats, schedule, q.shape[2], q.shape[3], v.shape[3], loop_order)
     return (out, lse) if return_lse else out
+
+
+# --- instrumentation: the schedule, what it moves, and a step-by-step trace ----------------------
+
+
+class Tile(NamedTuple):
+    """One (Q block, K block) pair of a loop's schedule.
+
+    ``visibility`` is ``"full"``, ``"partial"`` (cut by the causal diagonal) or ``"none"`` (wholly
+    above it: the loops skip the tile without loading it).
+    """
+
+    q_block: int
+    k_block: int
+    q_rows: tuple[int, int]
+    k_rows: tuple[int, int]
+    visibility: str
+
+
+def tile_schedule(
+    T: int,
+    S: int,
+    *,
+    block_q: int = 64,
+    block_k: int = 64,
+    causal: bool = False,
+    loop_order: str = "fa2",
+) -> list[Tile]:
+    """Every (Q block, K block) pair in the order the chosen loop visits it, skipped ones included.
+
+    ``"fa2"`` walks the K blocks of Q block 0, then of Q block 1, ...; ``"fa1"`` walks the Q blocks
+    of K block 0, then of K block 1, ... — the loop nests of :func:`flash_forward_fa2` and
+    :func:`flash_forward_fa1`.
+    """
+    T, S = check_int(T, "T", min=0), check_int(S, "S", min=0)
+    block_q, block_k = check_int(block_q, "block_q", min=1), check_int(block_k, "block_k", min=1)
+    check_bool(causal, "causal")
+    check_choice(loop_order, "loop_order", _FORWARDS)
+    q_blocks, k_blocks = _blocks(T, block_q), _blocks(S, block_k)
+    if loop_order == "fa2":
+        pairs = [(i, j) for i in range(len(q_blocks)) for j in range(len(k_blocks))]
+    else:
+        pairs = [(i, j) for j in range(len(k_blocks)) for i in range(len(q_blocks))]
+    return [
+        Tile(i, j, q_blocks[i], k_blocks[j], _visibility(q_blocks[i], k_blocks[j], S - T, causal))
+        for i, j in pairs
+    ]
+
+
+@dataclass
+class FlashStats:
+    """Counts filled in by one :func:`flash_attention` call (pass an instance as ``stats=``).
+
+    Element counts are per (batch element, head), so they compare with :func:`io_cost`:
+    a block of ``r`` rows of q (head dim ``D``) read from HBM adds ``r * D`` to ``elements_read``.
+    """
+
+    block_pairs: int = 0
+    blocks_computed: int = 0
+    blocks_skipped: int = 0
+    elements_read: int = 0
+    elements_written: int = 0
+
+    def bytes_moved(self, bytes_per_element: float) -> float:
+        """HBM bytes read plus written, at ``bytes_per_element`` bytes per element."""
+        return (self.elements_read + self.elements_written) * check_float(
+            bytes_per_element, "bytes_per_element", min=0, min_open=True
+        )
+
+
+def _count_io(stats: FlashStats, schedule: list[Tile], T: int, D: int, Dv: int, loop_order: str) -> None:
+    """Add to ``stats`` the tiles of ``schedule`` and the HBM traffic of the loop that walks it."""
+    if loop_order == "fa2":
+        stats.elements_read += T * D  # each Q block is read once and stays on chip
+        stats.elements_written += T * (Dv + 1)  # its O and logsumexp are written once, at the end
+    else:
+        stats.elements_written += T * Dv + 2 * T  # O = 0, m = -inf, l = 0 initialised in HBM
+    loaded = set()
+    for tile in schedule:
+        stats.block_pairs += 1
+        if tile.visibility == "none":
+            stats.blocks_skipped += 1
+            continue
+        stats.blocks_computed += 1
+        rows, keys = tile.q_rows[1] - tile.q_rows[0], tile.k_rows[1] - tile.k_rows[0]
+        if loop_order == "fa2":
+            stats.elements_read += keys * (D + Dv)  # K_j, V_j for every tile computed
+        else:
+            if tile.k_block not in loaded:  # K_j, V_j come on chip once, when first needed
+                stats.elements_read += keys * (D + Dv)
+                loaded.add(tile.k_block)
+            stats.elements_read += rows * (D + Dv + 2)  # Q_i and the O_i, m_i, l_i it updates
+            stats.elements_written += rows * (Dv + 2)
+    if loop_order == "fa1":
+        stats.elements_read += 2 * T  # m and l, read once more for the logsumexp
+        stats.elements_written += T
+
+
+@dataclass
+class TileStep:
+    """One (Q block, K block) step of the schedule, as :func:`flash_attention_trace` records it.
+
+    ``row_max``, ``row_sum`` (``(B, H, rows)``) and ``output`` (``(B, H, rows, D_v)``, the current
+    normalised estimate of O for the block's queries) are copies taken after the step.
+    """
+
+    step: int
+    q_block: int
+    k_block: int
+    q_rows: tuple[int, int]
+    k_rows: tuple[int, int]
+    skipped: bool
+    row_max: torch.Tensor = field(repr=False)
+    row_sum: torch.Tensor = field(repr=False)
+    output: torch.Tensor = field(repr=False)
 
 
 def flash_attention_trace(
@@ -402,24 +485,40 @@ def flash_attention_trace(
     block_k: int = 64,
     loop_order: str = "fa2",
 ) -> list[TileStep]:
-    """Run the forward loops and record every step of the schedule (for the tile-walk widget).
+    """Walk the tiles in the chosen loop's order and record every step (for the tile-walk widget).
 
     Same arguments as :func:`flash_attention`; returns one :class:`TileStep` per (Q block, K block)
-    pair in the order the chosen loop visits them, skipped tiles included.
+    pair in the order the chosen loop visits them, skipped tiles included. Each step folds its
+    tile into the running state of its Q block with the loops' own fold, so after the last tile
+    of a Q block its ``output`` is that block of the attention output.
     """
     scale, block_q, block_k = _check_flash_arguments(q, k, v, causal, scale, block_q, block_k, loop_order)
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    dtype = compute_dtype(q)
+    q, k, v = (x.detach().to(dtype) for x in (q, k, v))
+    T, S = q.shape[2], k.shape[2]
+    row_max, row_sum, accumulator = start_fold(q.shape[:3], v.shape[3], dtype=dtype, device=q.device)
     steps: list[TileStep] = []
-    with torch.no_grad():
-        _FORWARDS[loop_order](
-            q.to(compute_dtype),
-            k.to(compute_dtype),
-            v.to(compute_dtype),
-            scale,
-            causal,
-            block_q,
-            block_k,
-            FlashStats(),
-            steps,
+    for tile in tile_schedule(T, S, block_q=block_q, block_k=block_k, causal=causal, loop_order=loop_order):
+        rows, cols = slice(*tile.q_rows), slice(*tile.k_rows)
+        if tile.visibility != "none":
+            scores = _block_scores(
+                q[:, :, rows], k[:, :, cols], tile.visibility, tile.q_rows, tile.k_rows, S - T, scale
+            )
+            row_max[:, :, rows], row_sum[:, :, rows], accumulator[:, :, rows] = fold_block(
+                row_max[:, :, rows], row_sum[:, :, rows], accumulator[:, :, rows], scores, v[:, :, cols]
+            )
+        output, _ = finish_fold(row_max[:, :, rows], row_sum[:, :, rows], accumulator[:, :, rows])
+        steps.append(
+            TileStep(
+                len(steps),
+                tile.q_block,
+                tile.k_block,
+                tile.q_rows,
+                tile.k_rows,
+                tile.visibility == "none",
+                row_max[:, :, rows].clone(),
+                row_sum[:, :, rows].clone(),
+                output,
+            )
         )
     return steps

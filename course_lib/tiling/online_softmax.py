@@ -4,6 +4,10 @@ Softmax needs the max and the sum of a whole row, yet a tile only sees part of i
 running max ``m`` and a running sum ``l`` of ``exp(x - m)``, rescaled by ``exp(m_old - m_new)``
 whenever the max grows, gives the same numbers as the softmax of the whole row. The same merge
 combines partial attention outputs that carry their logsumexp (FlashDecoding, chunked work).
+
+Attention folds whole blocks of scores and their values into a running ``(max, sum, accumulator)``
+(:func:`start_fold`, :func:`fold_block`, :func:`finish_fold`): FlashAttention's loops, the paged
+KV cache and FlashDecoding all use this one fold, with its one guard for rows that saw no key.
 """
 
 from __future__ import annotations
@@ -12,14 +16,36 @@ from collections.abc import Sequence
 
 import torch
 
-from ..checks import check_bool, check_shape, check_tensor
+from ..checks import check_bool, check_int, check_shape, check_tensor, compute_dtype
 
-__all__ = ["online_softmax", "merge_softmax_stats", "combine_partials"]
+__all__ = [
+    "online_softmax",
+    "rescale_factor",
+    "merge_softmax_stats",
+    "start_fold",
+    "fold_block",
+    "finish_fold",
+    "combine_partials",
+]
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     """Replace -inf (a row that has seen nothing yet) by 0 so ``exp(x - max)`` gives 0, not NaN."""
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _safe_divide(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` over the last dim of ``total``, with zeros where ``count`` is 0."""
+    return total / torch.where(count > 0, count, torch.ones_like(count)).unsqueeze(-1)
+
+
+def rescale_factor(old_max: torch.Tensor, new_max: torch.Tensor) -> torch.Tensor:
+    """``exp(old_max - new_max)``: turns a sum kept relative to ``old_max`` into one relative to ``new_max``.
+
+    The one guard of the online softmax: a ``new_max`` of ``-inf`` (a row that has seen nothing
+    yet) is taken as 0, so the factor is ``exp(-inf) = 0`` instead of ``exp(-inf + inf) = NaN``.
+    """
+    return torch.exp(old_max - _finite_or_zero(new_max))
 
 
 def merge_softmax_stats(
@@ -34,8 +60,7 @@ def merge_softmax_stats(
     for name, x in (("max_a", max_a), ("sum_a", sum_a), ("max_b", max_b), ("sum_b", sum_b)):
         check_tensor(x, name, floating=True)
     new_max = torch.maximum(max_a, max_b)
-    safe_max = _finite_or_zero(new_max)
-    new_sum = sum_a * torch.exp(max_a - safe_max) + sum_b * torch.exp(max_b - safe_max)
+    new_sum = sum_a * rescale_factor(max_a, new_max) + sum_b * rescale_factor(max_b, new_max)
     return new_max, new_sum
 
 
@@ -70,17 +95,16 @@ def online_softmax(
                 f"blocks[{index}] of shape {tuple(block.shape)} must share the leading dims "
                 f"{tuple(blocks[0].shape[:-1])} of blocks[0]"
             )
-    dtype = blocks[0].dtype
-    compute_dtype = torch.promote_types(dtype, torch.float32)
+    dtype, accumulate = blocks[0].dtype, compute_dtype(blocks[0])
     leading = blocks[0].shape[:-1]
-    row_max = torch.full(leading, float("-inf"), dtype=compute_dtype, device=blocks[0].device)
-    row_sum = torch.zeros(leading, dtype=compute_dtype, device=blocks[0].device)
+    row_max = torch.full(leading, float("-inf"), dtype=accumulate, device=blocks[0].device)
+    row_sum = torch.zeros(leading, dtype=accumulate, device=blocks[0].device)
 
     # Pass 1: one block at a time, fold its own (max, sum) into the running pair.
     for block in blocks:
         if block.shape[-1] == 0:
             continue
-        values = block.to(compute_dtype)
+        values = block.to(accumulate)
         block_max = values.amax(dim=-1)
         block_sum = torch.exp(values - _finite_or_zero(block_max).unsqueeze(-1)).sum(dim=-1)
         row_max, row_sum = merge_softmax_stats(row_max, row_sum, block_max, block_sum)
@@ -88,11 +112,78 @@ def online_softmax(
     # Pass 2: every block normalised with the final statistics.
     safe_max = _finite_or_zero(row_max).unsqueeze(-1)
     safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)).unsqueeze(-1)
-    pieces = [torch.exp(block.to(compute_dtype) - safe_max) / safe_sum for block in blocks]
+    pieces = [torch.exp(block.to(accumulate) - safe_max) / safe_sum for block in blocks]
     probabilities = torch.cat(pieces, dim=-1).to(dtype)
     if return_stats:
         return probabilities, row_max, row_sum
     return probabilities
+
+
+# --- the fold of attention: blocks of scores and their values -----------------------------------
+
+
+def start_fold(
+    rows: tuple[int, ...] | torch.Size, value_dim: int, *, dtype: torch.dtype, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The running state of rows that have seen no key yet: max ``-inf``, sum 0, accumulator 0.
+
+    ``rows`` are the leading dims, e.g. ``(B, H, T)``; returns ``(row_max, row_sum, accumulator)``
+    of shapes ``rows``, ``rows`` and ``(*rows, value_dim)``.
+    """
+    value_dim = check_int(value_dim, "value_dim", min=0)
+    row_max = torch.full(tuple(rows), float("-inf"), dtype=dtype, device=device)
+    row_sum = torch.zeros(tuple(rows), dtype=dtype, device=device)
+    return row_max, row_sum, torch.zeros(*rows, value_dim, dtype=dtype, device=device)
+
+
+def fold_block(
+    row_max: torch.Tensor,
+    row_sum: torch.Tensor,
+    accumulator: torch.Tensor,
+    scores: torch.Tensor,
+    values: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold one block of keys into the running softmax-weighted sum of values of R query rows.
+
+    The state describes the keys seen so far: ``row_max`` ``(..., R)`` their largest score,
+    ``row_sum`` ``(..., R)`` the sum of ``exp(s - row_max)``, ``accumulator`` ``(..., R, D_v)`` the
+    unnormalised ``sum exp(s - row_max) v``. ``scores`` ``(..., R, n)`` are the new block's scores
+    (``-inf`` where a key is masked) and ``values`` ``(..., n, D_v)`` its values, shared by the R
+    rows. Returns the state that describes both: the max may grow, so what was accumulated is
+    rescaled by ``exp(m_old - m_new)`` (:func:`rescale_factor`, which keeps a row that has seen only
+    ``-inf`` at max ``-inf``, sum 0 and accumulator 0, never NaN).
+    """
+    for name, x in (
+        ("row_max", row_max),
+        ("row_sum", row_sum),
+        ("accumulator", accumulator),
+        ("scores", scores),
+        ("values", values),
+    ):
+        check_tensor(x, name, floating=True)
+    if scores.shape[-1] == 0:  # an empty block changes nothing (and has no max)
+        return row_max, row_sum, accumulator
+    new_max = torch.maximum(row_max, scores.amax(dim=-1))
+    probabilities = rescale_factor(scores, new_max.unsqueeze(-1))  # exp(s - m_new)
+    # Everything accumulated so far was relative to the old max: rescale it.
+    correction = rescale_factor(row_max, new_max)
+    row_sum = row_sum * correction + probabilities.sum(dim=-1)
+    accumulator = accumulator * correction.unsqueeze(-1) + probabilities @ values
+    return new_max, row_sum, accumulator
+
+
+def finish_fold(
+    row_max: torch.Tensor, row_sum: torch.Tensor, accumulator: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise once at the end: ``(accumulator / row_sum, row_max + log(row_sum))``.
+
+    Returns the output ``(..., D_v)`` and the logsumexp ``(...)`` of each row's scores; a row that
+    saw no key gets zeros and logsumexp ``-inf``.
+    """
+    return _safe_divide(accumulator, row_sum), row_max + torch.log(row_sum)
+
+
+# --- combining partial results ---------------------------------------------------------------
 
 
 def _combine(outputs: torch.Tensor, lses: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +221,8 @@ def combine_partials(
         check_tensor(lse, f"lses[{index}]", ndim=3, floating=True)
         check_shape(output, f"outputs[{index}]", outputs[0].shape, names="B, H, T, D_v")
         check_shape(lse, f"lses[{index}]", output.shape[:3], names="B, H, T")
-    compute_dtype = torch.promote_types(outputs[0].dtype, torch.float32)
-    stacked_outputs = torch.stack([o.to(compute_dtype) for o in outputs], dim=2)
-    stacked_lses = torch.stack([lse.to(compute_dtype) for lse in lses], dim=2)
+    dtype = compute_dtype(outputs[0])
+    stacked_outputs = torch.stack([o.to(dtype) for o in outputs], dim=2)
+    stacked_lses = torch.stack([lse.to(dtype) for lse in lses], dim=2)
     out, total = _combine(stacked_outputs, stacked_lses, dim=2)
     return out.to(outputs[0].dtype), total

@@ -19,7 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_attention_inputs, check_bool, check_choice, check_float, check_int, check_tensor
+from ..checks import (
+    check_attention_inputs,
+    check_bool,
+    check_choice,
+    check_int,
+    check_tensor,
+    compute_dtype,
+    resolve_scale,
+)
 from .online_softmax import _finite_or_zero
 
 __all__ = ["quantize_blocks", "random_hadamard", "random_orthogonal", "quantized_attention"]
@@ -45,7 +53,7 @@ def quantize_blocks(
     if number_format == "fp8" and bits != 8:
         raise ValueError(f"bits={bits} must be 8 with number_format='fp8'")
     B, H, N, D = x.shape
-    values = x.to(torch.promote_types(x.dtype, torch.float32))
+    values = x.to(compute_dtype(x))
     block_count = -(-N // block_size)
     padded = torch.nn.functional.pad(values, (0, 0, 0, block_count * block_size - N))
     block_max = padded.view(B, H, block_count, block_size * D).abs().amax(dim=-1)
@@ -129,15 +137,15 @@ def quantized_attention(
     B, H, T, S, D, Dv = check_attention_inputs(q, k, v)
     check_bool(smooth_k, "smooth_k")
     check_bool(causal, "causal")
-    scale = D**-0.5 if scale is None else check_float(scale, "scale")
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    queries, keys = q.to(compute_dtype), k.to(compute_dtype)
+    scale = resolve_scale(scale, D)
+    dtype = compute_dtype(q)
+    queries, keys = q.to(dtype), k.to(dtype)
     if rotation is not None:
         check_tensor(rotation, "rotation", ndim=2, floating=True)
         if rotation.shape != (D, D):
             raise ValueError(f"rotation must have shape ({D}, {D}) = (D, D), got {tuple(rotation.shape)}")
-        rotation = rotation.to(device=q.device, dtype=compute_dtype)
-        identity = torch.eye(D, dtype=compute_dtype, device=q.device)
+        rotation = rotation.to(device=q.device, dtype=dtype)
+        identity = torch.eye(D, dtype=dtype, device=q.device)
         if not torch.allclose(rotation @ rotation.T, identity, atol=1e-4):
             raise ValueError("rotation must be orthogonal (rotation @ rotation.T == I)")
 
@@ -157,4 +165,4 @@ def quantized_attention(
     probabilities = torch.exp(scores - _finite_or_zero(scores.amax(dim=-1, keepdim=True)))
     row_sum = probabilities.sum(dim=-1, keepdim=True)
     probabilities = probabilities / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    return (probabilities @ v.to(compute_dtype)).to(q.dtype)
+    return (probabilities @ v.to(dtype)).to(q.dtype)
