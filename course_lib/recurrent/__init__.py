@@ -24,6 +24,11 @@ from .rwkv import rwkv6
 from .ssd import segsum, ssd
 from .ttt import ttt_linear, ttt_mlp
 
+# isort: split
+# Issue 15: Mamba-1's selective scan, HGRN / HGRN-2, RWKV-7.
+from .mamba1 import Mamba1Mixer, selective_scan
+from .scan import associative_scan
+
 __all__ = [
     "retnet_gammas",
     "retention_decay_matrix",
@@ -46,4 +51,7 @@ __all__ = [
     "GatedDeltaNetMixer",
     "TTTLinearMixer",
     "RWKV6Mixer",
+    "associative_scan",
+    "selective_scan",
+    "Mamba1Mixer",
 ]
