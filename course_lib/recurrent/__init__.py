@@ -26,8 +26,9 @@ from .ttt import ttt_linear, ttt_mlp
 
 # isort: split
 # Issue 15: Mamba-1's selective scan, HGRN / HGRN-2, RWKV-7.
+from .hgrn import HGRN2Mixer, HGRNMixer, hgrn, hgrn2, hgrn_forget_gate, hgrn_lower_bounds
 from .mamba1 import Mamba1Mixer, selective_scan
-from .scan import associative_scan
+from .scan import associative_scan, chunked_scan
 
 __all__ = [
     "retnet_gammas",
@@ -52,6 +53,13 @@ __all__ = [
     "TTTLinearMixer",
     "RWKV6Mixer",
     "associative_scan",
+    "chunked_scan",
     "selective_scan",
     "Mamba1Mixer",
+    "hgrn",
+    "hgrn2",
+    "hgrn_forget_gate",
+    "hgrn_lower_bounds",
+    "HGRNMixer",
+    "HGRN2Mixer",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["associative_scan"]
+__all__ = ["associative_scan", "chunked_scan"]
 
 
 def _combine(earlier: tuple[torch.Tensor, torch.Tensor], later: tuple[torch.Tensor, torch.Tensor]):
@@ -68,3 +68,24 @@ def associative_scan(
         first = torch.exp(g[..., :1, :]) * initial[..., None, :] + x[..., :1, :]
         x = torch.cat([first, x[..., 1:, :]], dim=-2)
     return _scan(g, x)
+
+
+def chunked_scan(
+    g: torch.Tensor, x: torch.Tensor, chunk_size: int, initial: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same states chunk by chunk: a parallel scan inside each chunk, the state carried across.
+
+    g, x: (..., T, N); initial: (..., N) or None. Returns ``(h, h_T)`` with h (..., T, N). This is
+    the loop of a fused scan kernel: ``chunk_size = 1`` is the sequential recurrence, a chunk as
+    long as the sequence is :func:`associative_scan`.
+    """
+    if initial is None:
+        initial = x.new_zeros(*x.shape[:-2], x.shape[-1])
+    states = [x[..., :0, :]]  # an empty sequence gives no states and keeps the initial one
+    for start in range(0, x.shape[-2], chunk_size):
+        _, h = associative_scan(
+            g[..., start : start + chunk_size, :], x[..., start : start + chunk_size, :], initial
+        )
+        states.append(h)
+        initial = h[..., -1, :]
+    return torch.cat(states, dim=-2), initial
