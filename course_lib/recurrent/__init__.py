@@ -28,6 +28,7 @@ from .ttt import ttt_linear, ttt_mlp
 # Issue 15: Mamba-1's selective scan, HGRN / HGRN-2, RWKV-7.
 from .hgrn import HGRN2Mixer, HGRNMixer, hgrn, hgrn2, hgrn_forget_gate, hgrn_lower_bounds
 from .mamba1 import Mamba1Mixer, selective_scan
+from .rwkv7 import RWKV7Mixer, rwkv7, rwkv7_delta_rule_inputs
 from .scan import associative_scan, chunked_scan
 
 __all__ = [
@@ -62,4 +63,7 @@ __all__ = [
     "hgrn_lower_bounds",
     "HGRNMixer",
     "HGRN2Mixer",
+    "rwkv7",
+    "rwkv7_delta_rule_inputs",
+    "RWKV7Mixer",
 ]
