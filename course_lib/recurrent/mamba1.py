@@ -12,21 +12,24 @@ k = B, v = delta u, and a log decay delta A per key dimension. So S6 is gated li
 (:func:`~course_lib.recurrent.gla`) with D_v = 1, one head per channel, and no scale.
 (Mamba: Linear-Time Sequence Modeling with Selective State Spaces, Gu and Dao, 2023.)
 
-Why the hardware-aware kernel never writes the state to HBM. The expanded state is D x N per
-sequence; materialising it for every step, as the ``"scan"`` form below does, is B L D N numbers,
-while everything the layer reads and writes (u, delta, z, y: B L D each; B, C: B L N each) is
-O(B L (D + N)). With N = 16 the states are ~16x the inputs and outputs, and each costs only a
-handful of flops, so a scan through HBM is bound by memory traffic. Mamba's fused kernel loads u,
-delta, B, C into SRAM, discretises there, scans chunk by chunk with the (D, N) state held in
-registers, contracts it with C and writes only y: IO O(B L (D + N)) instead of O(B L D N). The
-backward recomputes the states rather than storing them, as FlashAttention recomputes P.
+Why the hardware-aware kernel never writes the state to HBM. A scan through HBM writes the
+expanded state h of every step, B L D N numbers, and reads it back to contract it with C; u,
+delta, z and y are B L D numbers each, B and C are B L N. So the states are N times (N = 16:
+sixteen times) any input or output of the layer, and each is touched for a handful of flops: such
+a scan is bound by memory traffic. Mamba's fused kernel loads u, delta, B, C into SRAM, discretises
+there (exp(delta A), delta u B), scans chunk by chunk with the (D, N) state held on chip, contracts
+it with C and writes only y: IO O(B L (D + N)) instead of O(B L D N). The backward recomputes the
+states instead of storing them, as FlashAttention recomputes the attention matrix. Below, the
+``"scan"`` form materialises every state (what the kernel avoids), the ``"chunk"`` form one
+chunk's at a time.
 
 Why Mamba-2 restricts A to a scalar per head. Here the decay exp(delta_t A_d) differs for every
 (channel, state) pair, so the recurrence is element-wise: it can only be scanned, with
-multiply-adds that leave tensor cores idle. With one scalar a per head (and one delta per head),
-the decay from step s to step t is one number for the whole N x P state, L[t, s] = exp(a (delta_{s+1}
-+ ... + delta_t)), and y = (L * C B^T)(delta x): a masked matrix product, computable chunk by chunk
-with matrix multiplications (state space duality, :func:`~course_lib.recurrent.ssd`).
+multiply-adds that leave tensor cores idle (a decay matrix from step s to step t would be a
+(T, T, N) tensor per channel). With one scalar a per head (and one delta per head), the decay is
+one number for the whole N x P state of a head, L[t, s] = exp(a (delta_{s+1} + ... + delta_t)),
+and y = (L * C B^T)(delta x): a masked matrix product, computable chunk by chunk with matrix
+multiplications on tensor cores (state space duality, :func:`~course_lib.recurrent.ssd`).
 
 Three forms give the same numbers: ``"recurrent"`` (one step per token), ``"scan"`` (the parallel
 associative scan of :mod:`.scan`, log depth, all states materialised) and ``"chunk"`` (the
@@ -60,27 +63,24 @@ __all__ = ["selective_scan", "Mamba1Mixer"]
 FORMS = ("recurrent", "scan", "chunk")
 
 
-def _per_channel(M: torch.Tensor, D: int) -> torch.Tensor:
-    """B_t or C_t of one step, one per group of ``D / G`` channels: (batch, G, N) -> (batch, D, N)."""
-    batch, G, N = M.shape
-    return M[:, :, None].expand(batch, G, D // G, N).reshape(batch, D, N)
+def _grouped(x: torch.Tensor, G: int) -> torch.Tensor:
+    """(batch, D, ...) -> (batch, G, D / G, ...): the channels that share one B and C side by side."""
+    return x.view(x.shape[0], G, x.shape[1] // G, *x.shape[2:])
 
 
 def _s6_recurrent(du, delta, B, C, A, state):
-    """Naive reference: h (batch, D, N) decayed by exp(delta_t A), written delta_t u_t B_t, read by C_t."""
-    D = A.shape[0]
+    """Naive reference: h (batch, D, N) decayed by exp(delta_t A), written delta_t u_t B_t, read by C_t.
+
+    B and C are (batch, G, N, L); ``B[:, :, None, :, t]`` is B_t for every channel of a group.
+    """
+    G = B.shape[1]
     return run_recurrence(
         du.shape[2],
         state,
         decay=lambda t, h: torch.exp(delta[:, :, t, None] * A) * h,
-        write=lambda t, h: du[:, :, t] * _per_channel(B[..., t], D),
-        read=lambda t, h: (h * _per_channel(C[..., t], D)).sum(-1, keepdim=True),
+        write=lambda t, h: (_grouped(du[:, :, t], G) * B[:, :, None, :, t]).flatten(1, 2),
+        read=lambda t, h: (_grouped(h, G) * C[:, :, None, :, t]).sum(-1, keepdim=True).flatten(1, 2),
     )
-
-
-def _grouped(x: torch.Tensor, G: int) -> torch.Tensor:
-    """(batch, D, ...) -> (batch, G, D / G, ...): the channels that share one B and C side by side."""
-    return x.view(x.shape[0], G, x.shape[1] // G, *x.shape[2:])
 
 
 def _discretise(du, delta, B, A, steps):
@@ -279,7 +279,7 @@ class Mamba1Mixer(_Mixer):
         inner, z = self.in_proj(x).chunk(2, dim=-1)  # (batch, T, d_inner) each
         inner = self.conv(inner) if self.conv is not None else F.silu(inner)
         dt, B, C = self.x_proj(inner).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
-        delta = dt @ self.dt_proj.weight.T  # the bias is added inside the scan, before softplus
+        delta = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, before softplus
         y = selective_scan(
             inner.transpose(1, 2),
             delta.transpose(1, 2),

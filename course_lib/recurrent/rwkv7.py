@@ -65,34 +65,36 @@ def _rwkv7_recurrent(r, k, v, w, a, b, scale, state):
     )
 
 
-def _decayed_products(x, y, c_x, c_y, strict):
-    """``sum_d x_td y_sd exp(c_x[t, d] - c_y[s, d])`` for s <= t (s < t when ``strict``), else 0.
+def _relative_decay(c_to: torch.Tensor, c_from: torch.Tensor, strict: bool) -> torch.Tensor:
+    """``exp(c_to[t, d] - c_from[s, d])`` for s <= t (s < t when ``strict``), else 0: (..., C, C, D_k).
 
-    x, y, c_x, c_y: (..., C, D_k) -> (..., C, C). The exponent is masked before the exponential, so
-    the (positive) entries above the diagonal never overflow.
+    The exponent is masked before the exponential, so the (positive) entries above the diagonal
+    never overflow; the kept ones are sums of log decays over an interval, <= 0.
     """
-    C = x.shape[-2]
-    keep = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
-    exponent = (c_x[..., :, None, :] - c_y[..., None, :, :]).masked_fill(~keep[:, :, None], float("-inf"))
-    return torch.einsum("...td,...sd,...tsd->...ts", x, y, exponent.exp())
+    C = c_to.shape[-2]
+    keep = torch.ones(C, C, dtype=torch.bool, device=c_to.device).tril(-1 if strict else 0)
+    exponent = c_to[..., :, None, :] - c_from[..., None, :, :]
+    return exponent.masked_fill(~keep[:, :, None], float("-inf")).exp()
+
+
+def _decayed_products(x: torch.Tensor, y: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """``sum_d x_td y_sd decay[t, s, d]``: (..., C, D_k) twice and (..., C, C, D_k) -> (..., C, C)."""
+    return torch.einsum("...td,...sd,...tsd->...ts", x, y, decay)
 
 
 def _rwkv7_one_chunk(q, k, v, w, a, b, S):
     """One chunk of the WY form: q (already scaled), k, w, a, b (B, H, C, D_k); v (B, H, C, D_v)."""
     c = w.cumsum(dim=2)  # log decay from the chunk start to step t, inclusive
     c_before = F.pad(c, (0, 0, 1, 0))[:, :, :-1]  # ... to step t - 1: what S_{t-1} has seen
-    A_ab = _decayed_products(a, b, c_before, c, strict=True)
-    A_ak = _decayed_products(a, k, c_before, c, strict=True)
+    read_before = _relative_decay(c_before, c, strict=True)  # how u_t = a_t^T S_{t-1} sees step s < t
+    read_now = _relative_decay(c, c, strict=False)  # how o_t = S_t^T q_t sees step s <= t
+    A_ab, A_ak = _decayed_products(a, b, read_before), _decayed_products(a, k, read_before)
     identity = torch.eye(q.shape[2], dtype=q.dtype, device=q.device)
     # U = (I - A_ab)^{-1} (A_ak V + (a * exp(c_before)) S_0): every u_t = a_t^T S_{t-1} at once.
     U = torch.linalg.solve_triangular(
         identity - A_ab, A_ak @ v + (a * c_before.exp()) @ S, upper=False, unitriangular=True
     )
-    o = (
-        (q * c.exp()) @ S
-        + _decayed_products(q, b, c, c, False) @ U
-        + _decayed_products(q, k, c, c, False) @ v
-    )
+    o = (q * c.exp()) @ S + _decayed_products(q, b, read_now) @ U + _decayed_products(q, k, read_now) @ v
     to_end = (c[:, :, -1:] - c).exp()  # decay from each step to the chunk's end
     S = (
         c[:, :, -1, :, None].exp() * S
