@@ -29,6 +29,13 @@ from .rwkv import rwkv6
 from .ssd import segsum, ssd
 from .ttt import ttt_linear, ttt_mlp
 
+# isort: split
+# Issue 15: Mamba-1's selective scan, HGRN / HGRN-2, RWKV-7.
+from .hgrn import HGRN2Mixer, HGRNMixer, hgrn, hgrn2, hgrn_forget_gate, hgrn_lower_bounds
+from .mamba1 import Mamba1Mixer, selective_scan
+from .rwkv7 import RWKV7Mixer, rwkv7, rwkv7_delta_rule_inputs
+from .scan import associative_scan, chunked_scan
+
 __all__ = [
     "run_recurrence",
     "read_state",
@@ -55,4 +62,17 @@ __all__ = [
     "GatedDeltaNetMixer",
     "TTTLinearMixer",
     "RWKV6Mixer",
+    "associative_scan",
+    "chunked_scan",
+    "selective_scan",
+    "Mamba1Mixer",
+    "hgrn",
+    "hgrn2",
+    "hgrn_forget_gate",
+    "hgrn_lower_bounds",
+    "HGRNMixer",
+    "HGRN2Mixer",
+    "rwkv7",
+    "rwkv7_delta_rule_inputs",
+    "RWKV7Mixer",
 ]
