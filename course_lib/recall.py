@@ -11,11 +11,10 @@ The loss and the accuracy count only the answer positions (the other targets are
 Softmax attention solves it with an induction-style lookup whatever the distance; a fixed-size
 state must hold all pairs at once, so recall falls as pairs grow beyond what the state holds.
 
-Models are :class:`course_lib.models.TinyTransformer` s at matched width: this module registers
-one mixer per method in :data:`course_lib.models.ATTENTION_LAYERS` (``"softmax_attention"``,
-``"sliding_window"``, ``"linear_attention"``, ``"retnet"``, ``"gla"``, ``"mamba2"``, ``"deltanet"``,
-``"gated_deltanet"``; the recurrent ones are the layers of :mod:`course_lib.recurrent.layers`).
-As in Zoology, every mixer reads its inputs through a short causal convolution (width
+Models are :class:`course_lib.models.TinyTransformer` s at matched width, one per token mixer of
+the catalogue of mechanisms (:data:`RECALL_MIXERS`: softmax, sliding-window and linear attention,
+and every recurrence of chapter 07, each built by its catalogue name). As in Zoology, every mixer
+reads its inputs through a short causal convolution (width
 :data:`CONV_SIZE`), so a value token can carry its key: without it the attention baseline needs
 far more steps to form an induction head than a notebook can afford. The models carry no
 position embedding and each mixer keeps its own initialisation (:func:`recall_model` says why).
@@ -25,19 +24,16 @@ the KV cache for softmax and sliding-window attention, the recurrent state for t
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
+from . import catalogue
 from .checks import check_choice, check_float, check_int, check_tensor
-from .linear import linear_attention
-from .models import ATTENTION_LAYERS, ModelConfig, TinyTransformer, register_attention
-from .recurrent.layers import MIXERS as RECURRENT_MIXERS
-from .recurrent.layers import ShortConvolution
-from .sparse import sliding_window_attention
+from .models import ModelConfig, TinyTransformer, build_mixer
 
 __all__ = [
     "IGNORE",
@@ -46,6 +42,8 @@ __all__ = [
     "recall_loss",
     "answer_accuracy",
     "RECALL_MIXERS",
+    "RECALL_OPTIONS",
+    "recall_options",
     "WINDOW",
     "CONV_SIZE",
     "recall_model",
@@ -150,93 +148,34 @@ def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 # --- mixers at matched width --------------------------------------------------------------------
 
-
-class _SequenceMixer(nn.Module):
-    """Adapter to the model's mixer interface: ``forward(x, *, cache=None, layer_index=0)``.
-
-    These mixers train and evaluate on whole sequences; decoding with a cache is chapter 04's
-    (softmax) and chapter 07's (recurrent) subject, so ``cache`` must be None here.
-    """
-
-    def _no_cache(self, cache) -> None:
-        if cache is not None:
-            raise ValueError("cache must be None: the recall mixers run on whole sequences")
-
-    def make_cache(self, *args, **kwargs):
-        raise NotImplementedError("the recall mixers have no decoding cache; use attention='mha'")
+# Every token mixer of the catalogue, but the compact forms of attention (MQA, GQA and MLA change
+# only the size of the KV cache, so they recall exactly what attention recalls).
+RECALL_MIXERS = tuple(m.name for m in catalogue.mechanisms(has="mixer") if m.family != "compact")
+# What every recall model's mixer gets, where its layer takes the option: the short convolution,
+# the chunk length of the chunk forms, and the window of sliding-window attention. (RWKV has no
+# convolution: its token shift plays that part.)
+RECALL_OPTIONS = {"conv_size": CONV_SIZE, "chunk_size": 32, "window": WINDOW}
 
 
-class _QKVAttention(_SequenceMixer):
-    """q, k, v projections through a short convolution, a per-head core (softmax, sliding-window or
-    linear attention), output projection."""
-
-    def __init__(self, config: ModelConfig, core: str) -> None:
-        super().__init__()
-        self.num_heads, self.core = config.num_heads, core
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.conv = ShortConvolution(3 * config.d_model, CONV_SIZE)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor, *, cache=None, layer_index: int = 0) -> torch.Tensor:
-        self._no_cache(cache)
-        B, T, C = x.shape
-        qkv = self.conv(self.qkv(x))
-        q, k, v = (t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in qkv.chunk(3, -1))
-        if self.core == "softmax":
-            # SDPA computes the same softmax attention as course_lib.standard.attention (tested
-            # in chapter 01) with a fused backward, which makes the recall grid affordable on a CPU.
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif self.core == "window":
-            o = sliding_window_attention(q, k, v, WINDOW, causal=True)
-        else:
-            o = linear_attention(q, k, v, causal=True, form="chunk", chunk_size=32)
-        return self.out(o.transpose(1, 2).reshape(B, T, C))
-
-
-class _Recurrent(_SequenceMixer):
-    """A layer of :mod:`course_lib.recurrent.layers` behind the model's mixer interface."""
-
-    def __init__(self, config: ModelConfig, name: str) -> None:
-        super().__init__()
-        self.layer = RECURRENT_MIXERS[name](
-            config.d_model, config.num_heads, chunk_size=32, conv_size=CONV_SIZE
-        )
-
-    def forward(self, x: torch.Tensor, *, cache=None, layer_index: int = 0) -> torch.Tensor:
-        self._no_cache(cache)
-        return self.layer(x)
-
-
-# Display name -> ATTENTION_LAYERS name.
-RECALL_MIXERS = {
-    "attention": "softmax_attention",
-    "sliding_window": "sliding_window",
-    "linear_attention": "linear_attention",
-    "retnet": "retnet",
-    "gla": "gla",
-    "mamba2": "mamba2",
-    "deltanet": "deltanet",
-    "gated_deltanet": "gated_deltanet",
-}
-
-register_attention("softmax_attention", lambda config: _QKVAttention(config, "softmax"))
-register_attention("sliding_window", lambda config: _QKVAttention(config, "window"))
-register_attention("linear_attention", lambda config: _QKVAttention(config, "linear"))
-for _name in ("retnet", "gla", "mamba2", "deltanet", "gated_deltanet"):
-    register_attention(_name, lambda config, _name=_name: _Recurrent(config, _name))
+def recall_options(mixer: str) -> dict:
+    """The options of :data:`RECALL_OPTIONS` that the layer of ``mixer`` takes."""
+    check_choice(mixer, "mixer", RECALL_MIXERS)
+    parameters = inspect.signature(catalogue.get(mixer).mixer).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return {key: value for key, value in RECALL_OPTIONS.items() if takes_any or key in parameters}
 
 
 def recall_model(
     mixer: str, task: MQARTask, *, d_model: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0
 ) -> TinyTransformer:
-    """A :class:`TinyTransformer` with ``mixer`` in every block and no position embedding.
+    """A :class:`TinyTransformer` with ``mixer`` in every block and no positions.
 
     MQAR needs no absolute positions: order comes from the causal mask or the recurrence and the
     short convolution. Learned position embeddings only add noise to the key matching (softmax
     attention at T = 128 stayed near 0.1 accuracy after 600 steps with them and reached 0.99
-    without). ``positions="rope"`` leaves the embedding out, and the recall mixers rotate nothing.
+    without), so the model is built with ``positions="none"``.
     """
-    check_choice(mixer, "mixer", tuple(RECALL_MIXERS))
+    check_choice(mixer, "mixer", RECALL_MIXERS)
     if not isinstance(task, MQARTask):
         raise TypeError(f"task must be an MQARTask, got {type(task).__name__}")
     config = ModelConfig(
@@ -244,9 +183,10 @@ def recall_model(
         d_model=d_model,
         num_layers=num_layers,
         num_heads=num_heads,
-        attention=RECALL_MIXERS[mixer],
-        positions="rope",  # no position embedding; the recall mixers apply no rotation either
+        attention=mixer,
+        positions="none",
         max_len=task.seq_len,
+        mixer_options=recall_options(mixer),
     )
     model = TinyTransformer(config, seed=seed)
     # TinyTransformer's initialisation (normal, std 0.02, zero biases) would also zero the gate
@@ -255,7 +195,7 @@ def recall_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for block in model.blocks:
-            block.attention = ATTENTION_LAYERS[config.attention](config)
+            block.attention = build_mixer(config)
     return model
 
 
@@ -270,28 +210,17 @@ def state_bytes(
 ) -> int:
     """Bytes one sequence keeps for decoding after ``seq_len`` tokens, over all layers.
 
-    Softmax attention: K and V of every token (``2 T d_model``). Sliding window: of the last
-    :data:`WINDOW` tokens. Linear attention: ``H D^2`` plus its normaliser ``H D``. RetNet, GLA,
-    DeltaNet, Gated DeltaNet: ``H D_k D_v``. Mamba-2: ``H P N`` with inner width ``2 d_model`` and
-    ``N = 16``. Short-convolution buffers (3 past inputs) are left out: they are small and equal.
+    Read off the catalogue at the geometry of the recall model's layer: the KV cache for softmax
+    attention (of the last :data:`WINDOW` tokens for the sliding window), the recurrent state
+    for the others (e.g. Mamba-2's ``H P N`` with inner width ``2 d_model`` and ``N = 16``).
+    Short-convolution buffers (3 past inputs) are left out: they are small and equal.
     """
-    check_choice(mixer, "mixer", tuple(RECALL_MIXERS))
+    check_choice(mixer, "mixer", RECALL_MIXERS)
     seq_len = check_int(seq_len, "seq_len", min=1)
-    D = d_model // check_int(num_heads, "num_heads", min=1)
-    H = num_heads
-    if mixer == "attention":
-        per_layer = 2 * seq_len * d_model
-    elif mixer == "sliding_window":
-        per_layer = 2 * min(WINDOW, seq_len) * d_model
-    elif mixer == "linear_attention":
-        per_layer = H * D * D + H * D
-    elif mixer == "mamba2":
-        per_layer = 2 * d_model * 16
-    else:
-        per_layer = H * D * D
-    return (
-        per_layer * check_int(num_layers, "num_layers", min=1) * torch.empty((), dtype=dtype).element_size()
-    )
+    mechanism = catalogue.get(mixer)
+    geometry = mechanism.layer_geometry(d_model, check_int(num_heads, "num_heads", min=1))
+    per_layer = mechanism.state_bytes(seq_len, geometry, dtype=dtype, **recall_options(mixer))
+    return per_layer * check_int(num_layers, "num_layers", min=1)
 
 
 # --- training and evaluation --------------------------------------------------------------------
@@ -413,7 +342,7 @@ def _train_loop(
 
 
 def recall_grid(
-    mixers=tuple(RECALL_MIXERS),
+    mixers=RECALL_MIXERS,
     tasks=(MQARTask(64, 4, 32), MQARTask(64, 8, 64)),
     *,
     steps: int = 300,
@@ -422,7 +351,7 @@ def recall_grid(
 ) -> list[dict]:
     """:func:`train_recall` for every mixer and task; the results without the models (JSON-ready)."""
     for mixer in mixers:
-        check_choice(mixer, "mixers", tuple(RECALL_MIXERS))
+        check_choice(mixer, "mixers", RECALL_MIXERS)
     jobs = [(m, t) for t in tasks for m in mixers]
     rows = []
     for mixer, task in tqdm(jobs, desc="recall grid", disable=not progress):

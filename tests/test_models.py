@@ -113,26 +113,49 @@ def test_model_counts_and_caches():
     assert latent.numbers_per_token == 16 + 8
 
 
-def test_register_attention_adds_a_mixer():
-    class Identity(nn.Module):
-        def __init__(self, config):
-            super().__init__()
+def test_every_mixer_of_the_catalogue_builds_a_model():
+    from course_lib import catalogue
 
-        def forward(self, x, *, cache=None, layer_index=0):
-            return torch.zeros_like(x)
+    assert set(m.mixer_names()) == set(catalogue.names(has="mixer")) >= {"attention", "gla", "mamba2", "mla"}
+    for name in m.mixer_names():
+        model = tiny(attention=name, d_model=16, num_heads=2)
+        assert type(model.blocks[0].attention) is type(catalogue.get(name).build_mixer(16, 2))
+        assert model(random_tokens(2, 5)).shape == (2, 5, 11)
 
-    m.register_attention("none", Identity)
-    try:
-        model = tiny(attention="none")
-        assert model(random_tokens(1, 4)).shape == (1, 4, 11)
-    finally:
-        del m.ATTENTION_LAYERS["none"]
+
+def test_mha_is_chapter_04s_name_for_attention():
+    assert m.ModelConfig(vocab_size=10, attention="mha").attention == "attention"
+    # the former registry, kept for one release, reads the catalogue
+    assert "gla" in m.ATTENTION_LAYERS and len(m.ATTENTION_LAYERS) == len(m.mixer_names())
+    layer = m.ATTENTION_LAYERS["mha"](m.ModelConfig(vocab_size=10, d_model=16, num_heads=2))
+    assert layer.num_kv_heads == 2
+
+
+def test_a_model_is_built_by_name_in_a_fresh_interpreter():
+    # Looking a mixer up never depends on what was imported before (it once needed course_lib.recall).
+    import subprocess
+    import sys
+
+    code = "from course_lib.models import ModelConfig; print(ModelConfig(vocab_size=5, attention='gla').attention)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "gla"
+
+
+def test_recurrent_models_keep_no_kv_cache():
+    model = tiny(attention="deltanet", d_model=16, num_heads=2)
+    with pytest.raises(ValueError, match="no KV cache"):
+        model.make_cache(1)
+    x = model.blocks[0].attention_norm(torch.randn(1, 4, 16))
+    torch.testing.assert_close(model.blocks[0](x), model.blocks[0](x))  # no cache: whole sequences
 
 
 @pytest.mark.parametrize(
     "call,error,name",
     [
-        (lambda: m.ModelConfig(vocab_size=10, attention="rnn"), ValueError, "attention"),
+        (lambda: m.ModelConfig(vocab_size=10, attention="rnn"), ValueError, "attention='rnn'.*gla"),
+        (lambda: m.ModelConfig(vocab_size=10, attention="sdpa"), ValueError, "attention"),
+        (lambda: m.ModelConfig(vocab_size=10, attention=3), TypeError, "attention"),
+        (lambda: m.ModelConfig(vocab_size=10, mixer_options=[1]), TypeError, "mixer_options"),
         (lambda: m.ModelConfig(vocab_size=10, d_model=30, num_heads=4), ValueError, "num_heads"),
         (lambda: m.ModelConfig(vocab_size=0), ValueError, "vocab_size"),
         (lambda: m.ModelConfig(vocab_size=10, positions="alibi"), ValueError, "positions"),
@@ -153,7 +176,6 @@ def test_register_attention_adds_a_mixer():
             ValueError,
             "data",
         ),
-        (lambda: m.register_attention("x", 3), TypeError, "constructor"),
         (lambda: m.step_function(nn.Linear(2, 2)), TypeError, "model"),
         (lambda: m.load_corpus(0), ValueError, "max_chars"),
         (lambda: m.attention_inputs(nn.Linear(2, 2), random_tokens(1, 4)), TypeError, "model"),

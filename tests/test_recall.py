@@ -81,13 +81,14 @@ def test_recall_models_keep_the_mixers_own_initialisation_and_no_positions():
     # TinyTransformer draws its linear layers with std 0.02; the mixers keep PyTorch's default
     # uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 * 64) = 0.072 for d_model = 64.
     assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.1)
-    assert model.blocks[0].attention.qkv.weight.std().item() == pytest.approx(64**-0.5 / 3**0.5, rel=0.1)
+    assert model.blocks[0].attention.q_proj.weight.std().item() == pytest.approx(64**-0.5 / 3**0.5, rel=0.1)
+    assert not model.blocks[0].attention.rope and model.blocks[0].attention.conv_size == recall.CONV_SIZE
     gla_model = recall.recall_model("gla", task, seed=3)
-    assert gla_model.blocks[0].attention.layer.gate_up.bias.abs().sum() > 0  # not zeroed
+    assert gla_model.blocks[0].attention.gate_up.bias.abs().sum() > 0  # not zeroed
     same = recall.recall_model("attention", task, seed=3)
     other = recall.recall_model("attention", task, seed=4)
-    assert torch.equal(same.blocks[1].attention.qkv.weight, model.blocks[1].attention.qkv.weight)
-    assert not torch.equal(other.blocks[1].attention.qkv.weight, model.blocks[1].attention.qkv.weight)
+    assert torch.equal(same.blocks[1].attention.q_proj.weight, model.blocks[1].attention.q_proj.weight)
+    assert not torch.equal(other.blocks[1].attention.q_proj.weight, model.blocks[1].attention.q_proj.weight)
 
 
 def test_state_bytes_follow_the_formulas():
@@ -129,4 +130,4 @@ def test_bad_input():
         answer_accuracy(torch.zeros(1, 4, 3), torch.full((1, 4), IGNORE))
     model = recall.recall_model("gla", MQARTask(16, 2, 8), d_model=16, num_heads=2)
     with pytest.raises(ValueError, match="cache"):
-        model.blocks[0].attention(torch.zeros(1, 8, 16), cache=object())
+        model.make_cache(1)

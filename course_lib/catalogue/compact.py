@@ -76,25 +76,21 @@ register(
         reference="DeepSeek-V2, DeepSeek-AI, 2024",
         function=MultiHeadLatentAttention,
         decode="cache",
-        # The latent (latent_dim) and the shared RoPE key (rope_dim) per token; the chapter-04 layer's
-        # defaults are a latent of 4 head dims and a RoPE key of half a head dim.
-        state_numbers=lambda T, g, **_: T * (4 * g.head_dim + g.head_dim // 2),
-        mixer=lambda d_model, num_heads, *, latent_dim=16, rope_dim=8, mla_mode="absorbed": _MLAMixer(
-            d_model, num_heads, latent_dim=latent_dim, rope_dim=rope_dim, mode=mla_mode
+        # Per token: the latent (d_c) and the shared RoPE key (d_R); DeepSeek-V2's proportions,
+        # d_c = 4 d_h and d_R = d_h / 2, unless the options say otherwise.
+        state_numbers=lambda T, g, latent_dim=None, rope_dim=None, **_: (
+            T * ((latent_dim or 4 * g.head_dim) + (rope_dim or g.head_dim // 2))
+        ),
+        mixer=lambda d_model, num_heads, *, latent_dim=16, rope_dim=8, mla_mode="absorbed": (
+            MultiHeadLatentAttention(
+                d_model,
+                num_heads,
+                head_dim=d_model // num_heads,
+                latent_dim=latent_dim,
+                rope_dim=rope_dim,
+                mode=mla_mode,
+            )
         ),
         config_fields=("latent_dim", "rope_dim", "mla_mode"),
     )
 )
-
-
-class _MLAMixer(MultiHeadLatentAttention):
-    """Chapter 04's latent attention with the inference path (``mode``) fixed at construction."""
-
-    def __init__(self, d_model, num_heads, *, latent_dim, rope_dim, mode):
-        super().__init__(
-            d_model, num_heads, head_dim=d_model // num_heads, latent_dim=latent_dim, rope_dim=rope_dim
-        )
-        self.mode = mode
-
-    def forward(self, x, *, cache=None, layer_index=0):
-        return super().forward(x, cache=cache, layer_index=layer_index, mode=self.mode)

@@ -198,14 +198,20 @@ class Mechanism:
         }
 
     def state_bytes(
-        self, T: int, geometry: Geometry | None = None, *, dtype: torch.dtype = torch.float32
+        self, T: int, geometry: Geometry | None = None, *, dtype: torch.dtype = torch.float32, **options: Any
     ) -> int:
-        """Bytes one sequence keeps per layer for decoding after ``T`` tokens."""
+        """Bytes one sequence keeps per layer for decoding after ``T`` tokens (``options`` as ``run``'s)."""
         if self.state_numbers is None:
             raise ValueError(f"{self.name} declares no decoding state")
         geometry = Geometry() if geometry is None else geometry
-        numbers = self.state_numbers(check_int(T, "T", min=0), geometry)
+        numbers = self.state_numbers(check_int(T, "T", min=0), geometry, **{**self.options, **options})
         return int(numbers) * torch.empty((), dtype=dtype).element_size()
+
+    def layer_geometry(self, d_model: int, num_heads: int) -> Geometry:
+        """The geometry of this mechanism's mixer at its default options (see :attr:`mixer_geometry`)."""
+        if self.mixer_geometry is not None:
+            return self.mixer_geometry(d_model, num_heads)
+        return Geometry(heads=num_heads, head_dim=d_model // num_heads, kv_heads=num_heads)
 
     def build_mixer(self, d_model: int, num_heads: int, **options: Any) -> nn.Module:
         """A fresh token-mixer layer of this mechanism."""

@@ -110,6 +110,8 @@ class MultiHeadLatentAttention(nn.Module):
         query_latent_dim: d_c', the query latent; None = no query compression.
         value_dim: per-head value width; defaults to ``head_dim``.
         rope_base: RoPE base frequency.
+        mode: the inference path ``forward`` takes unless told otherwise, "naive" (rebuild K and V
+            from the latent) or "absorbed" (fold W_UK and W_UV into the query and output sides).
     """
 
     def __init__(
@@ -123,8 +125,10 @@ class MultiHeadLatentAttention(nn.Module):
         query_latent_dim: int | None = None,
         value_dim: int | None = None,
         rope_base: float = 10000.0,
+        mode: str = "naive",
     ) -> None:
         super().__init__()
+        self.mode = check_choice(mode, "mode", ("naive", "absorbed"))
         self.d_model = check_int(d_model, "d_model", min=1)
         self.num_heads = check_int(num_heads, "num_heads", min=1)
         self.head_dim = check_int(head_dim, "head_dim", min=1)
@@ -182,9 +186,10 @@ class MultiHeadLatentAttention(nn.Module):
         *,
         cache: LatentKVCache | None = None,
         layer_index: int = 0,
-        mode: str = "naive",
+        mode: str | None = None,
     ) -> torch.Tensor:
         check_tensor(x, "x", ndim=3, floating=True)
+        mode = self.mode if mode is None else mode
         B, T, width = x.shape
         if width != self.d_model:
             raise ValueError(f"x must have last dim d_model={self.d_model}, got shape {tuple(x.shape)}")

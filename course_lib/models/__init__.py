@@ -2,13 +2,13 @@
 
 Small on purpose (nanoGPT-like): token embedding (+ learned positions, or RoPE inside attention),
 ``num_layers`` pre-norm blocks ``x + attention(norm(x))`` then ``x + mlp(norm(x))``, a final norm
-and a head tied to the embedding. The attention of every block is built by name from
-``ATTENTION_LAYERS`` ("mha", "mqa", "gqa", "mla" from chapter 04); later chapters register more
-mixers with :func:`register_attention`.
+and a head tied to the embedding. The token mixer of every block is built by its name in the
+catalogue of mechanisms (:mod:`course_lib.catalogue`): softmax attention, MQA, GQA, MLA, sliding
+window, linear attention and every recurrence of chapter 07.
 
 Read the modules by job:
-- :mod:`.config`: :class:`ModelConfig` and the registry of attention layers by name;
-- :mod:`.layers`: chapter 04's GQA and MLA layers with a cache factory and optional RoPE;
+- :mod:`.config`: :class:`ModelConfig` and :func:`build_mixer` (a block's mixer from the catalogue);
+- :mod:`.layers`: deprecated names of the former cached layers (``CachedGQA``, ``CachedMLA``);
 - :mod:`.transformer`: :class:`Block` and :class:`TinyTransformer`;
 - :mod:`.hooks`: :func:`step_function` for :mod:`course_lib.decoding`, and the attention hooks
   :func:`forward_with_attention` and :func:`attention_inputs`;
@@ -19,7 +19,7 @@ Read the modules by job:
   (``python -m course_lib.models --make-eviction-model``).
 """
 
-from .config import ATTENTION_LAYERS, ModelConfig, register_attention
+from .config import ALIASES, ATTENTION_LAYERS, POSITIONS, ModelConfig, build_mixer, mixer_names
 from .corpus import (
     CORPUS_MODULES,
     HELD_OUT_FRACTION,
@@ -37,15 +37,19 @@ from .eviction_model import (
     load_eviction_model,
     make_eviction_model,
 )
-from .hooks import attention_inputs, forward_with_attention, step_function
+from .hooks import attention_inputs, attention_layers, forward_with_attention, step_function
 from .layers import CachedGQA, CachedMLA
 from .training import evaluate_loss, train
 from .transformer import Block, TinyTransformer
 
 __all__ = [
     "ModelConfig",
+    "ALIASES",
+    "POSITIONS",
+    "mixer_names",
+    "build_mixer",
     "ATTENTION_LAYERS",
-    "register_attention",
+    "attention_layers",
     "TinyTransformer",
     "step_function",
     "attention_inputs",

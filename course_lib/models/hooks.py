@@ -14,7 +14,7 @@ import torch
 
 from ..checks import check_bool
 from ..kv_cache import KVCache, gqa_attention
-from .layers import CachedGQA
+from ..mixers import AttentionMixer
 from .transformer import TinyTransformer
 
 __all__ = ["step_function", "forward_with_attention", "attention_inputs"]
@@ -72,13 +72,14 @@ def step_function(model: TinyTransformer, *, use_cache: bool = True, max_len: in
 # --- looking inside the attention -------------------------------------------------------------------
 
 
-def _attention_layers(model: object, name: str = "model") -> list[CachedGQA]:
+def attention_layers(model: object, name: str = "model") -> list[AttentionMixer]:
+    """Every block's softmax attention layer (with a KV cache); a ValueError for other mixers."""
     if not isinstance(model, TinyTransformer):
         raise TypeError(f"{name} must be a TinyTransformer, got {type(model).__name__}")
     layers = [block.attention for block in model.blocks]
-    if not all(isinstance(layer, CachedGQA) for layer in layers):
+    if not all(isinstance(layer, AttentionMixer) and layer.core == "softmax" for layer in layers):
         raise ValueError(
-            f"{name} must use softmax attention with a key/value cache ('mha', 'mqa' or 'gqa'), "
+            f"{name} must use softmax attention with a key/value cache ('attention', 'mqa' or 'gqa'), "
             f"got attention={model.config.attention!r}"
         )
     return layers
@@ -101,7 +102,7 @@ def forward_with_attention(
     gqa_attention(q, k, v, causal=True)`` this is ``model(tokens, cache=cache)``; other choices
     change what the attention may see (e.g. an evicted KV cache). Only for "mha", "mqa" and "gqa".
     """
-    layers = _attention_layers(model)
+    layers = attention_layers(model)
     if not callable(attend):
         raise TypeError(f"attend must be callable, got {type(attend).__name__}")
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..checks import check_int, check_tensor
-from .config import ATTENTION_LAYERS, ModelConfig
+from .config import ModelConfig, build_mixer
 
 __all__ = ["Block", "TinyTransformer"]
 
@@ -23,7 +23,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.d_model)
-        self.attention = ATTENTION_LAYERS[config.attention](config)
+        self.attention = build_mixer(config)
         self.mlp_norm = nn.LayerNorm(config.d_model)
         hidden = config.mlp_ratio * config.d_model
         self.mlp = nn.Sequential(
@@ -31,7 +31,13 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, *, cache=None, layer_index: int = 0) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cache=cache, layer_index=layer_index)
+        # Only the attention layers keep a cache; the recurrent mixers map whole sequences.
+        mixed = (
+            self.attention(self.attention_norm(x))
+            if cache is None
+            else self.attention(self.attention_norm(x), cache=cache, layer_index=layer_index)
+        )
+        x = x + mixed
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -66,9 +72,13 @@ class TinyTransformer(nn.Module):
         """One cache for all layers, of the kind the attention needs (KVCache or LatentKVCache)."""
         max_len = self.config.max_len if max_len is None else check_int(max_len, "max_len", min=1)
         device = self.token_embedding.weight.device
-        return self.blocks[0].attention.make_cache(
-            self.config.num_layers, batch_size, max_len, dtype=dtype, device=device
-        )
+        layer = self.blocks[0].attention
+        if not hasattr(layer, "make_cache"):
+            raise ValueError(
+                f"attention={self.config.attention!r} keeps no KV cache (its layer maps whole "
+                "sequences); decode step by step with attention, mqa, gqa, mla or sliding_window"
+            )
+        return layer.make_cache(self.config.num_layers, batch_size, max_len, dtype=dtype, device=device)
 
     def forward(self, tokens: torch.Tensor, *, cache=None) -> torch.Tensor:
         """Logits for every position of ``tokens (B, T)``; with ``cache``, ``tokens`` continue it."""

@@ -36,7 +36,7 @@ import torch
 
 from ..checks import check_bool, check_int
 from ..kv_cache import GroupedQueryAttention
-from ..models import TinyTransformer
+from ..models import attention_layers
 
 __all__ = ["PagedModelCache", "block_hash"]
 
@@ -385,13 +385,5 @@ def _token_list(tokens: object, name: str) -> list[int]:
 
 
 def _attention_of(model: object, name: str) -> GroupedQueryAttention:
-    """The first block's attention of a TinyTransformer whose mixers are grouped-query layers."""
-    if not isinstance(model, TinyTransformer):
-        raise TypeError(f"{name} must be a TinyTransformer, got {type(model).__name__}")
-    layers = [block.attention for block in model.blocks]
-    if not all(isinstance(layer, GroupedQueryAttention) for layer in layers):
-        raise ValueError(
-            f"{name} must use softmax attention with a key/value cache ('mha', 'mqa' or 'gqa'), "
-            f"got attention={model.config.attention!r}"
-        )
-    return layers[0]
+    """The first block's attention of a TinyTransformer whose mixers are softmax attention layers."""
+    return attention_layers(model, name)[0]
