@@ -100,6 +100,8 @@ class Mechanism:
             (efficient attention, Linformer) take part only in the non-causal comparisons.
         trainable: the inputs that the train phase differentiates.
         static_inputs: inputs without a time axis (per-head parameters); the others have time on dim 2.
+        query_inputs: the per-token inputs that belong to the queries; when decoding from a cache
+            only their last token is fed, while the other per-token inputs are the cache.
         decode: how it decodes one token: "cache" (attend to the cached keys and values), "state"
             (one recurrent step from a fixed-size state) or None (no decoding phase).
         cache_window: for "cache": at most this many cached tokens are read (sliding window).
@@ -130,6 +132,7 @@ class Mechanism:
     causal: bool = True
     trainable: tuple[str, ...] = ("q", "k", "v")
     static_inputs: tuple[str, ...] = ()
+    query_inputs: tuple[str, ...] = ("q",)
     decode: str | None = None
     cache_window: int | None = None
     state_numbers: Callable[..., int] | None = None

@@ -6,16 +6,26 @@ naive reference) and decodes one token with one recurrent step from its fixed-si
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..recurrent import (
+    HGRN2Mixer,
+    HGRNMixer,
+    Mamba1Mixer,
+    RWKV7Mixer,
     delta_rule,
     gated_delta_rule,
     gla,
+    hgrn,
+    hgrn2,
     mlstm,
     retention,
     retnet_gammas,
     rwkv6,
+    rwkv7,
+    selective_scan,
     ssd,
     ttt_linear,
     ttt_mlp,
@@ -55,7 +65,7 @@ def _recurrent(name, *, call, inputs, gates, delta=False, options=None, **fields
             inputs=inputs,
             call=call,
             options={"form": "chunk", "chunk_size": CHUNK, **(options or {})},
-            forms=("recurrent", "chunk"),
+            forms=fields.pop("forms", ("recurrent", "chunk")),
             decode="state",
             state_numbers=fields.pop("state_numbers", _matrix_state),
             cost=fields.pop("cost", _chunk_cost(delta)),
@@ -249,4 +259,110 @@ _recurrent(
     trainable=("q", "k", "v", "w", "u"),
     gates=Gates(forget="vector"),
     mixer=RWKV6Mixer,
+)
+
+
+# --- chapter 07's second round: Mamba-1's selective scan, HGRN, HGRN-2, RWKV-7 ---------------------
+
+
+def _selective_scan_inputs(T, g, gen):
+    """S6 in mamba_ssm's layout: H * D_v channels, each its own SSM with a state of N."""
+    channels = g.heads * g.dv
+    return {
+        "u": builders.normal(gen, g.batch, channels, T),
+        "delta": builders.step_sizes(gen, g.batch, channels, T),
+        "A": -torch.arange(1, g.n + 1, dtype=builders.F64).expand(channels, g.n).clone(),
+        "B": builders.normal(gen, g.batch, g.n, T),
+        "C": builders.normal(gen, g.batch, g.n, T),
+        "D": torch.ones(channels, dtype=builders.F64),
+        "z": builders.normal(gen, g.batch, channels, T),
+    }
+
+
+def _selective_scan_call(x, **options):
+    """The scan on (batch, channels, L), returned as one head of all channels, (batch, 1, L, channels)."""
+    result = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], **options)
+    out, state = result if isinstance(result, tuple) else (result, None)
+    out = out.transpose(1, 2).unsqueeze(1)  # Mamba-1 has no heads: every channel is its own SSM
+    return out if state is None else (out, state)
+
+
+_recurrent(
+    "mamba1",
+    title="Mamba-1 (S6)",
+    summary="a selective scan: a diagonal decay exp(delta A) per channel and state entry, no matmuls",
+    reference="Mamba: Linear-Time Sequence Modeling with Selective State Spaces, Gu and Dao, 2023",
+    function=selective_scan,
+    inputs=_selective_scan_inputs,
+    call=_selective_scan_call,
+    forms=("recurrent", "scan", "chunk"),
+    static_inputs=("A", "D"),
+    trainable=("u", "delta", "A", "B", "C", "D", "z"),
+    state_numbers=lambda T, g, **_: g.heads * g.dv * g.n,
+    gates=Gates(forget="vector", select="delta"),
+    mixer=Mamba1Mixer,
+    mixer_geometry=lambda d_model, num_heads: Geometry(
+        heads=1, head_dim=16, value_dim=2 * d_model, state_size=16
+    ),
+)
+
+
+_recurrent(
+    "hgrn",
+    title="HGRN",
+    summary="an element-wise gated RNN, h = f h + (1 - f) c, its forget gate bounded below by depth",
+    reference="Hierarchically Gated Recurrent Neural Network for Sequence Modeling, Qin, Yang, Zhong, 2023",
+    function=hgrn,
+    inputs=lambda T, g, gen: {
+        "x": builders.normal(gen, g.batch, g.heads, T, g.dv),
+        "g": builders.log_gates(gen, g.batch, g.heads, T, g.dv),
+    },
+    call=lambda x, **o: hgrn(x["x"], x["g"], **o),
+    forms=("recurrent", "scan", "chunk"),
+    trainable=("x", "g"),
+    state_numbers=lambda T, g, **_: g.heads * g.dv,  # a vector per head: no outer-product state
+    cost=None,
+    gates=Gates(forget="vector", select="1 - f"),
+    mixer=HGRNMixer,
+)
+
+_recurrent(
+    "hgrn2",
+    title="HGRN-2",
+    summary="HGRN with an outer-product state: the key is 1 - f, so forgetting and writing are tied",
+    reference="HGRN2: Gated Linear RNNs with State Expansion, Qin et al., 2024",
+    function=hgrn2,
+    inputs=lambda T, g, gen: {
+        "q": builders.normal(gen, g.batch, g.heads, T, g.head_dim),
+        "v": builders.normal(gen, g.batch, g.heads, T, g.dv),
+        "g": builders.log_gates(gen, g.batch, g.heads, T, g.head_dim),
+    },
+    call=lambda x, **o: hgrn2(x["q"], x["v"], x["g"], **o),
+    trainable=("q", "v", "g"),
+    gates=Gates(forget="vector", select="1 - f"),
+    mixer=HGRN2Mixer,
+)
+
+
+def _rwkv7_inputs(T, g, gen):
+    """RWKV-7's own parametrisation: a = -kappa (unit), b = kappa * alpha, decays in (-e^-1/2, 0)."""
+    x = builders.qkv(T, g, gen)
+    kappa = torch.nn.functional.normalize(builders.normal(gen, g.batch, g.heads, T, g.head_dim), dim=-1)
+    alpha = builders.strengths(gen, g.batch, g.heads, T, g.head_dim)
+    w = -math.exp(-0.5) * builders.strengths(gen, g.batch, g.heads, T, g.head_dim)
+    return {**x, "w": w, "a": -kappa, "b": kappa * alpha}
+
+
+_recurrent(
+    "rwkv7",
+    title="RWKV-7",
+    summary="the generalised delta rule: vector decay plus a low-rank in-context update",
+    reference='RWKV-7 "Goose" with Expressive Dynamic State Evolution, Peng et al., 2025',
+    function=rwkv7,
+    inputs=_rwkv7_inputs,
+    call=lambda x, **o: rwkv7(x["q"], x["k"], x["v"], x["w"], x["a"], x["b"], **o),
+    trainable=("q", "k", "v", "w", "a", "b"),
+    delta=True,
+    gates=Gates(forget="vector", select="in-context rate", write="delta"),
+    mixer=RWKV7Mixer,
 )

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 
 from ..mixers import AttentionMixer
-from ..sparse import block_sparse_attention, lsh_attention, sliding_window_attention, topk_attention
+from ..sparse import (
+    MixtureOfBlockAttention,
+    NativeSparseAttention,
+    block_sparse_attention,
+    lsh_attention,
+    moba_attention,
+    nsa_attention,
+    sliding_window_attention,
+    topk_attention,
+)
 from . import builders, costs
 from .core import Mechanism, register
 
@@ -107,5 +116,70 @@ register(
         ),
         options={"num_buckets": 8, "chunk_size": BLOCK},
         trainable=("q", "v"),
+    )
+)
+
+
+# --- trainable sparse attention of 2025 -------------------------------------------------------------
+
+
+def _gqa_inputs(T, g, generator):
+    return builders.qkv(T, g, generator, kv_heads=g.kv_heads)
+
+
+def _gqa_cache(T, g, **_):
+    return T * g.kv_heads * (g.head_dim + g.dv)
+
+
+register(
+    Mechanism(
+        name="nsa",
+        title="NSA",
+        family="sparse",
+        chapter=5,
+        summary="compressed blocks, the top-n blocks they point to, and a window, mixed by learned gates",
+        reference="Native Sparse Attention, Yuan et al. (DeepSeek), 2025",
+        function=nsa_attention,
+        inputs=lambda T, g, generator: {
+            **_gqa_inputs(T, g, generator),
+            "gates": torch.sigmoid(builders.normal(generator, g.batch, g.heads, T, 3)),
+        },
+        call=lambda x, **options: nsa_attention(x["q"], x["k"], x["v"], x["gates"], **options),
+        options={
+            "block_size": BLOCK,
+            "num_selected": 4,
+            "window": 128,
+            "compress_block": 32,
+            "compress_stride": 16,
+        },
+        trainable=("q", "k", "v", "gates"),
+        query_inputs=("q", "gates"),
+        decode="cache",
+        state_numbers=_gqa_cache,
+        mixer=lambda d_model, num_heads, *, num_kv_heads=None, **options: NativeSparseAttention(
+            d_model, num_heads, num_kv_heads=num_kv_heads, **options
+        ),
+    )
+)
+
+register(
+    Mechanism(
+        name="moba",
+        title="MoBA",
+        family="sparse",
+        chapter=5,
+        summary="each query routes to its top-k key blocks by their mean key, its own block always included",
+        reference="MoBA: Mixture of Block Attention for Long-Context LLMs, Lu et al. (Moonshot AI), 2025",
+        function=moba_attention,
+        inputs=_gqa_inputs,
+        call=lambda x, **options: moba_attention(x["q"], x["k"], x["v"], **options),
+        options={"block_size": BLOCK, "top_k": 3},
+        decode="cache",
+        state_numbers=_gqa_cache,
+        mixer=lambda d_model, num_heads, *, num_kv_heads=None, block_size=16, top_k=3: (
+            MixtureOfBlockAttention(
+                d_model, num_heads, num_kv_heads=num_kv_heads, block_size=block_size, top_k=top_k
+            )
+        ),
     )
 )
