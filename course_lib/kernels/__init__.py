@@ -12,23 +12,45 @@ Three kernels, each in a short file that mirrors a PyTorch loop of the library:
 interpreter (``TRITON_INTERPRET=1``) runs the same kernels with NumPy on CPU tensors, one program
 after another: slow, but every ``tl.load``, mask and ``tl.dot`` means what it means on a GPU.
 Triton reads the variable when a kernel is *defined* (at ``@triton.jit``), not when it runs, so it
-must be set before any kernel module is imported. This package does that for you: when CUDA is
-absent it sets ``TRITON_INTERPRET=1`` (unless you set the variable yourself) before importing
-Triton. A kernel you write in a notebook after ``import course_lib.kernels`` is interpreted too.
+must be set before Triton itself is imported (its own library functions, ``tl.max``,
+``tl.sum``..., are kernels too). This package does that for you: when CUDA is absent it sets
+``TRITON_INTERPRET=1`` (unless you set the variable yourself) before importing Triton, and if
+something imported Triton earlier without it (PyTorch's FlexAttention does), it imports Triton's
+Python modules afresh. A kernel you write in a notebook after ``import course_lib.kernels`` is
+interpreted too.
 
 Triton is an optional extra (``pip install -e ".[kernels]"``); the rest of the course never
 imports this package.
 """
 
+# ruff: noqa: E402  (the interpreter is switched on before Triton and the kernels are imported)
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    # Before triton is imported: @triton.jit picks the interpreter from this variable.
+
+def _switch_on_the_interpreter() -> None:
+    """Without CUDA, make ``@triton.jit`` build interpreted kernels (see the module docstring)."""
+    if torch.cuda.is_available():
+        return
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"].lower() not in ("1", "true", "on", "yes"):
+        return  # the reader asked for compiled kernels: CPU tensors will be refused with a clear error
+    triton = sys.modules.get("triton")
+    standard = getattr(getattr(triton, "language", None), "standard", None)
+    if standard is None or type(standard.max).__name__ == "InterpretedFunction":
+        return
+    # Triton was imported with the interpreter off: its tl.max, tl.sum, ... are compiled-mode
+    # functions the interpreter cannot call. Import its Python modules again (the C extension stays).
+    for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
+        if not name.startswith("triton._C"):
+            del sys.modules[name]
+
+
+_switch_on_the_interpreter()
 
 try:
     import triton  # noqa: F401

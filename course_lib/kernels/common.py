@@ -33,6 +33,7 @@ __all__ = [
     "check_kernel_dtype",
     "check_head_dim",
     "check_block",
+    "dot_precision",
     "padded_dim",
     "launch",
 ]
@@ -102,6 +103,12 @@ def check_precision(value: object) -> str:
     """How a float32 ``tl.dot`` multiplies: ``"ieee"`` (exact) or ``"tf32"`` (faster, 10-bit mantissa)."""
     check_choice(value, "input_precision", PRECISIONS)
     return str(value)
+
+
+def dot_precision(dtype: torch.dtype, input_precision: str) -> str:
+    """The ``input_precision`` handed to ``tl.dot``: as asked for float32 operands; for 16-bit ones
+    Triton's default ``"tf32"``, which it ignores (the tensor cores take them as they are)."""
+    return input_precision if dtype == torch.float32 else "tf32"
 
 
 def padded_dim(size: int) -> int:

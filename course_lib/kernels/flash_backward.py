@@ -22,7 +22,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..checks import check_bool
-from .common import compute_dtype_for_dot, launch, padded_dim
+from .common import compute_dtype_for_dot, dot_precision, launch, padded_dim
 from .flash_forward import _fa2_forward, causal_key_end, check_flash_inputs
 
 __all__ = ["fa2_backward_dkdv_kernel", "fa2_backward_dq_kernel", "flash_attention"]
@@ -165,7 +165,7 @@ def _fa2_backward(q, k, v, out, lse, grad_out, grad_lse, causal, scale, block_m,
         return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
     constants = dict(
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(DV),
-        PRECISION=input_precision, num_warps=4, num_stages=1,
+        PRECISION=dot_precision(q.dtype, input_precision), num_warps=4, num_stages=1,
         blocks=f"block_m={block_m}, block_n={block_n} with head dims {D}/{DV} in {q.dtype}",
     )  # fmt: skip
     launch(

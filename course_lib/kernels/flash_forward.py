@@ -22,6 +22,7 @@ from .common import (
     check_head_dim,
     check_kernel_dtype,
     check_precision,
+    dot_precision,
     kernel_device,
     launch,
     padded_dim,
@@ -176,7 +177,7 @@ def _fa2_forward(q, k, v, causal, scale, block_m, block_n, input_precision):
         grid,
         q, k, v, out, lse, T, S, D, DV, scale,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(DV),
-        PRECISION=input_precision, num_warps=4, num_stages=2,
+        PRECISION=dot_precision(q.dtype, input_precision), num_warps=4, num_stages=2,
         blocks=f"block_m={block_m}, block_n={block_n} with head dims {D}/{DV} in {q.dtype}",
     )  # fmt: skip
     return out, lse
