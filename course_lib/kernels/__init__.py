@@ -4,9 +4,9 @@ Three kernels, each in a short file that mirrors a PyTorch loop of the library:
 
 - ``flash_forward`` and ``flash_backward``: FlashAttention-2 (``course_lib.tiling.flash``'s FA2
   loop), forward and the dK/dV and dQ backward kernels, wrapped by :func:`flash_attention`;
-- ``paged_decode``: one decode step reading K/V through a paged block table, split over the keys
+- ``decode``: one decode step reading K/V through a paged block table, split over the keys
   as in FlashDecoding (``course_lib.kv_cache.paged`` and ``course_lib.tiling.decoding``);
-- ``gla_chunk``: chunked gated linear attention (``course_lib.recurrent._common.chunk_gated_scan``).
+- ``gla``: chunked gated linear attention (``course_lib.recurrent._common.chunk_gated_scan``).
 
 **Triton's interpreter.** Without an NVIDIA GPU, Triton has no driver to compile for. Its
 interpreter (``TRITON_INTERPRET=1``) runs the same kernels with NumPy on CPU tensors, one program
@@ -61,10 +61,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .common import BLOCK_SIZES, INTERPRET, MAX_HEAD_DIM, kernel_device
+from .decode import combine_splits_kernel, page_offsets, paged_decode, paged_decode_kernel, paged_tables
 from .flash_backward import fa2_backward_dkdv_kernel, fa2_backward_dq_kernel, flash_attention
 from .flash_forward import attend_block, causal_key_end, fa2_forward, fa2_forward_kernel
-from .gla_chunk import gla_chunk, gla_chunk_kernel
-from .paged_decode import combine_splits_kernel, page_offsets, paged_decode, paged_decode_kernel, paged_tables
+from .gla import gla_chunk, gla_chunk_kernel
 
 __all__ = [
     "INTERPRET",

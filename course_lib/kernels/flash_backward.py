@@ -225,7 +225,7 @@ def flash_attention(
             above the diagonal are skipped.
         scale: multiplies the scores; defaults to ``D ** -0.5``.
         block_m, block_n: rows of q and of k/v per tile, one of 16, 32, 64, 128 (default 64 x 64,
-            64 x 32 for float32 with head dims above 64 so the tiles fit in shared memory).
+            32 x 32 for float32 with head dims above 64 so the tiles fit in shared memory).
         return_lse: also return the float32 logsumexp ``(B, H, T)``.
         input_precision: how a float32 ``tl.dot`` multiplies on a GPU: ``"ieee"`` (exact float32,
             the default) or ``"tf32"`` (tensor cores, about 3 decimal digits). Ignored for 16-bit inputs.

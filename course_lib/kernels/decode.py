@@ -46,6 +46,7 @@ def paged_decode_kernel(
     Q, K_POOL, V_POOL, TABLES, LENGTHS, PARTIAL_O, PARTIAL_LSE,
     num_heads, group, table_width, page_size, key_page_stride, value_page_stride, num_splits, D, DV, scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    GATHER: tl.constexpr = page_offsets,  # passed in so that the notebook's exercise can plug in its own
 ):  # fmt: skip
     """One (sequence, query head, split): attention of the new token over its share of the cache.
 
@@ -75,8 +76,8 @@ def paged_decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         tokens = start_n + tl.arange(0, BLOCK_N)
         valid = tokens < end
-        key_rows = page_offsets(TABLE, tokens, valid, page_size, key_page_stride, D)
-        value_rows = page_offsets(TABLE, tokens, valid, page_size, value_page_stride, DV)
+        key_rows = GATHER(TABLE, tokens, valid, page_size, key_page_stride, D)
+        value_rows = GATHER(TABLE, tokens, valid, page_size, value_page_stride, DV)
         k = tl.load(
             K_HEAD + key_rows[:, None] + dims[None, :], mask=valid[:, None] & (dims[None, :] < D), other=0.0
         )
