@@ -60,13 +60,27 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "pip install -c constraints.txt -e '.[kernels]'"
     ) from error
 
+from ..kv_cache import PagedKVCache as _PagedKVCache
+from ..recurrent import _common as _recurrent_common
+from ..tiling import flash as _tiling_flash
+from ..tiling.online_softmax import _combine as _combine_splits
 from .common import BLOCK_SIZES, INTERPRET, MAX_HEAD_DIM, kernel_device
 from .decode import combine_splits_kernel, page_offsets, paged_decode, paged_decode_kernel, paged_tables
 from .flash_backward import fa2_backward_dkdv_kernel, fa2_backward_dq_kernel, flash_attention
 from .flash_forward import attend_block, causal_key_end, fa2_forward, fa2_forward_kernel
 from .gla import gla_chunk, gla_chunk_kernel
 
+# Each kernel next to the PyTorch code it mirrors (notebook 09 shows them side by side).
+TWINS = {
+    "fa2 forward": (_tiling_flash._forward_fa2, fa2_forward_kernel),
+    "fa2 backward, dK and dV": (_tiling_flash._backward, fa2_backward_dkdv_kernel),
+    "paged decode": (_PagedKVCache.attention, paged_decode_kernel),
+    "split combine": (_combine_splits, combine_splits_kernel),
+    "chunked gla": (_recurrent_common.chunk_gated_scan, gla_chunk_kernel),
+}
+
 __all__ = [
+    "TWINS",
     "INTERPRET",
     "BLOCK_SIZES",
     "MAX_HEAD_DIM",

@@ -170,6 +170,7 @@ def paged_decode(
     num_splits: int | None = None,
     block_n: int = 32,
     return_lse: bool = False,
+    gather=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of one new token per sequence over a paged KV cache, split over the keys.
 
@@ -185,6 +186,8 @@ def paged_decode(
         block_n: tokens loaded per step, one of 16, 32, 64, 128 (any ``page_size`` works: the gather
             is per token).
         return_lse: also return the float32 logsumexp ``(B, H_q, 1)``.
+        gather: a ``@triton.jit`` function with the signature of :func:`page_offsets` to use
+            instead of it (the notebook's exercise plugs in here).
 
     Returns:
         ``(B, H_q, 1, D_v)`` in the dtype of q; :func:`paged_tables` builds the table and lengths
@@ -250,7 +253,8 @@ def paged_decode(
         q, key_blocks, value_blocks, block_tables, lengths, partial_out, partial_lse,
         H, H // H_kv, block_tables.shape[1], page_size, H_kv * page_size * D, H_kv * page_size * DV,
         num_splits, D, DV, scale,
-        BLOCK_N=block_n, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(DV), num_warps=4,
+        BLOCK_N=block_n, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(DV), GATHER=gather or page_offsets,
+        num_warps=4,
         blocks=f"block_n={block_n} with head dims {D}/{DV}",
     )  # fmt: skip
     launch(

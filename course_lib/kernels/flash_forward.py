@@ -22,6 +22,7 @@ from .common import (
     check_head_dim,
     check_kernel_dtype,
     check_precision,
+    compute_dtype_for_dot,
     dot_precision,
     kernel_device,
     launch,
@@ -155,18 +156,26 @@ def fa2_forward(
     block_m: int | None = None,
     block_n: int | None = None,
     input_precision: str = "ieee",
+    attend=None,
+    key_end=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run :func:`fa2_forward_kernel` (no autograd): ``(out (B, H, T, D_v), lse (B, H, T) float32)``.
 
     Same inputs as :func:`course_lib.kernels.flash_attention`, which adds the backward pass.
+    ``attend`` and ``key_end``, ``@triton.jit`` functions with the signatures of :func:`attend_block`
+    and :func:`causal_key_end`, replace the library's steps (the notebook's exercises plug in here).
+    Under the interpreter bfloat16 inputs run in float32 (see ``common.compute_dtype_for_dot``).
     """
-    (B, H, T, S, D, DV), scale, block_m, block_n = check_flash_inputs(
-        q, k, v, causal, scale, block_m, block_n, input_precision
+    _, scale, block_m, block_n = check_flash_inputs(q, k, v, causal, scale, block_m, block_n, input_precision)
+    steps = {"ATTEND": attend or attend_block, "KEY_END": key_end or causal_key_end}
+    work = compute_dtype_for_dot(q.dtype)
+    out, lse = _fa2_forward(
+        *(x.to(work) for x in (q, k, v)), causal, scale, block_m, block_n, input_precision, **steps
     )
-    return _fa2_forward(q, k, v, causal, scale, block_m, block_n, input_precision)
+    return out.to(q.dtype), lse
 
 
-def _fa2_forward(q, k, v, causal, scale, block_m, block_n, input_precision):
+def _fa2_forward(q, k, v, causal, scale, block_m, block_n, input_precision, **steps):
     """The launch, on checked inputs (bfloat16 already cast to float32 under the interpreter)."""
     B, H, T, D = q.shape
     S, DV = k.shape[2], v.shape[3]
@@ -181,7 +190,7 @@ def _fa2_forward(q, k, v, causal, scale, block_m, block_n, input_precision):
         grid,
         q, k, v, out, lse, T, S, D, DV, scale,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(DV),
-        PRECISION=dot_precision(q.dtype, input_precision), num_warps=4, num_stages=2,
+        PRECISION=dot_precision(q.dtype, input_precision), num_warps=4, num_stages=2, **steps,
         blocks=f"block_m={block_m}, block_n={block_n} with head dims {D}/{DV} in {q.dtype}",
     )  # fmt: skip
     return out, lse
