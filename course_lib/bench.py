@@ -41,6 +41,7 @@ __all__ = [
     "save_json",
     "random_qkv",
     "suites",
+    "SuiteUnavailable",
     "main",
 ]
 
@@ -292,6 +293,10 @@ def random_qkv(
     return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(3)]
 
 
+class SuiteUnavailable(RuntimeError):
+    """A suite cannot run here (e.g. chapter 09's kernels without a GPU); the message says why."""
+
+
 def suites() -> dict[str, Callable]:
     """Every benchmark suite, collected from the ``SUITES`` dicts of ``course_lib.benchmarks.ch*``.
 
@@ -300,6 +305,7 @@ def suites() -> dict[str, Callable]:
     Optional attributes of a suite change what the command line prints and plots:
     ``table(results) -> str`` replaces :func:`format_table`, ``report(results) -> str`` is printed
     after the table, and ``plot(results, path)`` replaces the default log-log plot of time vs T.
+    A suite that cannot run on this machine raises :class:`SuiteUnavailable` saying why.
     """
     import importlib
     import pkgutil
@@ -328,7 +334,13 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     if args.threads is not None:
         torch.set_num_threads(check_int(args.threads, "threads", min=1))
 
-    methods, reference, default_lengths = available[args.suite](args.device)
+    # Under `python -m` this file runs as __main__: catch the class the suites import.
+    from .bench import SuiteUnavailable as unavailable
+
+    try:
+        methods, reference, default_lengths = available[args.suite](args.device)
+    except unavailable as reason:  # a plain message, no traceback
+        parser.exit(1, f"python -m course_lib.bench {args.suite}: {reason}\n")
     lengths = args.lengths or default_lengths
     results = sweep(
         methods, lengths, device=args.device, min_run_time=args.min_run_time, progress=not args.no_progress

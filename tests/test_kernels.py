@@ -19,6 +19,9 @@ every program runs one after another in NumPy.
 
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,7 +37,7 @@ if importlib.util.find_spec("triton") is None:
     )
 
 from course_lib import kernels  # noqa: E402
-from course_lib.kernels import common  # noqa: E402
+from course_lib.kernels import common, compile_check  # noqa: E402
 from course_lib.kv_cache import PagedKVCache  # noqa: E402
 from course_lib.recurrent import gla  # noqa: E402
 from course_lib.tiling import flash_attention as torch_flash_attention  # noqa: E402
@@ -412,6 +415,26 @@ def test_gla_chunk_half_precision(dtype, device):
     out = kernels.gla_chunk(*(x.to(device) for x in (q, k, v, g)))
     assert out.dtype == dtype
     close(out, reference_gla(q, k, v, g), HALF_TOLERANCE[dtype])
+
+
+# --- compiled for a GPU, without one -----------------------------------------------------------
+
+
+def test_every_kernel_compiles_for_an_nvidia_gpu(tmp_path):
+    """Compiling (not running) checks what the interpreter cannot: tl.dot's minimum sizes, loop
+    variables that change type, shared memory. Triton compiles in-process, with the ptxas of its
+    wheel; only the launch needs a GPU. It runs in a subprocess with the interpreter off."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "course_lib.kernels.compile_check"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in compile_check.KERNELS:
+        assert f"{name}: compiled for sm_80" in result.stdout
 
 
 # --- bad input: a ValueError/TypeError naming the argument, never a Triton traceback ------------
