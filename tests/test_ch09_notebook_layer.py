@@ -263,6 +263,30 @@ def test_checkers_pass_correct_solutions(solutions, capsys):
 
 
 @needs_triton
+def test_the_notebooks_exercises_stubbed_say_not_implemented(tmp_path, monkeypatch):
+    """The student version of notebook 09's exercise cells: each checker reports "not implemented"."""
+    import importlib
+
+    import nbformat
+
+    from course_lib.exercises import ExerciseFailed
+    from course_lib.student import strip_solutions
+
+    notebook = nbformat.read("notebooks/09_kernels_in_triton.ipynb", as_version=4)
+    sources = [c.source for c in notebook.cells if c.cell_type == "code" and "### BEGIN SOLUTION" in c.source]
+    assert len(sources) == 3
+    header = "from course_lib import kernels\nimport triton\nimport triton.language as tl\n"
+    header += (
+        "from course_lib.exercises.ch09 import check_causal_skipping, check_fa2_inner, check_page_gather\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for index, source in enumerate(sources):  # in a file: Triton's interpreter reads the source
+        (tmp_path / f"student_cell_{index}.py").write_text(header + strip_solutions(source))
+        with pytest.raises(ExerciseFailed, match="not implemented yet"):
+            importlib.import_module(f"student_cell_{index}")
+
+
+@needs_triton
 @pytest.mark.parametrize(
     "checker, wrong, message",
     [

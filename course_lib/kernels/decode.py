@@ -27,7 +27,14 @@ from ..checks import check_divisible, check_int, check_shape, check_tensor, reso
 from ..kv_cache import PagedKVCache
 from .common import check_block, check_head_dim, check_kernel_dtype, kernel_device, launch, padded_dim
 
-__all__ = ["page_offsets", "paged_decode_kernel", "combine_splits_kernel", "paged_decode", "paged_tables"]
+__all__ = [
+    "page_offsets",
+    "paged_decode_kernel",
+    "combine_splits_kernel",
+    "paged_decode",
+    "paged_tables",
+    "default_num_splits",
+]
 
 
 @triton.jit
@@ -225,19 +232,25 @@ def paged_decode(
     check_head_dim(DV, "value head dim D_v")
     scale = resolve_scale(scale, D)
     block_n = check_block(block_n, "block_n")
-    lengths_list = [int(n) for n in lengths.tolist()]
-    if min(lengths_list, default=0) < 0 or max(lengths_list, default=0) > block_tables.shape[1] * page_size:
+    if num_splits is not None:
+        num_splits = check_int(num_splits, "num_splits", min=1)
+    # A page number out of range would read outside the pool: check the pages in use, on the device,
+    # with one synchronisation (a decode step is short, and every host round trip shows).
+    capacity = block_tables.shape[1] * page_size
+    pages_in_use = (
+        torch.arange(block_tables.shape[1], device=device) < ((lengths + page_size - 1) // page_size)[:, None]
+    )
+    bad_page = ((block_tables < 0) | (block_tables >= num_pages)) & pages_in_use
+    problems = torch.stack([(lengths < 0).any() | (lengths > capacity).any(), bad_page.any()]).tolist()
+    if problems[0]:
         raise ValueError(
-            f"lengths must lie in 0 .. {block_tables.shape[1] * page_size} (max_pages x page_size), "
-            f"got {lengths_list}"
+            f"lengths must lie in 0 .. {capacity} (max_pages x page_size), got {lengths.tolist()}"
         )
-    used = torch.cat([block_tables[b, : triton.cdiv(n, page_size)] for b, n in enumerate(lengths_list)])
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_pages):
+    if problems[1]:
         raise ValueError(f"block_tables must name pages 0 .. {num_pages - 1} for the tokens in use")
-    max_length = max(lengths_list, default=0)
     if num_splits is None:
+        max_length = int(lengths.max()) if B else 0
         num_splits = default_num_splits(B * H, max_length, block_n, device)
-    num_splits = check_int(num_splits, "num_splits", min=1)
 
     out = q.new_empty(B, H, 1, DV)
     lse = torch.empty(B, H, 1, device=device, dtype=torch.float32)

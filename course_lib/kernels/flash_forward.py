@@ -181,7 +181,7 @@ def _fa2_forward(q, k, v, causal, scale, block_m, block_n, input_precision, **st
     S, DV = k.shape[2], v.shape[3]
     out = q.new_empty(B, H, T, DV)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    if T == 0:
+    if T == 0 or B * H == 0:
         return out, lse
     q, k, v = (x.contiguous() for x in (q, k, v))
     grid = (triton.cdiv(T, block_m), B * H)  # one program per (Q block, batch x head)
