@@ -62,6 +62,10 @@ DEVICES = [
         id="cuda",
     ),
 ]
+if not kernels.INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no GPU: nothing here can run a kernel", allow_module_level=True)
+# Where the device-independent tests (bad input) put their tensors: where the kernels can run.
+RUN_DEVICE = "cpu" if kernels.INTERPRET else "cuda"
 ATOL32, GRAD_ATOL32 = 1e-5, 5e-5
 HALF_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
@@ -334,7 +338,7 @@ def gla_inputs(B, H, T, DK, DV, *, scalar_gate, strength=1.0, device="cpu", seed
     v = randn(B, H, T, DV, seed=seed + 2)
     shape = (B, H, T) if scalar_gate else (B, H, T, DK)
     g = strength * F.logsigmoid(randn(*shape, seed=seed + 3) + 1.0)
-    return q, k, v, g
+    return tuple(x.to(device) for x in (q, k, v, g))
 
 
 def reference_gla(q, k, v, g, **kwargs):
@@ -442,9 +446,9 @@ def test_every_kernel_compiles_for_an_nvidia_gpu(tmp_path):
 
 def flash_args(T=8, S=8, D=16, DV=16, dtype=torch.float32):
     return (
-        randn(1, 1, T, D, seed=1, dtype=dtype),
-        randn(1, 1, S, D, seed=2, dtype=dtype),
-        randn(1, 1, S, DV, seed=3, dtype=dtype),
+        randn(1, 1, T, D, seed=1, dtype=dtype, device=RUN_DEVICE),
+        randn(1, 1, S, D, seed=2, dtype=dtype, device=RUN_DEVICE),
+        randn(1, 1, S, DV, seed=3, dtype=dtype, device=RUN_DEVICE),
     )
 
 
@@ -494,7 +498,7 @@ def test_mismatched_devices_are_refused_before_any_kernel_runs():
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(common, "INTERPRET", False)
     with pytest.raises(ValueError, match="q is on the CPU but Triton's interpreter is off"):
-        kernels.flash_attention(*flash_args())
+        kernels.flash_attention(*(x.cpu() for x in flash_args()))
     with pytest.raises(ValueError, match="q is on the CPU but Triton's interpreter is off"):
         kernels.gla_chunk(*gla_inputs(1, 1, 4, 16, 16, scalar_gate=True))
 
@@ -533,12 +537,13 @@ def paged_args(lengths=(5,), page_size=4, H_q=2, H_kv=1, D=16, dtype=torch.float
         randn(pages, H_kv, page_size, D, seed=3, dtype=dtype),
     )
     tables = torch.arange(pages, dtype=torch.int32).reshape(1, -1).repeat(len(lengths), 1)
-    return q, pool_k, pool_v, tables, torch.tensor(lengths, dtype=torch.int32)
+    args = q, pool_k, pool_v, tables, torch.tensor(lengths, dtype=torch.int32)
+    return tuple(x.to(RUN_DEVICE) for x in args)
 
 
 def with_item(args, index, value):
     args = list(args)
-    args[index] = value
+    args[index] = value.to(RUN_DEVICE)
     return args
 
 
@@ -592,41 +597,55 @@ def test_paged_decode_bad_input_names_the_argument(call, error, name):
     "call, error, name",
     [
         (
-            lambda: kernels.gla_chunk(*gla_inputs(1, 1, 8, 16, 16, scalar_gate=True), chunk_size=8),
+            lambda: kernels.gla_chunk(
+                *gla_inputs(1, 1, 8, 16, 16, scalar_gate=True, device=RUN_DEVICE), chunk_size=8
+            ),
             ValueError,
             "chunk_size=8",
         ),
         (
-            lambda: kernels.gla_chunk(*gla_inputs(1, 1, 8, 16, 16, scalar_gate=True), block_dv=48),
+            lambda: kernels.gla_chunk(
+                *gla_inputs(1, 1, 8, 16, 16, scalar_gate=True, device=RUN_DEVICE), block_dv=48
+            ),
             ValueError,
             "block_dv=48",
         ),
         (
             lambda: kernels.gla_chunk(
-                *with_item(gla_inputs(1, 1, 8, 16, 16, scalar_gate=True), 3, torch.ones(1, 1, 8))
+                *with_item(
+                    gla_inputs(1, 1, 8, 16, 16, scalar_gate=True, device=RUN_DEVICE), 3, torch.ones(1, 1, 8)
+                )
             ),
             ValueError,
             "g must be <= 0",
         ),
         (
             lambda: kernels.gla_chunk(
-                *with_item(gla_inputs(1, 1, 8, 16, 16, scalar_gate=True), 3, -torch.ones(1, 1, 8, 3))
+                *with_item(
+                    gla_inputs(1, 1, 8, 16, 16, scalar_gate=True, device=RUN_DEVICE),
+                    3,
+                    -torch.ones(1, 1, 8, 3),
+                )
             ),
             ValueError,
             "g must have shape",
         ),
         (
-            lambda: kernels.gla_chunk(*(x.double() for x in gla_inputs(1, 1, 8, 16, 16, scalar_gate=True))),
+            lambda: kernels.gla_chunk(
+                *(x.double() for x in gla_inputs(1, 1, 8, 16, 16, scalar_gate=True, device=RUN_DEVICE))
+            ),
             TypeError,
             "q must be float16, bfloat16",
         ),
         (
-            lambda: kernels.gla_chunk(*gla_inputs(1, 1, 8, 160, 16, scalar_gate=True)),
+            lambda: kernels.gla_chunk(*gla_inputs(1, 1, 8, 160, 16, scalar_gate=True, device=RUN_DEVICE)),
             ValueError,
             "key head dim D_k=160",
         ),
         (
-            lambda: kernels.gla_chunk(*gla_inputs(1, 1, 8, 16, 16, scalar_gate=True), output_final_state=1),
+            lambda: kernels.gla_chunk(
+                *gla_inputs(1, 1, 8, 16, 16, scalar_gate=True, device=RUN_DEVICE), output_final_state=1
+            ),
             TypeError,
             "output_final_state",
         ),

@@ -205,10 +205,6 @@ def paged_decode(
     check_tensor(value_blocks, "value_blocks", ndim=4, floating=True)
     check_tensor(block_tables, "block_tables", ndim=2, dtype=(torch.int32, torch.int64))
     check_tensor(lengths, "lengths", ndim=1, dtype=(torch.int32, torch.int64))
-    device = kernel_device(
-        (q, key_blocks, value_blocks, block_tables, lengths),
-        ("q", "key_blocks", "value_blocks", "block_tables", "lengths"),
-    )
     B, H, T, D = q.shape
     if T != 1:
         raise ValueError(
@@ -234,6 +230,10 @@ def paged_decode(
     block_n = check_block(block_n, "block_n")
     if num_splits is not None:
         num_splits = check_int(num_splits, "num_splits", min=1)
+    device = kernel_device(
+        (q, key_blocks, value_blocks, block_tables, lengths),
+        ("q", "key_blocks", "value_blocks", "block_tables", "lengths"),
+    )
     # A page number out of range would read outside the pool: check the pages in use, on the device,
     # with one synchronisation (a decode step is short, and every host round trip shows).
     capacity = block_tables.shape[1] * page_size

@@ -133,7 +133,6 @@ def default_blocks(head_dim: int, value_dim: int, dtype: torch.dtype) -> tuple[i
 def check_flash_inputs(q, k, v, causal, scale, block_m, block_n, input_precision):
     """The checks of :func:`fa2_forward` and :func:`course_lib.kernels.flash_attention`."""
     B, H, T, S, D, DV = check_attention_inputs(q, k, v)
-    kernel_device((q, k, v), ("q", "k", "v"))
     check_kernel_dtype(q, "q")
     check_head_dim(D, "head dim D")
     check_head_dim(DV, "value head dim D_v")
@@ -143,6 +142,7 @@ def check_flash_inputs(q, k, v, causal, scale, block_m, block_n, input_precision
     block_m = check_block(default_m if block_m is None else block_m, "block_m")
     block_n = check_block(default_n if block_n is None else block_n, "block_n")
     check_precision(input_precision)
+    kernel_device((q, k, v), ("q", "k", "v"))  # last: every argument error is reported on any device
     return (B, H, T, S, D, DV), scale, block_m, block_n
 
 

@@ -147,7 +147,6 @@ def gla_chunk(
     check_log_gate(g, "g")
     tensors = (q, k, v, g) + (() if initial_state is None else (initial_state,))
     names = ("q", "k", "v", "g", "initial_state")[: len(tensors)]
-    device = kernel_device(tensors, names)
     for x, name in zip(tensors, names):
         check_kernel_dtype(x, name)
     check_head_dim(DK, "key head dim D_k")
@@ -157,6 +156,7 @@ def gla_chunk(
     check_precision(input_precision)
     check_bool(output_final_state, "output_final_state")
     scale = resolve_scale(scale, DK)
+    device = kernel_device(tensors, names)
 
     # The course's rule for half precision: compute in float32, cast the output back.
     q32, k32, v32, g32 = (x.to(torch.float32).contiguous() for x in (q, k, v, g))
