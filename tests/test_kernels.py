@@ -474,6 +474,13 @@ def flash_args(T=8, S=8, D=16, DV=16, dtype=torch.float32):
         (lambda: kernels.flash_attention(*flash_args(), return_lse="yes"), TypeError, "return_lse"),
         (lambda: kernels.flash_attention(*flash_args(), scale=float("nan")), ValueError, "scale"),
         (lambda: kernels.flash_attention(*flash_args()[:2], flash_args(S=9)[2]), ValueError, "v must have"),
+        (
+            lambda: kernels.flash_attention(
+                *[torch.zeros(1, 1, 1, 16, device=RUN_DEVICE).expand(1, 2**27, 1, 16)] * 3
+            ),
+            ValueError,
+            "q has 2147483648 elements: the kernels index with 32-bit offsets",
+        ),
     ],
 )
 def test_flash_bad_input_names_the_argument(call, error, name):

@@ -32,6 +32,7 @@ __all__ = [
     "kernel_device",
     "check_kernel_dtype",
     "check_head_dim",
+    "check_indexable",
     "check_block",
     "dot_precision",
     "padded_dim",
@@ -86,6 +87,16 @@ def check_head_dim(value: int, name: str) -> int:
             "(padded inside to a power of two >= 16); larger tiles would not fit in shared memory"
         )
     return value
+
+
+def check_indexable(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """The kernels compute offsets in 32-bit integers: each tensor must hold fewer than 2**31 elements."""
+    for tensor, name in zip(tensors, names):
+        if tensor.numel() >= 2**31:
+            raise ValueError(
+                f"{name} has {tensor.numel()} elements: the kernels index with 32-bit offsets, "
+                "so each tensor must hold fewer than 2**31 (split the batch)"
+            )
 
 
 def check_block(value: object, name: str) -> int:

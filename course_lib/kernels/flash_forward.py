@@ -20,6 +20,7 @@ from ..checks import check_attention_inputs, check_bool, resolve_scale
 from .common import (
     check_block,
     check_head_dim,
+    check_indexable,
     check_kernel_dtype,
     check_precision,
     compute_dtype_for_dot,
@@ -142,6 +143,7 @@ def check_flash_inputs(q, k, v, causal, scale, block_m, block_n, input_precision
     block_m = check_block(default_m if block_m is None else block_m, "block_m")
     block_n = check_block(default_n if block_n is None else block_n, "block_n")
     check_precision(input_precision)
+    check_indexable((q, k, v), ("q", "k", "v"))
     kernel_device((q, k, v), ("q", "k", "v"))  # last: every argument error is reported on any device
     return (B, H, T, S, D, DV), scale, block_m, block_n
 

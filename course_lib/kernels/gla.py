@@ -30,6 +30,7 @@ from ..recurrent._common import check_log_gate, check_recurrent_inputs
 from .common import (
     check_block,
     check_head_dim,
+    check_indexable,
     check_kernel_dtype,
     check_precision,
     kernel_device,
@@ -156,6 +157,7 @@ def gla_chunk(
     check_precision(input_precision)
     check_bool(output_final_state, "output_final_state")
     scale = resolve_scale(scale, DK)
+    check_indexable(tensors, names)
     device = kernel_device(tensors, names)
 
     # The course's rule for half precision: compute in float32, cast the output back.
