@@ -10,7 +10,11 @@ same tolerances:
   the wider ``2e-2`` that its 10-bit mantissa needs.
 - float16 and bfloat16 against a float64 reference on the same rounded inputs: ``atol = rtol = 1e-2``
   (fp16) and ``3e-2`` (bf16): one rounding of the output and of the attention weights, which the
-  kernels feed to ``tl.dot`` in the input dtype as FlashAttention does.
+  kernels feed to ``tl.dot`` in the input dtype as FlashAttention does. One gap: Triton 3.7.1's
+  interpreter multiplies bfloat16 ``tl.dot`` operands as raw integers, so under the interpreter the
+  FlashAttention kernels compute bfloat16 inputs in float32 (``common.compute_dtype_for_dot``); the
+  decode kernel (no ``tl.dot``) runs in bfloat16 there, and the ``cuda`` variants run every kernel's
+  bfloat16 path for real.
 
 Block sizes are >= 16 and head dims padded to >= 16 everywhere, so ``tl.dot``'s minimum size on
 NVIDIA GPUs (an inner dimension of 16) is met in both runs. Shapes are small: under the interpreter
