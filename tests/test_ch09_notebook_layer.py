@@ -231,6 +231,28 @@ def test_kernels_table_computes_throughput_and_fraction_of_peak():
     assert "n/a" in kernels_table(results, device_name="Some GPU")
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install -e '.[kernels]')")
+def test_every_benchmark_method_runs_and_each_family_computes_the_same_thing():
+    """A smoke test of the GPU-only suite's code under the interpreter (run once each, never timed)."""
+    from course_lib.benchmarks.ch09 import kernels_methods
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    outputs = {}
+    for build in kernels_methods(device).values():
+        call = build(16)
+        assert call.extra["family"] in FAMILIES and call.extra["flops"] > 0
+        result = call()
+        if isinstance(result, list):  # the page-by-page loop: one (H, 1, D) output per sequence
+            result = torch.stack(result)
+        outputs.setdefault(call.extra["family"], []).append(result)
+    for family, results in outputs.items():
+        first = results[0] if isinstance(results[0], tuple) else (results[0],)
+        for other in results[1:]:
+            other = other if isinstance(other, tuple) else (other,)
+            for a, b in zip(first, other):
+                torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=family)
+
+
 # --- the exercise checkers (need Triton: they run the reader's code inside the kernels) --------
 
 needs_triton = pytest.mark.skipif(

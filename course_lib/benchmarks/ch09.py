@@ -30,7 +30,7 @@ from ..kv_cache import PagedKVCache
 from ..recurrent import gla
 from ..tiling import flash_attention as pytorch_flash_attention
 
-__all__ = ["SUITES", "kernels_suite", "match_accelerator", "kernels_table", "FAMILIES"]
+__all__ = ["SUITES", "kernels_suite", "kernels_methods", "match_accelerator", "kernels_table", "FAMILIES"]
 
 BATCH, HEADS, HEAD_DIM = 4, 16, 64
 DECODE_BATCH, DECODE_HEADS, DECODE_KV_HEADS, DECODE_DIM, PAGE = 8, 32, 8, 128, 16
@@ -97,6 +97,13 @@ def kernels_suite(device: torch.device | str = "cuda"):
         raise SuiteUnavailable(
             "the kernels suite needs Triton: pip install -c constraints.txt -e '.[kernels]'"
         )
+    return kernels_methods(device), "fa2 forward / sdpa", [1024, 2048, 4096, 8192]
+
+
+def kernels_methods(device: torch.device | str) -> dict:
+    """The suite's methods on any device the kernels run on (on the CPU under the interpreter, a
+    smoke test of this file, never a measurement); ``methods[name](T)`` returns the callable."""
+    device = torch.device(device)
     from .. import kernels  # imported here: listing the suites must not need Triton
     from ..kernels.decode import default_num_splits
 
@@ -116,7 +123,7 @@ def kernels_suite(device: torch.device | str = "cuda"):
     def forward_backward(name, fn):
         def build(T):
             q, k, v = (x.requires_grad_() for x in fa2_inputs(T))
-            grad = torch.randn_like(q)
+            grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device, q.dtype)
 
             def run():
                 return torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
@@ -172,7 +179,7 @@ def kernels_suite(device: torch.device | str = "cuda"):
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # T == S: both conventions agree
 
-    methods = {
+    return {
         "fa2 forward / triton": forward(
             "triton", lambda q, k, v: kernels.flash_attention(q, k, v, causal=True)
         ),
@@ -193,7 +200,6 @@ def kernels_suite(device: torch.device | str = "cuda"):
         "chunked gla / triton": chunked_gla("triton"),
         "chunked gla / pytorch chunk": chunked_gla("pytorch chunk"),
     }
-    return methods, "fa2 forward / sdpa", [1024, 2048, 4096, 8192]
 
 
 def kernels_table(results: list[Measurement], device_name: str | None = None) -> str:
