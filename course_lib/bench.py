@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -93,6 +94,10 @@ def load_suite(name: str) -> Callable:
     return importlib.import_module(modules[name][0]).SUITES[name]
 
 
+class SuiteUnavailable(RuntimeError):
+    """A suite cannot run here (e.g. chapter 09's kernels without a GPU); the message says why."""
+
+
 def suites() -> dict[str, Callable]:
     """Every benchmark suite, collected from the ``SUITES`` dicts of ``course_lib.benchmarks.ch*``.
 
@@ -103,6 +108,8 @@ def suites() -> dict[str, Callable]:
     above the table and stored in the JSON), ``table(results) -> str`` replaces
     :func:`course_lib.measure.format_table`, ``report(results) -> str`` is printed after the
     table, and ``plot(results, path)`` replaces the default log-log plot of time vs T.
+    A suite that cannot run on this machine raises :class:`course_lib.measure.SuiteUnavailable`
+    saying why; the command prints that reason in one line.
     """
     found: dict[str, Callable] = {}
     for module in sorted({module for module, _ in _suite_modules().values()}):
@@ -147,13 +154,17 @@ def main(argv: Sequence[str] | None = None):
     import torch
 
     from .checks import check_int
-    from .measure import environment_summary, format_table, save_json, sweep
+    from .measure import SuiteUnavailable, environment_summary, format_table, save_json, sweep
 
     if args.threads is not None:
         torch.set_num_threads(check_int(args.threads, "threads", min=1))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     suite = load_suite(args.suite)
-    methods, reference, default_lengths = suite(device)
+    try:
+        methods, reference, default_lengths = suite(device)
+    except SuiteUnavailable as reason:  # a plain message, no traceback
+        print(f"python -m course_lib.bench {args.suite}: {reason}", file=sys.stderr)
+        raise SystemExit(1) from None
     lengths = args.lengths or default_lengths
     results = sweep(
         methods, lengths, device=device, min_run_time=args.min_run_time, progress=not args.no_progress

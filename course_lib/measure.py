@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .checks import check_choice, check_float, check_int
 
 __all__ = [
+    "SuiteUnavailable",
     "Measurement",
     "time_function",
     "peak_memory_bytes",
@@ -296,3 +297,7 @@ def random_qkv(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shape = (batch, heads, T, head_dim)
     return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+class SuiteUnavailable(RuntimeError):
+    """A benchmark suite cannot run here (e.g. chapter 09's kernels without a GPU); the message says why."""
