@@ -257,4 +257,10 @@ def kernels_table(results: list[Measurement], device_name: str | None = None) ->
 
 
 kernels_suite.table = kernels_table
+kernels_suite.shape = {
+    "B": BATCH,
+    "H": HEADS,
+    "D": HEAD_DIM,
+    "decode": f"B={DECODE_BATCH} H={DECODE_HEADS} H_kv={DECODE_KV_HEADS} D={DECODE_DIM}",
+}
 SUITES = {"kernels": kernels_suite}

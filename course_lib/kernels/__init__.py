@@ -6,7 +6,7 @@ Three kernels, each in a short file that mirrors a PyTorch loop of the library:
   loop), forward and the dK/dV and dQ backward kernels, wrapped by :func:`flash_attention`;
 - ``decode``: one decode step reading K/V through a paged block table, split over the keys
   as in FlashDecoding (``course_lib.kv_cache.paged`` and ``course_lib.tiling.decoding``);
-- ``gla``: chunked gated linear attention (``course_lib.recurrent._common.chunk_gated_scan``).
+- ``gla``: chunked gated linear attention (``course_lib.recurrent.chunk_gated_scan``).
 
 **Triton's interpreter.** Without an NVIDIA GPU, Triton has no driver to compile for. Its
 interpreter (``TRITON_INTERPRET=1``) runs the same kernels with NumPy on CPU tensors, one program
@@ -61,9 +61,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from ..kv_cache import PagedKVCache as _PagedKVCache
-from ..recurrent import _common as _recurrent_common
-from ..tiling import flash as _tiling_flash
-from ..tiling.online_softmax import _combine as _combine_splits
+from ..recurrent import chunk_gated_scan as _chunk_gated_scan
+from ..tiling import combine_partials as _combine_partials
+from ..tiling import flash_backward as _flash_backward
+from ..tiling import flash_forward_fa2 as _flash_forward_fa2
 from .common import BLOCK_SIZES, INTERPRET, MAX_HEAD_DIM, kernel_device
 from .decode import combine_splits_kernel, page_offsets, paged_decode, paged_decode_kernel, paged_tables
 from .flash_backward import fa2_backward_dkdv_kernel, fa2_backward_dq_kernel, flash_attention
@@ -72,11 +73,11 @@ from .gla import gla_chunk, gla_chunk_kernel
 
 # Each kernel next to the PyTorch code it mirrors (notebook 09 shows them side by side).
 TWINS = {
-    "fa2 forward": (_tiling_flash._forward_fa2, fa2_forward_kernel),
-    "fa2 backward, dK and dV": (_tiling_flash._backward, fa2_backward_dkdv_kernel),
+    "fa2 forward": (_flash_forward_fa2, fa2_forward_kernel),
+    "fa2 backward, dK and dV": (_flash_backward, fa2_backward_dkdv_kernel),
     "paged decode": (_PagedKVCache.attention, paged_decode_kernel),
-    "split combine": (_combine_splits, combine_splits_kernel),
-    "chunked gla": (_recurrent_common.chunk_gated_scan, gla_chunk_kernel),
+    "split combine": (_combine_partials, combine_splits_kernel),
+    "chunked gla": (_chunk_gated_scan, gla_chunk_kernel),
 }
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 The forward pass saved only q, k, v, the output O and the logsumexp L. Every tile of the
 attention weights is recomputed from them, ``P = exp(s - L)``, exactly as
-``course_lib.tiling.flash._backward`` does; with ``D = rowsum(dO * O)``:
+``course_lib.tiling.flash_backward`` does; with ``D = rowsum(dO * O)``:
 
     dV = P^T dO,    dP = dO V^T,    dS = P * (dP - D),    dQ = scale dS K,    dK = scale dS^T Q.
 
@@ -36,7 +36,7 @@ def fa2_backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One K/V block's dK and dV: the outer loop of ``tiling.flash._backward``, as one program."""
+    """One K/V block's dK and dV: the outer loop of ``tiling.flash_backward``, as one program."""
     start_n = tl.program_id(0) * BLOCK_N
     head = tl.program_id(1)
     Q += head * T * D

@@ -1,6 +1,6 @@
 """Chunked gated linear attention (GLA, and simple GLA) as a Triton kernel.
 
-``course_lib.recurrent._common.chunk_gated_scan`` computes, for each chunk of C steps, with
+``course_lib.recurrent.chunk_gated_scan`` computes, for each chunk of C steps, with
 ``b`` the cumulative log gate inside the chunk (every exponent below is <= 0):
 
     intra-chunk:  o_t += sum_{s <= t} (q_t . (k_s * exp(b_t - b_s))) v_s     (masked attention)
