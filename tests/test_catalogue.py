@@ -208,3 +208,13 @@ def test_gates_describe_the_recurrences():
     assert catalogue.get("gla").gates.forget == "vector"
     assert catalogue.get("deltanet").gates.write == "delta"
     assert catalogue.get("retnet").gates.forget == "fixed"
+
+
+def test_mixer_factories_name_their_options():
+    # Studies pass each layer only the options it takes (e.g. the recall study's short convolution),
+    # which they read off the factory's signature: a catch-all **options would hide a typo.
+    import inspect
+
+    for mechanism in catalogue.mechanisms(has="mixer"):
+        parameters = inspect.signature(mechanism.mixer).parameters.values()
+        assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters), mechanism.name

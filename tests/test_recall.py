@@ -60,11 +60,12 @@ def test_attention_overfits_a_tiny_recall_batch():
 
 @pytest.mark.parametrize("mixer", list(recall.RECALL_MIXERS))
 def test_every_mixer_runs_forward_and_backward(mixer):
-    task = MQARTask(vocab_size=16, num_pairs=2, seq_len=10)
+    # long enough that every part of every layer is used (NSA compresses blocks of 16 tokens)
+    task = MQARTask(vocab_size=16, num_pairs=2, seq_len=40)
     model = recall.recall_model(mixer, task, d_model=16, num_heads=2)
     inputs, targets = mqar_batch(task, 2, seed=0)
     logits = model(inputs)
-    assert logits.shape == (2, 10, 16) and torch.isfinite(logits).all()
+    assert logits.shape == (2, 40, 16) and torch.isfinite(logits).all()
     recall_loss(logits, targets).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

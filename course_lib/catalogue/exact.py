@@ -24,8 +24,10 @@ def _kv_cache(T, g, **_):
     return T * g.heads * (g.head_dim + g.dv)
 
 
-def _softmax_mixer(d_model, num_heads, **options):
-    return AttentionMixer(d_model, num_heads, core="softmax", **options)
+def _softmax_mixer(d_model, num_heads, *, num_kv_heads=None, rope=False, conv_size=0):
+    return AttentionMixer(
+        d_model, num_heads, num_kv_heads=num_kv_heads, core="softmax", rope=rope, conv_size=conv_size
+    )
 
 
 register(

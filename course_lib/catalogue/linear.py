@@ -38,8 +38,8 @@ register(
         state_numbers=_linear_state,
         cost=lambda phase, T, g: costs.chunked(phase, T, g, chunk=CHUNK),
         gates=Gates(),
-        mixer=lambda d_model, num_heads, *, chunk_size=CHUNK, **options: AttentionMixer(
-            d_model, num_heads, core="linear", chunk_size=chunk_size, **options
+        mixer=lambda d_model, num_heads, *, chunk_size=CHUNK, conv_size=0: AttentionMixer(
+            d_model, num_heads, core="linear", chunk_size=chunk_size, conv_size=conv_size
         ),
     )
 )

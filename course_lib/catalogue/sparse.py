@@ -48,8 +48,8 @@ register(
         cache_window=WINDOW,
         state_numbers=lambda T, g, window=WINDOW, **_: min(T, window) * g.heads * (g.head_dim + g.dv),
         cost=lambda phase, T, g: costs.window(phase, T, g, window=WINDOW),
-        mixer=lambda d_model, num_heads, *, window=16, **options: AttentionMixer(
-            d_model, num_heads, core="window", window=window, **options
+        mixer=lambda d_model, num_heads, *, window=16, rope=False, conv_size=0: AttentionMixer(
+            d_model, num_heads, core="window", window=window, rope=rope, conv_size=conv_size
         ),
         config_fields=("rope",),
     )
@@ -156,8 +156,19 @@ register(
         query_inputs=("q", "gates"),
         decode="cache",
         state_numbers=_gqa_cache,
-        mixer=lambda d_model, num_heads, *, num_kv_heads=None, **options: NativeSparseAttention(
-            d_model, num_heads, num_kv_heads=num_kv_heads, **options
+        # Sizes for the tiny models of the course (contexts of hundreds of tokens); the paper's are
+        # blocks of 64, 16 selected blocks and a window of 512.
+        mixer=lambda d_model, num_heads, *, num_kv_heads=None, block_size=16, num_selected=4, window=32: (
+            NativeSparseAttention(
+                d_model,
+                num_heads,
+                num_kv_heads=num_kv_heads,
+                block_size=block_size,
+                num_selected=num_selected,
+                window=window,
+                compress_block=block_size,
+                compress_stride=block_size // 2,
+            )
         ),
     )
 )
