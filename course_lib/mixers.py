@@ -8,7 +8,9 @@ that turns ``q, k, v`` into the output:
 - ``core="softmax"``: exact causal softmax attention (MHA with ``num_kv_heads = num_heads``,
   GQA with fewer key/value heads, MQA with one);
 - ``core="window"``: sliding-window attention over the last ``window`` tokens;
-- ``core="linear"``: causal linear attention (elu + 1 features, chunk form).
+- ``core="linear"``: causal linear attention (elu + 1 features, chunk form);
+- ``core="hybrid"``: half the heads sliding-window attention, half linear attention, in one layer
+  (the recipe of Based: exact recall of recent tokens, a fixed-size state for the rest).
 
 Around the core: q, k, v projections (``num_kv_heads`` heads for k and v), an optional short
 causal convolution over q, k and v (``conv_size``, as Zoology's recall models use), optional
@@ -33,7 +35,7 @@ from .standard import apply_rope, causal_mask
 
 __all__ = ["CORES", "AttentionMixer", "causal_softmax"]
 
-CORES = ("softmax", "window", "linear")
+CORES = ("softmax", "window", "linear", "hybrid")
 
 
 def causal_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,7 @@ class AttentionMixer(GroupedQueryAttention):
 
     def make_cache(self, num_layers, batch_size, max_len, *, dtype=torch.float32, device=None) -> KVCache:
         """A KV cache for ``num_layers`` layers like this one (the model shares one across blocks)."""
-        if self.core == "linear" or self.conv is not None:
+        if self.core in ("linear", "hybrid") or self.conv is not None:
             raise ValueError(
                 f"core={self.core!r}, conv_size={self.conv_size}: only softmax and window cores without a "
                 "short convolution decode from a KV cache"
@@ -138,7 +140,7 @@ class AttentionMixer(GroupedQueryAttention):
         return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
     def forward(self, x: torch.Tensor, *, cache=None, layer_index: int = 0) -> torch.Tensor:  # type: ignore[override]
-        if cache is not None and (self.core == "linear" or self.conv is not None):
+        if cache is not None and (self.core in ("linear", "hybrid") or self.conv is not None):
             raise ValueError("cache: this layer has no KV cache (linear core or short convolution)")
         start = 0 if cache is None else cache.length(layer_index)
         q, k, v = self.queries_keys_values(x, start=start)
@@ -156,7 +158,23 @@ class AttentionMixer(GroupedQueryAttention):
         k, v = (repeat_kv(t, group) for t in (k, v)) if group > 1 else (k, v)
         if self.core == "window":
             return sliding_window_attention(q, k, v, self.window, causal=True)
-        return linear_attention(q, k, v, causal=True, form="chunk", chunk_size=self.chunk_size)
+        if self.core == "linear":
+            return linear_attention(q, k, v, causal=True, form="chunk", chunk_size=self.chunk_size)
+        local = self.num_heads // 2  # hybrid: the first half of the heads local, the rest linear
+        return torch.cat(
+            [
+                sliding_window_attention(q[:, :local], k[:, :local], v[:, :local], self.window, causal=True),
+                linear_attention(
+                    q[:, local:],
+                    k[:, local:],
+                    v[:, local:],
+                    causal=True,
+                    form="chunk",
+                    chunk_size=self.chunk_size,
+                ),
+            ],
+            dim=1,
+        )
 
     def extra_repr(self) -> str:
         return (
