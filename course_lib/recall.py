@@ -41,6 +41,9 @@ __all__ = [
     "mqar_batch",
     "recall_loss",
     "answer_accuracy",
+    "answer_distances",
+    "accuracy_by_distance",
+    "PLACEMENTS",
     "RECALL_MIXERS",
     "RECALL_OPTIONS",
     "recall_options",
@@ -54,6 +57,7 @@ __all__ = [
 ]
 
 IGNORE = -100  # target of the positions that are not answers (cross_entropy's ignore_index)
+PLACEMENTS = ("uniform", "power_law")  # where the queries go in the query part (see MQARTask)
 CONV_SIZE = 4  # every mixer reads q, k, v through a causal depthwise convolution of this width
 WINDOW = 16  # sliding-window size of the "sliding_window" mixer (tokens, the query included)
 
@@ -66,13 +70,21 @@ class MQARTask:
     """Shape of an MQAR sequence.
 
     Token 0 is the filler; keys are tokens ``1 .. K`` and values ``K + 1 .. vocab_size - 1`` with
-    ``K = (vocab_size - 1) // 2``. Every pair's key is queried once, in a random order, at random
-    positions of the query part (the ``seq_len - 2 num_pairs`` tokens after the pairs).
+    ``K = (vocab_size - 1) // 2``. Every pair's key is queried once, in a random order, at distinct
+    positions of the query part (the ``seq_len - 2 num_pairs`` tokens after the pairs):
+
+    - ``placement="uniform"``: every position of the query part equally likely;
+    - ``placement="power_law"``: Zoology's placement, position ``g = 1, 2, ...`` of the query part
+      drawn with probability proportional to ``power_a * g ** (power_a - 1)`` (``power_a = 0.01``:
+      queries crowd right after the pairs, as a repeated bigram in text most often recurs soon),
+      without replacement.
     """
 
     vocab_size: int = 64
     num_pairs: int = 4
     seq_len: int = 32
+    placement: str = "uniform"
+    power_a: float = 0.01
 
     def __post_init__(self) -> None:
         check_int(self.vocab_size, "vocab_size", min=5)
@@ -89,6 +101,15 @@ class MQARTask:
                 f"seq_len={self.seq_len} must be at least 3 * num_pairs={3 * self.num_pairs} "
                 "(pairs + queries)"
             )
+        check_choice(self.placement, "placement", PLACEMENTS)
+        check_float(self.power_a, "power_a", min=0.0, max=1.0, min_open=True)
+
+    def query_weights(self) -> torch.Tensor:
+        """Unnormalised probability of each position of the query part to hold a query (float64)."""
+        positions = torch.arange(1, self.seq_len - 2 * self.num_pairs + 1, dtype=torch.float64)
+        if self.placement == "uniform":
+            return torch.ones_like(positions)
+        return self.power_a * positions ** (self.power_a - 1)
 
 
 def mqar_batch(
@@ -116,13 +137,46 @@ def mqar_batch(
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
     inputs[:, 0 : 2 * n : 2] = keys
     inputs[:, 1 : 2 * n : 2] = values
-    # Queries: each pair once, in random order, at random sorted positions after the pairs.
+    # Queries: each pair once, in random order, at n distinct sorted positions after the pairs,
+    # drawn without replacement with the task's weights (Gumbel top-n: the n largest of
+    # log w + Gumbel noise are a weighted sample without replacement).
     order = torch.rand(B, n, generator=generator).argsort(-1)
-    slots = torch.rand(B, T - 2 * n, generator=generator).argsort(-1)[:, :n].sort(-1).values + 2 * n
+    noise = torch.rand(B, T - 2 * n, generator=generator, dtype=torch.float64).clamp_min(1e-300)
+    scores = task.query_weights().log() - (-noise.log()).log()
+    slots = scores.topk(n, dim=-1).indices.sort(-1).values + 2 * n
     rows = torch.arange(B)[:, None]
     inputs[rows, slots] = keys.gather(1, order)
     targets[rows, slots] = values.gather(1, order)
     return inputs, targets
+
+
+def answer_distances(inputs: torch.Tensor, targets: torch.Tensor, task: MQARTask) -> torch.Tensor:
+    """For every answer position (row-major, as ``targets != IGNORE`` selects them), how many tokens
+    lie between the queried key's first occurrence among the pairs and the query: ``(answers,)`` long.
+    """
+    check_tensor(inputs, "inputs", ndim=2, dtype=torch.long)
+    check_tensor(targets, "targets", ndim=2, dtype=torch.long)
+    if inputs.shape != targets.shape:
+        raise ValueError(
+            f"targets must have the shape of inputs {tuple(inputs.shape)}, got {tuple(targets.shape)}"
+        )
+    rows, positions = (targets != IGNORE).nonzero(as_tuple=True)
+    pair_keys = inputs[:, 0 : 2 * task.num_pairs : 2]  # (B, n): key i sits at position 2 i
+    key_index = (pair_keys[rows] == inputs[rows, positions][:, None]).int().argmax(-1)
+    return positions - 2 * key_index
+
+
+def accuracy_by_distance(
+    logits: torch.Tensor, targets: torch.Tensor, distances: torch.Tensor, edges: list[int]
+) -> list[tuple[int, int, float | None]]:
+    """Answer accuracy per distance bin ``[edges[i], edges[i + 1])``: ``(low, high, accuracy or None)``."""
+    answers = targets != IGNORE
+    correct = (logits.argmax(-1)[answers] == targets[answers]).float()
+    bins = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (distances >= low) & (distances < high)
+        bins.append((low, high, float(correct[inside].mean()) if inside.any() else None))
+    return bins
 
 
 def recall_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,385 @@
+"""Chapter 08's recall study: every token mixer trained on MQAR until it converges, then measured.
+
+Trained as a researcher checking a claim would (Zoology, Arora et al. 2023, reports the best of a
+learning-rate sweep), so that "not learned" means "not within this budget", never "too few steps":
+
+1. **Learning-rate sweep** (once per mixer, at T = 64, seed 0): :data:`SWEEP_LRS`, the best kept.
+2. **Final runs** (per mixer, :data:`SEEDS`): one model trained on *every* length of the grid at once
+   (step s trains on length ``LENGTHS[s % 3]``, ``num_pairs = T / 16``), evaluated per length every
+   ``eval_every`` steps on held-out batches. A run stops when every length reaches
+   :data:`TARGET` accuracy (converged), when the mean accuracy has not improved for ``patience``
+   evaluations (plateau), or at the step cap (``cap``) — each run records which.
+3. **State sweep**: a few mixers at several widths, recall against decoding-state bytes (as the
+   Zoology and Based papers plot it).
+
+Every run is cached in ``results/recall_runs/`` as one small JSON file named by its settings, so
+adding a mechanism retrains only that mechanism, and an interrupted study resumes where it
+stopped. ``python -m course_lib.studies.recall_study`` runs what is missing (``--jobs 2``: two
+processes of one thread each, the fastest use of a 2-core CPU) with a progress bar and writes the
+summary ``results/recall_study.json`` that notebook 08 loads; ``--quick`` runs a small version
+(one seed, a low step cap, no sweep) into ``results/recall_study_quick.json`` to check the
+pipeline. Each run also records accuracy by key-query distance, and ``--placement power_law``
+trains and evaluates on Zoology's power-law query placement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checks import check_choice, check_float, check_int
+from ..recall import (
+    PLACEMENTS,
+    RECALL_MIXERS,
+    MQARTask,
+    accuracy_by_distance,
+    answer_accuracy,
+    answer_distances,
+    mqar_batch,
+    recall_loss,
+    recall_model,
+    state_bytes,
+)
+from ..results import RESULTS_DIR
+
+__all__ = [
+    "LENGTHS",
+    "SEEDS",
+    "SWEEP_LRS",
+    "TARGET",
+    "DISTANCE_EDGES",
+    "STATE_SWEEP_MIXERS",
+    "STATE_SWEEP_WIDTHS",
+    "Run",
+    "task_at",
+    "train_run",
+    "plan",
+    "run_study",
+    "summarise",
+    "main",
+]
+
+LENGTHS = (64, 128, 256)
+SEEDS = (0, 1)
+SWEEP_LRS = (1e-3, 3e-3, 1e-2)
+TARGET = 0.99
+DISTANCE_EDGES = [1, 8, 16, 32, 64, 128, 256]
+STATE_SWEEP_MIXERS = ("gla", "mamba2", "deltanet")
+STATE_SWEEP_WIDTHS = (32, 64, 128)
+RUNS_DIR = RESULTS_DIR / "recall_runs"
+STUDY_PATH = RESULTS_DIR / "recall_study.json"
+
+
+def task_at(T: int, placement: str = "uniform") -> MQARTask:
+    """The grid's task at length T: ``num_pairs = T / 16`` (Zoology's (64, 4), (128, 8), (256, 16)),
+    64 tokens of vocabulary."""
+    T = check_int(T, "T", min=16)
+    return MQARTask(vocab_size=64, num_pairs=T // 16, seq_len=T, placement=placement)
+
+
+@dataclass(frozen=True)
+class Run:
+    """The settings of one training run; its :meth:`key` names its cache file."""
+
+    mixer: str
+    lengths: tuple[int, ...] = LENGTHS
+    lr: float = 3e-3
+    seed: int = 0
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    batch_size: int = 16
+    cap: int = 3000
+    eval_every: int = 100
+    patience: int = 6
+    placement: str = "uniform"
+    kind: str = "final"  # "sweep", "final" or "state"
+
+    def __post_init__(self) -> None:
+        check_choice(self.mixer, "mixer", RECALL_MIXERS)
+        check_choice(self.placement, "placement", PLACEMENTS)
+        check_choice(self.kind, "kind", ("sweep", "final", "state"))
+        check_float(self.lr, "lr", min=0.0, min_open=True)
+        for name in (
+            "seed",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "batch_size",
+            "cap",
+            "eval_every",
+            "patience",
+        ):
+            check_int(getattr(self, name), name, min=0 if name == "seed" else 1)
+
+    def key(self) -> str:
+        lengths = "-".join(str(T) for T in self.lengths)
+        return (
+            f"{self.kind}_{self.mixer}_T{lengths}_lr{self.lr:g}_s{self.seed}_d{self.d_model}"
+            f"_L{self.num_layers}_h{self.num_heads}_b{self.batch_size}_cap{self.cap}_{self.placement}"
+        )
+
+
+@torch.no_grad()
+def _evaluate(
+    model, tasks: dict[int, MQARTask], batches: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> dict:
+    model.eval()
+    return {T: answer_accuracy(model(batches[T][0]), batches[T][1]) for T in tasks}
+
+
+def train_run(run: Run, *, progress: bool = False) -> dict:
+    """Train one model as ``run`` says; return its record (JSON-ready, no model).
+
+    The record holds the settings, ``accuracy`` per length (at the best evaluation), ``curve``
+    (``(step, {T: accuracy})``), ``steps`` run, ``stop`` ("converged", "plateau" or "cap"),
+    ``by_distance`` per length (accuracy per key-query distance bin of :data:`DISTANCE_EDGES`),
+    ``state_bytes`` per length, ``parameters`` and ``seconds``.
+    """
+    started = time.perf_counter()
+    tasks = {T: task_at(T, run.placement) for T in run.lengths}
+    longest = tasks[max(run.lengths)]
+    model = recall_model(
+        run.mixer,
+        longest,
+        d_model=run.d_model,
+        num_layers=run.num_layers,
+        num_heads=run.num_heads,
+        seed=run.seed,
+    )
+    generator = torch.Generator().manual_seed(run.seed)
+    held_out = {T: mqar_batch(task, 128, seed=10_000 + T) for T, task in tasks.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.1)
+    warmup = 50
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and two processes share the CPU
+    curve, best, best_state, since_best, stop = [], -1.0, None, 0, "cap"
+    order = list(run.lengths)
+    try:
+        bar = tqdm(range(run.cap), desc=f"{run.mixer} {run.kind}", disable=not progress, leave=False)
+        for step in bar:
+            model.train()
+            inputs, targets = mqar_batch(tasks[order[step % len(order)]], run.batch_size, generator=generator)
+            loss = recall_loss(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if (step + 1) % run.eval_every and step + 1 != run.cap:
+                continue
+            accuracy = _evaluate(model, tasks, held_out)
+            curve.append((step + 1, accuracy))
+            mean = sum(accuracy.values()) / len(accuracy)
+            if mean > best + 1e-3:
+                best, since_best = mean, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+            if min(accuracy.values()) >= TARGET:
+                stop = "converged"
+                break
+            if since_best >= run.patience:
+                stop = "plateau"
+                break
+        model.load_state_dict(best_state)
+        model.eval()
+        accuracy, by_distance = {}, {}
+        with torch.no_grad():
+            for T, task in tasks.items():
+                inputs, targets = held_out[T]
+                logits = model(inputs)
+                accuracy[T] = answer_accuracy(logits, targets)
+                distances = answer_distances(inputs, targets, task)
+                by_distance[T] = accuracy_by_distance(logits, targets, distances, DISTANCE_EDGES)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        **asdict(run),
+        "accuracy": {str(T): a for T, a in accuracy.items()},
+        "curve": [(s, {str(T): a for T, a in acc.items()}) for s, acc in curve],
+        "steps": curve[-1][0],
+        "stop": stop,
+        "by_distance": {str(T): bins for T, bins in by_distance.items()},
+        "state_bytes": {
+            str(T): state_bytes(
+                run.mixer, T, d_model=run.d_model, num_layers=run.num_layers, num_heads=run.num_heads
+            )
+            for T in run.lengths
+        },
+        "parameters": model.num_parameters(),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# --- the study ----------------------------------------------------------------------------------
+
+
+def _cached(run: Run, folder: Path) -> dict | None:
+    path = folder / f"{run.key()}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _train_and_store(args: tuple[Run, str]) -> dict:
+    run, folder = args
+    torch.set_num_threads(1)
+    record = train_run(run)
+    path = Path(folder) / f"{run.key()}.json"
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _run_all(runs: Sequence[Run], folder: Path, jobs: int, progress: bool, label: str) -> list[dict]:
+    """Every run's record: from the cache, or trained now (``jobs`` processes) and cached."""
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [run for run in runs if _cached(run, folder) is None]
+    if missing:
+        # Longest runs first, so the two processes finish together.
+        missing.sort(key=lambda r: r.cap * max(r.lengths) * r.d_model, reverse=True)
+        work = [(run, str(folder)) for run in missing]
+        bar = tqdm(total=len(work), desc=f"recall study: {label}", disable=not progress)
+        if jobs > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+                for record in pool.imap_unordered(_train_and_store, work):
+                    bar.set_postfix_str(f"{record['mixer']}: {record['stop']} at {record['steps']}")
+                    bar.update()
+        else:
+            for item in work:
+                record = _train_and_store(item)
+                bar.set_postfix_str(f"{record['mixer']}: {record['stop']} at {record['steps']}")
+                bar.update()
+        bar.close()
+    return [_cached(run, folder) for run in runs]
+
+
+def plan(*, quick: bool = False, mixers: Sequence[str] = RECALL_MIXERS, placement: str = "uniform") -> dict:
+    """The runs of the study (before the sweep's winners are known, the final runs use ``lr=None``).
+
+    Full: a sweep of :data:`SWEEP_LRS` at T = 64 (cap 1500), final runs at every length for every
+    seed (cap 3000), the state sweep at T = 128. Quick: no sweep (lr 3e-3), one seed, caps of 300.
+    """
+    for mixer in mixers:
+        check_choice(mixer, "mixers", RECALL_MIXERS)
+    base = {"placement": placement}
+    if quick:
+        base.update(cap=300, eval_every=50, patience=3)
+        return {
+            "sweep": [],
+            "final": [Run(m, seed=0, **base) for m in mixers],
+            "state": [
+                Run(m, lengths=(128,), d_model=w, kind="state", **base)
+                for m in STATE_SWEEP_MIXERS
+                for w in STATE_SWEEP_WIDTHS
+                if m in mixers
+            ],
+        }
+    return {
+        "sweep": [
+            Run(m, lengths=(64,), lr=lr, cap=1500, kind="sweep", **base) for m in mixers for lr in SWEEP_LRS
+        ],
+        "final": [Run(m, seed=s, **base) for m in mixers for s in SEEDS],
+        "state": [
+            Run(m, lengths=(128,), d_model=w, kind="state", **base)
+            for m in STATE_SWEEP_MIXERS
+            for w in STATE_SWEEP_WIDTHS
+            if m in mixers
+        ],
+    }
+
+
+def _best_lr(records: list[dict], mixer: str) -> float:
+    """The sweep's winner: the highest accuracy at T = 64, ties to the fewer steps."""
+    mine = [r for r in records if r["mixer"] == mixer]
+    if not mine:
+        return 3e-3
+    return max(mine, key=lambda r: (round(r["accuracy"]["64"], 3), -r["steps"]))["lr"]
+
+
+def run_study(
+    *,
+    quick: bool = False,
+    mixers: Sequence[str] = RECALL_MIXERS,
+    placement: str = "uniform",
+    jobs: int = 2,
+    progress: bool = True,
+    folder: Path = RUNS_DIR,
+) -> dict:
+    """Run (or read from the cache) every run of :func:`plan`; return :func:`summarise`'s summary."""
+    jobs = check_int(jobs, "jobs", min=1)
+    runs = plan(quick=quick, mixers=mixers, placement=placement)
+    sweep = _run_all(runs["sweep"], folder, jobs, progress, "learning-rate sweep")
+    best = {m: (3e-3 if quick else _best_lr(sweep, m)) for m in mixers}
+    final = _run_all(
+        [replace(r, lr=best[r.mixer]) for r in runs["final"]], folder, jobs, progress, "final runs"
+    )
+    state = _run_all(
+        [replace(r, lr=best[r.mixer]) for r in runs["state"]], folder, jobs, progress, "state sweep"
+    )
+    return summarise(sweep, final, state, quick=quick)
+
+
+def summarise(sweep: list[dict], final: list[dict], state: list[dict], *, quick: bool = False) -> dict:
+    """The study's summary: per mixer and length, the mean and spread over seeds, how runs stopped."""
+    mixers = list(dict.fromkeys(r["mixer"] for r in final))
+    table = {}
+    for mixer in mixers:
+        runs = [r for r in final if r["mixer"] == mixer]
+        row = {}
+        for T in runs[0]["accuracy"]:
+            values = [r["accuracy"][T] for r in runs]
+            row[T] = {
+                "mean": sum(values) / len(values),
+                "min": min(values),
+                "max": max(values),
+                "state_bytes": runs[0]["state_bytes"][T],
+            }
+        table[mixer] = {
+            "lr": runs[0]["lr"],
+            "accuracy": row,
+            "stops": [r["stop"] for r in runs],
+            "steps": [r["steps"] for r in runs],
+            "seconds": sum(r["seconds"] for r in runs),
+        }
+    return {
+        "quick": quick,
+        "lengths": list(LENGTHS),
+        "target": TARGET,
+        "sweep": [{k: r[k] for k in ("mixer", "lr", "accuracy", "steps", "stop")} for r in sweep],
+        "table": table,
+        "final": final,
+        "state": [
+            {k: r[k] for k in ("mixer", "d_model", "accuracy", "state_bytes", "steps", "stop")} for r in state
+        ],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m course_lib.studies.recall_study",
+        description="Train every token mixer on MQAR until it converges (cached, resumable).",
+    )
+    parser.add_argument("--quick", action="store_true", help="one seed, step caps of 300, no sweep (~15 min)")
+    parser.add_argument("--jobs", type=int, default=2, help="processes, one thread each (default 2)")
+    parser.add_argument("--mixers", nargs="+", default=list(RECALL_MIXERS), choices=RECALL_MIXERS)
+    parser.add_argument("--placement", default="uniform", choices=PLACEMENTS)
+    parser.add_argument("--out", type=Path, help="summary JSON (default results/recall_study[_quick].json)")
+    args = parser.parse_args(argv)
+    summary = run_study(quick=args.quick, mixers=args.mixers, placement=args.placement, jobs=args.jobs)
+    out = args.out or (RESULTS_DIR / ("recall_study_quick.json" if args.quick else "recall_study.json"))
+    out.write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Chapter 08's recall study: the training recipe's pieces, end to end on the smallest configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from course_lib.recall import IGNORE, MQARTask, answer_distances, mqar_batch
+from course_lib.studies import recall_study as study
+from course_lib.studies.recall_study import Run, train_run
+
+
+def tiny(mixer="attention", **options):
+    settings = dict(lengths=(16, 32), d_model=16, num_heads=2, batch_size=4, cap=6, eval_every=2, patience=2)
+    return Run(mixer, **{**settings, **options})
+
+
+def test_a_run_trains_on_every_length_and_reports_each():
+    record = train_run(tiny())
+    assert set(record["accuracy"]) == {"16", "32"} and all(0 <= a <= 1 for a in record["accuracy"].values())
+    assert [step for step, _ in record["curve"]] == [2, 4, 6] and record["stop"] in ("cap", "plateau")
+    assert set(record["by_distance"]) == {"16", "32"}
+    for bins in record["by_distance"].values():
+        assert [low for low, _, _ in bins] == study.DISTANCE_EDGES[:-1]
+    assert record["state_bytes"]["32"] == 2 * record["state_bytes"]["16"]  # attention: a KV cache grows
+    json.dumps(record)  # JSON-ready
+
+
+def test_a_run_stops_early_on_a_plateau():
+    # A learning rate this small moves nothing: the mean accuracy never improves, so the run
+    # stops after `patience` evaluations instead of spending its whole cap.
+    record = train_run(tiny(lr=1e-9, cap=40, eval_every=2, patience=2))
+    assert record["stop"] == "plateau" and record["steps"] == 6
+
+
+def test_a_run_stops_when_every_length_converges(monkeypatch):
+    monkeypatch.setattr(study, "TARGET", 0.0)  # any accuracy counts as converged
+    record = train_run(tiny(cap=40))
+    assert record["stop"] == "converged" and record["steps"] == 2
+
+
+def test_runs_are_cached_and_resumed(tmp_path, monkeypatch):
+    calls = []
+    real = study.train_run
+    monkeypatch.setattr(study, "train_run", lambda run, **kw: calls.append(run.key()) or real(run, **kw))
+    runs = [tiny(), tiny("gla")]
+    first = study._run_all(runs, tmp_path, jobs=1, progress=False, label="test")
+    again = study._run_all(runs, tmp_path, jobs=1, progress=False, label="test")
+    assert len(calls) == 2 and first == again and len(list(tmp_path.glob("*.json"))) == 2
+    assert runs[0].key() != runs[1].key() != tiny(seed=1).key()
+
+
+def test_the_plan_covers_every_mixer_and_the_sweep_picks_the_best():
+    full = study.plan()
+    assert {r.mixer for r in full["final"]} == set(study.RECALL_MIXERS)
+    assert len(full["final"]) == len(study.RECALL_MIXERS) * len(study.SEEDS)
+    assert {r.lr for r in full["sweep"]} == set(study.SWEEP_LRS)
+    quick = study.plan(quick=True)
+    assert not quick["sweep"] and all(r.cap <= 300 and r.seed == 0 for r in quick["final"])
+    records = [
+        {"mixer": "gla", "lr": 1e-3, "accuracy": {"64": 0.5}, "steps": 900},
+        {"mixer": "gla", "lr": 3e-3, "accuracy": {"64": 0.99}, "steps": 1200},
+        {"mixer": "gla", "lr": 1e-2, "accuracy": {"64": 0.99}, "steps": 700},
+    ]
+    assert study._best_lr(records, "gla") == 1e-2  # tie on accuracy: the fewer steps
+
+
+def test_power_law_placement_crowds_queries_after_the_pairs():
+    uniform, power = (MQARTask(64, 4, 128, placement=p) for p in ("uniform", "power_law"))
+    distance = {}
+    for task in (uniform, power):
+        inputs, targets = mqar_batch(task, 512, seed=0)
+        d = answer_distances(inputs, targets, task)
+        rows, positions = (targets != IGNORE).nonzero(as_tuple=True)
+        # the distance points back at the queried key, whose next token is the answer
+        assert torch.equal(inputs[rows, positions - d], inputs[rows, positions])
+        assert torch.equal(inputs[rows, positions - d + 1], targets[rows, positions])
+        distance[task.placement] = d.float().mean().item()
+    assert distance["power_law"] < 0.7 * distance["uniform"]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="mixer"):
+        Run("transformer")
+    with pytest.raises(ValueError, match="placement"):
+        MQARTask(placement="zipf")
+    with pytest.raises(ValueError, match="lr"):
+        Run("gla", lr=0.0)
