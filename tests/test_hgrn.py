@@ -375,3 +375,31 @@ def test_mixer_bad_input():
         HGRNMixer(16, 3)
     with pytest.raises(ValueError, match="^key_dim"):
         HGRN2Mixer(16, 4, key_dim=0)
+
+
+def test_forget_gate_with_a_tensor_bound_stays_finite_for_very_negative_logits():
+    # A learned bound of 0 (layer 0 of hgrn_lower_bounds) once gave log(0) = -inf for logits below
+    # about -104 in float32, which hgrn then refused; the bound's gradient must stay finite too.
+    logits = torch.tensor([-800.0, -104.0, 0.0, 50.0], dtype=torch.float64, requires_grad=True)
+    bound_logits = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    bounds = hgrn_lower_bounds(bound_logits)
+    for layer in range(3):
+        got = hgrn_forget_gate(logits, bounds[layer])
+        gamma = bounds[layer].detach().tolist()
+        expected = torch.tensor(  # log(gamma + (1 - gamma) sigma(x)), term by term in exact arithmetic
+            [
+                F.logsigmoid(torch.tensor(x, dtype=torch.float64)).item()
+                if g == 0
+                else float(
+                    torch.logaddexp(
+                        torch.tensor(g).log(), torch.tensor(1 - g).log() + F.logsigmoid(torch.tensor(x))
+                    )
+                )
+                for x, g in zip(logits.detach().tolist(), gamma)
+            ],
+            dtype=torch.float64,
+        )
+        torch.testing.assert_close(got, expected)
+        got.sum().backward(retain_graph=True)
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(bound_logits.grad).all()
+    assert torch.isfinite(hgrn_forget_gate(logits.detach().float(), torch.zeros(4))).all()

@@ -77,7 +77,14 @@ def hgrn_forget_gate(logits: torch.Tensor, lower_bound: float | torch.Tensor = 0
         lower_bound = check_float(lower_bound, "lower_bound", min=0.0, max=1.0, max_open=True)
         if lower_bound == 0.0:
             return F.logsigmoid(logits)
-    return torch.log(lower_bound + (1 - lower_bound) * torch.sigmoid(logits))
+        lower_bound = torch.tensor(lower_bound, dtype=logits.dtype, device=logits.device)
+    # log(gamma + (1 - gamma) sigma(x)) = logaddexp(log gamma, log(1 - gamma) + logsigmoid(x)): finite
+    # however negative x is. Where gamma = 0 it is logsigmoid(x); gamma is replaced by 1 inside the
+    # logarithm there, so neither branch's gradient sees log(0).
+    zero = lower_bound == 0
+    safe = torch.where(zero, torch.ones_like(lower_bound), lower_bound)
+    bounded = torch.logaddexp(torch.log(safe), torch.log1p(-safe) + F.logsigmoid(logits))
+    return torch.where(zero, F.logsigmoid(logits), bounded)
 
 
 # --- HGRN: the element-wise recurrence ------------------------------------------------------------
