@@ -258,7 +258,8 @@ class MultiHeadAttention(nn.Module):
             self._check_source(value, "value", self.vdim, "vdim", x)
             if value.shape[1] != context.shape[1]:
                 raise ValueError(
-                    f"value must have the length S={context.shape[1]} of context, got shape {tuple(value.shape)}"
+                    f"value must have the length S={context.shape[1]} of context, "
+                    f"got shape {tuple(value.shape)}"
                 )
         q = self.split_heads(self.W_q(x))
         k = self.split_heads(self.W_k(context))
