@@ -18,10 +18,21 @@ import re
 import pytest
 import torch
 
-from course_lib.kv_cache import PagedKVCache, gqa_attention
-from course_lib.linear import efficient_attention, linear_attention, linformer_attention
+from course_lib.kv_cache import (
+    GroupedQueryAttention,
+    KVCache,
+    MultiHeadLatentAttention,
+    PagedKVCache,
+    chunked_prefill,
+    gqa_attention,
+)
+from course_lib.linear import LinformerAttention, efficient_attention, linear_attention, linformer_attention
 from course_lib.relative_positions import shaw_attention
 from course_lib.sparse import (
+    AdaptiveWindowAttention,
+    LearnedSparseAttention,
+    MixtureOfBlockAttention,
+    NativeSparseAttention,
     block_sparse_attention,
     kept_attention,
     lsh_attention,
@@ -36,8 +47,13 @@ from course_lib.sparse import (
     time_attention,
     topk_attention,
 )
-from course_lib.specialized import differential_attention
-from course_lib.standard import alibi_bias, attention, causal_mask
+from course_lib.specialized import (
+    DifferentialAttention,
+    HybridAttentionStack,
+    SwitchHeadAttention,
+    differential_attention,
+)
+from course_lib.standard import MultiHeadAttention, alibi_bias, attention, causal_mask
 from course_lib.tiling import (
     flash_attention,
     flash_decoding,
@@ -205,6 +221,64 @@ def test_vision_kernels_on_empty_images(call, height, width):
     q = k = torch.randn(B, H, height, width, D)
     out = call(q, k, torch.randn(B, H, height, width, DV))
     assert out.shape == (B, H, height, width, DV)
+
+
+# Each self-attention layer as ``(make(), call(layer, x))`` for x of shape (2, T, 16).
+LAYERS = {
+    "MultiHeadAttention": (lambda: MultiHeadAttention(16, 4), lambda layer, x: layer(x, causal=True)),
+    "GroupedQueryAttention": (lambda: GroupedQueryAttention(16, 4, 2), lambda layer, x: layer(x)),
+    "GroupedQueryAttention + chunked_prefill": (
+        lambda: GroupedQueryAttention(16, 4, 2),
+        lambda layer, x: chunked_prefill(layer, x, KVCache(1, 2, 2, 4, 4), chunk_size=2),
+    ),
+    "MultiHeadLatentAttention": (
+        lambda: MultiHeadLatentAttention(16, 4, head_dim=4, latent_dim=6, rope_dim=2, mode="absorbed"),
+        lambda layer, x: layer(x, cache=layer.make_cache(1, 2, 4)),
+    ),
+    "LearnedSparseAttention": (lambda: LearnedSparseAttention(16, 4, causal=True), lambda layer, x: layer(x)),
+    "AdaptiveWindowAttention": (lambda: AdaptiveWindowAttention(16, 4), lambda layer, x: layer(x)),
+    "NativeSparseAttention": (
+        lambda: NativeSparseAttention(
+            16,
+            4,
+            block_size=2,
+            num_selected=2,
+            window=2,
+            compress_block=2,
+            compress_stride=1,
+            num_local_blocks=1,
+        ),
+        lambda layer, x: layer(x),
+    ),
+    "MixtureOfBlockAttention": (
+        lambda: MixtureOfBlockAttention(16, 4, block_size=2, top_k=2),
+        lambda layer, x: layer(x),
+    ),
+    "LinformerAttention": (
+        lambda: LinformerAttention(16, 4, max_len=8, proj_len=3),
+        lambda layer, x: layer(x),
+    ),
+    "DifferentialAttention": (lambda: DifferentialAttention(16, 2), lambda layer, x: layer(x, causal=True)),
+    "SwitchHeadAttention": (
+        lambda: SwitchHeadAttention(16, 2, num_experts=3),
+        lambda layer, x: layer(x, causal=True),
+    ),
+    "HybridAttentionStack": (
+        lambda: HybridAttentionStack(16, 2, ["window", "full", "linear"]),
+        lambda layer, x: layer(x),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layers_take_an_empty_sequence_and_back_propagate(name):
+    make, call = LAYERS[name]
+    layer = make()
+    x = torch.randn(2, 0, 16, requires_grad=True)
+    out = call(layer, x)
+    assert out.shape == (2, 0, 16)
+    out.sum().backward()  # an empty batch contributes zero gradients, it does not fail
+    assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
 
 
 # --- side tensors ---------------------------------------------------------------------------------
