@@ -353,3 +353,14 @@ def test_attend_selected_blocks_checks_its_inputs_by_name():
     with pytest.raises(ValueError, match="^indices must choose"):
         attend_selected_blocks(torch.randn(1, 1, 3, 3, 4), k, k, indices.expand(1, 1, 2, 3, 2), valid.expand(
             1, 1, 2, 3, 2), 2, scale=1.0)  # fmt: skip
+
+
+def test_select_blocks_refuses_flags_that_would_grow_the_scores():
+    scores = torch.randn(3, 4)
+    # A (2, 3, 4) `forced` used to broadcast the choice to shape (2, 3, n) silently.
+    with pytest.raises(ValueError, match="^forced must have at most 2 dims"):
+        select_blocks(scores, 2, forced=torch.zeros(2, 3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="^eligible of shape"):
+        select_blocks(scores, 2, eligible=torch.ones(2, 4, dtype=torch.bool))
+    indices, valid = select_blocks(scores, 2, eligible=torch.ones(4, dtype=torch.bool))
+    assert indices.shape == valid.shape == (3, 2)

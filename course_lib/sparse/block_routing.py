@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_int, check_like, check_shape, check_tensor
+from ..checks import check_broadcast, check_int, check_like, check_shape, check_tensor
 
 __all__ = ["block_means", "select_blocks", "selection_mask", "attend_selected_blocks", "BlockWork"]
 
@@ -89,6 +89,8 @@ def select_blocks(
         if flags is not None:
             check_tensor(flags, name, dtype=torch.bool)
             check_like(flags, name, scores, "scores", dtype=False)
+            # Extra dims would broadcast the ranking, and the choice, to a new shape: refuse them.
+            check_broadcast(flags, name, scores.shape, names="..., N_blocks")
     if forced is not None:
         ranking = ranking.masked_fill(forced, float("inf"))
     allowed = torch.ones_like(ranking, dtype=torch.bool) if eligible is None else eligible.expand_as(ranking)
