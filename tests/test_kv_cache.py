@@ -966,3 +966,12 @@ def test_an_unhashable_sequence_id_is_a_type_error_naming_it(call, name):
     cache.add_sequence(0)
     with pytest.raises(TypeError, match=f"^{name} must be hashable"):
         call(cache)
+
+
+@pytest.mark.parametrize("shape, dim", [((2, 0), -1), ((0, 3), -2)])
+def test_quantize_an_empty_dim(shape, dim):
+    x = torch.zeros(shape)
+    assert quantize(x, dim=dim).dequantize().shape == shape
+    q, k = torch.randn(1, 1, 2, 4), torch.zeros(1, 1, 0, 4)
+    report = quantized_attention_error(q, k, k)  # an empty cache: both outputs zero, no error
+    assert report["max_abs_error"] == 0.0 and report["relative_error"] == 0.0
