@@ -53,7 +53,7 @@ from course_lib.specialized import (
     SwitchHeadAttention,
     differential_attention,
 )
-from course_lib.standard import MultiHeadAttention, alibi_bias, attention, causal_mask
+from course_lib.standard import MultiHeadAttention, alibi_bias, apply_rope, attention, causal_mask
 from course_lib.tiling import (
     flash_attention,
     flash_decoding,
@@ -407,31 +407,107 @@ def test_a_meta_side_tensor_is_refused_by_name(case):
         meta_side(case)()
 
 
-# On a machine with a GPU, a side tensor left on the CPU must be refused by name (not moved
-# silently, not failing inside torch). Without a GPU these are skipped; the meta cases above and
-# tests/test_checks.py cover the same checks.
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class Elsewhere(torch.Tensor):
+    """A CPU tensor that reports another device: it lets a CPU-only machine check that a kernel
+    compares each side tensor's device with q's (the data never moves, the check reads .device)."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0)
 
 
-@needs_cuda
+def elsewhere(x: torch.Tensor) -> torch.Tensor:
+    return x.as_subclass(Elsewhere)
+
+
+DEVICE_CASES = [
+    ("mask", lambda q, k, v: attention(q, k, v, elsewhere(causal_mask(4)))),
+    ("bias", lambda q, k, v: attention(q, k, v, bias=elsewhere(torch.zeros(4, 4)))),
+    ("mask", lambda q, k, v: gqa_attention(q, k, v, elsewhere(causal_mask(4)))),
+    ("mask", lambda q, k, v: topk_attention(q, k, v, 2, elsewhere(causal_mask(4)))),
+    ("mask", lambda q, k, v: shaw_attention(q, k, v, torch.randn(3, D), None, elsewhere(causal_mask(4)))),
+    (
+        "layout",
+        lambda q, k, v: block_sparse_attention(q, k, v, elsewhere(torch.ones(2, 2, dtype=torch.bool)), 2),
+    ),
+    ("keep", lambda q, k, v: kept_attention(q, k, v, elsewhere(torch.arange(2)))),
+    ("v", lambda q, k, v: lsh_attention(q, elsewhere(v), num_buckets=2, chunk_size=2)),
+    ("key_table", lambda q, k, v: shaw_attention(q, k, v, elsewhere(torch.randn(3, D)))),
+    (
+        "value_table",
+        lambda q, k, v: shaw_attention(q, k, v, torch.randn(3, D), elsewhere(torch.randn(3, DV))),
+    ),
+    ("rotation", lambda q, k, v: quantized_attention(q, k, v, rotation=elsewhere(torch.eye(D)))),
+    ("E", lambda q, k, v: linformer_attention(q, k, v, elsewhere(torch.randn(3, 4)), torch.randn(3, 4))),
+    (
+        "key_padding_mask",
+        lambda q, k, v: linformer_attention(
+            q,
+            k,
+            v,
+            torch.randn(3, 4),
+            torch.randn(3, 4),
+            key_padding_mask=elsewhere(torch.ones(B, 4, dtype=torch.bool)),
+        ),
+    ),
+    ("gates", lambda q, k, v: nsa_attention(q, k, v, elsewhere(torch.rand(B, H, 4, 3)), window=2)),
+    (
+        "compressed[0]",
+        lambda q, k, v: nsa_attention(
+            q,
+            k,
+            v,
+            torch.rand(B, H, 4, 3),
+            block_size=2,
+            num_selected=2,
+            window=2,
+            compress_block=2,
+            compress_stride=2,
+            num_local_blocks=1,
+            compressed=(elsewhere(torch.randn(B, H, 2, D)), torch.randn(B, H, 2, DV)),
+        ),  # fmt: skip
+    ),
+    ("q2", lambda q, k, v: differential_attention(q, k, elsewhere(q), k, v, 0.3)),
+    ("lambda_", lambda q, k, v: differential_attention(q, k, q, k, v, elsewhere(torch.tensor(0.3)))),
+    ("k", lambda q, k, v: time_attention(q[:, :, None], elsewhere(k[:, :, None]), v[:, :, None])),
+    (
+        "v",
+        lambda q, k, v: neighborhood_attention_2d(
+            q.view(B, H, 2, 2, D), k.view(B, H, 2, 2, D), elsewhere(v.view(B, H, 2, 2, DV)), 1
+        ),
+    ),
+    ("positions", lambda q, k, v: apply_rope(q, elsewhere(torch.arange(4)))),
+    ("q", lambda q, k, v: paged_with_one_sequence().attention(0, elsewhere(q[0, :, 3:]))),
+]
+
+
+@pytest.mark.parametrize(
+    "argument, call", DEVICE_CASES, ids=[f"{i}-{a}" for i, (a, _) in enumerate(DEVICE_CASES)]
+)
+def test_a_side_tensor_on_another_device_is_refused_by_name(argument, call):
+    q, k, v = inputs(4, 4, H, dtype=torch.float32)
+    with pytest.raises(ValueError, match="^" + re.escape(argument) + " .*device"):
+        call(q, k, v)
+
+
+# On a machine with a GPU the same, with real CPU side tensors and CUDA inputs (skipped without one).
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
     "argument, call",
     [
         ("mask", lambda q, k, v: attention(q, k, v, causal_mask(4))),
         ("bias", lambda q, k, v: attention(q, k, v, bias=torch.zeros(4, 4))),
         ("mask", lambda q, k, v: gqa_attention(q, k, v, causal_mask(4))),
-        ("mask", lambda q, k, v: topk_attention(q, k, v, 2, causal_mask(4))),
         ("layout", lambda q, k, v: block_sparse_attention(q, k, v, torch.ones(2, 2, dtype=torch.bool), 2)),
         ("keep", lambda q, k, v: kept_attention(q, k, v, torch.arange(2))),
         ("v", lambda q, k, v: lsh_attention(q, v.cpu(), num_buckets=2, chunk_size=2)),
         ("key_table", lambda q, k, v: shaw_attention(q, k, v, torch.randn(3, D))),
         ("rotation", lambda q, k, v: quantized_attention(q, k, v, rotation=torch.eye(D))),
-        ("E", lambda q, k, v: linformer_attention(q, k, v, torch.randn(3, 4), torch.randn(3, 4).cuda())),
         ("gates", lambda q, k, v: nsa_attention(q, k, v, torch.rand(B, H, 4, 3), window=2)),
         ("lambda_", lambda q, k, v: differential_attention(q, k, q, k, v, torch.tensor(0.3))),
     ],
 )
-def test_a_side_tensor_on_another_device_is_refused_by_name(argument, call):
+def test_a_cpu_side_tensor_with_cuda_inputs_is_refused_by_name(argument, call):
     q, k, v = (x.cuda() for x in inputs(4, 4, H, dtype=torch.float32))
-    with pytest.raises(ValueError, match=rf"^{argument} .*device"):
+    with pytest.raises(ValueError, match="^" + re.escape(argument) + " .*device"):
         call(q, k, v)
