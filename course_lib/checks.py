@@ -18,6 +18,9 @@ __all__ = [
     "check_shape",
     "check_attention_inputs",
     "check_mask",
+    "check_broadcast",
+    "check_like",
+    "check_hashable",
     "check_int",
     "check_float",
     "check_choice",
@@ -39,9 +42,14 @@ def check_tensor(
     floating: bool = False,
     dtype: torch.dtype | Sequence[torch.dtype] | None = None,
 ) -> torch.Tensor:
-    """Check that ``x`` is a tensor with the given number of dims and dtype family."""
+    """Check that ``x`` is a tensor with the given number of dims and dtype family.
+
+    Meta tensors (a shape without data) are refused: no result computed from one can be read.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_meta:
+        raise ValueError(f"{name} must hold data, got a meta tensor of shape {tuple(x.shape)}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in allowed:
@@ -101,18 +109,65 @@ def check_attention_inputs(
     return B, H, T, S, D, v.shape[3]
 
 
-def check_mask(mask: object, name: str, target: Sequence[int]) -> torch.Tensor:
-    """Check a boolean mask (True = may attend) broadcastable to ``target`` and expand it."""
+def check_broadcast(
+    x: torch.Tensor, name: str, target: Sequence[int], *, names: str = "B, H, T, S"
+) -> torch.Tensor:
+    """Check that ``x`` broadcasts to ``target`` *without changing it* and return it expanded.
+
+    ``torch`` would happily broadcast a ``(2, B, H, T, S)`` bias against ``(B, H, T, S)`` scores
+    and return a result of a new shape; here extra or mismatched dims are an error.
+    """
+    target = tuple(target)
+    if x.dim() > len(target):
+        raise ValueError(f"{name} must have at most {len(target)} dims ({names}), got shape {tuple(x.shape)}")
+    try:
+        return x.expand(*target)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(x.shape)} must broadcast to {target} = ({names})") from None
+
+
+def check_mask(
+    mask: object, name: str, target: Sequence[int], *, device: torch.device | None = None
+) -> torch.Tensor:
+    """Check a boolean mask (True = may attend) broadcastable to ``target`` and expand it.
+
+    With ``device`` (that of ``q``), the mask must live there too.
+    """
     check_tensor(mask, name, dtype=torch.bool)
     assert isinstance(mask, torch.Tensor)
-    if mask.dim() > len(target):
-        raise ValueError(f"{name} must have at most {len(target)} dims, got shape {tuple(mask.shape)}")
+    if device is not None and mask.device != torch.device(device):
+        raise ValueError(f"{name} must be on the device of q ({device}), got {mask.device}")
+    return check_broadcast(mask, name, target)
+
+
+def check_like(
+    x: object, name: str, like: torch.Tensor, like_name: str = "q", *, dtype: bool = True
+) -> torch.Tensor:
+    """Check a side tensor against the main input ``like``: same device, and same dtype if ``dtype``.
+
+    The course's rule: every tensor a function takes lives on the device of its queries; the
+    tensors it computes with as data (values, compressed keys, a second query half) also share
+    their dtype, like q, k and v; side tensors that only steer the computation (masks, biases,
+    gates, tables, projections) are cast to the compute dtype instead (``dtype=False``).
+    """
+    check_tensor(x, name)
+    assert isinstance(x, torch.Tensor)
+    if x.device != like.device:
+        raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {x.device}")
+    if dtype and x.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {x.dtype}")
+    return x
+
+
+def check_hashable(value: object, name: str) -> object:
+    """Check that ``value`` can be a dictionary key (a sequence id, a name), e.g. not a list."""
     try:
-        return mask.expand(*target)
-    except RuntimeError:
-        raise ValueError(
-            f"{name} of shape {tuple(mask.shape)} must broadcast to {tuple(target)} = (B, H, T, S)"
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be hashable (an int, a str, a tuple), got {type(value).__name__}"
         ) from None
+    return value
 
 
 def check_int(value: object, name: str, *, min: int | None = None, max: int | None = None) -> int:

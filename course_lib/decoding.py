@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .checks import check_float, check_int, check_tensor, compute_dtype
+from .checks import check_float, check_int, check_tensor
 
 __all__ = [
     "apply_temperature",
@@ -36,14 +36,33 @@ __all__ = [
 StepFunction = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _check_logits(logits: object) -> torch.Tensor:
-    check_tensor(logits, "logits", floating=True)
+def _check_logits(logits: object, name: str = "logits") -> torch.Tensor:
+    """A floating ``(..., V)`` tensor of logits: finite or ``-inf`` (a token that cannot occur).
+
+    NaN and ``+inf`` have no probability to give (softmax of them is NaN), so they are refused.
+    """
+    check_tensor(logits, name, floating=True)
     assert isinstance(logits, torch.Tensor)
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(
-            f"logits must have a vocabulary as last dim (..., V), got shape {tuple(logits.shape)}"
+            f"{name} must have a vocabulary as last dim (..., V), got shape {tuple(logits.shape)}"
         )
+    if bool(torch.isnan(logits).any()):
+        raise ValueError(f"{name} must not contain NaN")
+    if bool(torch.isposinf(logits).any()):
+        raise ValueError(f"{name} must not contain +inf (use a large finite logit to force a token)")
     return logits
+
+
+def _check_some_token_possible(logits: torch.Tensor, name: str = "logits") -> None:
+    """Every row must leave at least one token with nonzero probability, or nothing can be drawn."""
+    impossible = torch.isneginf(logits).all(dim=-1).flatten()
+    if bool(impossible.any()):
+        row = int(impossible.nonzero()[0])
+        raise ValueError(
+            f"{name} row {row} is -inf for every token: no token has nonzero probability "
+            f"({int(impossible.sum())} such rows)"
+        )
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -70,12 +89,16 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
     Tokens are sorted by probability; a token is kept when the probability of the tokens before
     it is still below ``p``, so the most likely token is always kept and ``p = 1`` keeps every
-    token with nonzero probability. Removed tokens become ``-inf``.
+    token whose logit is not ``-inf``. The masses are summed in float64, so a tail token is not
+    dropped because the running sum rounded up to ``p``. Removed tokens become ``-inf``.
     """
     _check_logits(logits)
     p = check_float(p, "p", min=0.0, max=1.0, min_open=True)
+    if p == 1.0:
+        # Every token that can occur: the cumulative sum would round the tail's mass up to 1.
+        return logits.clone()
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-    probabilities = torch.softmax(sorted_logits.to(compute_dtype(logits)), dim=-1)
+    probabilities = torch.softmax(sorted_logits.to(torch.float64), dim=-1)
     mass_before = probabilities.cumsum(dim=-1) - probabilities
     kept_sorted = mass_before < p
     kept_sorted[..., 0] = True
@@ -105,17 +128,24 @@ def sample_next_token(
 ) -> torch.Tensor:
     """Draw one token per row of ``logits (B, V)`` -> ``(B,)`` long, using ``generator``.
 
-    ``temperature=0`` means greedy (argmax, no randomness used).
+    ``temperature=0`` means greedy (argmax, no randomness used). Every row needs a token whose
+    logit is not ``-inf``; NaN and ``+inf`` logits are refused (``ValueError`` naming ``logits``).
     """
     _check_logits(logits)
     check_tensor(logits, "logits", ndim=2)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     temperature = check_float(temperature, "temperature", min=0.0)
+    _check_some_token_possible(logits)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    probabilities = torch.softmax(filtered.to(compute_dtype(logits)), dim=-1)
+    if generator.device.type != logits.device.type:
+        raise ValueError(
+            f"generator must be on the device of logits ({logits.device}), got {generator.device}"
+        )
+    # Filter in float64: a small temperature cannot overflow a finite logit to +inf there.
+    filtered = filter_logits(logits.to(torch.float64), temperature=temperature, top_k=top_k, top_p=top_p)
+    probabilities = torch.softmax(filtered, dim=-1)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 
@@ -127,11 +157,14 @@ def _check_prompt(prompt: object) -> tuple[torch.Tensor, bool]:
     return (prompt.unsqueeze(0), True) if prompt.dim() == 1 else (prompt, False)
 
 
-def _call_step(step_fn: StepFunction, tokens: torch.Tensor) -> torch.Tensor:
+def _call_step(step_fn: StepFunction, tokens: torch.Tensor, eos_token_id: int | None = None) -> torch.Tensor:
     logits = step_fn(tokens)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != tokens.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"step_fn must return logits of shape (N={tokens.shape[0]}, V), got {shape}")
+    _check_logits(logits, "step_fn logits")
+    if eos_token_id is not None and eos_token_id >= logits.shape[-1]:
+        raise ValueError(f"eos_token_id={eos_token_id} must be < the vocabulary size V={logits.shape[-1]}")
     return logits
 
 
@@ -144,7 +177,10 @@ def _decode(step_fn, prompt, max_new_tokens, eos_token_id, choose) -> torch.Tens
         eos_token_id = check_int(eos_token_id, "eos_token_id", min=0)
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for _ in range(max_new_tokens):
-        next_token = choose(_call_step(step_fn, tokens))
+        logits = _call_step(step_fn, tokens, eos_token_id)
+        # A row with no possible token has nothing to choose (argmax would pick token 0 silently).
+        _check_some_token_possible(logits, "step_fn logits")
+        next_token = choose(logits)
         if eos_token_id is not None:
             # A finished row keeps emitting eos, so all rows keep one length.
             next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
@@ -231,7 +267,10 @@ def beam_search(
     beam_scores = torch.zeros(1, dtype=torch.float64, device=prompt.device)
     finished: list[tuple[float, torch.Tensor]] = []
     for step in range(1, max_new_tokens + 1):
-        log_probs = torch.log_softmax(_call_step(step_fn, beams).to(torch.float64), dim=-1)  # (N, V)
+        logits = _call_step(step_fn, beams, eos_token_id).to(torch.float64)
+        # A beam whose every continuation is -inf is dead: -inf everywhere, not log_softmax's NaN.
+        dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+        log_probs = torch.log_softmax(logits, dim=-1).masked_fill(dead, float("-inf"))  # (N, V)
         vocabulary = log_probs.shape[-1]
         candidates = (beam_scores[:, None] + log_probs).flatten()
         # Twice the beams, so num_beams live candidates remain even if some end in eos.

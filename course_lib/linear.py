@@ -29,6 +29,7 @@ from .checks import (
     check_float,
     check_generator,
     check_int,
+    check_like,
     check_shape,
     check_tensor,
     compute_dtype,
@@ -488,8 +489,7 @@ def linformer_attention(
             raise ValueError(
                 f"{name} must have shape (P, S={S}) or (H={H}, P, S={S}), got {tuple(projection.shape)}"
             )
-        if projection.device != q.device:
-            raise ValueError(f"{name} must be on the device of q ({q.device}), got {projection.device}")
+        check_like(projection, name, q, dtype=False)
     if E.shape[-2] != F.shape[-2]:
         raise ValueError(
             f"E and F must project to the same length P, got E {tuple(E.shape)}, F {tuple(F.shape)}"
@@ -499,6 +499,7 @@ def linformer_attention(
     keys, values = k.to(dtype), v.to(dtype)
     if key_padding_mask is not None:
         check_tensor(key_padding_mask, "key_padding_mask", ndim=2, dtype=torch.bool)
+        check_like(key_padding_mask, "key_padding_mask", q, dtype=False)
         check_shape(key_padding_mask, "key_padding_mask", (B, S), names="B, S")
         keep = key_padding_mask[:, None, :, None].to(dtype)
         keys, values = keys * keep, values * keep

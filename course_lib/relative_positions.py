@@ -32,6 +32,7 @@ from .checks import (
     check_bool,
     check_choice,
     check_int,
+    check_like,
     check_mask,
     check_tensor,
     compute_dtype,
@@ -123,8 +124,10 @@ def shaw_attention(
     """
     B, H, T, S, D, D_v = check_attention_inputs(q, k, v)
     key_table = _check_table(key_table, "key_table", D, "D")
+    check_like(key_table, "key_table", q, dtype=False)
     if value_table is not None:
         value_table = _check_table(value_table, "value_table", D_v, "D_v")
+        check_like(value_table, "value_table", q, dtype=False)
         if value_table.shape[0] != key_table.shape[0]:
             raise ValueError(
                 f"value_table must have {key_table.shape[0]} rows like key_table, "
@@ -146,7 +149,7 @@ def shaw_attention(
 
     allowed = None
     if mask is not None:
-        allowed = check_mask(mask, "mask", (B, H, T, S)).to(q.device)
+        allowed = check_mask(mask, "mask", (B, H, T, S), device=q.device)
     if causal:
         future = _relative_positions(T, S, q.device) > 0
         allowed = ~future if allowed is None else allowed & ~future

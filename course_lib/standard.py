@@ -15,8 +15,10 @@ from torch import nn
 from .checks import (
     check_attention_inputs,
     check_bool,
+    check_broadcast,
     check_float,
     check_int,
+    check_like,
     check_mask,
     check_tensor,
     compute_dtype,
@@ -42,10 +44,11 @@ def causal_mask(T: int, S: int | None = None, *, device: torch.device | str | No
     """Boolean ``(T, S)`` mask, True where query ``i`` may see key ``j``: ``j <= S - T + i``.
 
     With ``S > T`` the diagonal is aligned to the end, as in decoding: the last query sees all
-    keys. With ``S < T`` the first ``T - S`` queries see nothing.
+    keys. With ``S < T`` the first ``T - S`` queries see nothing. ``T = 0`` or ``S = 0`` gives an
+    empty mask, as every kernel accepts empty sequences.
     """
-    T = check_int(T, "T", min=1)
-    S = T if S is None else check_int(S, "S", min=1)
+    T = check_int(T, "T", min=0)
+    S = T if S is None else check_int(S, "S", min=0)
     rows = torch.arange(T, device=device).unsqueeze(1)
     cols = torch.arange(S, device=device).unsqueeze(0)
     return cols <= rows + (S - T)
@@ -56,7 +59,7 @@ def padding_mask(lengths: torch.Tensor | list[int], S: int) -> torch.Tensor:
 
     It broadcasts over heads and queries, ready to pass to :func:`attention`.
     """
-    S = check_int(S, "S", min=1)
+    S = check_int(S, "S", min=0)
     if isinstance(lengths, (list, tuple)):
         for n in lengths:
             check_int(n, "lengths", min=0)
@@ -74,9 +77,14 @@ def padding_mask(lengths: torch.Tensor | list[int], S: int) -> torch.Tensor:
 
 
 def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over the last dim where ``allowed``; a row with nothing allowed gets zeros, not NaN."""
+    """Softmax over the last dim where ``allowed``; a row with nothing allowed gets zeros, not NaN.
+
+    A row with no key at all (last dim 0) is such a row too: the result is empty.
+    """
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
+    if scores.shape[-1] == 0:
+        return torch.zeros_like(scores)
     row_max = scores.amax(dim=-1, keepdim=True)
     # An all -inf row has max -inf; subtracting a finite 0 there keeps exp() at 0 instead of NaN.
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -106,7 +114,10 @@ def attention(
         causal: also apply :func:`causal_mask` (aligned to the end when ``T != S``).
         scale: multiplies the scores; defaults to ``D ** -0.5``; any finite number (0 gives
             uniform weights over the visible keys).
-        bias: float, broadcastable to ``(B, H, T, S)``, added to the scores (e.g. ALiBi).
+        bias: float, broadcastable to ``(B, H, T, S)``, added to the scores (e.g. ALiBi); cast to
+            the compute dtype.
+
+    ``mask`` and ``bias`` must be on q's device, and may not have dims beyond ``(B, H, T, S)``.
         return_weights: also return the ``(B, H, T, S)`` attention weights.
 
     Returns:
@@ -119,7 +130,12 @@ def attention(
     scale = resolve_scale(scale, D)
     allowed = None
     if mask is not None:
-        allowed = check_mask(mask, "mask", (B, H, T, S)).to(q.device)
+        allowed = check_mask(mask, "mask", (B, H, T, S), device=q.device)
+    if bias is not None:
+        check_tensor(bias, "bias", floating=True)
+        check_like(bias, "bias", q, dtype=False)
+        # A bias with extra leading dims would broadcast the output to a new shape: refuse it.
+        bias = check_broadcast(bias, "bias", (B, H, T, S))
     if causal:
         square = causal_mask(T, S, device=q.device)
         allowed = square if allowed is None else allowed & square
@@ -128,11 +144,7 @@ def attention(
     dtype = compute_dtype(q)
     scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
     if bias is not None:
-        check_tensor(bias, "bias", floating=True)
-        try:
-            scores = scores + bias.to(dtype)
-        except RuntimeError:
-            raise ValueError(f"bias of shape {tuple(bias.shape)} must broadcast to {(B, H, T, S)}") from None
+        scores = scores + bias.to(dtype)
     weights = masked_softmax(scores, allowed)
 
     out = (weights @ v.to(dtype)).to(q.dtype)
@@ -147,13 +159,16 @@ def attention(
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: project, split into heads, attend per head, concatenate, project.
 
-    Self-attention passes one sequence; cross-attention passes ``context`` for keys and values.
+    Self-attention passes one sequence; cross-attention passes ``context`` for the keys and,
+    when the values come from another tensor (as in ``nn.MultiheadAttention(query, key, value)``),
+    ``value`` for the values.
 
     Args:
         embed_dim: model width ``d_model``; must be a multiple of ``num_heads``.
         num_heads: number of heads ``H``; each has ``D = embed_dim // num_heads``.
         bias: whether the four projections have biases.
-        kdim, vdim: widths of the context for keys and values (default ``embed_dim``).
+        kdim, vdim: widths of the key input ``context`` and of the value input ``value``
+            (default ``embed_dim``).
     """
 
     def __init__(
@@ -173,6 +188,7 @@ class MultiHeadAttention(nn.Module):
         kdim = embed_dim if kdim is None else check_int(kdim, "kdim", min=1)
         vdim = embed_dim if vdim is None else check_int(vdim, "vdim", min=1)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim, self.vdim = kdim, vdim
         self.W_q = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.W_k = nn.Linear(kdim, embed_dim, bias=bias)
         self.W_v = nn.Linear(vdim, embed_dim, bias=bias)
@@ -189,10 +205,22 @@ class MultiHeadAttention(nn.Module):
         B, H, T, D = x.shape
         return x.transpose(1, 2).reshape(B, T, H * D)
 
+    def _check_source(self, source: object, name: str, width: int, width_name: str, x: torch.Tensor) -> None:
+        check_tensor(source, name, ndim=3, floating=True)
+        assert isinstance(source, torch.Tensor)
+        check_like(source, name, x, "x")
+        if source.shape[0] != x.shape[0]:
+            raise ValueError(f"{name} must have batch size {x.shape[0]}, got shape {tuple(source.shape)}")
+        if source.shape[-1] != width:
+            raise ValueError(
+                f"{name} must have last dim {width_name}={width}, got shape {tuple(source.shape)}"
+            )
+
     def forward(
         self,
         x: torch.Tensor,
         context: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
         *,
         mask: torch.Tensor | None = None,
         causal: bool = False,
@@ -200,26 +228,42 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attend from ``x`` ``(B, T, embed_dim)`` to ``context`` ``(B, S, kdim)`` (default ``x``).
 
-        ``mask`` is bool, broadcastable to ``(B, H, T, S)`` (see :func:`padding_mask`). Returns
-        ``(B, T, embed_dim)`` and, with ``return_weights``, the ``(B, H, T, S)`` weights.
+        The values come from ``value`` ``(B, S, vdim)``, by default ``context`` itself (which then
+        needs ``vdim == kdim``). ``mask`` is bool, broadcastable to ``(B, H, T, S)`` (see
+        :func:`padding_mask`). Returns ``(B, T, embed_dim)`` and, with ``return_weights``, the
+        ``(B, H, T, S)`` weights.
         """
         check_tensor(x, "x", ndim=3, floating=True)
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have last dim embed_dim={self.embed_dim}, got shape {tuple(x.shape)}")
         if context is None:
+            if self.kdim != self.embed_dim:
+                raise ValueError(
+                    f"context must be given: keys come from a (B, S, kdim={self.kdim}) input, "
+                    f"not from x (embed_dim={self.embed_dim})"
+                )
+            if value is not None:
+                raise ValueError("value needs a context: pass context (keys) and value together")
             context = x
         else:
-            check_tensor(context, "context", ndim=3, floating=True)
-            if context.shape[0] != x.shape[0]:
+            self._check_source(context, "context", self.kdim, "kdim", x)
+        if value is None:
+            if self.vdim != self.kdim:
                 raise ValueError(
-                    f"context must have batch size {x.shape[0]}, got shape {tuple(context.shape)}"
+                    f"value must be given: values come from a (B, S, vdim={self.vdim}) input, "
+                    f"not from the keys' context (kdim={self.kdim})"
                 )
-            kdim = self.W_k.in_features
-            if context.shape[-1] != kdim:
-                raise ValueError(f"context must have last dim kdim={kdim}, got shape {tuple(context.shape)}")
+            value = context
+        else:
+            self._check_source(value, "value", self.vdim, "vdim", x)
+            if value.shape[1] != context.shape[1]:
+                raise ValueError(
+                    f"value must have the length S={context.shape[1]} of context, "
+                    f"got shape {tuple(value.shape)}"
+                )
         q = self.split_heads(self.W_q(x))
         k = self.split_heads(self.W_k(context))
-        v = self.split_heads(self.W_v(context))
+        v = self.split_heads(self.W_v(value))
         result = attention(q, k, v, mask, causal=causal, return_weights=return_weights)
         if return_weights:
             out, weights = result
@@ -235,7 +279,7 @@ def sinusoidal_positions(T: int, dim: int, *, base: float = 10000.0) -> torch.Te
 
     Column ``2i`` holds ``sin(t / base^(2i/dim))`` and column ``2i+1`` the cosine.
     """
-    T = check_int(T, "T", min=1)
+    T = check_int(T, "T", min=0)
     dim = check_int(dim, "dim", min=2)
     if dim % 2:
         raise ValueError(f"dim={dim} must be even")
@@ -269,6 +313,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None = None, base: flo
         positions = torch.arange(T, device=x.device)
     else:
         check_tensor(positions, "positions", ndim=1)
+        check_like(positions, "positions", x, "x", dtype=False)
+        if positions.dtype == torch.bool or positions.is_complex():
+            raise TypeError(f"positions must hold integer or real positions, got dtype {positions.dtype}")
         if positions.shape[0] != T:
             raise ValueError(f"positions must have length T={T}, got {positions.shape[0]}")
     dtype = compute_dtype(x)
@@ -305,8 +352,8 @@ def alibi_bias(num_heads: int, T: int, S: int | None = None) -> torch.Tensor:
     ``S - T + i``. Keys after the query get a bias too (``-slope * |distance|``), so the same
     table serves bidirectional models; a causal model masks them anyway.
     """
-    T = check_int(T, "T", min=1)
-    S = T if S is None else check_int(S, "S", min=1)
+    T = check_int(T, "T", min=0)
+    S = T if S is None else check_int(S, "S", min=0)
     slopes = alibi_slopes(num_heads)
     query_positions = torch.arange(T).unsqueeze(1) + (S - T)
     key_positions = torch.arange(S).unsqueeze(0)

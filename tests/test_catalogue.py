@@ -218,3 +218,11 @@ def test_mixer_factories_name_their_options():
     for mechanism in catalogue.mechanisms(has="mixer"):
         parameters = inspect.signature(mechanism.mixer).parameters.values()
         assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters), mechanism.name
+
+
+@pytest.mark.parametrize("mechanism", catalogue.mechanisms(has="run"), ids=IDS)
+def test_every_mechanism_runs_on_an_empty_sequence(mechanism):
+    """T = 0 gives an empty output (and a state, where there is one), never an error from torch."""
+    result = mechanism.run(mechanism.make_inputs(0, Geometry(batch=2, heads=2, head_dim=8, kv_heads=1)))
+    out = result[0] if isinstance(result, tuple) else result
+    assert out.shape[0] == 2 and out.shape[2] == 0

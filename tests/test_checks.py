@@ -126,3 +126,46 @@ def test_resolve_scale_refuses_what_is_not_a_finite_real(scale, error):
         checks.resolve_scale(scale, 8)
     with pytest.raises(error, match=r"^temperature"):  # the message names the argument it is given
         checks.resolve_scale(scale, 8, name="temperature")
+
+
+# --- side tensors, meta tensors, hashable ids (issue 14) -------------------------------------------
+
+
+def test_a_meta_tensor_is_refused_by_name():
+    with pytest.raises(ValueError, match="^logits must hold data, got a meta tensor"):
+        checks.check_tensor(torch.zeros(2, 3, device="meta"), "logits")
+
+
+def test_check_like_compares_device_and_dtype_with_the_main_input():
+    q = torch.zeros(1, 2, 3, 4)
+    assert checks.check_like(torch.zeros(5), "bias", q, dtype=False) is not None
+    with pytest.raises(TypeError, match=r"^v must have the dtype of q \(torch.float32\), got torch.float64"):
+        checks.check_like(torch.zeros(5, dtype=torch.float64), "v", q)
+    checks.check_like(torch.zeros(5, dtype=torch.float64), "gates", q, dtype=False)  # cast later
+    # A tensor on another device than `like` (here `like` is on the meta device, the only second
+    # device a CPU-only machine has) is refused by name.
+    with pytest.raises(ValueError, match=r"^gates must be on the device of x \(meta\), got cpu"):
+        checks.check_like(torch.zeros(5), "gates", torch.zeros(5, device="meta"), "x", dtype=False)
+    with pytest.raises(TypeError, match="^v must be a torch.Tensor"):
+        checks.check_like([1.0], "v", q)
+
+
+def test_check_mask_checks_the_device_when_asked():
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    assert checks.check_mask(mask, "mask", (1, 1, 3, 5), device=torch.device("cpu")).shape == (1, 1, 3, 5)
+    with pytest.raises(ValueError, match=r"^mask must be on the device of q \(meta\)"):
+        checks.check_mask(mask, "mask", (1, 1, 3, 5), device=torch.device("meta"))
+
+
+def test_check_broadcast_refuses_to_grow_the_target():
+    assert checks.check_broadcast(torch.zeros(3, 5), "bias", (2, 1, 3, 5)).shape == (2, 1, 3, 5)
+    with pytest.raises(ValueError, match=r"^bias must have at most 4 dims \(B, H, T, S\)"):
+        checks.check_broadcast(torch.zeros(2, 2, 1, 3, 5), "bias", (2, 1, 3, 5))
+    with pytest.raises(ValueError, match="^bias of shape"):
+        checks.check_broadcast(torch.zeros(4, 5), "bias", (2, 1, 3, 5))
+
+
+def test_check_hashable_names_the_argument():
+    assert checks.check_hashable(("a", 1), "seq_id") == ("a", 1)
+    with pytest.raises(TypeError, match="^seq_id must be hashable"):
+        checks.check_hashable([1, 2], "seq_id")

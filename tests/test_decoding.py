@@ -292,3 +292,120 @@ step = bigram_step(torch.randn(4, 4))
 def test_decoding_bad_input(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+# --- awkward input found by probing (issue 14) -------------------------------------------------------
+
+
+def test_top_p_of_one_keeps_every_token_with_nonzero_probability():
+    # exp(-20) / 2 is about 1e-9: in float32 the mass before the last token rounds to 1.0, which
+    # used to drop it although p = 1 promises to keep it.
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        logits = torch.tensor([0.0, 0.0, -20.0, -float("inf")], dtype=dtype)
+        assert kept(top_p_filter(logits, 1.0)) == {0, 1, 2}
+    # A tail token far below float32's resolution of 1.0 is still kept just below p = 1.
+    logits = torch.tensor([0.0, -12.0, -14.0])
+    assert kept(top_p_filter(logits, 0.9999999)) == {0, 1, 2}
+
+
+def test_sampling_with_top_p_one_can_draw_the_unlikely_token():
+    logits = torch.tensor([[0.0, -4.0]]).expand(4000, 2)
+    draws = sample_next_token(logits, generator=torch.Generator().manual_seed(0), top_p=1.0)
+    assert 0 < int(draws.sum()) < 4000 * 0.05  # about exp(-4) / (1 + exp(-4)) = 1.8 % draw token 1
+
+
+def impossible_everywhere(tokens):
+    return torch.full((tokens.shape[0], 4), -math.inf)
+
+
+def impossible_after_one(tokens):
+    """Token 1 first; after it no continuation is possible."""
+    logits = torch.full((tokens.shape[0], 4), -math.inf)
+    if tokens.shape[1] == 1:
+        logits[:, 1] = 0.0
+    return logits
+
+
+@pytest.mark.parametrize("step_fn", [impossible_everywhere, impossible_after_one], ids=["first", "second"])
+def test_beam_search_without_any_possible_continuation_raises_as_documented(step_fn):
+    with pytest.raises(ValueError, match="probability 0"):
+        beam_search(step_fn, torch.tensor([0]), 3, num_beams=2)
+
+
+def test_beam_search_with_one_dead_beam_keeps_the_live_one():
+    # From token 2 nothing is possible; from 3 only 3. The beam through 2 dies, the other wins.
+    table = torch.full((4, 4), -math.inf)
+    table[0, 2], table[0, 3], table[3, 3] = 0.0, -1.0, 0.0
+    tokens, score = beam_search(bigram_step(table), torch.tensor([0]), 3, num_beams=2, length_penalty=0.0)
+    assert tokens.tolist() == [0, 3, 3, 3]
+    assert score == pytest.approx(math.log(math.exp(-1.0) / (1 + math.exp(-1.0))))
+
+
+@pytest.mark.parametrize(
+    "logits, message",
+    [
+        (torch.full((2, 4), -math.inf), "^logits .*-inf"),
+        (torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), r"^logits .*row 1"),
+        (torch.tensor([[0.0, math.nan]]), "^logits .*NaN"),
+        (torch.tensor([[0.0, math.inf]]), r"^logits .*\+inf"),
+        (torch.zeros(2, 4, device="meta"), "^logits .*meta"),
+    ],
+    ids=["all -inf", "one row -inf", "nan", "+inf", "meta"],
+)
+@pytest.mark.parametrize("temperature", [1.0, 0.0], ids=["sample", "greedy"])
+def test_sampling_from_logits_without_a_distribution_names_logits(logits, message, temperature):
+    with pytest.raises(ValueError, match=message):
+        sample_next_token(logits, generator=torch.Generator(), temperature=temperature)
+
+
+@pytest.mark.parametrize("filter_", [lambda x: top_p_filter(x, 0.5), lambda x: top_k_filter(x, 1)])
+def test_filters_refuse_nan_logits(filter_):
+    with pytest.raises(ValueError, match="^logits .*NaN"):
+        filter_(torch.tensor([0.0, math.nan, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "decode",
+    [
+        lambda step_fn: greedy_decode(step_fn, torch.tensor([[0]]), 2),
+        lambda step_fn: sample_decode(step_fn, torch.tensor([[0]]), 2, seed=0),
+        lambda step_fn: beam_search(step_fn, torch.tensor([0]), 2, num_beams=2),
+    ],
+    ids=["greedy", "sample", "beam"],
+)
+def test_decoders_refuse_a_step_fn_that_returns_nan(decode):
+    with pytest.raises(ValueError, match="^step_fn .*NaN"):
+        decode(lambda tokens: torch.full((tokens.shape[0], 3), math.nan))
+
+
+@pytest.mark.parametrize(
+    "decode",
+    [
+        lambda step_fn: greedy_decode(step_fn, torch.tensor([[0]]), 2),
+        lambda step_fn: sample_decode(step_fn, torch.tensor([[0]]), 2, seed=0),
+    ],
+    ids=["greedy", "sample"],
+)
+def test_greedy_and_sampling_refuse_a_step_fn_without_any_possible_token(decode):
+    # greedy used to return token 0 (the argmax of an all -inf row) as if it were likely.
+    with pytest.raises(ValueError, match="^step_fn .*-inf"):
+        decode(impossible_everywhere)
+
+
+@pytest.mark.parametrize(
+    "decode",
+    [
+        lambda: greedy_decode(step, torch.tensor([[0]]), 2, eos_token_id=4),
+        lambda: beam_search(step, torch.tensor([0]), 2, num_beams=2, eos_token_id=7),
+    ],
+    ids=["greedy", "beam"],
+)
+def test_an_eos_outside_the_vocabulary_is_refused(decode):
+    # It could never be emitted, so decoding would silently ignore it.
+    with pytest.raises(ValueError, match="^eos_token_id"):
+        decode()
+
+
+def test_a_meta_prompt_is_refused_by_name():
+    with pytest.raises(ValueError, match="^prompt .*meta"):
+        greedy_decode(step, torch.zeros(1, 2, dtype=torch.long, device="meta"), 2)

@@ -873,3 +873,105 @@ def test_quantized_attention_error_and_savings():
 def test_quantize_bad_input(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+# --- awkward input found by probing (issue 14) -------------------------------------------------------
+
+
+def gradients(output, inputs):
+    return torch.autograd.grad(output.pow(2).sum(), inputs)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 10], ids=["c1", "c3-ragged", "c10-whole"])
+@pytest.mark.parametrize("num_kv_heads", [6, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_chunked_prefill_is_differentiable_with_one_shot_gradients(num_kv_heads, chunk_size):
+    """Backward through a filled KVCache used to fail with an in-place autograd error."""
+    layer = GroupedQueryAttention(12, 6, num_kv_heads).double()
+    x = torch.randn(2, 10, 12, dtype=torch.float64, requires_grad=True)
+    cache = KVCache(1, 2, num_kv_heads, 10, 2, dtype=torch.float64)
+    inputs = [x, *layer.parameters()]
+    chunked = gradients(chunked_prefill(layer, x, cache, chunk_size=chunk_size), inputs)
+    for got, expected in zip(chunked, gradients(layer(x), inputs), strict=True):
+        torch.testing.assert_close(got, expected)
+    # The storage still holds the numbers, for decoding under no_grad afterwards.
+    torch.testing.assert_close(cache.get(0)[0], layer.k_proj(x).view(2, 10, num_kv_heads, 2).transpose(1, 2))
+    with torch.no_grad():
+        keys, _ = cache.append(0, torch.zeros(2, num_kv_heads, 0, 2), torch.zeros(2, num_kv_heads, 0, 2))
+    assert keys.data_ptr() == cache.keys[0].data_ptr() and not keys.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+def test_chunked_prefill_through_the_latent_cache_is_differentiable(mode):
+    layer = MultiHeadLatentAttention(12, 3, head_dim=4, latent_dim=5, rope_dim=2, mode=mode).double()
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    cache = layer.make_cache(1, 2, 7, dtype=torch.float64)
+    inputs = [x, *layer.parameters()]
+    chunked = gradients(chunked_prefill(layer, x, cache, chunk_size=3), inputs)
+    for got, expected in zip(chunked, gradients(layer(x), inputs), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_float16_cache_in_grad_mode_returns_its_own_dtype():
+    cache = KVCache(1, 1, 1, 4, 2, dtype=torch.float16)
+    k = torch.randn(1, 1, 2, 2, requires_grad=True)
+    keys, values = cache.append(0, k, k.detach())
+    assert keys.dtype == values.dtype == torch.float16 and keys.requires_grad
+    keys, _ = cache.append(0, k, k)
+    assert keys.shape == (1, 1, 4, 2) and torch.equal(keys, cache.keys[0])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda config: kv_cache_bytes(config, 16),
+        lambda config: kv_numbers_per_token(config),
+        lambda config: max_concurrent_requests(config, 16, 10**9),
+    ],
+    ids=["kv_cache_bytes", "kv_numbers_per_token", "max_concurrent_requests"],
+)
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(attention="gqa", num_layers=2, num_heads=6, num_kv_heads=4, head_dim=8),
+        dict(attention="mha", num_layers=2, num_heads=6, num_kv_heads=3, head_dim=8),
+        dict(attention="mqa", num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8),
+        dict(attention="mqa", num_layers=2, num_kv_heads=2, head_dim=8),
+    ],
+    ids=["gqa-not-dividing", "mha-fewer-kv-heads", "mqa-two-kv-heads", "mqa-no-heads-given"],
+)
+def test_a_config_whose_kv_heads_do_not_fit_its_heads_is_refused(call, config):
+    with pytest.raises(ValueError, match=r"^config\['num_kv_heads'\]"):
+        call(config)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda cache: cache.add_sequence([1]), "seq_id"),
+        (lambda cache: cache.length([1]), "seq_id"),
+        (lambda cache: cache.block_table({"a": 1}), "seq_id"),
+        (
+            lambda cache: cache.append([0], torch.zeros(H_KV, 1, HEAD_DIM), torch.zeros(H_KV, 1, VALUE_DIM)),
+            "seq_id",
+        ),
+        (lambda cache: cache.fork(0, [1]), "child_id"),
+        (lambda cache: cache.fork([0], 1), "parent_id"),
+        (lambda cache: cache.free([0]), "seq_id"),
+        (lambda cache: cache.attention([0], torch.zeros(H_KV, 1, HEAD_DIM)), "seq_id"),
+    ],
+    ids=["add", "length", "block_table", "append", "fork-child", "fork-parent", "free", "attention"],
+)
+def test_an_unhashable_sequence_id_is_a_type_error_naming_it(call, name):
+    cache = make_paged()
+    cache.add_sequence(0)
+    with pytest.raises(TypeError, match=f"^{name} must be hashable"):
+        call(cache)
+
+
+@pytest.mark.parametrize("shape, dim", [((2, 0), -1), ((0, 3), -2)])
+def test_quantize_an_empty_dim(shape, dim):
+    x = torch.zeros(shape)
+    assert quantize(x, dim=dim).dequantize().shape == shape
+    q, k = torch.randn(1, 1, 2, 4), torch.zeros(1, 1, 0, 4)
+    report = quantized_attention_error(q, k, k)  # an empty cache: both outputs zero, no error
+    assert report["max_abs_error"] == 0.0 and report["relative_error"] == 0.0

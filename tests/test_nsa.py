@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from course_lib.sparse.block_routing import block_means, select_blocks, selection_mask
+from course_lib.sparse.block_routing import attend_selected_blocks, block_means, select_blocks, selection_mask
 from course_lib.sparse.nsa import (
     NativeSparseAttention,
     compressed_block_count,
@@ -303,7 +303,10 @@ _q, _k, _v, _g = make_inputs(1, 4, 2, 6, 6, 4)
         (lambda: nsa_attention(_q, _k, _v, _g, scale=float("inf")), ValueError, "scale"),
         (lambda: nsa_attention(_q, _k, _v, _g, return_work=1), TypeError, "return_work"),
         (lambda: nsa_reference(_q, _k, _v, _g, window=-2), ValueError, "window"),
-        (lambda: overlapping_blocks(_k, 2, 3), ValueError, "compress_stride"),
+        # overlapping_blocks names its own arguments, block_size and stride (not NSA's options).
+        (lambda: overlapping_blocks(_k, 2, 3), ValueError, "^stride=3 must be <= block_size=2"),
+        (lambda: overlapping_blocks(_k, 0, 1), ValueError, "^block_size=0"),
+        (lambda: overlapping_blocks(_k, 2, 0), ValueError, "^stride=0"),
         (lambda: select_blocks(torch.zeros(3), 0), ValueError, "num_selected"),
         (lambda: select_blocks(torch.zeros(3), 1, eligible=torch.ones(3)), TypeError, "eligible"),
         (lambda: NativeSparseAttention(10, 4), ValueError, "num_heads"),
@@ -338,3 +341,26 @@ def test_kernel_equals_reference_for_any_options(
     torch.testing.assert_close(
         nsa_attention(q, k, v, gates, **options), nsa_reference(q, k, v, gates, **options)
     )
+
+
+def test_attend_selected_blocks_checks_its_inputs_by_name():
+    q, k = torch.randn(1, 1, 2, 3, 4), torch.randn(1, 1, 5, 4)
+    indices, valid = torch.zeros(1, 1, 1, 3, 2, dtype=torch.long), torch.ones(1, 1, 1, 3, 2, dtype=torch.bool)
+    with pytest.raises(TypeError, match="^v must have the dtype of q"):
+        attend_selected_blocks(q, k, k.double(), indices, valid, 2, scale=1.0)
+    with pytest.raises(ValueError, match="^indices must have shape"):
+        attend_selected_blocks(q, k, k, indices[..., :2, :], valid, 2, scale=1.0)
+    with pytest.raises(ValueError, match="^indices must choose"):
+        attend_selected_blocks(torch.randn(1, 1, 3, 3, 4), k, k, indices.expand(1, 1, 2, 3, 2), valid.expand(
+            1, 1, 2, 3, 2), 2, scale=1.0)  # fmt: skip
+
+
+def test_select_blocks_refuses_flags_that_would_grow_the_scores():
+    scores = torch.randn(3, 4)
+    # A (2, 3, 4) `forced` used to broadcast the choice to shape (2, 3, n) silently.
+    with pytest.raises(ValueError, match="^forced must have at most 2 dims"):
+        select_blocks(scores, 2, forced=torch.zeros(2, 3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="^eligible of shape"):
+        select_blocks(scores, 2, eligible=torch.ones(2, 4, dtype=torch.bool))
+    indices, valid = select_blocks(scores, 2, eligible=torch.ones(4, dtype=torch.bool))
+    assert indices.shape == valid.shape == (3, 2)

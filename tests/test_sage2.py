@@ -253,3 +253,10 @@ _q, _k, _v = outlier_qkv(1, 2, 4, 4, 8)
 def test_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+def test_attention_error_of_identical_outputs_is_perfect_even_when_zero():
+    # cosine_similarity of two zero vectors is 0: identical (zero) outputs were reported as unrelated.
+    zeros = torch.zeros(1, 2, 3, 4)
+    assert attention_error(zeros, zeros) == AttentionError(cosine=1.0, relative_l1=0.0, rmse=0.0)
+    assert attention_error(zeros, torch.ones(1, 2, 3, 4)).cosine == 0.0

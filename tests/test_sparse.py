@@ -821,10 +821,10 @@ IMAGE = torch.randn(1, 1, 4, 4, 3)
 BAD_INPUTS = [
     ("window-zero", lambda: sliding_window_mask(4, 0), ValueError, "window"),
     ("window-float", lambda: sliding_window_mask(4, 2.0), TypeError, "window"),
-    ("window-T", lambda: sliding_window_mask(0, 2), ValueError, "T"),
+    ("window-T", lambda: sliding_window_mask(-1, 2), ValueError, "T"),
     ("window-causal", lambda: sliding_window_mask(4, 2, causal=1), TypeError, "causal"),
     ("dilated-dilation", lambda: dilated_mask(4, 2, 0), ValueError, "dilation"),
-    ("dilated-S", lambda: dilated_mask(4, 2, 1, S=0), ValueError, "S"),
+    ("dilated-S", lambda: dilated_mask(4, 2, 1, S=-1), ValueError, "S"),
     ("strided-stride", lambda: strided_mask(4, 0), ValueError, "stride"),
     ("strided-pattern", lambda: strided_mask(4, 2, pattern="diagonal"), ValueError, "pattern"),
     ("strided-summary", lambda: strided_mask(4, 2, pattern="fixed", summary=3), ValueError, "summary"),
@@ -892,7 +892,7 @@ BAD_INPUTS = [
     ("window-x", lambda: AdaptiveWindowAttention(8, 2)(torch.randn(3, 8)), ValueError, "x"),
     ("stream-budget", lambda: streaming_keep(10, 0), ValueError, "budget"),
     ("stream-sinks", lambda: streaming_keep(10, 3, num_sinks=4), ValueError, "num_sinks"),
-    ("stream-len", lambda: streaming_keep(0, 3), ValueError, "seq_len"),
+    ("stream-len", lambda: streaming_keep(-1, 3), ValueError, "seq_len"),
     ("h2o-weights", lambda: h2o_keep(torch.rand(5), 2), ValueError, "attention_weights"),
     ("h2o-recent", lambda: h2o_keep(torch.rand(3, 5), 2, recent=3), ValueError, "recent"),
     ("h2o-int", lambda: h2o_keep(torch.ones(3, 5, dtype=torch.long), 2), TypeError, "attention_weights"),
@@ -960,3 +960,46 @@ def test_lsh_attention_and_eviction_error_take_any_finite_scale_only():
             lsh_attention(qk, v, num_buckets=1, chunk_size=8, scale=bad)
         with pytest.raises(ValueError, match="scale"):
             eviction_error(qk, qk, v, torch.arange(5), scale=bad)
+
+
+# --- empty sequences and side tensors (issue 14) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("T, S", [(0, 0), (0, 3), (3, 0)], ids=str)
+def test_mask_builders_accept_empty_sequences_and_kernels_agree_with_them(T, S):
+    """A mask for T = 0 or S = 0 is empty (not an error), as the kernels accept those lengths."""
+    masks = {
+        "sliding": (sliding_window_mask(T, 2, S), lambda q, k, v: sliding_window_attention(q, k, v, 2)),
+        "dilated": (dilated_mask(T, 2, 2, S), None),
+        "block": (
+            block_sparse_mask(torch.ones(-(-T // 2), -(-S // 2), dtype=torch.bool), 2, T, S),
+            lambda q, k, v: block_sparse_attention(
+                q, k, v, torch.ones(-(-T // 2), -(-S // 2), dtype=torch.bool), 2
+            ),
+        ),
+    }
+    q, k, v = random_qkv(1, 2, T, S, 4, D_v=3)
+    for mask, kernel in masks.values():
+        assert mask.shape == (T, S)
+        if kernel is not None:
+            torch.testing.assert_close(kernel(q, k, v), dense_reference(q, k, v, mask))
+    if T == S:
+        for square in (strided_mask(T, 2), global_local_mask(T, 2, []), bigbird_mask(T, 2)):
+            assert square.shape == (T, T)
+        assert bigbird_layout(0).shape == (0, 0)
+    assert streaming_keep(S, 4).shape == (S,)
+    assert keep_mask(torch.zeros(0, dtype=torch.long), S).shape == (S,)
+    assert neighborhood_mask_2d(0, 3, 2).shape == (0, 0)
+
+
+def test_lsh_attention_v_must_share_the_dtype_of_qk():
+    qk = torch.randn(1, 2, 4, 4)
+    # v in float64 used to be silently computed (and returned) in float32.
+    with pytest.raises(TypeError, match=r"^v must have the dtype of qk \(torch.float32\)"):
+        lsh_attention(qk, torch.randn(1, 2, 4, 3, dtype=torch.float64), num_buckets=2, chunk_size=2)
+
+
+def test_neighborhood_attention_k_and_v_must_share_the_dtype_of_q():
+    image = torch.randn(1, 1, 3, 3, 4)
+    with pytest.raises(TypeError, match="^v must have the dtype of q"):
+        neighborhood_attention_2d(image, image, image.double(), 3)

@@ -202,7 +202,7 @@ def test_differential_bad_input():
         differential_attention(a, a, a, a, a, torch.ones(3, dtype=F64))
     with pytest.raises(TypeError, match="lambda_"):
         differential_attention(a, a, a, a, a, "0.5")
-    with pytest.raises(ValueError, match="q2"):
+    with pytest.raises(TypeError, match="^q2 must have the dtype of q1"):  # like q, k and v
         differential_attention(a, a, a.float(), a, a, 0.5)
     with pytest.raises(ValueError, match="k2"):
         differential_attention(a, a, a, randn(1, 2, 5, 4), a, 0.5)

@@ -374,17 +374,20 @@ def test_alibi_bias_plugs_into_attention():
         (lambda: attention(*[torch.zeros(1, 1, 2, 4)] * 3, causal=1), TypeError, "causal"),
         (lambda: attention(*[torch.zeros(1, 1, 2, 4)] * 3, bias=torch.zeros(3, 3)), ValueError, "bias"),
         (lambda: attention(*[torch.zeros(1, 1, 2, 4, dtype=torch.long)] * 3), TypeError, "q"),
-        (lambda: causal_mask(0), ValueError, "T"),
+        (lambda: causal_mask(-1), ValueError, "T"),
+        (lambda: causal_mask(2, -1), ValueError, "S"),
         (lambda: causal_mask(3, 2.5), TypeError, "S"),
         (lambda: padding_mask([1, 7], 5), ValueError, "lengths"),
         (lambda: padding_mask(torch.tensor([1.5]), 5), TypeError, "lengths"),
         (lambda: padding_mask([1], 0), ValueError, "S"),
+        (lambda: padding_mask([1], -1), ValueError, "S"),
         (lambda: MultiHeadAttention(10, 3), ValueError, "num_heads"),
         (lambda: MultiHeadAttention(0, 1), ValueError, "embed_dim"),
         (lambda: MultiHeadAttention(8, 2)(torch.zeros(1, 3, 7)), ValueError, "x"),
         (lambda: MultiHeadAttention(8, 2)(torch.zeros(1, 3, 8), torch.zeros(2, 3, 8)), ValueError, "context"),
         (lambda: sinusoidal_positions(4, 5), ValueError, "dim"),
-        (lambda: sinusoidal_positions(0, 4), ValueError, "T"),
+        (lambda: sinusoidal_positions(-1, 4), ValueError, "T"),
+        (lambda: apply_rope(torch.zeros(3, 4), torch.tensor([True, False, True])), TypeError, "positions"),
         (lambda: apply_rope(torch.zeros(2, 5)), ValueError, "D"),
         (lambda: apply_rope(torch.zeros(3, 4), torch.arange(2)), ValueError, "positions"),
         (lambda: apply_rope(torch.zeros(3, 4), base=0.5), ValueError, "base"),
@@ -415,3 +418,96 @@ def test_scale_that_is_not_a_finite_number_is_refused(scale, error):
     q, k, v = qkv(T=4, S=6)
     with pytest.raises(error, match="scale"):
         attention(q, k, v, scale=scale)
+
+
+# --- awkward input found by probing (issue 14) -------------------------------------------------------
+
+
+def test_a_bias_with_extra_leading_dims_is_refused_not_broadcast_to_a_new_shape():
+    q, k, v = qkv(B=1, H=2, T=3, S=4)
+    with pytest.raises(ValueError, match="^bias .*at most 4 dims"):
+        attention(q, k, v, bias=randn(2, 1, 2, 3, 4))
+    with pytest.raises(ValueError, match="^bias of shape"):
+        attention(q, k, v, bias=randn(2, 1, 3, 4))  # B = 2 where q has B = 1
+    # Any bias that broadcasts to (B, H, T, S) without growing it still works.
+    bias = randn(2, 3, 4, seed=9)
+    torch.testing.assert_close(attention(q, k, v, bias=bias), dense_reference(q, k, v, bias=bias))
+
+
+@pytest.mark.parametrize("T, S", [(0, 0), (0, 3), (3, 0)])
+def test_masks_and_biases_of_empty_sequences(T, S):
+    """T = 0 or S = 0 masks are allowed, as every kernel accepts empty sequences."""
+    assert causal_mask(T, S).shape == (T, S)
+    assert alibi_bias(2, T, S).shape == (2, T, S)
+    assert padding_mask([0, 0], S).shape == (2, 1, 1, S)
+    q, k, v = qkv(B=2, H=2, T=T, S=S, D=4, D_v=3)
+    out = attention(q, k, v, causal_mask(T, S) & padding_mask([0, S], S), bias=alibi_bias(2, T, S))
+    assert torch.equal(out, torch.zeros(2, 2, T, 3, dtype=torch.float64))
+    assert sinusoidal_positions(T, 4).shape == (T, 4)
+    assert apply_rope(q).shape == q.shape
+
+
+def test_masked_softmax_of_a_row_without_keys_is_empty():
+    from course_lib.standard import masked_softmax
+
+    assert masked_softmax(torch.zeros(2, 3, 0)).shape == (2, 3, 0)
+    allowed = torch.zeros(2, 3, 0, dtype=torch.bool)
+    assert masked_softmax(torch.zeros(2, 3, 0), allowed).shape == (2, 3, 0)
+
+
+def test_cross_attention_with_different_key_and_value_widths_matches_torch():
+    """kdim != vdim: keys and values come from two inputs, as in nn.MultiheadAttention."""
+    ours = MultiHeadAttention(32, 4, kdim=24, vdim=20).double()
+    theirs = copy_into_torch_mha(ours, kdim=24, vdim=20)
+    x, key, value = randn(2, 3, 32, seed=10), randn(2, 7, 24, seed=11), randn(2, 7, 20, seed=12)
+    mask = padding_mask([7, 5], 7)
+    expected, expected_weights = theirs(
+        x, key, value, key_padding_mask=~mask[:, 0, 0], average_attn_weights=False
+    )
+    out, weights = ours(x, key, value, mask=mask, return_weights=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weights, expected_weights)
+
+
+def test_cross_attention_with_a_separate_value_of_the_key_width_matches_torch():
+    ours = MultiHeadAttention(8, 2, kdim=5, vdim=5).double()
+    theirs = copy_into_torch_mha(ours, kdim=5, vdim=5)
+    x, key, value = randn(2, 3, 8, seed=13), randn(2, 4, 5, seed=14), randn(2, 4, 5, seed=15)
+    expected, _ = theirs(x, key, value)
+    torch.testing.assert_close(ours(x, key, value), expected)
+
+
+@pytest.mark.parametrize(
+    "layer, args, name",
+    [
+        # Values cannot come from the keys' input when the widths differ.
+        (
+            MultiHeadAttention(32, 4, kdim=24, vdim=20),
+            (torch.zeros(1, 3, 32), torch.zeros(1, 5, 24)),
+            "value",
+        ),
+        # Keys cannot come from x when kdim differs from embed_dim.
+        (MultiHeadAttention(32, 4, kdim=24, vdim=24), (torch.zeros(1, 3, 32),), "context"),
+        (MultiHeadAttention(8, 2), (torch.zeros(1, 3, 8), None, torch.zeros(1, 3, 8)), "value"),
+        (
+            MultiHeadAttention(32, 4, kdim=24, vdim=20),
+            (torch.zeros(1, 3, 32), torch.zeros(1, 5, 24), torch.zeros(1, 4, 20)),
+            "value",
+        ),
+        (
+            MultiHeadAttention(32, 4, kdim=24, vdim=20),
+            (torch.zeros(1, 3, 32), torch.zeros(1, 5, 24), torch.zeros(1, 5, 24)),
+            "value",
+        ),
+    ],
+    ids=["no value", "no context", "value without context", "value length", "value width"],
+)
+def test_multi_head_attention_says_which_input_is_missing_or_wrong(layer, args, name):
+    with pytest.raises(ValueError, match=f"^{name} "):
+        layer(*args)
+
+
+def test_multi_head_attention_context_must_share_the_dtype_of_x():
+    layer = MultiHeadAttention(8, 2)
+    with pytest.raises(TypeError, match="^context .*dtype"):
+        layer(torch.zeros(1, 3, 8), torch.zeros(1, 3, 8, dtype=torch.float64))

@@ -559,7 +559,8 @@ _q, _k, _v = make_qkv(1, 1, 4, 4, 2, dtype=torch.float32)
         (lambda: quantized_attention(_q, _k, _v, rotation=torch.ones(2, 2)), ValueError, "rotation"),
         (lambda: quantized_attention(_q, _k, _v, number_format="int4"), ValueError, "number_format"),
         (lambda: quantized_attention(_q, _k, _v, bits=4, number_format="fp8"), ValueError, "bits"),
-        (lambda: quantized_attention(_q, _k, _v, block_k=0), ValueError, "block_size"),
+        (lambda: quantized_attention(_q, _k, _v, block_k=0), ValueError, "^block_k=0"),
+        (lambda: quantized_attention(_q, _k, _v, block_q=0), ValueError, "^block_q=0"),
         (lambda: quantize_blocks(_q[0]), ValueError, "x"),
         (lambda: random_hadamard(12), ValueError, "D"),
         (lambda: random_hadamard(8, seed=1.5), TypeError, "seed"),
@@ -766,3 +767,18 @@ def test_scale_zero_and_negative_are_used_and_inf_nan_bool_refused(name):
 def test_bad_input_of_the_plain_loops_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+def test_fold_block_refuses_shapes_that_would_grow_the_running_state():
+    from course_lib.tiling import fold_block, start_fold
+
+    state = start_fold((2, 3), 4, dtype=torch.float32, device="cpu")
+    values = torch.randn(2, 5, 4)
+    fold_block(*state, torch.randn(2, 3, 5), values)  # (..., R, n) with (..., n, D_v): fine
+    # Scores with an extra leading dim used to broadcast the state to (2, 2, 3) silently.
+    with pytest.raises(ValueError, match=r"^scores must have shape \(2, 3, \*\)"):
+        fold_block(*state, torch.randn(2, 2, 3, 5), values)
+    with pytest.raises(ValueError, match="^values must have shape"):
+        fold_block(*state, torch.randn(2, 3, 5), torch.randn(2, 6, 4))
+    with pytest.raises(ValueError, match="^values must have at most 3 dims"):
+        fold_block(*state, torch.randn(2, 3, 5), torch.randn(7, 2, 5, 4))

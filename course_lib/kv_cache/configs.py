@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..checks import check_bool, check_int
+from ..checks import check_bool, check_divisible, check_int
 
 __all__ = ["MODEL_CONFIGS", "kv_cache_bytes", "kv_numbers_per_token", "max_concurrent_requests"]
 
@@ -116,6 +116,19 @@ def _resolve(config: Mapping | str) -> Mapping:
         if field not in config:
             raise ValueError(f"config is missing field {field!r} (needed for attention={attention!r})")
         check_int(config[field], f"config[{field!r}]", min=1)
+    # A model whose kv heads do not divide its heads, or contradict its attention kind, does not
+    # exist: its cache size would be a number about nothing.
+    if attention == "mqa" and config["num_kv_heads"] != 1:
+        raise ValueError(f"config['num_kv_heads']={config['num_kv_heads']} must be 1 for attention='mqa'")
+    if attention != "mla" and "num_heads" in config:
+        heads = check_int(config["num_heads"], "config['num_heads']", min=1)
+        kv_heads = config["num_kv_heads"]
+        check_divisible(heads, "config['num_heads']", kv_heads, "config['num_kv_heads']")
+        if attention == "mha" and kv_heads != heads:
+            raise ValueError(
+                f"config['num_kv_heads']={kv_heads} must equal config['num_heads']={heads} "
+                "for attention='mha' (use 'gqa' for fewer kv heads)"
+            )
     return config
 
 

@@ -80,7 +80,7 @@ def gqa_attention(
     queries = q.reshape(B, H_kv, group * T, D)
     allowed = None
     if mask is not None:
-        allowed = check_mask(mask, "mask", (B, H_q, T, S))
+        allowed = check_mask(mask, "mask", (B, H_q, T, S), device=q.device)
     if causal:
         causal_allowed = causal_mask(T, S, device=q.device)
         allowed = causal_allowed if allowed is None else allowed & causal_allowed

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..checks import check_choice, check_float, check_int, check_shape, check_tensor
 from ..standard import apply_rope
+from .cache import track_append
 from .gqa import gqa_attention
 
 __all__ = ["LatentKVCache", "MultiHeadLatentAttention"]
@@ -65,6 +66,7 @@ class LatentKVCache:
         self.latent = torch.zeros(num_layers, batch_size, max_len, latent_dim, dtype=dtype, device=device)
         self.rope_keys = torch.zeros(num_layers, batch_size, max_len, rope_dim, dtype=dtype, device=device)
         self._lengths = [0] * num_layers
+        self._tracked: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
     def length(self, layer_index: int = 0) -> int:
         return self._lengths[check_int(layer_index, "layer_index", min=0, max=self.num_layers - 1)]
@@ -72,7 +74,10 @@ class LatentKVCache:
     def append(
         self, layer_index: int, latent: torch.Tensor, rope_key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``latent (B, T, d_c)`` and ``rope_key (B, T, d_R)``; return views of all stored tokens."""
+        """Store ``latent (B, T, d_c)`` and ``rope_key (B, T, d_R)``; return all stored tokens.
+
+        Views of the storage in inference; differentiable in grad mode, as :class:`KVCache`.
+        """
         layer_index = check_int(layer_index, "layer_index", min=0, max=self.num_layers - 1)
         check_tensor(latent, "latent", ndim=3, floating=True)
         check_tensor(rope_key, "rope_key", ndim=3, floating=True)
@@ -84,13 +89,25 @@ class LatentKVCache:
             raise ValueError(
                 f"latent adds {T} tokens to {start} cached ones, more than max_len={self.max_len}"
             )
-        self.latent[layer_index, :, start : start + T] = latent
-        self.rope_keys[layer_index, :, start : start + T] = rope_key
+        with torch.no_grad():  # numbers only; the autograd copy is kept apart (see KVCache)
+            self.latent[layer_index, :, start : start + T] = latent
+            self.rope_keys[layer_index, :, start : start + T] = rope_key
         self._lengths[layer_index] = start + T
+        tracked = track_append(
+            self._tracked[layer_index],
+            (latent, rope_key),
+            (self.latent[layer_index], self.rope_keys[layer_index]),
+            start,
+            dim=1,
+        )
+        self._tracked[layer_index] = tracked
+        if tracked is not None:
+            return tracked
         return self.latent[layer_index, :, : start + T], self.rope_keys[layer_index, :, : start + T]
 
     def reset(self) -> None:
         self._lengths = [0] * self.num_layers
+        self._tracked = [None] * self.num_layers
 
     @property
     def numbers_per_token(self) -> int:

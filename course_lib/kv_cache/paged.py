@@ -25,6 +25,7 @@ import torch
 from ..checks import (
     check_bool,
     check_divisible,
+    check_hashable,
     check_int,
     check_shape,
     check_tensor,
@@ -77,6 +78,7 @@ class PagedKVCache:
 
     # --- bookkeeping -------------------------------------------------------------------------
     def _check_live(self, seq_id: Hashable, name: str = "seq_id") -> None:
+        check_hashable(seq_id, name)
         if seq_id not in self.block_tables:
             raise ValueError(f"{name}={seq_id!r} is not a live sequence of this cache")
 
@@ -98,6 +100,7 @@ class PagedKVCache:
 
     def add_sequence(self, seq_id: Hashable) -> None:
         """Start an empty sequence (no block is allocated until its first token)."""
+        check_hashable(seq_id, "seq_id")
         if seq_id in self.block_tables:
             raise ValueError(f"seq_id={seq_id!r} is already a live sequence")
         self.block_tables[seq_id] = []
@@ -165,6 +168,7 @@ class PagedKVCache:
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Start ``child_id`` as a copy of ``parent_id`` sharing all its blocks (no data is copied)."""
         self._check_live(parent_id, "parent_id")
+        check_hashable(child_id, "child_id")
         if child_id in self.block_tables:
             raise ValueError(f"child_id={child_id!r} is already a live sequence")
         table = list(self.block_tables[parent_id])
@@ -203,6 +207,10 @@ class PagedKVCache:
         self._check_live(seq_id)
         check_tensor(q, "q", ndim=3, floating=True)
         check_shape(q, "q", (None, None, self.head_dim), names="H_q, T, D")
+        if q.device != self.key_blocks.device:
+            raise ValueError(
+                f"q must be on the device of the cache ({self.key_blocks.device}), got {q.device}"
+            )
         H_q, T, D = q.shape
         check_divisible(H_q, "num_heads", self.num_kv_heads, "num_kv_heads")
         check_bool(causal, "causal")

@@ -70,7 +70,8 @@ def quantize(
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dims, got shape {tuple(x.shape)}")
     length = x.shape[dim]
-    group_size = length if group_size is None else check_int(group_size, "group_size", min=1)
+    # One group over the whole dim by default (at least one slot, so an empty dim quantises too).
+    group_size = max(length, 1) if group_size is None else check_int(group_size, "group_size", min=1)
     moved = x.to(torch.float32).movedim(dim, -1)  # groups now run along the last dim
     padding = (-length) % group_size
     if padding:
@@ -129,7 +130,7 @@ def quantized_attention_error(
         "bits": bits,
         "bytes_fp16": bytes_fp16,
         "bytes_quantized": bytes_quantized,
-        "compression": bytes_fp16 / bytes_quantized,
-        "max_abs_error": difference.abs().max().item(),
+        "compression": bytes_fp16 / bytes_quantized if bytes_quantized else 1.0,  # empty: nothing saved
+        "max_abs_error": difference.abs().max().item() if difference.numel() else 0.0,
         "relative_error": (difference.norm() / reference.norm().clamp_min(1e-30)).item(),
     }

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_int, check_tensor
+from ..checks import check_broadcast, check_int, check_like, check_shape, check_tensor
 
 __all__ = ["block_means", "select_blocks", "selection_mask", "attend_selected_blocks", "BlockWork"]
 
@@ -88,6 +88,9 @@ def select_blocks(
     for name, flags in (("forced", forced), ("eligible", eligible)):
         if flags is not None:
             check_tensor(flags, name, dtype=torch.bool)
+            check_like(flags, name, scores, "scores", dtype=False)
+            # Extra dims would broadcast the ranking, and the choice, to a new shape: refuse them.
+            check_broadcast(flags, name, scores.shape, names="..., N_blocks")
     if forced is not None:
         ranking = ranking.masked_fill(forced, float("inf"))
     allowed = torch.ones_like(ranking, dtype=torch.bool) if eligible is None else eligible.expand_as(ranking)
@@ -140,9 +143,24 @@ def attend_selected_blocks(
     Returns ``(out, scores_computed)``: ``(B, H_kv, G, T, D_v)`` in the dtype of q, zeros for a
     query with nothing selected; and the number of dot products evaluated (padding included).
     """
+    check_tensor(q, "q", ndim=5, floating=True)
+    for name, x in (("k", k), ("v", v)):
+        check_tensor(x, name, ndim=4, floating=True)
+        check_like(x, name, q)
+    check_tensor(indices, "indices", ndim=5, dtype=torch.long)
+    check_tensor(valid, "valid", ndim=5, dtype=torch.bool)
+    check_like(indices, "indices", q, dtype=False)
+    check_like(valid, "valid", q, dtype=False)
     B, H_kv, G, T, D = q.shape
     S, D_v = k.shape[2], v.shape[-1]
+    check_shape(k, "k", (B, H_kv, S, D), names="B, H_kv, S, D")
+    check_shape(v, "v", (B, H_kv, S, None), names="B, H_kv, S, D_v")
     G_sel, n = indices.shape[2], indices.shape[-1]
+    check_shape(indices, "indices", (B, H_kv, G_sel, T, n), names="B, H_kv, G', T, n")
+    check_shape(valid, "valid", tuple(indices.shape), names="B, H_kv, G', T, n")
+    if G_sel not in (1, G):
+        raise ValueError(f"indices must choose per group (G'=1) or per head (G'={G}), got G'={G_sel}")
+    block_size = check_int(block_size, "block_size", min=1)
     if T == 0 or S == 0 or n == 0:
         return q.new_zeros(B, H_kv, G, T, D_v), 0
     heads, rows, shared = B * H_kv, G_sel * T, G // G_sel  # rows choose blocks; `shared` queries each

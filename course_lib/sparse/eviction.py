@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_attention_inputs, check_bool, check_int, check_tensor, compute_dtype, resolve_scale
+from ..checks import (
+    check_attention_inputs,
+    check_bool,
+    check_int,
+    check_like,
+    check_tensor,
+    compute_dtype,
+    resolve_scale,
+)
 from ..standard import attention
 
 __all__ = ["streaming_keep", "h2o_keep", "keep_mask", "kept_attention", "eviction_error"]
@@ -26,7 +34,7 @@ def streaming_keep(
     Returns the sorted ``(min(budget, seq_len),)`` indices of the kept keys of a cache of
     ``seq_len`` tokens; the sinks are always kept, so ``num_sinks <= budget`` is required.
     """
-    seq_len = check_int(seq_len, "seq_len", min=1)
+    seq_len = check_int(seq_len, "seq_len", min=0)
     budget = check_int(budget, "budget", min=1)
     num_sinks = check_int(num_sinks, "num_sinks", min=0, max=budget)
     if budget >= seq_len:
@@ -74,7 +82,7 @@ def _check_keep(keep: object, S: int) -> torch.Tensor:
 
 def keep_mask(keep: torch.Tensor, S: int) -> torch.Tensor:
     """Turn kept indices ``(..., n)`` into a bool mask ``(..., S)``, True for kept keys."""
-    S = check_int(S, "S", min=1)
+    S = check_int(S, "S", min=0)
     keep = _check_keep(keep, S)
     mask = torch.zeros(*keep.shape[:-1], S, dtype=torch.bool, device=keep.device)
     return mask.scatter_(-1, keep, True)
@@ -98,7 +106,8 @@ def kept_attention(
     B, H, T, S, D, D_v = check_attention_inputs(q, k, v)
     check_bool(causal, "causal")
     scale = resolve_scale(scale, D)
-    keep = _check_keep(keep, S).to(q.device)
+    keep = _check_keep(keep, S)
+    check_like(keep, "keep", q, dtype=False)
     try:
         keep = keep.expand(B, H, keep.shape[-1])
     except RuntimeError:

@@ -15,6 +15,7 @@ from ..checks import (
     check_attention_inputs,
     check_bool,
     check_int,
+    check_like,
     check_mask,
     check_shape,
     check_tensor,
@@ -64,6 +65,8 @@ def sliding_window_attention(
     check_bool(causal, "causal")
     scale = resolve_scale(scale, D)
     block_size = window if block_size is None else check_int(block_size, "block_size", min=1)
+    if T == 0 or S == 0:  # no query, or no key in reach of any query
+        return q.new_zeros(B, H, T, D_v)
 
     window = min(window, max(T, S))  # keys farther away than the sequences are long do not exist
     block = min(block_size, T)
@@ -123,14 +126,17 @@ def block_sparse_attention(
     check_bool(causal, "causal")
     scale = resolve_scale(scale, D)
     check_tensor(layout, "layout", ndim=(2, 3, 4), dtype=torch.bool)
+    check_like(layout, "layout", q, dtype=False)
     query_blocks, key_blocks = -(-T // block_size), -(-S // block_size)
     try:
-        layout = layout.to(q.device).expand(B, H, query_blocks, key_blocks)
+        layout = layout.expand(B, H, query_blocks, key_blocks)
     except RuntimeError:
         raise ValueError(
             f"layout of shape {tuple(layout.shape)} must broadcast to (B, H, ceil(T / block_size), "
             f"ceil(S / block_size)) = {(B, H, query_blocks, key_blocks)}"
         ) from None
+    if T == 0 or S == 0:  # no query, or no key: nothing to gather
+        return q.new_zeros(B, H, T, D_v)
 
     device, offset = q.device, S - T
     query_positions = torch.arange(query_blocks * block_size, device=device).view(query_blocks, block_size)
@@ -198,7 +204,7 @@ def topk_attention(
     dtype = compute_dtype(q)
     scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
     if mask is not None:
-        scores = scores.masked_fill(~check_mask(mask, "mask", (B, H, T, S)).to(q.device), float("-inf"))
+        scores = scores.masked_fill(~check_mask(mask, "mask", (B, H, T, S), device=q.device), float("-inf"))
     if causal:
         distance = torch.arange(T, device=q.device).unsqueeze(1) + (S - T) - torch.arange(S, device=q.device)
         scores = scores.masked_fill(distance < 0, float("-inf"))
@@ -234,8 +240,12 @@ def neighborhood_attention_2d(
     B, H, height, width, D = q.shape
     check_shape(k, "k", (B, H, height, width, D), names="B, H, height, width, D")
     check_shape(v, "v", (B, H, height, width, None), names="B, H, height, width, D_v")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        check_like(x, name, q)
+    if height == 0 or width == 0:  # an empty image: no pixel to attend from
+        check_int(kernel_size, "kernel_size", min=1)
+        resolve_scale(scale, D)
+        return q.new_zeros(B, H, height, width, v.shape[-1])
     kernel_size = check_int(kernel_size, "kernel_size", min=1, max=min(height, width))
     scale = resolve_scale(scale, D)
 

@@ -18,6 +18,7 @@ from ..checks import (
     check_bool,
     check_generator,
     check_int,
+    check_like,
     check_shape,
     check_tensor,
     compute_dtype,
@@ -86,6 +87,7 @@ def lsh_attention(
     """
     check_tensor(qk, "qk", ndim=4, floating=True)
     check_tensor(v, "v", ndim=4, floating=True)
+    check_like(v, "v", qk, "qk")
     B, H, T, D = qk.shape
     check_shape(v, "v", (B, H, T, None), names="B, H, T, D_v")
     D_v = v.shape[-1]
@@ -93,6 +95,8 @@ def lsh_attention(
     check_bool(causal, "causal")
     scale = resolve_scale(scale, D)
     buckets = lsh_buckets(qk, num_buckets, num_hashes=num_hashes, generator=generator, seed=seed)
+    if T == 0:  # an empty sequence: nothing to hash into chunks
+        return qk.new_zeros(B, H, 0, D_v)
     R, device, dtype = num_hashes, qk.device, compute_dtype(qk)
 
     # Sort each round by (bucket, position); `order[..., s]` is the position sitting in slot s.

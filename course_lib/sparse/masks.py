@@ -39,8 +39,9 @@ def _offsets(T: int, S: int, device: torch.device | str | None) -> torch.Tensor:
 
 
 def _lengths(T: int, S: int | None) -> tuple[int, int]:
-    T = check_int(T, "T", min=1)
-    S = T if S is None else check_int(S, "S", min=1)
+    # Empty sequences give empty masks, as every kernel accepts T = 0 and S = 0.
+    T = check_int(T, "T", min=0)
+    S = T if S is None else check_int(S, "S", min=0)
     return T, S
 
 
@@ -114,7 +115,7 @@ def strided_mask(
     last ``summary`` positions of every block, which act as summaries for text.
     The paper splits the two parts over heads or layers; the union is returned here.
     """
-    T = check_int(T, "T", min=1)
+    T = check_int(T, "T", min=0)
     stride = check_int(stride, "stride", min=1)
     check_choice(pattern, "pattern", ("strided", "fixed"))
     summary = check_int(summary, "summary", min=1, max=stride)
@@ -146,7 +147,7 @@ def global_local_mask(
     ``global_tokens`` lists positions in ``[0, T)`` (e.g. ``[0]`` for a CLS token). With
     ``causal=True`` the causal triangle is applied on top, so a global token sees only the past.
     """
-    T = check_int(T, "T", min=1)
+    T = check_int(T, "T", min=0)
     if isinstance(global_tokens, torch.Tensor):
         check_tensor(global_tokens, "global_tokens", ndim=1)
         if global_tokens.is_floating_point() or global_tokens.dtype == torch.bool:
@@ -181,7 +182,7 @@ def bigbird_layout(
     uses only ``generator`` or ``seed`` (default seed 0), so a seed reproduces the layout.
     With ``causal=True`` only blocks on or below the diagonal are used.
     """
-    num_blocks = check_int(num_blocks, "num_blocks", min=1)
+    num_blocks = check_int(num_blocks, "num_blocks", min=0)
     window_blocks = check_int(window_blocks, "window_blocks", min=1)
     if window_blocks % 2 == 0:
         raise ValueError(f"window_blocks={window_blocks} must be odd (centred on the diagonal)")
@@ -221,8 +222,8 @@ def block_sparse_mask(
         raise ValueError(f"layout must have at least 2 dims (T_blocks, S_blocks), got {tuple(layout.shape)}")
     block_size = check_int(block_size, "block_size", min=1)
     query_blocks, key_blocks = layout.shape[-2:]
-    T = query_blocks * block_size if T is None else check_int(T, "T", min=1)
-    S = key_blocks * block_size if S is None else check_int(S, "S", min=1)
+    T = query_blocks * block_size if T is None else check_int(T, "T", min=0)
+    S = key_blocks * block_size if S is None else check_int(S, "S", min=0)
     if -(-T // block_size) != query_blocks:
         raise ValueError(
             f"layout must have ceil(T / block_size) = {-(-T // block_size)} rows, got {query_blocks}"
@@ -250,7 +251,7 @@ def bigbird_mask(
 
     With ``causal=True`` the token-level causal triangle is applied too.
     """
-    T = check_int(T, "T", min=1)
+    T = check_int(T, "T", min=0)
     block_size = check_int(block_size, "block_size", min=1)
     layout = bigbird_layout(
         -(-T // block_size),
@@ -274,8 +275,11 @@ def neighborhood_mask_2d(
     at row ``clamp(r - kernel_size // 2, 0, height - kernel_size)`` (columns alike): at a border
     the window slides inwards, so every pixel sees exactly ``kernel_size ** 2`` pixels (NAT).
     """
-    height = check_int(height, "height", min=1)
-    width = check_int(width, "width", min=1)
+    height = check_int(height, "height", min=0)
+    width = check_int(width, "width", min=0)
+    if height == 0 or width == 0:  # an empty image: no pixel, an empty mask
+        check_int(kernel_size, "kernel_size", min=1)
+        return torch.zeros(0, 0, dtype=torch.bool, device=device)
     kernel_size = check_int(kernel_size, "kernel_size", min=1, max=min(height, width))
 
     def window_starts(length: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from ..checks import (
     check_choice,
     check_divisible,
     check_int,
+    check_like,
     check_shape,
     check_tensor,
     compute_dtype,
@@ -62,12 +63,10 @@ def compressed_block_count(S: int, compress_block: int, compress_stride: int) ->
 def overlapping_blocks(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
     """The complete blocks ``x[:, :, i*stride : i*stride + block_size]``: ``(B, H, N_c, block, D)``."""
     check_tensor(x, "x", ndim=4, floating=True)
-    block_size = check_int(block_size, "compress_block", min=1)
-    stride = check_int(stride, "compress_stride", min=1)
+    block_size = check_int(block_size, "block_size", min=1)
+    stride = check_int(stride, "stride", min=1)
     if stride > block_size:
-        raise ValueError(
-            f"compress_stride={stride} must be <= compress_block={block_size}, or keys are skipped"
-        )
+        raise ValueError(f"stride={stride} must be <= block_size={block_size}, or keys are skipped")
     B, H, S, D = x.shape
     if S < block_size:
         return x.new_zeros(B, H, 0, block_size, D)
@@ -193,6 +192,7 @@ def _prepare(
     H_kv = k.shape[1]
     check_divisible(H, "num_heads", H_kv, "num_kv_heads")
     check_tensor(gates, "gates", ndim=4, floating=True)
+    check_like(gates, "gates", q, dtype=False)
     check_shape(gates, "gates", (B, H, T, 3), names="B, H, T, 3 branches")
     options = _check_options(T, S, *options)
     compress_block, compress_stride = options[3], options[4]
@@ -208,6 +208,9 @@ def _prepare(
         k_cmp, v_cmp = compressed
         check_tensor(k_cmp, "compressed[0]", ndim=4, floating=True)
         check_tensor(v_cmp, "compressed[1]", ndim=4, floating=True)
+        # The compressed keys and values are keys and values: they share q's dtype and device.
+        check_like(k_cmp, "compressed[0]", q)
+        check_like(v_cmp, "compressed[1]", q)
         check_shape(k_cmp, "compressed[0]", (B, H_kv, N_c, D), names="B, H_kv, N_c, D")
         check_shape(v_cmp, "compressed[1]", (B, H_kv, N_c, D_v), names="B, H_kv, N_c, D_v")
         k_cmp, v_cmp = k_cmp.to(dtype), v_cmp.to(dtype)

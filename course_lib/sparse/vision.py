@@ -32,6 +32,7 @@ from ..checks import (
     check_bool,
     check_divisible,
     check_int,
+    check_like,
     check_shape,
     check_tensor,
     compute_dtype,
@@ -57,8 +58,8 @@ def _check_same_layout(q: object, k: object, v: object, ndim: int, names: str) -
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
     check_shape(k, "k", q.shape, names=names)
     check_shape(v, "v", (*q.shape[:-1], None), names=names.rsplit(",", 1)[0] + ", D_v")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_like(k, "k", q)
+    check_like(v, "v", q)
     return tuple(q.shape)
 
 

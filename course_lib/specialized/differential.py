@@ -29,6 +29,8 @@ from ..checks import (
     check_bool,
     check_float,
     check_int,
+    check_like,
+    check_shape,
     check_tensor,
     compute_dtype,
     resolve_scale,
@@ -58,8 +60,7 @@ def _check_lambda(lambda_: object, num_heads: int, like: torch.Tensor) -> torch.
         raise ValueError(
             f"lambda_ must be a scalar or have shape ({num_heads},) = (H,), got {tuple(lambda_.shape)}"
         )
-    if lambda_.device != like.device:
-        raise ValueError(f"lambda_ must be on the device of q ({like.device}), got {lambda_.device}")
+    check_like(lambda_, "lambda_", like, "q1", dtype=False)
     return lambda_.reshape(1, -1, 1, 1)
 
 
@@ -93,13 +94,10 @@ def differential_attention(
         masked query row gets zeros.
     """
     B, H, T, S, D, D_v = check_attention_inputs(q1, k1, v)
-    for name, x, like in (("q2", q2, q1), ("k2", k2, k1)):
+    for name, x, like, like_name in (("q2", q2, q1, "q1"), ("k2", k2, k1, "k1")):
         check_tensor(x, name, ndim=4, floating=True)
-        if x.shape != like.shape or x.dtype != like.dtype or x.device != like.device:
-            raise ValueError(
-                f"{name} must match the first half's shape {tuple(like.shape)}, dtype {like.dtype} and "
-                f"device {like.device}, got {tuple(x.shape)}, {x.dtype}, {x.device}"
-            )
+        check_like(x, name, like, like_name)
+        check_shape(x, name, like.shape, names="B, H, T, D" if name == "q2" else "B, H, S, D")
     check_bool(causal, "causal")
     check_bool(return_weights, "return_weights")
     scale = resolve_scale(scale, D)

@@ -81,8 +81,10 @@ def expert_projection(
         out = head_input.new_zeros(N, C_out)
         for expert in range(E):
             token, slot = torch.nonzero(indices[:, head] == expert, as_tuple=True)
-            if token.numel() == 0:
+            if token.numel() == 0 and N > 0:
                 continue  # nobody chose this expert: it costs nothing
+            # (With no token at all the empty products still run, so the empty output keeps its
+            # graph and a loss over it back-propagates zeros instead of failing.)
             contribution = weights[token, head, slot].unsqueeze(-1) * (
                 head_input[token] @ experts[head, expert]
             )

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..checks import check_bool, check_int, check_shape, check_tensor, compute_dtype
+from ..checks import check_bool, check_broadcast, check_int, check_shape, check_tensor, compute_dtype
 
 __all__ = [
     "online_softmax",
@@ -161,6 +161,17 @@ def fold_block(
         ("values", values),
     ):
         check_tensor(x, name, floating=True)
+    # Shapes must agree exactly: broadcasting would silently grow the running state to a new shape.
+    rows = tuple(row_max.shape)
+    check_shape(row_sum, "row_sum", rows, names="..., R")
+    check_shape(accumulator, "accumulator", (*rows, None), names="..., R, D_v")
+    check_shape(scores, "scores", (*rows, None), names="..., R, n")
+    if values.dim() < 2 or values.shape[-2:] != (scores.shape[-1], accumulator.shape[-1]):
+        raise ValueError(
+            f"values must have shape (..., n={scores.shape[-1]}, D_v={accumulator.shape[-1]}), "
+            f"got {tuple(values.shape)}"
+        )
+    check_broadcast(values, "values", (*rows[:-1], *values.shape[-2:]), names="..., n, D_v")
     if scores.shape[-1] == 0:  # an empty block changes nothing (and has no max)
         return row_max, row_sum, accumulator
     new_max = torch.maximum(row_max, scores.amax(dim=-1))

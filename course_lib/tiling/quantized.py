@@ -24,6 +24,7 @@ from ..checks import (
     check_bool,
     check_choice,
     check_int,
+    check_like,
     check_tensor,
     compute_dtype,
     resolve_scale,
@@ -138,17 +139,26 @@ def quantized_attention(
     check_bool(smooth_k, "smooth_k")
     check_bool(causal, "causal")
     scale = resolve_scale(scale, D)
+    bits = check_int(bits, "bits", min=2, max=8)
+    check_choice(number_format, "number_format", ("int", "fp8"))
+    if number_format == "fp8" and bits != 8:
+        raise ValueError(f"bits={bits} must be 8 with number_format='fp8'")
+    block_q = check_int(block_q, "block_q", min=1)
+    block_k = check_int(block_k, "block_k", min=1)
     dtype = compute_dtype(q)
     queries, keys = q.to(dtype), k.to(dtype)
     if rotation is not None:
         check_tensor(rotation, "rotation", ndim=2, floating=True)
+        check_like(rotation, "rotation", q, dtype=False)
         if rotation.shape != (D, D):
             raise ValueError(f"rotation must have shape ({D}, {D}) = (D, D), got {tuple(rotation.shape)}")
-        rotation = rotation.to(device=q.device, dtype=dtype)
+        rotation = rotation.to(dtype)
         identity = torch.eye(D, dtype=dtype, device=q.device)
         if not torch.allclose(rotation @ rotation.T, identity, atol=1e-4):
             raise ValueError("rotation must be orthogonal (rotation @ rotation.T == I)")
 
+    if T == 0 or S == 0:  # no query, or no key: nothing to quantise (and a mean over 0 keys is NaN)
+        return q.new_zeros(B, H, T, Dv)
     if smooth_k:
         keys = keys - keys.mean(dim=-2, keepdim=True)
     if rotation is not None:

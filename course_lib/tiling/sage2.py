@@ -43,6 +43,7 @@ from ..checks import (
     check_bool,
     check_choice,
     check_int,
+    check_like,
     check_tensor,
     compute_dtype,
     resolve_scale,
@@ -352,8 +353,10 @@ def attention_error(approximate: torch.Tensor, exact: torch.Tensor) -> Attention
         raise ValueError(
             f"approximate must have the shape of exact {tuple(exact.shape)}, got {tuple(approximate.shape)}"
         )
+    check_like(approximate, "approximate", exact, "exact", dtype=False)
     a, e = approximate.double().flatten(), exact.double().flatten()
-    cosine = float(torch.nn.functional.cosine_similarity(a, e, dim=0)) if a.numel() else 1.0
+    # Identical outputs are a perfect match even when both are zero (cosine_similarity says 0 there).
+    cosine = 1.0 if torch.equal(a, e) else float(torch.nn.functional.cosine_similarity(a, e, dim=0))
     relative_l1 = float((a - e).abs().sum() / e.abs().sum().clamp(min=1e-300))
     rmse = float(((a - e) ** 2).mean().sqrt()) if a.numel() else 0.0
     return AttentionError(cosine, relative_l1, rmse)
