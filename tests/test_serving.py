@@ -766,3 +766,14 @@ def test_serving_benchmark_runs_and_continuous_batching_needs_fewer_steps():
     assert static["generated_tokens"] == continuous["generated_tokens"]
     assert continuous["steps"] < static["steps"]
     assert "continuous" in serving_table(results) and "faster than static" in serving_report(results)
+
+
+def test_an_unhashable_sequence_or_request_id_is_a_type_error_naming_it():
+    from course_lib.serving import PagedModelCache
+
+    cache = PagedModelCache(num_layers=1, num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4)
+    with pytest.raises(TypeError, match="seq_id"):
+        cache.add_sequence([1], [1, 2])
+    with pytest.raises(TypeError, match="seq_id"):
+        cache.length(([1],))
+    assert cache.num_free_blocks == 4

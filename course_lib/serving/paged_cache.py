@@ -34,7 +34,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from ..checks import check_bool, check_int
+from ..checks import check_bool, check_hashable, check_int
 from ..kv_cache import GroupedQueryAttention
 from ..models import attention_layers
 
@@ -122,6 +122,7 @@ class PagedModelCache:
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _check_live(self, seq_id: Hashable, name: str = "seq_id") -> None:
+        check_hashable(seq_id, name)
         if seq_id not in self.block_tables:
             raise ValueError(f"{name}={seq_id!r} is not a live sequence of this cache")
 
@@ -217,6 +218,7 @@ class PagedModelCache:
         already stored (a multiple of ``block_size``, at most ``len(tokens) - 1``; 0 without
         prefix caching). The caller then feeds the model ``tokens[returned:]``.
         """
+        check_hashable(seq_id, "seq_id")
         tokens = _token_list(tokens, "tokens")
         if seq_id in self.block_tables:
             raise ValueError(f"seq_id={seq_id!r} is already a live sequence")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checks import check_float, check_int
+from ..checks import check_float, check_hashable, check_int
 from ..decoding import sample_next_token
 from .paged_cache import PagedModelCache, _attention_of, _token_list
 from .runner import paged_forward
@@ -155,8 +155,8 @@ class Scheduler:
             request_id = self._order
             while request_id in self.requests:
                 request_id += 1
-        elif not isinstance(request_id, Hashable):
-            raise TypeError(f"request_id must be hashable, got {type(request_id).__name__}")
+        else:
+            check_hashable(request_id, "request_id")
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already a request of this scheduler")
         # The last generated token is never fed back, so its keys and values are never stored.
