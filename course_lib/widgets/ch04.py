@@ -1,4 +1,5 @@
-"""Chapter 04's explorers: a KV-cache calculator, a paged-cache viewer and a sampling explorer."""
+"""Chapter 04's explorers: a KV-cache calculator, a paged-cache viewer, a sampling explorer, and
+(chapter 04b) a serving explorer: static vs continuous batching on one trace."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..decoding import filter_logits
 from ..hardware import ACCELERATORS
 from ..kv_cache import MODEL_CONFIGS, PagedKVCache, kv_cache_bytes
 from ..measure import format_bytes
+from ..studies.serving import compare_batching, draw_batching
 from ..viz import STYLE
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "SAMPLING_LOGITS",
     "sampling_explorer_view",
     "sampling_explorer",
+    "serving_explorer_view",
+    "serving_explorer",
 ]
 
 # --- (a) KV-cache calculator ---------------------------------------------------------------------
@@ -380,5 +384,82 @@ def sampling_explorer() -> widgets.Widget:
         top_p=widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top-p"),
         seed=widgets.IntSlider(value=0, min=0, max=20, description="seed"),
         num_samples=widgets.fixed(20),
+        draw=widgets.fixed(True),
+    )
+
+
+# --- (d) serving explorer: static vs continuous batching ------------------------------------------
+
+
+def serving_explorer_view(
+    rate: float = 0.5,
+    block_size: int = 16,
+    cache_tokens: int = 1024,
+    token_budget: int = 64,
+    *,
+    num_requests: int = 16,
+    draw: bool = True,
+) -> dict:
+    """Serve one trace with static and with continuous batching (the computation is
+    :func:`course_lib.studies.serving.compare_batching`).
+
+    Returns that function's result with ``text``, a small table of both policies; with ``draw``,
+    prints it and draws the cache's stored and reserved slots over time.
+    """
+    result = compare_batching(
+        rate,
+        block_size=block_size,
+        cache_tokens=cache_tokens,
+        token_budget=token_budget,
+        num_requests=num_requests,
+    )
+    lines = [
+        f"{num_requests} requests at {rate:g} per step; pool of {cache_tokens // block_size} blocks of "
+        f"{block_size} tokens; continuous batching feeds at most {token_budget} tokens per step",
+        f"{'policy':>11} {'steps':>6} {'tokens/step':>11} {'TTFT':>6} {'TPOT':>5} {'used/reserved':>13} "
+        f"{'preempted':>9} {'tokens/s':>9}",
+    ]
+    for policy in ("static", "continuous"):
+        m = result[policy]
+        lines.append(
+            f"{policy:>11} {m['steps']:>6} {m['tokens_per_step']:>11.2f} {m['mean_ttft']:>6.1f} "
+            f"{m['mean_tpot']:>5.2f} {m['mean_utilisation']:>13.0%} {m['preemptions']:>9} "
+            f"{m['tokens_per_second']:>9.0f}"
+        )
+    lines.append(
+        "TTFT, TPOT: mean time to first token and per later token, in engine steps; "
+        "tokens/s is measured (noisy)"
+    )
+    result["text"] = "\n".join(lines)
+    if draw:
+        print(result["text"])
+        figure = draw_batching(result)
+        plt.show()
+        plt.close(figure)
+        result["figure"] = figure
+    return result
+
+
+def serving_explorer() -> widgets.Widget:
+    """Arrival rate, block size, cache size and token budget -> static vs continuous batching on one trace."""
+    return widgets.interactive(
+        serving_explorer_view,
+        rate=widgets.FloatLogSlider(
+            value=0.5,
+            base=10,
+            min=-1.3,
+            max=1,
+            step=0.1,
+            description="arrivals/step",
+            continuous_update=False,
+        ),
+        block_size=widgets.Dropdown(options=[4, 8, 16, 32], value=16, description="block size"),
+        cache_tokens=widgets.SelectionSlider(
+            options=[256, 512, 1024, 2048], value=1024, description="cache tokens", continuous_update=False
+        ),
+        token_budget=widgets.SelectionSlider(
+            options=[8, 16, 32, 64, 128, 256], value=64, description="token budget", continuous_update=False
+        ),
+        num_requests=widgets.fixed(16),
         draw=widgets.fixed(True),
     )
