@@ -55,3 +55,28 @@ def test_chapter_04b_figures_are_registered():
     assert {"04_cross_layer_kv", "04b_serving_timeline"} <= set(FIGURES)
     figure = FIGURES["04b_serving_timeline"]()
     assert len(figure.axes) == 2 and figure.axes[0].get_legend() is not None
+
+
+def test_speculative_explorer_view_by_hand():
+    view = w.speculative_explorer_view(0.5, 0.1, max_k=3, draw=False)
+    assert view["ks"] == [0, 1, 2, 3]
+    # tokens per round 1, 1.5, 1.75, 1.875 (1 + a + ... + a^k); verifying <= 4 tokens costs one decode step
+    assert view["tokens_per_round"] == [1.0, 1.5, 1.75, 1.875]
+    assert all(abs(t - 1) < 1e-3 for t in view["verify_time"])
+    expected = [t / (1 + k * 0.1) for k, t in enumerate(view["tokens_per_round"])]
+    assert view["speedup"] == pytest.approx(expected, rel=1e-3)
+    # 1.5 / 1.1 = 1.36, 1.75 / 1.2 = 1.46, 1.875 / 1.3 = 1.44: a third draft costs more than it brings
+    assert view["best_k"] == 2
+    # A draft as slow as the target never pays.
+    assert w.speculative_explorer_view(0.9, 1.0, draw=False)["best_k"] == 0
+
+
+def test_speculative_explorer_reacts_to_every_control():
+    widget = w.speculative_explorer()
+    c = controls(widget)
+    assert set(c) == {"acceptance", "draft cost", "device", "context"}
+    before = widget.result["speedup"]
+    for name, value in {"acceptance": 0.9, "draft cost": 0.2, "device": "RTX-4090", "context": 131072}.items():
+        c[name].value = value
+        assert widget.result["speedup"] != before
+        before = widget.result["speedup"]
