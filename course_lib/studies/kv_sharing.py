@@ -14,7 +14,7 @@ its held-out loss is measured:
 - "MQA" (1 key/value head): the same cache as CLA-4.
 
 :func:`train_variant` trains one model; :func:`kv_sharing_study` runs the grid; the stored grid
-``results/kv_sharing.json`` (5 variants x 3 seeds, about 15 minutes on one loaded CPU thread)
+``results/kv_sharing.json`` (5 variants x 3 seeds, about 20 minutes on one loaded CPU thread)
 comes from::
 
     python -m course_lib.studies.kv_sharing --threads 1 --json results/kv_sharing.json
