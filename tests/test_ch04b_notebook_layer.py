@@ -76,7 +76,12 @@ def test_speculative_explorer_reacts_to_every_control():
     c = controls(widget)
     assert set(c) == {"acceptance", "draft cost", "device", "context"}
     before = widget.result["speedup"]
-    for name, value in {"acceptance": 0.9, "draft cost": 0.2, "device": "RTX-4090", "context": 131072}.items():
+    for name, value in {
+        "acceptance": 0.9,
+        "draft cost": 0.2,
+        "device": "RTX-4090",
+        "context": 131072,
+    }.items():
         c[name].value = value
         assert widget.result["speedup"] != before
         before = widget.result["speedup"]
