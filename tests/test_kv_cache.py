@@ -21,6 +21,7 @@ from course_lib.kv_cache import (
     MultiHeadLatentAttention,
     MultiQueryAttention,
     PagedKVCache,
+    cached_layers,
     chunked_prefill,
     gqa_attention,
     kv_cache_bytes,
@@ -292,6 +293,36 @@ def test_kv_cache_append_get_reset():
     assert cache.length(1) == 0 and cache.get(1)[0].shape == (1, 2, 0, 3)
 
 
+def test_kv_cache_truncate_rolls_back_and_the_next_append_overwrites():
+    layer = GroupedQueryAttention(12, 6, 2).double()
+    x = torch.randn(1, 9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    other = torch.randn(1, 3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cache = KVCache(1, 1, 2, 9, 2, dtype=torch.float64)
+    layer(x[:, :6], cache=cache)
+    layer(other, cache=cache)  # three tokens that are then rolled back (like rejected drafts)
+    cache.truncate(6)
+    assert cache.length(0) == 6
+    tail = layer(x[:, 6:], cache=cache)
+    torch.testing.assert_close(tail, layer(x)[:, 6:])
+    with pytest.raises(ValueError, match="^length"):
+        cache.truncate(10)  # more than is stored
+    with pytest.raises(ValueError, match="^length"):
+        cache.truncate(-1)
+
+
+def test_latent_cache_truncate_rolls_back():
+    layer = MultiHeadLatentAttention(12, 3, head_dim=4, latent_dim=5, rope_dim=2).double()
+    x = torch.randn(1, 7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cache = layer.make_cache(2, 1, 7, dtype=torch.float64)
+    for layer_index in (0, 1):
+        layer(x[:, :5], cache=cache, layer_index=layer_index)
+    cache.truncate(3)
+    assert cache.length(0) == cache.length(1) == 3
+    torch.testing.assert_close(layer(x[:, 3:], cache=cache), layer(x)[:, 3:])
+    with pytest.raises(ValueError, match="^length"):
+        cache.truncate(4)  # layer 1 holds only 3 now
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 10], ids=["c1", "c3-ragged", "c4", "c10-whole"])
 def test_chunked_prefill_equals_one_shot_gqa(chunk_size):
     layer = GroupedQueryAttention(12, 6, 2).double()
@@ -470,6 +501,32 @@ def test_gqa_and_mla_shrink_the_cache_against_mha():
     assert kv_numbers_per_token("Llama-3-70B") * 8 == 2 * 80 * 64 * 128  # 8x smaller than MHA of 64 heads
     mha_equivalent = 2 * 60 * 128 * 128
     assert kv_numbers_per_token("DeepSeek-V2") < mha_equivalent / 50
+
+
+def test_cross_layer_sharing_divides_the_layers_that_are_cached():
+    # Llama-3-8B with pairs of layers sharing K and V: 16 cached layers x 8 kv heads x 128 x (K, V) x 2 bytes.
+    shared = dict(MODEL_CONFIGS["Llama-3-8B"], kv_share=2)
+    assert kv_cache_bytes(shared, 1) == 16 * 8 * 128 * 2 * 2 == kv_cache_bytes("Llama-3-8B", 1) // 2
+    assert cached_layers(shared) == 16 and cached_layers("Llama-3-8B") == 32
+    # An odd count: 61 layers in groups of 3 -> 21 cached (the last group has one layer); on MLA too.
+    assert cached_layers(dict(MODEL_CONFIGS["DeepSeek-V3"], kv_share=3)) == 21
+    assert kv_numbers_per_token(dict(MODEL_CONFIGS["DeepSeek-V3"], kv_share=3)) == 21 * (512 + 64)
+    assert kv_numbers_per_token(dict(MODEL_CONFIGS["Gemma-2B"], kv_share=1)) == 18 * 2 * 256
+    # It composes with the sliding-window cap.
+    assert kv_cache_bytes(dict(MODEL_CONFIGS["Mistral-7B"], kv_share=4), 10_000) == 8 * 8 * 128 * 2 * 2 * 4096
+
+
+@pytest.mark.parametrize(
+    "config, error",
+    [
+        (dict(MODEL_CONFIGS["Llama-3-8B"], kv_share=0), ValueError),
+        (dict(MODEL_CONFIGS["Llama-3-8B"], kv_share=33), ValueError),
+        (dict(MODEL_CONFIGS["Llama-3-8B"], kv_share=1.5), TypeError),
+    ],
+)
+def test_kv_share_bad_input(config, error):
+    with pytest.raises(error, match=r"^config\['kv_share'\]"):
+        kv_cache_bytes(config, 1)
 
 
 @pytest.mark.parametrize("name", list(MODEL_CONFIGS))

@@ -298,3 +298,225 @@ def test_the_models_command_and_the_shipped_weights_path():
         timeout=120,
     )
     assert run.returncode == 2 and "--make-eviction-model" in run.stderr
+
+
+# --- cross-layer KV sharing ---------------------------------------------------------------------------
+
+
+def reference_forward(model, tokens):
+    """The model's forward written out from its weights: every layer's attention by plain ``attention``
+    over the keys and values of layer ``i - i % kv_share`` (computed from that layer's own input)."""
+    config = model.config
+    B, T = tokens.shape
+    H, D = config.num_heads, config.head_dim
+    x = model.token_embedding(tokens)
+    if model.position_embedding is not None:
+        x = x + model.position_embedding(torch.arange(T))
+    kv = {}
+    for index, block in enumerate(model.blocks):
+        layer = block.attention
+        h = block.attention_norm(x)
+        q = layer.q_proj(h).view(B, T, H, D).transpose(1, 2)
+        if index % config.kv_share == 0:
+            H_kv = layer.num_kv_heads
+            k = layer.k_proj(h).view(B, T, H_kv, D).transpose(1, 2)
+            v = layer.v_proj(h).view(B, T, H_kv, D).transpose(1, 2)
+            if config.positions == "rope":
+                k = apply_rope(k)
+            kv = {"k": k.repeat_interleave(H // H_kv, 1), "v": v.repeat_interleave(H // H_kv, 1)}
+        if config.positions == "rope":
+            q = apply_rope(q)
+        out = attention(q, kv["k"], kv["v"], causal=True).transpose(1, 2).reshape(B, T, H * D)
+        x = x + layer.out_proj(out)
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.head(model.norm(x))
+
+
+SHARED = [
+    dict(attention="mha", kv_share=2),
+    dict(attention="gqa", num_kv_heads=2, kv_share=2, positions="rope"),
+    dict(attention="mqa", kv_share=3),
+    dict(attention="gqa", num_kv_heads=2, kv_share=2),
+    dict(attention="mha", kv_share=4, positions="rope"),
+]
+
+
+@pytest.mark.parametrize("kv_share", [1, 2, 3])
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_cross_layer_sharing_equals_the_written_out_forward(kv_share, positions):
+    model = tiny(
+        attention="gqa", num_kv_heads=2, num_layers=4, positions=positions, kv_share=kv_share
+    ).double()
+    tokens = random_tokens(2, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference_forward(model, tokens))
+
+
+def test_sharing_factor_one_is_the_unshared_model():
+    for variant in (dict(attention="gqa", num_kv_heads=2), dict(attention="mha", positions="rope")):
+        plain, one = tiny(**variant), tiny(**variant, kv_share=1)
+        state = plain.state_dict()
+        assert state.keys() == one.state_dict().keys()
+        assert all(torch.equal(state[name], value) for name, value in one.state_dict().items())
+        tokens = random_tokens(2, 9)
+        with torch.no_grad():
+            assert torch.equal(plain(tokens), one(tokens))
+        assert all(block.attention.owns_kv for block in one.blocks)
+
+
+def test_only_the_owning_layers_keep_key_value_projections():
+    model = tiny(attention="gqa", num_kv_heads=2, num_layers=5, kv_share=2)
+    assert [block.attention.owns_kv for block in model.blocks] == [True, False, True, False, True]
+    assert [model.config.kv_source(i) for i in range(5)] == [0, 0, 2, 2, 4]
+    assert [model.config.cache_layer(i) for i in range(5)] == [0, 0, 1, 1, 2]
+    assert model.config.num_cache_layers == 3
+    names = model.state_dict().keys()
+    assert "blocks.1.attention.k_proj.weight" not in names and "blocks.2.attention.v_proj.weight" in names
+    unshared = tiny(attention="gqa", num_kv_heads=2, num_layers=5)
+    # two layers without their k and v projections: 2 x 2 x (32 x 2 heads of 8)
+    assert unshared.num_parameters() - model.num_parameters() == 2 * 2 * 32 * 16
+    assert [block.attention.kv_numbers_per_token() for block in model.blocks] == [32, 0, 32, 0, 32]
+    cache = model.make_cache(2, 9)
+    assert cache.keys.shape == (3, 2, 2, 9, 8)
+
+
+@pytest.mark.parametrize("variant", SHARED, ids=lambda v: "-".join(map(str, v.values())))
+def test_shared_prefill_then_decode_equals_the_full_forward(variant):
+    model = tiny(num_layers=4, **variant).double()
+    tokens = random_tokens(2, 13)
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(2)
+        assert cache.keys.dtype == torch.float64  # the cache takes the model's dtype
+        assert cache.num_layers == model.config.num_cache_layers
+        pieces = [model(tokens[:, :5], cache=cache)]
+        pieces += [model(tokens[:, t : t + 1], cache=cache) for t in range(5, 10)]
+        pieces.append(model(tokens[:, 10:], cache=cache))
+    assert all(cache.length(i) == 13 for i in range(cache.num_layers))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full)
+
+
+def test_shared_model_generates_the_same_with_and_without_the_cache():
+    model = tiny(attention="gqa", num_kv_heads=2, num_layers=4, kv_share=2, positions="rope")
+    prompt = random_tokens(1, 4)[0]
+    for strategy in ("greedy", "beam"):
+        results = []
+        for use_cache in (False, True):
+            step = m.step_function(model, use_cache=use_cache)
+            if strategy == "greedy":
+                results.append(decoding.greedy_decode(step, prompt, 12))
+            else:
+                results.append(decoding.beam_search(step, prompt, 8, num_beams=3)[0])
+        assert torch.equal(results[0], results[1]), strategy
+
+
+def test_shared_keys_get_gradients_from_every_layer_that_reads_them():
+    model = tiny(attention="mha", num_layers=2, kv_share=2).double().train()
+    tokens = random_tokens(2, 7)
+    loss = model(tokens).logsumexp(-1).mean()
+    loss.backward()
+    with_follower = model.blocks[0].attention.k_proj.weight.grad.clone()
+    # The same loss with the follower's attention cut from the owner's keys: a different gradient.
+    model.zero_grad()
+    original = model.blocks[1].attention.forward
+
+    def detached(x, *, shared_kv=None, **kw):
+        return original(x, shared_kv=tuple(t.detach() for t in shared_kv), **kw)
+
+    model.blocks[1].attention.forward = detached
+    model(tokens).logsumexp(-1).mean().backward()
+    assert not torch.allclose(with_follower, model.blocks[0].attention.k_proj.weight.grad)
+    assert model.blocks[1].attention.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_shared_model_trains():
+    model = tiny(attention="gqa", num_kv_heads=2, kv_share=2, positions="rope")
+    data = random_tokens(1, 17, seed=1)[0]
+    losses = m.train(model, data, 30, batch_size=2, context=16, lr=1e-2, progress=False)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_attention_hooks_see_the_shared_keys():
+    model = tiny(attention="gqa", num_kv_heads=2, kv_share=2, positions="rope").double()
+    tokens = random_tokens(2, 9)
+    inputs = m.attention_inputs(model, tokens)
+    assert inputs[0][1] is inputs[1][1] and inputs[0][2] is inputs[1][2]
+    with torch.no_grad():
+        same = m.forward_with_attention(model, tokens, lambda i, q, k, v: gqa_attention(q, k, v, causal=True))
+        torch.testing.assert_close(same, model(tokens))
+
+
+def test_queries_keys_values_at_explicit_positions_equal_a_start_offset():
+    layer = tiny(attention="gqa", num_kv_heads=2, positions="rope").blocks[0].attention.double()
+    x = torch.randn(1, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    by_start = layer.queries_keys_values(x, start=7)
+    by_positions = layer.queries_keys_values(x, positions=torch.arange(7, 12))
+    for a, b in zip(by_start, by_positions):
+        torch.testing.assert_close(a, b)
+    # Positions may jump (tokens of several requests packed in one row).
+    packed = layer.queries_keys_values(x, positions=torch.tensor([3, 4, 0, 1, 2]))
+    torch.testing.assert_close(packed[1][:, :, :2], layer.queries_keys_values(x[:, :2], start=3)[1])
+    torch.testing.assert_close(packed[1][:, :, 2:], layer.queries_keys_values(x[:, 2:])[1])
+
+
+@pytest.mark.parametrize(
+    "call,error,name",
+    [
+        (lambda: m.ModelConfig(vocab_size=10, kv_share=0), ValueError, "kv_share"),
+        (lambda: m.ModelConfig(vocab_size=10, num_layers=2, kv_share=3), ValueError, "kv_share"),
+        (lambda: m.ModelConfig(vocab_size=10, kv_share=True), TypeError, "kv_share"),
+        (lambda: tiny(attention="mla", kv_share=2), ValueError, "kv_share=2.*mla"),
+        (lambda: tiny(attention="gla", d_model=16, num_heads=2, kv_share=2), ValueError, "kv_share"),
+        (lambda: tiny(kv_share=2, mixer_options={"conv_size": 3}), ValueError, "kv_share.*conv_size"),
+        (lambda: m.ModelConfig(vocab_size=10).kv_source(2), ValueError, "layer_index"),
+        (lambda: m.ModelConfig(vocab_size=10).cache_layer(-1), ValueError, "layer_index"),
+        (
+            lambda: tiny(kv_share=2).blocks[1].attention(torch.zeros(1, 3, 32)),
+            ValueError,
+            "shared_kv",
+        ),
+        (
+            lambda: (
+                tiny(kv_share=2)
+                .blocks[1]
+                .attention(
+                    torch.zeros(1, 3, 32), shared_kv=(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8))
+                )
+            ),
+            ValueError,
+            "shared_kv",
+        ),
+        (
+            lambda: (
+                tiny(kv_share=2)
+                .blocks[0]
+                .attention(
+                    torch.zeros(1, 3, 32), shared_kv=(torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8))
+                )
+            ),
+            ValueError,
+            "shared_kv",
+        ),
+        (
+            lambda: (
+                tiny()
+                .blocks[0]
+                .attention.queries_keys_values(torch.zeros(1, 3, 32), positions=torch.arange(4))
+            ),
+            ValueError,
+            "positions",
+        ),
+    ],
+)
+def test_bad_sharing_input_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call()
+
+
+def test_a_sharing_layer_refuses_a_short_convolution():
+    from course_lib.mixers import AttentionMixer
+
+    with pytest.raises(ValueError, match="^conv_size"):
+        AttentionMixer(16, 2, owns_kv=False, conv_size=3)
+    with pytest.raises(TypeError, match="owns_kv"):
+        AttentionMixer(16, 2, owns_kv=1)

@@ -10,8 +10,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-NOTEBOOKS = sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted(Path("notebooks").glob("[0-9][0-9]*_*.ipynb"))  # 04b_serving sits after 04
 CHAPTERS = [p for p in NOTEBOOKS if not p.name.startswith("00_")]
+# Chapters whose exercises are still to be written (issue 16: a later session writes 04b's); remove the
+# name when they land, so the exercise checks below apply again.
+EXERCISES_PENDING = {"04b_serving"}
 
 
 def code_cells(notebook):
@@ -48,6 +51,11 @@ def test_chapter_has_goals_widgets_exercises_summary_references(path):
     imports = re.findall(r"^from course_lib\.widgets\.ch\d\d import (\([^)]*\)|[^\n]+)", source, re.M)
     widget_names = {n.strip(" ()\n") for names in imports for n in names.split(",") if n.strip(" ()\n")}
     assert len(widget_names) >= 2, "at least two widgets from course_lib.widgets"
+    if path.stem in EXERCISES_PENDING:
+        assert "### BEGIN SOLUTION" not in source, (
+            f"{path.stem} has exercises now: drop it from EXERCISES_PENDING"
+        )
+        return
     solutions = source.count("### BEGIN SOLUTION")
     assert solutions >= 1 and solutions == source.count("### END SOLUTION")
     assert "check_" in source and "course_lib.exercises" in source

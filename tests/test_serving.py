@@ -204,6 +204,69 @@ def test_paged_forward_equals_the_full_forward_for_ragged_chunks(attention, posi
     check_accounting(cache)
 
 
+SHARED_MODEL = tiny(seed=5, num_layers=3, kv_share=2)  # layers 0 and 1 share keys and values; layer 2 its own
+
+
+@pytest.mark.parametrize("kv_share", [2, 3])
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_paged_forward_with_cross_layer_sharing_equals_the_full_forward(kv_share, positions):
+    model = tiny(seed=5, num_layers=3, kv_share=kv_share, positions=positions)
+    cache = PagedModelCache.for_model(model, num_blocks=20, block_size=3)
+    assert cache.num_layers == cache.key_blocks.shape[0] == math.ceil(3 / kv_share)
+    generator = torch.Generator().manual_seed(1)
+    sequences = {i: torch.randint(0, V, (n,), generator=generator).tolist() for i, n in enumerate([8, 4, 6])}
+    for i in sequences:
+        cache.add_sequence(i)
+    pieces = {i: [] for i in sequences}
+    for step in [{0: 3, 1: 4}, {0: 1, 1: 0, 2: 6}, {0: 4}]:
+        batch = [(i, sequences[i][cache.length(i) : cache.length(i) + n]) for i, n in step.items() if n]
+        for (i, _), logits in zip(batch, paged_forward(model, cache, batch)):
+            pieces[i].append(logits)
+    for i, tokens in sequences.items():
+        torch.testing.assert_close(
+            torch.cat(pieces[i]), model(torch.tensor([tokens]))[0], rtol=1e-10, atol=1e-10
+        )
+    check_accounting(cache)
+    # A cache shaped for the unshared model (3 cached layers) is refused.
+    with pytest.raises(ValueError, match="^cache"):
+        unshared = PagedModelCache.for_model(tiny(seed=5, num_layers=3), num_blocks=4, block_size=3)
+        unshared.add_sequence("a")
+        paged_forward(model, unshared, [("a", [1])])
+
+
+def test_the_engine_serves_a_cross_layer_sharing_model_exactly():
+    generator = torch.Generator().manual_seed(7)
+    shared_prompt = torch.randint(0, V, (6,), generator=generator).tolist()
+    trace = [
+        dict(
+            request_id=i,
+            prompt=shared_prompt[: 3 * (i % 3)]
+            + torch.randint(0, V, (2 + i % 4,), generator=generator).tolist(),
+            max_new_tokens=3 + (5 * i) % 9,
+            arrival=i // 3,
+        )
+        for i in range(8)
+    ]
+    engine = serve(SHARED_MODEL, trace, num_blocks=9, block_size=3, token_budget=7, prefix_caching=True)
+    assert engine.cache.num_layers == 2  # three blocks, two of them own keys and values
+    metrics = engine.metrics()
+    assert metrics["preemptions"] > 0 and metrics["prefill_tokens_saved"] > 0
+    assert engine.outputs() == expected_outputs(SHARED_MODEL, trace)
+    check_accounting(engine.cache)
+    assert engine.cache.num_used_blocks == 0
+
+
+def test_speculative_decoding_with_a_sharing_target_and_its_first_layer_as_draft():
+    draft = truncated_model(SHARED_MODEL, 1)  # one layer: a group of one, it owns its keys and values
+    assert draft.config.kv_share == 1 and draft.blocks[0].attention.owns_kv
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    outputs, stats = speculative_decode(SHARED_MODEL, draft, prompts, 7, k=3)
+    assert outputs == [alone(SHARED_MODEL, tuple(p), 7) for p in prompts]
+    assert stats["drafted"] > 0
+    two = truncated_model(SHARED_MODEL, 2)  # the first group, whole
+    assert two.config.kv_share == 2 and not two.blocks[1].attention.owns_kv
+
+
 def test_paged_forward_refuses_bad_batches_and_leaves_the_cache_alone():
     cache = PagedModelCache.for_model(MODEL, num_blocks=4, block_size=4)
     cache.add_sequence("a")

@@ -52,7 +52,7 @@ class FoldedMLA(MultiHeadLatentAttention):
 
 def rewind(cache, length: int) -> None:
     """Forget everything a cache holds past ``length`` tokens (so a timed decode step can repeat)."""
-    cache._lengths = [length] * cache.num_layers
+    cache.truncate(length)
 
 
 def _layer(name: str, device, dtype):

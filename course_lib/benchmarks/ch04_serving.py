@@ -23,15 +23,15 @@ output token are counted in engine steps: they are the same on every machine.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
 import torch
 
 from ..measure import Measurement
-from ..models import VOCAB, corpus_split, load_eviction_model
+from ..models import VOCAB, load_eviction_model
 from ..serving import load_draft_model, make_trace, serve, speculative_decode, truncated_model
+from ..studies.serving import held_out_tokens, mixed_trace
 
 __all__ = [
     "SUITES",
@@ -49,9 +49,8 @@ TRACE_REQUESTS = 32
 ENGINE = {"num_blocks": 64, "block_size": 16, "token_budget": 64, "max_running": 16}
 
 
-@functools.cache
 def _held_out() -> torch.Tensor:
-    return corpus_split()[1]
+    return held_out_tokens()
 
 
 def _model(device) -> torch.nn.Module:
@@ -59,18 +58,9 @@ def _model(device) -> torch.nn.Module:
 
 
 def serving_trace(rate: float, *, seed: int = 0) -> list[dict]:
-    """The ``serving`` suite's trace at ``rate`` requests per step (mixed output lengths)."""
-    return make_trace(
-        TRACE_REQUESTS,
-        rate=rate,
-        vocab_size=len(VOCAB),
-        prompt_lengths=(8, 32),
-        output_lengths=(4, 16),
-        long_fraction=0.25,
-        long_output_lengths=(48, 96),
-        source=_held_out(),
-        seed=seed,
-    )
+    """The ``serving`` suite's trace at ``rate`` requests per step (mixed output lengths): chapter
+    04b's :func:`~course_lib.studies.serving.mixed_trace` of :data:`TRACE_REQUESTS` requests."""
+    return mixed_trace(TRACE_REQUESTS, rate=rate, seed=seed)
 
 
 def _replay(model, trace, **engine):

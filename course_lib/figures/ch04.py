@@ -1,4 +1,5 @@
-"""Chapter 04's figures: MHA, GQA, MQA and MLA side by side with their cache per token; paged block tables."""
+"""Chapter 04's figures: MHA, GQA, MQA and MLA side by side with their cache per token; paged block
+tables; cross-layer KV sharing (CLA) and YOCO; and (chapter 04b) static vs continuous batching."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ from matplotlib.patches import FancyBboxPatch
 
 from ..kv_cache import MODEL_CONFIGS, kv_numbers_per_token
 from ..measure import format_bytes
+from ..studies.serving import compare_batching, draw_batching
 from ..viz import STYLE
 from ..widgets.ch04 import PAGED_TRACE, draw_paged_cache, replay_paged_trace
 
-__all__ = ["FIGURES", "kv_compression", "paged_block_table", "LAYER_EXAMPLES"]
+__all__ = [
+    "FIGURES",
+    "kv_compression",
+    "paged_block_table",
+    "cross_layer_kv",
+    "serving_timeline",
+    "LAYER_EXAMPLES",
+]
 
 # One layer of 32 query heads of 128 (Llama-2-7B's shape) under each scheme; MLA with DeepSeek-V2's
 # latent sizes (d_c = 512, d_R = 64). Numbers cached per token and layer.
@@ -124,7 +133,62 @@ def paged_block_table() -> Figure:
     return figure
 
 
+def _arrow(ax, start, end, colour="grey"):
+    ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="->", color=colour, lw=0.9))
+
+
+def cross_layer_kv() -> Figure:
+    """Four layers under three schemes: each its own K, V; CLA-2 pairs sharing; YOCO's one global cache."""
+    layers = 4
+    with plt.rc_context(STYLE):
+        figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+        panels = (
+            ("every layer its own K, V\n(MHA / GQA / MQA / MLA): 4 cached layers", "own"),
+            ("cross-layer attention, kv_share = 2 (CLA-2)\n2 cached layers", "cla"),
+            ("YOCO: one global K, V for the upper half\n1 cached layer + constant-size windows", "yoco"),
+        )
+        for ax, (title, scheme) in zip(axes, panels):
+            for i in range(layers):
+                y = 0.4 + i * 1.1
+                upper = scheme == "yoco" and i >= layers // 2
+                label = f"layer {i}" + (
+                    "\ncross-decoder" if upper else "\nself-decoder" if scheme == "yoco" else ""
+                )
+                _box(ax, 0.2, y, 2.0, 0.7, "#56B4E9", label)
+                owner = scheme == "own" or (scheme == "cla" and i % 2 == 0)
+                if owner:
+                    _box(ax, 3.0, y + 0.05, 1.3, 0.6, "#D55E00", "K, V\ncached")
+                    _arrow(ax, (2.2, y + 0.35), (3.0, y + 0.35), "black")
+                elif scheme == "cla":  # reads the pair's first layer's keys and values
+                    _arrow(ax, (2.2, y + 0.35), (3.2, y - 0.45))
+                    ax.text(2.45, y + 0.45, "q only", fontsize=6, color="grey")
+                elif scheme == "yoco" and not upper:
+                    _box(ax, 3.0, y + 0.15, 0.8, 0.4, "#F0E442", "window", hatch="//")
+                    _arrow(ax, (2.2, y + 0.35), (3.0, y + 0.35), "black")
+                else:  # YOCO's upper layers cross-attend to the global cache
+                    _arrow(ax, (2.2, y + 0.35), (4.4, 3.0))
+            if scheme == "yoco":
+                _box(ax, 4.4, 2.75, 1.4, 0.7, "#D55E00", "global K, V\n(made once)")
+                _arrow(ax, (1.2, 0.4 + 1.1 + 0.7), (4.6, 2.75), "black")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlim(0, 6)
+            ax.set_ylim(0, 0.4 + layers * 1.1 + 0.2)
+            ax.axis("off")
+        figure.suptitle(
+            "Sharing keys and values across layers: the cache shrinks by layers, not by heads", fontsize=10
+        )
+        figure.tight_layout()
+    return figure
+
+
+def serving_timeline() -> Figure:
+    """Static vs continuous batching on one trace: stored and reserved cache slots, requests in flight."""
+    return draw_batching(compare_batching())
+
+
 FIGURES: dict[str, Callable[[], Figure]] = {
     "04_kv_compression": kv_compression,
     "04_paged_block_table": paged_block_table,
+    "04_cross_layer_kv": cross_layer_kv,
+    "04b_serving_timeline": serving_timeline,
 }

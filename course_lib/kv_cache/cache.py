@@ -110,6 +110,15 @@ class KVCache:
         length = self._lengths[layer_index]
         return self.keys[layer_index, :, :, :length], self.values[layer_index, :, :, :length]
 
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` tokens of every layer (roll back, e.g. rejected draft tokens).
+
+        The storage is kept; the next ``append`` overwrites what was cut. ``length`` may not exceed
+        what any layer holds.
+        """
+        length = check_int(length, "length", min=0, max=min(self._lengths))
+        self._lengths = [length] * self.num_layers
+
     def reset(self) -> None:
         """Forget every stored token (the storage is kept for the next request)."""
         self._lengths = [0] * self.num_layers

@@ -4,7 +4,13 @@ Per token and layer a cache stores:
 - MHA / GQA / MQA: ``2 * num_kv_heads * head_dim`` numbers (a key and a value per kv head);
 - MLA: ``kv_lora_rank + qk_rope_head_dim`` numbers (the latent d_c and the shared rope key d_R).
 
-``kv_cache_bytes`` multiplies by layers, tokens, batch and bytes per number. The configurations
+Those shrink the cache *within* a layer. Cross-layer KV sharing (cross-layer attention, CLA;
+Brandon et al., 2024) shrinks it *across* layers: groups of ``kv_share`` adjacent layers attend
+over the keys and values of the group's first layer, so only ``ceil(num_layers / kv_share)``
+layers are cached. It composes with any of the above (the CLA paper pairs it with MQA and GQA).
+An optional config field ``kv_share`` (default 1) sets it.
+
+``kv_cache_bytes`` multiplies by cached layers, tokens, batch and bytes per number. The configurations
 below are copied from each model's published ``config.json`` on the Hugging Face hub (field names
 there in brackets) and, where stated, the paper; the URL of each is in its comment.
 """
@@ -17,7 +23,13 @@ import torch
 
 from ..checks import check_bool, check_divisible, check_int
 
-__all__ = ["MODEL_CONFIGS", "kv_cache_bytes", "kv_numbers_per_token", "max_concurrent_requests"]
+__all__ = [
+    "MODEL_CONFIGS",
+    "cached_layers",
+    "kv_cache_bytes",
+    "kv_numbers_per_token",
+    "max_concurrent_requests",
+]
 
 # Fields: num_layers [num_hidden_layers], hidden_size, num_heads [num_attention_heads],
 # num_kv_heads [num_key_value_heads], head_dim [head_dim or hidden_size / num_attention_heads];
@@ -129,17 +141,29 @@ def _resolve(config: Mapping | str) -> Mapping:
                 f"config['num_kv_heads']={kv_heads} must equal config['num_heads']={heads} "
                 "for attention='mha' (use 'gqa' for fewer kv heads)"
             )
+    if "kv_share" in config:
+        check_int(config["kv_share"], "config['kv_share']", min=1, max=config["num_layers"])
     return config
 
 
+def cached_layers(config: Mapping | str) -> int:
+    """Layers whose keys and values are cached: ``ceil(num_layers / kv_share)`` (``kv_share`` default 1)."""
+    config = _resolve(config)
+    return -(-config["num_layers"] // config.get("kv_share", 1))
+
+
 def kv_numbers_per_token(config: Mapping | str) -> int:
-    """Numbers cached per token across all layers (not bytes)."""
+    """Numbers cached per token across all layers (not bytes).
+
+    Per cached layer: ``2 * num_kv_heads * head_dim`` (MHA, GQA, MQA) or ``kv_lora_rank +
+    qk_rope_head_dim`` (MLA); times :func:`cached_layers` (fewer than the layers with ``kv_share``).
+    """
     config = _resolve(config)
     if config.get("attention", "gqa") == "mla":
         per_layer = config["kv_lora_rank"] + config["qk_rope_head_dim"]
     else:
         per_layer = 2 * config["num_kv_heads"] * config["head_dim"]
-    return per_layer * config["num_layers"]
+    return per_layer * cached_layers(config)
 
 
 def kv_cache_bytes(
@@ -152,7 +176,8 @@ def kv_cache_bytes(
 ) -> int:
     """Bytes of the KV cache of ``batch_size`` sequences of ``seq_len`` tokens.
 
-    ``config`` is a dict with the fields of ``MODEL_CONFIGS`` (or one of its names). With
+    ``config`` is a dict with the fields of ``MODEL_CONFIGS`` (or one of its names), optionally
+    with ``kv_share`` (cross-layer KV sharing: ``dict(MODEL_CONFIGS[name], kv_share=2)``). With
     ``respect_sliding_window`` a model with a ``sliding_window`` field caches at most that many
     tokens (Mistral's rolling buffer). Weights, activations and allocator overhead are not counted.
     """

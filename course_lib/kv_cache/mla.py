@@ -105,6 +105,11 @@ class LatentKVCache:
             return tracked
         return self.latent[layer_index, :, : start + T], self.rope_keys[layer_index, :, : start + T]
 
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` tokens of every layer (at most what any layer holds)."""
+        length = check_int(length, "length", min=0, max=min(self._lengths))
+        self._lengths = [length] * self.num_layers
+
     def reset(self) -> None:
         self._lengths = [0] * self.num_layers
         self._tracked = [None] * self.num_layers

@@ -269,13 +269,16 @@ def simulate_fragmentation(
     block_size: int = 16,
     seed: int = 0,
 ) -> dict:
-    """Serve requests of varied lengths with a paged cache and with max-length preallocation.
+    """Memory of one static batch of requests of varied lengths: a paged cache vs max-length preallocation.
 
-    ``lengths`` are the final lengths of concurrently live requests; by default ``num_requests``
-    lengths are drawn uniformly from ``1 .. max_len`` with a ``torch.Generator`` seeded by ``seed``.
-    Each request is grown token by token through a real ``PagedKVCache`` (one head of width 1, so
-    it is cheap). Returns the lengths and, for both schemes, allocated slots, used slots and the
-    wasted fraction; contiguous preallocation reserves ``max_len`` slots per request.
+    ``lengths`` are the final lengths of the requests of one batch, all live together; by default
+    ``num_requests`` lengths are drawn uniformly from ``1 .. max_len`` with a ``torch.Generator``
+    seeded by ``seed``. All requests start at step 0 and grow one token per step (none leaves
+    early, none joins later: a static batch, not a serving trace; :mod:`course_lib.serving`
+    schedules real arrivals with continuous batching). Each token goes through a real
+    ``PagedKVCache`` (one head of width 1, so it is cheap). Returns the lengths and, for both
+    schemes, allocated slots, used slots and the wasted fraction at the end, when every request has
+    reached its length; contiguous preallocation reserves ``max_len`` slots per request.
     """
     max_len = check_int(max_len, "max_len", min=1)
     block_size = check_int(block_size, "block_size", min=1)
@@ -292,7 +295,7 @@ def simulate_fragmentation(
     longest = max(lengths)
     for request in range(len(lengths)):
         cache.add_sequence(request)
-    for step in range(longest):  # requests grow together, as in continuous batching
+    for step in range(longest):  # a static batch: every request starts at step 0 and grows one token a step
         for request, n in enumerate(lengths):
             if step < n:
                 cache.append(request, token, token)

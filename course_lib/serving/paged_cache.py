@@ -104,13 +104,14 @@ class PagedModelCache:
     ) -> PagedModelCache:
         """A cache shaped for ``model`` (a TinyTransformer with "mha", "gqa" or "mqa" attention).
 
-        ``dtype`` defaults to the model's parameter dtype.
+        It holds the layers that own keys and values (``model.config.num_cache_layers``: fewer
+        than the blocks with cross-layer KV sharing). ``dtype`` defaults to the model's parameter dtype.
         """
         layer = _attention_of(model, "model")
         if dtype is None:
             dtype = next(model.parameters()).dtype
         return cls(
-            len(model.blocks),
+            model.config.num_cache_layers,
             layer.num_kv_heads,
             layer.head_dim,
             num_blocks=num_blocks,

@@ -15,6 +15,11 @@ batch:
   :func:`paged_attention` lets each request's queries read its own keys and values through its
   block table. Attention is the only place where requests must be kept apart.
 
+With cross-layer KV sharing (``ModelConfig(kv_share=s)``) only the first layer of each group of
+``s`` writes keys and values (cache layer ``i // s``); the others read that cache layer, so the
+pool holds ``ceil(num_layers / s)`` layers and the same number of blocks serves ``s`` times the
+tokens.
+
 The naive reference beside :func:`paged_attention` is :func:`paged_attention_reference`: copy each
 request's keys and values out contiguously and call chapter 04's ``gqa_attention``.
 """
@@ -27,7 +32,6 @@ import torch
 
 from ..checks import check_tensor
 from ..kv_cache import gqa_attention
-from ..standard import apply_rope
 from .paged_cache import PagedModelCache, _attention_of, _token_list
 
 __all__ = ["paged_attention", "paged_attention_reference", "paged_forward"]
@@ -109,9 +113,11 @@ def paged_forward(
     if not isinstance(cache, PagedModelCache):
         raise TypeError(f"cache must be a PagedModelCache, got {type(cache).__name__}")
     cache_shape = (cache.num_layers, cache.num_kv_heads, cache.head_dim)
-    model_shape = (len(model.blocks), attention.num_kv_heads, attention.head_dim)
+    model_shape = (config.num_cache_layers, attention.num_kv_heads, attention.head_dim)
     if cache_shape != model_shape:
-        raise ValueError(f"cache has (layers, kv heads, head dim) = {cache_shape}, the model {model_shape}")
+        raise ValueError(
+            f"cache has (cached layers, kv heads, head dim) = {cache_shape}, the model {model_shape}"
+        )
     if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence) or not batch:
         raise ValueError("batch must be a non-empty sequence of (seq_id, new_tokens) pairs")
     seq_ids, token_lists = [], []
@@ -155,21 +161,18 @@ def paged_forward(
         x = x + model.position_embedding(positions)
     for index, block in enumerate(model.blocks):
         layer = block.attention
-        H, H_kv, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
-        h = block.attention_norm(x)
-        q = layer.q_proj(h).view(N, H, D)
-        k = layer.k_proj(h).view(N, H_kv, D)
-        v = layer.v_proj(h).view(N, H_kv, D)
-        if config.positions == "rope":  # rotate at each token's own position
-            q = apply_rope(q.transpose(0, 1), positions).transpose(0, 1)
-            k = apply_rope(k.transpose(0, 1), positions).transpose(0, 1)
-        cache.write(index, slots, k, v)
+        H, D = layer.num_heads, layer.head_dim
+        cache_layer = config.cache_layer(index)  # == index without cross-layer sharing
+        # The packed tokens as one row (1, N, d_model), each rotated at its own position under RoPE.
+        q, k, v = layer.queries_keys_values(block.attention_norm(x)[None], positions=positions)
+        if layer.owns_kv:  # a sharing layer reads what its group's first layer wrote
+            cache.write(cache_layer, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
         padded = q.new_zeros(R, T, H, D)
-        padded[rows, cols] = q
+        padded[rows, cols] = q[0].transpose(0, 1)
         out = paged_attention(
             padded.transpose(1, 2),
-            cache.key_blocks[index],
-            cache.value_blocks[index],
+            cache.key_blocks[cache_layer],
+            cache.value_blocks[cache_layer],
             tables,
             context_lengths,
             counts,

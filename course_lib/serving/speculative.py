@@ -288,7 +288,8 @@ def truncated_model(model: TinyTransformer, num_layers: int) -> TinyTransformer:
     if not isinstance(model, TinyTransformer):
         raise TypeError(f"model must be a TinyTransformer, got {type(model).__name__}")
     num_layers = check_int(num_layers, "num_layers", min=1, max=model.config.num_layers)
-    config = ModelConfig(**{**vars(model.config), "num_layers": num_layers})
+    kv_share = min(model.config.kv_share, num_layers)  # a group cut short keeps its owner
+    config = ModelConfig(**{**vars(model.config), "num_layers": num_layers, "kv_share": kv_share})
     parameter = next(model.parameters())
     small = TinyTransformer(config).to(dtype=parameter.dtype, device=parameter.device)
     state = {

@@ -10,5 +10,8 @@ you need (nothing is imported here):
 - :mod:`.recall_grid`: chapter 08's grid of MQAR recall runs (task per length, one grid point);
 - :mod:`.gates`: chapter 07's forget and select gates followed through the recurrence;
 - :mod:`.eviction`: chapter 05's KV-cache eviction study on a trained model and a synthetic one;
-- :mod:`.sparse_kernels`: chapter 05's dense-masked vs skipping kernels, as timing methods.
+- :mod:`.sparse_kernels`: chapter 05's dense-masked vs skipping kernels, as timing methods;
+- :mod:`.serving`: chapter 04b's serving engine experiments (static vs continuous batching, prefix
+  caching, speculative decoding and its roofline);
+- :mod:`.kv_sharing`: chapter 04's cross-layer KV sharing against MHA, GQA and MQA at one training budget.
 """

@@ -1,4 +1,6 @@
-"""Chapter 04's explorers: a KV-cache calculator, a paged-cache viewer and a sampling explorer."""
+"""Chapter 04's explorers: a KV-cache calculator, a paged-cache viewer, a sampling explorer, and
+(chapter 04b) a serving explorer (static vs continuous batching on one trace) and a speculative
+decoding explorer (tokens per round and speed-up vs k, from the roofline)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ from ..decoding import filter_logits
 from ..hardware import ACCELERATORS
 from ..kv_cache import MODEL_CONFIGS, PagedKVCache, kv_cache_bytes
 from ..measure import format_bytes
+from ..studies.serving import (
+    compare_batching,
+    draw_batching,
+    expected_tokens_per_round,
+    speculative_speedup,
+    verification_roofline,
+)
 from ..viz import STYLE
 
 __all__ = [
@@ -31,6 +40,10 @@ __all__ = [
     "SAMPLING_LOGITS",
     "sampling_explorer_view",
     "sampling_explorer",
+    "serving_explorer_view",
+    "serving_explorer",
+    "speculative_explorer_view",
+    "speculative_explorer",
 ]
 
 # --- (a) KV-cache calculator ---------------------------------------------------------------------
@@ -380,5 +393,158 @@ def sampling_explorer() -> widgets.Widget:
         top_p=widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top-p"),
         seed=widgets.IntSlider(value=0, min=0, max=20, description="seed"),
         num_samples=widgets.fixed(20),
+        draw=widgets.fixed(True),
+    )
+
+
+# --- (d) serving explorer: static vs continuous batching ------------------------------------------
+
+
+def serving_explorer_view(
+    rate: float = 0.5,
+    block_size: int = 16,
+    cache_tokens: int = 1024,
+    token_budget: int = 64,
+    *,
+    num_requests: int = 16,
+    draw: bool = True,
+) -> dict:
+    """Serve one trace with static and with continuous batching (the computation is
+    :func:`course_lib.studies.serving.compare_batching`).
+
+    Returns that function's result with ``text``, a small table of both policies; with ``draw``,
+    prints it and draws the cache's stored and reserved slots over time.
+    """
+    result = compare_batching(
+        rate,
+        block_size=block_size,
+        cache_tokens=cache_tokens,
+        token_budget=token_budget,
+        num_requests=num_requests,
+    )
+    lines = [
+        f"{num_requests} requests at {rate:g} per step; pool of {cache_tokens // block_size} blocks of "
+        f"{block_size} tokens; continuous batching feeds at most {token_budget} tokens per step",
+        f"{'policy':>11} {'steps':>6} {'tokens/step':>11} {'TTFT':>6} {'TPOT':>5} {'used/reserved':>13} "
+        f"{'preempted':>9} {'tokens/s':>9}",
+    ]
+    for policy in ("static", "continuous"):
+        m = result[policy]
+        lines.append(
+            f"{policy:>11} {m['steps']:>6} {m['tokens_per_step']:>11.2f} {m['mean_ttft']:>6.1f} "
+            f"{m['mean_tpot']:>5.2f} {m['mean_utilisation']:>13.0%} {m['preemptions']:>9} "
+            f"{m['tokens_per_second']:>9.0f}"
+        )
+    lines.append(
+        "TTFT, TPOT: mean time to first token and per later token, in engine steps; "
+        "tokens/s is measured (noisy)"
+    )
+    result["text"] = "\n".join(lines)
+    if draw:
+        print(result["text"])
+        figure = draw_batching(result)
+        plt.show()
+        plt.close(figure)
+        result["figure"] = figure
+    return result
+
+
+def serving_explorer() -> widgets.Widget:
+    """Arrival rate, block size, cache size and token budget -> static vs continuous batching on one trace."""
+    return widgets.interactive(
+        serving_explorer_view,
+        rate=widgets.FloatLogSlider(
+            value=0.5,
+            base=10,
+            min=-1.3,
+            max=1,
+            step=0.1,
+            description="arrivals/step",
+            continuous_update=False,
+        ),
+        block_size=widgets.Dropdown(options=[4, 8, 16, 32], value=16, description="block size"),
+        cache_tokens=widgets.SelectionSlider(
+            options=[256, 512, 1024, 2048], value=1024, description="cache tokens", continuous_update=False
+        ),
+        token_budget=widgets.SelectionSlider(
+            options=[8, 16, 32, 64, 128, 256], value=64, description="token budget", continuous_update=False
+        ),
+        num_requests=widgets.fixed(16),
+        draw=widgets.fixed(True),
+    )
+
+
+# --- (e) speculative decoding explorer -------------------------------------------------------------
+
+
+def speculative_explorer_view(
+    acceptance: float = 0.7,
+    draft_cost: float = 0.05,
+    accelerator: str = "H100-SXM",
+    context: int = 4096,
+    *,
+    max_k: int = 16,
+    draw: bool = True,
+) -> dict:
+    """Modelled speed-up of speculative decoding vs ``k`` for a Llama-2-7B target on ``accelerator``.
+
+    Each round verifies ``k + 1`` tokens in one target step (its time from chapter 02's roofline,
+    :func:`course_lib.studies.serving.verification_roofline`) after ``k`` draft steps of
+    ``draft_cost`` target decode steps each, and emits
+    :func:`~course_lib.studies.serving.expected_tokens_per_round` tokens. Returns ``ks``,
+    ``tokens_per_round``, ``verify_time`` (in decode steps), ``speedup`` and the best ``k``.
+    """
+    max_k = check_int(max_k, "max_k", min=1)
+    ks = list(range(max_k + 1))
+    roofline = verification_roofline(ks, accelerator=accelerator, context=context)
+    tokens = [expected_tokens_per_round(acceptance, k) for k in ks]
+    verify = [row["relative_time"] for row in roofline]
+    speedup = [
+        speculative_speedup(acceptance, k, draft_cost=draft_cost, verify_time=time)
+        for k, time in zip(ks, verify)
+    ]
+    best = max(ks, key=lambda k: speedup[k])
+    view = {
+        "ks": ks,
+        "tokens_per_round": tokens,
+        "verify_time": verify,
+        "speedup": speedup,
+        "best_k": best,
+        "text": (
+            f"acceptance {acceptance:.2f}, draft step = {draft_cost:.2f} target steps, {accelerator}, "
+            f"{context:,} cached tokens: best k = {best}, {tokens[best]:.2f} tokens per round, "
+            f"speed-up {speedup[best]:.2f}x (verifying {best + 1} tokens costs {verify[best]:.3f} "
+            "decode steps)"
+        ),
+    }
+    if draw:
+        with plt.rc_context(STYLE):
+            figure, ax = plt.subplots(figsize=(8, 3.2))
+            ax.plot(ks, tokens, marker="o", ms=3, label="tokens per round (expected)")
+            ax.plot(ks, speedup, marker="o", ms=3, label="speed-up over plain decoding")
+            ax.axhline(1, color="grey", lw=0.8)
+            ax.axvline(best, color="grey", lw=0.8, ls=":")
+            ax.set_xlabel("k, tokens drafted per round")
+            ax.set_title(f"acceptance {acceptance:.2f}, draft cost {draft_cost:.2f}", fontsize=9)
+            ax.legend(frameon=False, fontsize=8)
+            figure.tight_layout()
+            plt.show()
+            plt.close(figure)
+        print(view["text"])
+        view["figure"] = figure
+    return view
+
+
+def speculative_explorer() -> widgets.Widget:
+    """Acceptance rate, draft cost, accelerator and context -> tokens per round and speed-up vs k."""
+    return widgets.interactive(
+        speculative_explorer_view,
+        acceptance=widgets.FloatSlider(value=0.7, min=0.0, max=0.99, step=0.01, description="acceptance"),
+        draft_cost=widgets.FloatSlider(value=0.05, min=0.0, max=1.0, step=0.01, description="draft cost"),
+        accelerator=widgets.Dropdown(options=list(ACCELERATORS), value="H100-SXM", description="device"),
+        context=widgets.SelectionSlider(
+            options=[2**p for p in range(10, 18)], value=4096, description="context"
+        ),
+        max_k=widgets.fixed(16),
         draw=widgets.fixed(True),
     )
