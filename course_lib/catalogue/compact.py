@@ -40,8 +40,8 @@ register(
         reference="Fast Transformer Decoding: One Write-Head is All You Need, Shazeer, 2019",
         function=gqa_attention,
         decode="cache",
-        mixer=lambda d_model, num_heads, *, rope=False, conv_size=0: AttentionMixer(
-            d_model, num_heads, num_kv_heads=1, rope=rope, conv_size=conv_size
+        mixer=lambda d_model, num_heads, *, rope=False, conv_size=0, owns_kv=True: AttentionMixer(
+            d_model, num_heads, num_kv_heads=1, rope=rope, conv_size=conv_size, owns_kv=owns_kv
         ),
         config_fields=("rope",),
         **_gqa(lambda g: 1),
@@ -58,12 +58,15 @@ register(
         reference="GQA: Training Generalized Multi-Query Transformer Models, Ainslie et al., 2023",
         function=gqa_attention,
         decode="cache",
-        mixer=lambda d_model, num_heads, *, num_kv_heads=None, rope=False, conv_size=0: AttentionMixer(
-            d_model,
-            num_heads,
-            num_kv_heads=num_kv_heads or max(num_heads // 2, 1),
-            rope=rope,
-            conv_size=conv_size,
+        mixer=lambda d_model, num_heads, *, num_kv_heads=None, rope=False, conv_size=0, owns_kv=True: (
+            AttentionMixer(
+                d_model,
+                num_heads,
+                num_kv_heads=num_kv_heads or max(num_heads // 2, 1),
+                rope=rope,
+                conv_size=conv_size,
+                owns_kv=owns_kv,
+            )
         ),
         config_fields=("num_kv_heads", "rope"),
         **_gqa(lambda g: g.kv_heads),

@@ -24,9 +24,15 @@ def _kv_cache(T, g, **_):
     return T * g.heads * (g.head_dim + g.dv)
 
 
-def _softmax_mixer(d_model, num_heads, *, num_kv_heads=None, rope=False, conv_size=0):
+def _softmax_mixer(d_model, num_heads, *, num_kv_heads=None, rope=False, conv_size=0, owns_kv=True):
     return AttentionMixer(
-        d_model, num_heads, num_kv_heads=num_kv_heads, core="softmax", rope=rope, conv_size=conv_size
+        d_model,
+        num_heads,
+        num_kv_heads=num_kv_heads,
+        core="softmax",
+        rope=rope,
+        conv_size=conv_size,
+        owns_kv=owns_kv,
     )
 
 

@@ -48,8 +48,8 @@ register(
         cache_window=WINDOW,
         state_numbers=lambda T, g, window=WINDOW, **_: min(T, window) * g.heads * (g.head_dim + g.dv),
         cost=lambda phase, T, g: costs.window(phase, T, g, window=WINDOW),
-        mixer=lambda d_model, num_heads, *, window=16, rope=False, conv_size=0: AttentionMixer(
-            d_model, num_heads, core="window", window=window, rope=rope, conv_size=conv_size
+        mixer=lambda d_model, num_heads, *, window=16, rope=False, conv_size=0, owns_kv=True: AttentionMixer(
+            d_model, num_heads, core="window", window=window, rope=rope, conv_size=conv_size, owns_kv=owns_kv
         ),
         config_fields=("rope",),
     )

@@ -118,6 +118,7 @@ class KVCache:
         """
         length = check_int(length, "length", min=0, max=min(self._lengths))
         self._lengths = [length] * self.num_layers
+        self._tracked = truncate_tracked(self._tracked, length, dim=2)
 
     def reset(self) -> None:
         """Forget every stored token (the storage is kept for the next request)."""
@@ -128,6 +129,13 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes reserved by the preallocated storage (whether filled or not)."""
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+def truncate_tracked(
+    tracked: list[tuple[torch.Tensor, ...] | None], length: int, *, dim: int
+) -> list[tuple[torch.Tensor, ...] | None]:
+    """The autograd copies of a cache's layers cut to their first ``length`` tokens (:func:`track_append`)."""
+    return [None if layer is None else tuple(t.narrow(dim, 0, length) for t in layer) for layer in tracked]
 
 
 def track_append(

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..checks import check_choice, check_float, check_int, check_shape, check_tensor
 from ..standard import apply_rope
-from .cache import track_append
+from .cache import track_append, truncate_tracked
 from .gqa import gqa_attention
 
 __all__ = ["LatentKVCache", "MultiHeadLatentAttention"]
@@ -109,6 +109,7 @@ class LatentKVCache:
         """Keep only the first ``length`` tokens of every layer (at most what any layer holds)."""
         length = check_int(length, "length", min=0, max=min(self._lengths))
         self._lengths = [length] * self.num_layers
+        self._tracked = truncate_tracked(self._tracked, length, dim=1)
 
     def reset(self) -> None:
         self._lengths = [0] * self.num_layers
