@@ -233,7 +233,9 @@ _recurrent(
     summary="the state is a two-layer MLP trained online: a nonlinear memory",
     reference="Learning to (Learn at Test Time), Sun et al., 2024",
     function=ttt_mlp,
-    inputs=_unit_keys_with(lambda T, g, gen: {"lr": builders.strengths(gen, *_per_step(g, T))}),
+    # Inner learning rates a tenth of TTT-Linear's: a step of ~0.5 on the two-layer MLP overshoots,
+    # and its outputs grew to 1e6 by T = 64 and to NaN by T = 128 (H = 4, D = 64).
+    inputs=_unit_keys_with(lambda T, g, gen: {"lr": 0.1 * builders.strengths(gen, *_per_step(g, T))}),
     call=_ttt_mlp_call,
     options={"mini_batch_size": 16},
     trainable=("q", "k", "v", "lr"),
