@@ -4,8 +4,7 @@ A study measures or trains something and returns the numbers; the leaves above i
 figures, the benchmark suites) only add controls, drawing or a command line. Import the module
 you need (nothing is imported here):
 
-- :mod:`.inputs`: the seeded inputs every mechanism of the chapter 07/08 timings reads;
-- :mod:`.phases`: chapter 08's three phases (train, prefill, decode) of every mechanism, the
+- :mod:`.phases`: chapter 08's three phases (train, prefill, decode) of every catalogue mechanism, the
   FLOP/byte model and the "relative to standard attention" bars;
 - :mod:`.recall_grid`: chapter 08's grid of MQAR recall runs (task per length, one grid point);
 - :mod:`.gates`: chapter 07's forget and select gates followed through the recurrence;
