@@ -231,6 +231,21 @@ def test_chapter_figures_are_registered_and_draw():
     matplotlib.pyplot.close(figure)
 
 
+def test_classes_and_taxonomy_come_from_the_catalogues_families():
+    from course_lib.figures import ch08 as figures08
+
+    assert list(figures08.CLASSES) == ["hardware-efficient", "compact", "sparse", "linear"]
+    assert set(figures08.CLASSES) < set(catalogue.FAMILIES)
+    assert figures08.CLASSES["linear"][-1] == "06-07" and figures08.CLASSES["compact"][-1] == "04"
+    assert list(figures08.TAXONOMY) == [f for f in catalogue.FAMILIES if f != "exact"]
+    for mechanism in catalogue.mechanisms():
+        if mechanism.family != "exact":
+            assert mechanism.title in figures08.TAXONOMY[mechanism.family]
+    assert figures08.TAXONOMY["compact"] == ["MQA", "GQA", "MLA"]
+    boxes = figures08._boxes(figures08.TAXONOMY["linear"])
+    assert len(boxes) == 5 and ", ".join(boxes).replace("\n", " ").count("Gated DeltaNet") == 1
+
+
 def test_all_suite_has_every_mechanism_in_every_phase_that_applies():
     methods, reference, lengths = bench08.all_suite("cpu")
     assert reference == "prefill:sdpa"
