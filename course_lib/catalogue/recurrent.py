@@ -213,15 +213,16 @@ _recurrent(
 def _ttt_mlp_call(
     x, *, form="chunk", chunk_size=None, initial_state=None, output_final_state=False, **options
 ):
-    """TTT-MLP needs starting weights: small seeded ones when no state is carried in."""
+    """TTT-MLP needs starting weights: small seeded ones when no state is carried in, the same for
+    every sequence of the batch (a sequence's output does not depend on its place in the batch)."""
     q = x["q"]
     if initial_state is None:
         B, H, _, D_k = q.shape
         generator = torch.Generator().manual_seed(0)
         hidden = TTT_HIDDEN * D_k
-        W1 = torch.randn(B, H, D_k, hidden, generator=generator) * D_k**-0.5
-        W2 = torch.randn(B, H, hidden, x["v"].shape[-1], generator=generator) * hidden**-0.5
-        initial_state = (W1.to(q), W2.to(q))
+        W1 = torch.randn(1, H, D_k, hidden, generator=generator) * D_k**-0.5
+        W2 = torch.randn(1, H, hidden, x["v"].shape[-1], generator=generator) * hidden**-0.5
+        initial_state = (W1.to(q).expand(B, -1, -1, -1), W2.to(q).expand(B, -1, -1, -1))
     return ttt_mlp(
         q, x["k"], x["v"], x["lr"], initial_state, form=form, output_final_state=output_final_state, **options
     )
