@@ -150,3 +150,29 @@ def test_chapter_05_widget_and_suite_use_the_studies():
     )
     for name, build in methods.items():
         torch.testing.assert_close(build(24)(), sparse_kernels.sparse_methods(window=8)[name](24)())
+
+
+def test_what_an_explorer_and_its_figures_both_draw_lives_in_the_studies():
+    # The widgets keep their names (they import them), the figures import the studies directly.
+    from course_lib.studies import (
+        linear_forms,
+        paged_trace,
+        roofline,
+        score_memory,
+        sparse_patterns,
+        tile_walk,
+    )
+    from course_lib.widgets import ch01, ch02, ch03, ch04, ch05, ch06
+
+    moved = {
+        (ch01, score_memory): ("ACCELERATOR_MEMORY_GIB", "DTYPE_BYTES", "score_memory"),
+        (ch02, roofline): ("DTYPES", "plot_roofline"),
+        (ch03, tile_walk): ("tile_walk_inputs", "draw_schedule"),
+        (ch04, paged_trace): ("PAGED_TRACE", "replay_paged_trace", "draw_paged_cache"),
+        (ch05, sparse_patterns): ("PATTERNS", "pattern_mask"),
+        (ch06, linear_forms): ("STEP_FORMS", "SCHEDULE_LABELS", "schedule_matrix", "draw_schedule"),
+    }
+    for (widget, study), names in moved.items():
+        for name in names:
+            assert getattr(widget, name) is getattr(study, name), (widget.__name__, name)
+            assert name in study.__all__

@@ -9,5 +9,9 @@ you need (nothing is imported here):
 - :mod:`.recall_grid`: chapter 08's grid of MQAR recall runs (task per length, one grid point);
 - :mod:`.gates`: chapter 07's forget and select gates followed through the recurrence;
 - :mod:`.eviction`: chapter 05's KV-cache eviction study on a trained model and a synthetic one;
-- :mod:`.sparse_kernels`: chapter 05's dense-masked vs skipping kernels, as timing methods.
+- :mod:`.sparse_kernels`: chapter 05's dense-masked vs skipping kernels, as timing methods;
+- what a chapter's explorer and its static figures both draw: :mod:`.score_memory` (01, the
+  score matrices' bytes), :mod:`.roofline` (02), :mod:`.tile_walk` (03, FlashAttention's schedule),
+  :mod:`.paged_trace` (04, a paged KV cache replayed), :mod:`.sparse_patterns` (05, the mask
+  gallery), :mod:`.linear_forms` (06, the three forms' schedule).
 """
