@@ -100,3 +100,20 @@ def test_catalogue_names_renames_only_the_old_names():
     assert payload["results"][0]["method"] == "train:naive"  # the input is not changed
     assert results.catalogue_names(renamed) == renamed
     assert set(results.RENAMED.values()) <= set(catalogue.names(has="run"))
+
+
+def test_stored_recall_grid_uses_the_catalogues_names():
+    payload = results.load_payload(results.RESULTS_DIR / "recall_grid.json")
+    mixers = {r["method"] for r in payload["results"]}
+    assert mixers == {
+        "attention",
+        "sliding_window",
+        "linear_attention",
+        "retnet",
+        "gla",
+        "mamba2",
+        "deltanet",
+        "gated_deltanet",
+    }
+    assert mixers <= set(catalogue.names(has="mixer"))
+    assert payload == json.loads((results.RESULTS_DIR / "recall_grid.json").read_text())  # nothing renamed
