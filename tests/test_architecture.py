@@ -54,16 +54,6 @@ ENTRY_POINTS = ("widgets", "figures", "benchmarks", "bench")
 ALLOWED_ENTRY_IMPORTS = {
     ("bench", "benchmarks"),  # the command line finds and runs the suites
 }
-# A static figure drawn by its chapter's widget drawing function. Known, to be moved below the
-# leaves; listed one by one so that no new one appears unnoticed.
-FIGURES_DRAWN_BY_WIDGETS = {
-    ("course_lib.figures.ch01", "course_lib.widgets.ch01"),
-    ("course_lib.figures.ch02", "course_lib.widgets.ch02"),
-    ("course_lib.figures.ch03", "course_lib.widgets.ch03"),
-    ("course_lib.figures.ch04", "course_lib.widgets.ch04"),
-    ("course_lib.figures.ch05", "course_lib.widgets.ch05"),
-    ("course_lib.figures.ch06", "course_lib.widgets.ch06"),
-}
 
 
 def module_name(path: Path) -> str:
@@ -155,10 +145,7 @@ def test_entry_points_are_imported_by_no_other_module():
         for target in sorted(targets):
             if top(target) not in ENTRY_POINTS or top(target) == top(name):
                 continue
-            if (top(name), top(target)) in ALLOWED_ENTRY_IMPORTS or (
-                name,
-                target,
-            ) in FIGURES_DRAWN_BY_WIDGETS:
+            if (top(name), top(target)) in ALLOWED_ENTRY_IMPORTS:
                 continue
             wrong.append(f"{name} imports {target}")
     assert not wrong, "widgets, figures, benchmarks and bench are imported by nothing else:\n" + "\n".join(

@@ -15,6 +15,7 @@ import torch
 
 from course_lib import catalogue
 from course_lib.catalogue import Geometry, Mechanism
+from course_lib.studies.phases import decode_last  # one decoding step, as chapter 08's decode phase runs it
 
 F64 = torch.float64
 SMALL = Geometry(batch=2, heads=2, head_dim=8, kv_heads=1)
@@ -126,18 +127,6 @@ def test_every_form_gives_the_same_numbers(mechanism):
     for form in mechanism.forms[1:]:
         options = {"chunk_size": 16} if "chunk_size" in mechanism.options else {}
         torch.testing.assert_close(output(mechanism.run(x, form=form, **options)), reference)
-
-
-def decode_last(mechanism: Mechanism, x, T: int):
-    """One decoding step for token T (1-based), as chapter 08's decode phase runs it."""
-    last = mechanism.tokens(x, T - 1, T)
-    if mechanism.decode == "state":
-        _, state = mechanism.run(mechanism.tokens(x, 0, T - 1), output_final_state=True)
-        o, new_state = mechanism.run(last, form="recurrent", initial_state=state, output_final_state=True)
-        return o, new_state
-    first = 0 if mechanism.cache_window is None else max(T - mechanism.cache_window, 0)
-    cache = mechanism.tokens(x, first, T)
-    return mechanism.run({**cache, **{key: last[key] for key in mechanism.query_inputs}}), None
 
 
 @pytest.mark.parametrize("mechanism", catalogue.mechanisms(has="decode"), ids=IDS)

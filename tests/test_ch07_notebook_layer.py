@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib import bench
+from course_lib import bench, catalogue
 from course_lib.bench import Measurement
 from course_lib.benchmarks import ch07 as bench07
 from course_lib.exercises import ExerciseFailed
@@ -18,7 +18,7 @@ from course_lib.exercises.ch07 import (
     check_ssd_as_gla,
 )
 from course_lib.figures import FIGURES
-from course_lib.figures.ch07 import TAXONOMY, ttt_prediction_errors
+from course_lib.figures.ch07 import TAXONOMY, placement, ttt_prediction_errors
 from course_lib.recurrent import delta_rule, gated_delta_rule, gla, ssd
 from course_lib.widgets import ch07 as w07
 
@@ -34,7 +34,7 @@ def controls(widget):
 
 def test_gate_inputs_have_each_methods_gate_structure():
     T, D = 50, 16
-    none = w07.gate_inputs("linear attention", steps=T)
+    none = w07.gate_inputs("linear_attention", steps=T)
     assert (none["log_gates"] == 0).all() and (none["beta"] == 1).all()
     retnet = w07.gate_inputs("retnet", decay=0.9, steps=T)
     torch.testing.assert_close(retnet["log_gates"], torch.full((T, D), math.log(0.9), dtype=F64))
@@ -52,15 +52,33 @@ def test_gate_inputs_have_each_methods_gate_structure():
         w07.gate_inputs("retnet", decay=1.0)
 
 
-@pytest.mark.parametrize("method", w07.GATE_METHODS)
+def test_gate_explorer_offers_every_recurrence_of_the_catalogue_with_gates():
+    assert w07.GATE_METHODS == catalogue.names(has="gates")
+    assert {"linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet", "rwkv7"} <= set(
+        w07.GATE_METHODS
+    )
+
+
+# Gates with a library function that runs the same recurrence: any forget gate with an additive
+# write is GLA (a zero, constant or broadcast gate); a delta-rule write without a forget gate is the
+# delta rule, with a scalar one Gated DeltaNet. (A per-dimension gate before a delta-rule write has
+# no such function: tests/test_studies.py checks every method against a loop written out instead.)
+LIBRARY_GATES = [
+    m.name for m in catalogue.mechanisms(has="gates") if m.gates.write == "add" or m.gates.forget != "vector"
+]
+
+
+@pytest.mark.parametrize("method", LIBRARY_GATES)
 def test_gate_explorer_state_equals_the_library(method):
     view = w07.gate_explorer_view(method, decay=0.9, spread=0.8, beta=0.6, steps=40, draw=False)
     x = view["inputs"]
     k, v = x["keys"][None, None], x["values"][None, None]
-    if method in ("deltanet", "gated_deltanet"):
+    gates = catalogue.get(method).gates
+    if gates.write == "delta":
         beta = x["beta"][None, None]
         g = x["log_gates"][None, None, :, 0]
-        if method == "deltanet":
+        assert gates.forget in ("none", "scalar")
+        if gates.forget == "none":
             _, state = delta_rule(k, k, v, beta, form="recurrent", output_final_state=True)
         else:
             _, state = gated_delta_rule(k, k, v, g, beta, form="recurrent", output_final_state=True)
@@ -83,7 +101,7 @@ def test_a_fixed_decay_has_profile_gamma_to_the_t_and_horizon_near_one_over_one_
 
 
 def test_without_a_gate_nothing_fades_and_the_state_keeps_growing():
-    view = w07.gate_explorer_view("linear attention", steps=400, draw=False)
+    view = w07.gate_explorer_view("linear_attention", steps=400, draw=False)
     torch.testing.assert_close(view["profile"], torch.ones(400, dtype=F64))
     assert view["horizon"] is None and view["typical_horizon"] is None
     assert view["state_norm"][-1] > 3 * view["state_norm"][20]
@@ -96,7 +114,8 @@ def test_gate_explorer_widget_reacts_to_every_control():
     w = w07.gate_explorer()
     c = controls(w)
     assert set(c) >= {"method", "decay", "spread", "beta", "steps"}
-    for method in c["method"].options:
+    assert list(c["method"].options) == [(m.title, m.name) for m in catalogue.mechanisms(has="gates")]
+    for _, method in c["method"].options:
         c["method"].value = method
         assert w.result["method"] == method and w.result["figure"] is not None
     c["method"].value = "retnet"
@@ -271,22 +290,41 @@ def test_chapter_figures_are_registered():
 
 
 def test_taxonomy_places_every_method_of_the_issue():
-    names = set(TAXONOMY)
+    assert list(TAXONOMY) == [m.title for m in catalogue.mechanisms(has="gates")]
     for method in (
         "linear attention",
         "RetNet",
         "GLA",
         "Mamba-2 (SSD)",
-        "mLSTM",
+        "mLSTM (xLSTM)",
         "HGRN-2",
         "RWKV-6",
         "DeltaNet",
         "Gated DeltaNet",
         "TTT-Linear",
     ):
-        assert method in names
-    assert TAXONOMY["linear attention"][0] == "no gate"
-    assert TAXONOMY["RetNet"][0] == "forget" and TAXONOMY["Gated DeltaNet"][0] == "forget + select"
+        assert method in TAXONOMY
+    assert TAXONOMY["linear attention"] == ("no gate", "identity", "k v^T")
+    assert TAXONOMY["RetNet"] == ("forget", "scalar, fixed", "k v^T")
+    assert TAXONOMY["GLA"] == ("forget", "diagonal, data dependent", "k v^T")
+    assert TAXONOMY["Mamba-2 (SSD)"] == ("forget + select", "scalar, data dependent", "dt k v^T")
+    assert TAXONOMY["DeltaNet"] == ("forget + select", "I - beta k k^T", "beta k v^T")
+    assert TAXONOMY["Gated DeltaNet"] == ("forget + select", "alpha (I - beta k k^T)", "beta k v^T")
+
+
+def test_placement_reads_the_gates():
+    assert placement(catalogue.Gates()) == ("no gate", "identity", "k v^T")
+    assert placement(catalogue.Gates(forget="vector", select="1 - f")) == (
+        "forget + select",
+        "diagonal, data dependent",
+        "(1 - f) k v^T",
+    )
+    # a delta-rule write forgets along the key it writes, even without a select gate of its own
+    assert placement(catalogue.Gates(write="delta")) == ("forget + select", "I - beta k k^T", "beta k v^T")
+    assert placement(catalogue.Gates(forget="vector", select="lr", write="delta"))[1:] == (
+        "diag(w) (I - beta k k^T)",
+        "lr k v^T",
+    )
 
 
 def test_ttt_learns_the_hidden_map_and_linear_attention_does_not():
@@ -304,14 +342,21 @@ def test_suites_are_registered_and_forms_compute_the_same():
     assert {"recurrent", "recurrent_chunk"} <= set(suites)
     methods, reference, lengths = suites["recurrent"]("cpu")
     assert reference == "sdpa" and lengths[0] == 256 and lengths[-1] == 4096
-    assert {f"{m} {f}" for m in bench07.METHODS for f in ("chunk", "recurrent")} <= set(methods)
-    for name in bench07.METHODS:
-        chunk, recurrent = methods[f"{name} chunk"](70)(), methods[f"{name} recurrent"](70)()
-        torch.testing.assert_close(chunk, recurrent, rtol=1e-4, atol=1e-4)
-    q, k, v = bench.random_qkv(70, heads=4)
-    torch.testing.assert_close(methods["sdpa"](70)(), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    chapter = catalogue.mechanisms(chapter=7, has="recurrent")
+    assert bench07.mechanisms() == chapter and len(chapter) >= 10
+    assert set(methods) == {"sdpa"} | {f"{m.name} {form}" for m in chapter for form in m.forms}
+    for mechanism in chapter:
+        chunk = methods[f"{mechanism.name} chunk"](70)()
+        for form in mechanism.forms:
+            torch.testing.assert_close(methods[f"{mechanism.name} {form}"](70)(), chunk, rtol=1e-4, atol=1e-4)
+    x = catalogue.get("sdpa").make_inputs(70, bench07.GEOMETRY)
+    expected = F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
+    torch.testing.assert_close(methods["sdpa"](70)(), expected)
+    # every form but the chunk form stops at RECURRENT_MAX_T
+    assert methods["gla recurrent"](2 * bench07.RECURRENT_MAX_T) is None
+    assert methods["mamba1 scan"](2 * bench07.RECURRENT_MAX_T) is None
     chunk_methods, _, chunk_lengths = suites["recurrent_chunk"]("cpu")
-    assert not any("recurrent" in m for m in chunk_methods) and chunk_lengths[-1] > 4096
+    assert set(chunk_methods) == {"sdpa"} | {f"{m.name} chunk" for m in chapter} and chunk_lengths[-1] > 4096
 
 
 def test_recurrent_sweep_caps_the_recurrent_forms():
@@ -335,20 +380,22 @@ def test_speedups_divide_recurrent_by_chunk_time():
     results = [
         Measurement("gla chunk", 8, 0.5, None),
         Measurement("gla recurrent", 8, 2.0, None),
-        Measurement("ssd chunk", 8, 1.0, None),
+        Measurement("mamba2 chunk", 8, 1.0, None),
     ]
     assert bench07.speedups(results) == {("gla", 8): 4.0}
 
 
-def test_run_method_passes_each_method_its_own_inputs():
-    x = bench07.recurrent_inputs(20)
+def test_each_method_runs_on_its_own_catalogue_inputs():
+    methods, _, _ = bench07.recurrent_suite("cpu")
+    x = catalogue.get("deltanet").make_inputs(20, bench07.GEOMETRY)
+    torch.testing.assert_close(x["k"].norm(dim=-1), torch.ones(1, 4, 20))  # the delta rule's unit keys
     torch.testing.assert_close(
-        bench07.run_method("delta_rule", x, form="recurrent"),
-        delta_rule(x["q"], x["unit_k"], x["v"], x["beta"], form="recurrent"),
+        methods["deltanet recurrent"](20)(), delta_rule(x["q"], x["k"], x["v"], x["beta"], form="recurrent")
     )
+    y = catalogue.get("mamba2").make_inputs(20, bench07.GEOMETRY)
     torch.testing.assert_close(
-        bench07.run_method("ssd", x, chunk_size=8),
-        ssd(x["v"], x["dt"], x["A"], x["k"], x["q"], form="parallel"),
+        methods["mamba2 chunk"](20)(),
+        ssd(y["x"], y["dt"], y["A"], y["B"], y["C"], form="parallel"),
+        rtol=1e-4,
+        atol=1e-5,
     )
-    with pytest.raises(ValueError, match="name"):
-        bench07.run_method("mamba", x)

@@ -8,36 +8,65 @@ import matplotlib
 import pytest
 import torch
 
+from course_lib import catalogue
 from course_lib.bench import Measurement, sweep
 from course_lib.bench import main as bench_main
 from course_lib.benchmarks import ch08 as bench08
-from course_lib.benchmarks.ch07 import recurrent_inputs
 from course_lib.exercises import ExerciseFailed
 from course_lib.exercises.ch08 import check_answer_accuracy, check_hybrid_cache_bytes, check_ring_merge
 from course_lib.figures import FIGURES
-from course_lib.linear import linear_attention
 from course_lib.recall import IGNORE, RECALL_MIXERS, state_bytes
-from course_lib.recurrent import delta_rule, gla, ssd
 from course_lib.standard import attention
+from course_lib.studies import phases
 from course_lib.widgets import ch08 as w08
 
 matplotlib.use("Agg")
 
 FAKE = [
     Measurement(m, T, s * T / 256, b * T)
-    for m, s, b in (("naive", 1e-3, 4000), ("sdpa", 5e-4, 100), ("linear", 2e-3, 50))
+    for m, s, b in (("attention", 1e-3, 4000), ("sdpa", 5e-4, 100), ("linear_attention", 2e-3, 50))
     for T in (256, 512, 1024)
 ]
+# The eight mechanisms of the stored run (results/all_small.json), under their catalogue names.
+STORED = (
+    "attention",
+    "sdpa",
+    "flash_attention",
+    "sliding_window",
+    "linear_attention",
+    "gla",
+    "deltanet",
+    "mamba2",
+)
+F64 = torch.float64
+IDS = lambda m: m.name  # noqa: E731
 
 
-# Independent references for the recurrent mechanisms: the quadratic (parallel) forms of linear
-# attention and SSD, the token-by-token recurrences of GLA and the delta rule (chapter 07 tests them).
-RECURRENT_REFERENCE = {
-    "linear": lambda y, **kw: linear_attention(y["q"], y["k"], y["v"], form="parallel", **kw),
-    "gla": lambda y, **kw: gla(y["q"], y["k"], y["v"], y["g"], form="recurrent", **kw),
-    "delta_rule": lambda y, **kw: delta_rule(y["q"], y["unit_k"], y["v"], y["beta"], form="recurrent", **kw),
-    "ssd": lambda y, **kw: ssd(y["v"], y["dt"], y["A"], y["k"], y["q"], form="parallel", **kw),
-}
+def output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def dense_softmax_reference(mechanism, x):
+    """Exact causal softmax attention with an explicit (windowed) mask: the independent reference of
+    the exact mechanisms and of the sliding window; None for every other mechanism."""
+    if mechanism.family not in ("exact", "hardware-efficient") and mechanism.cache_window is None:
+        return None
+    T = x["q"].shape[2]
+    window = T if mechanism.cache_window is None else mechanism.cache_window
+    mask = torch.ones(T, T, dtype=torch.bool).tril() & ~torch.ones(T, T, dtype=torch.bool).tril(-window)
+    return attention(x["q"], x["k"], x["v"], mask)
+
+
+def independent_forward(mechanism, x, **options):
+    """The forward pass by another route than the one the phases time: dense masked softmax
+    attention, or the token-by-token recurrent form (the chunk form is what the phases run); for
+    the other mechanisms their own full pass (the decode and train steps still take another path)."""
+    dense = dense_softmax_reference(mechanism, x)
+    if dense is not None:
+        return dense
+    if "recurrent" in mechanism.forms:
+        return mechanism.run(x, form="recurrent", **options)
+    return mechanism.run(x, **options)
 
 
 def controls(widget):
@@ -45,13 +74,15 @@ def controls(widget):
 
 
 def test_comparison_view_reads_the_measurements():
-    view = w08.comparison_view(("naive", "linear"), (256, 512), "time", results=FAKE, draw=False)
+    view = w08.comparison_view(
+        ("attention", "linear_attention"), (256, 512), "time", results=FAKE, draw=False
+    )
     assert view["lengths"] == [256, 512] and view["phase"] == "prefill"  # no phase in the name: prefill
-    assert view["series"]["naive"] == pytest.approx([1.0, 2.0])
+    assert view["series"]["attention"] == pytest.approx([1.0, 2.0])
     memory = w08.comparison_view(("sdpa",), (256, 1024), "memory", results=FAKE, draw=False)
     assert memory["series"]["sdpa"] == [25600, 51200, 102400]
     with pytest.raises(ValueError, match="mechanisms"):
-        w08.comparison_view(("flash",), (256, 512), results=FAKE, draw=False)
+        w08.comparison_view(("flash_attention",), (256, 512), results=FAKE, draw=False)
     with pytest.raises(ValueError, match="lengths"):
         w08.comparison_view(("sdpa",), (600, 700), results=FAKE, draw=False)
     with pytest.raises(ValueError, match="metric"):
@@ -79,7 +110,7 @@ def test_comparison_view_separates_the_phases_and_shows_the_model():
 def test_comparison_explorer_updates_across_its_controls():
     w = w08.comparison_explorer(FAKE)
     c = controls(w)
-    for names in (("naive",), ("sdpa", "linear"), ("naive", "sdpa", "linear")):
+    for names in (("attention",), ("sdpa", "linear_attention"), ("attention", "sdpa", "linear_attention")):
         c["mechanisms"].value = names
         assert list(w.result["series"]) == list(names)
     for index in ((0, 0), (0, 2), (1, 2)):
@@ -107,7 +138,9 @@ def test_explorer_switches_phase_on_the_stored_results():
 def test_stored_results_load_with_every_mechanism_and_phase():
     results = w08.load_results()
     measured = {(bench08.phase_of(r), bench08.mechanism_of(r)) for r in results}
-    assert measured == {(p, m) for p in bench08.PHASES for m in bench08.ALL_METHODS}
+    assert measured == {(p, m) for p in bench08.PHASES for m in STORED}
+    for phase, name in measured:  # catalogue names, and phases that apply to them
+        assert phases.not_applicable(name, phase) is None
     for phase in bench08.PHASES:
         lengths = {r.T for r in results if bench08.phase_of(r) == phase}
         assert len(lengths) >= 4
@@ -198,13 +231,39 @@ def test_chapter_figures_are_registered_and_draw():
     matplotlib.pyplot.close(figure)
 
 
-def test_all_suite_has_every_mechanism_in_every_phase():
+def test_classes_and_taxonomy_come_from_the_catalogues_families():
+    from course_lib.figures import ch08 as figures08
+
+    assert list(figures08.CLASSES) == ["hardware-efficient", "compact", "sparse", "linear"]
+    assert set(figures08.CLASSES) < set(catalogue.FAMILIES)
+    assert figures08.CLASSES["linear"][-1] == "06-07" and figures08.CLASSES["compact"][-1] == "04"
+    assert list(figures08.TAXONOMY) == [f for f in catalogue.FAMILIES if f != "exact"]
+    for mechanism in catalogue.mechanisms():
+        if mechanism.family != "exact":
+            assert mechanism.title in figures08.TAXONOMY[mechanism.family]
+    assert figures08.TAXONOMY["compact"] == ["MQA", "GQA", "MLA"]
+    boxes = figures08._boxes(figures08.TAXONOMY["linear"])
+    assert len(boxes) == 5 and ", ".join(boxes).replace("\n", " ").count("Gated DeltaNet") == 1
+
+
+def test_all_suite_has_every_mechanism_in_every_phase_that_applies():
     methods, reference, lengths = bench08.all_suite("cpu")
     assert reference == "prefill:sdpa"
-    assert set(methods) == {f"{p}:{m}" for p in bench08.PHASES for m in bench08.ALL_METHODS}
+    expected = {
+        f"{p}:{m.name}"
+        for p in bench08.PHASES
+        for m in catalogue.mechanisms(has="run")
+        if p != "decode" or (m.causal and m.decode is not None)
+    }
+    assert set(methods) == expected
+    assert {"train:efficient_attention", "prefill:linformer", "decode:gla", "decode:nsa"} <= set(methods)
+    assert not {"decode:efficient_attention", "decode:lsh", "decode:block_sparse"} & set(methods)
     assert max(lengths) > bench08.FULL_SEQUENCE_MAX_T
-    # train and prefill leave out lengths beyond FULL_SEQUENCE_MAX_T; decode measures them
-    assert methods["train:naive"](2 * bench08.FULL_SEQUENCE_MAX_T) is None
+    # train and prefill leave out lengths beyond FULL_SEQUENCE_MAX_T (SCORES_MAX_T where the
+    # T x T scores are materialised); decode measures them
+    assert methods["train:sdpa"](2 * bench08.FULL_SEQUENCE_MAX_T) is None
+    assert methods["train:attention"](phases.SCORES_MAX_T * 2) is None
+    assert methods["decode:sdpa"](2 * bench08.FULL_SEQUENCE_MAX_T) is not None
     for suite, phase in (
         (bench08.all_train_suite, "train"),
         (bench08.all_prefill_suite, "prefill"),
@@ -216,70 +275,84 @@ def test_all_suite_has_every_mechanism_in_every_phase():
         } == {phase}
 
 
+def test_phases_that_do_not_apply_say_why_and_lengths_follow_the_cost_model():
+    assert "not causal" in phases.not_applicable("efficient_attention", "decode")
+    assert "not causal" in phases.not_applicable("lsh", "decode")
+    assert "no decoding step" in phases.not_applicable("block_sparse", "decode")
+    assert phases.not_applicable("efficient_attention", "prefill") is None
+    assert phases.max_length("block_sparse", "decode") == 0
+    materialising = {m.name for m in phases.mechanisms() if phases.materialises_scores(m)}
+    assert {"attention", "mqa", "gqa", "topk"} == materialising
+    for m in phases.mechanisms():
+        expected = phases.SCORES_MAX_T if m.name in materialising else phases.FULL_SEQUENCE_MAX_T
+        assert phases.max_length(m, "train") == phases.max_length(m, "prefill") == expected
+    assert phases.max_length("gla", "decode") is None
+
+
 def test_exact_mechanisms_agree_in_prefill():
-    x = recurrent_inputs(64, "cpu", torch.float32)
-    exact = [bench08.ALL_METHODS[m](x) for m in ("naive", "sdpa", "flash")]
+    x = phases.phase_inputs("sdpa", 64)
+    exact = [phases.prefill_step(m, x)() for m in ("attention", "sdpa", "flash_attention")]
     torch.testing.assert_close(exact[0], exact[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(exact[2], exact[1], atol=1e-5, rtol=1e-4)
+    # every exact mechanism is fed the same seeded numbers
+    for name in ("attention", "flash_attention"):
+        assert all(torch.equal(x[k], v) for k, v in phases.phase_inputs(name, 64).items())
 
 
-@pytest.mark.parametrize("name", list(bench08.ALL_METHODS))
-def test_decode_step_equals_the_last_row_of_the_full_causal_pass(name):
-    # Reference: the exact causal attention (softmax) or the token-by-token recurrence (the
-    # recurrent mechanisms) over the first T tokens; the decode step sees only the cache / state.
-    x = recurrent_inputs(150, "cpu", torch.float64)
-    for T in (1, 70, 150):
-        prefix = {k: v if v.dim() == 1 else v[:, :, :T] for k, v in x.items()}
-        if name in bench08.SOFTMAX_METHODS:
-            window = bench08.WINDOW if name == "window" else T
-            mask = torch.ones(T, T, dtype=torch.bool).tril() & ~torch.ones(T, T, dtype=torch.bool).tril(
-                -window
-            )
-            reference = attention(prefix["q"], prefix["k"], prefix["v"], mask)[:, :, -1:]
-        else:
-            reference = RECURRENT_REFERENCE[name](prefix)[:, :, -1:]
-        step = bench08.decode_step(name, x, T)()
-        output = step[0] if name in bench08.RECURRENT_METHODS else step
-        assert output.shape == (1, 4, 1, 64)
-        torch.testing.assert_close(output, reference, atol=1e-8, rtol=1e-6)
+@pytest.mark.parametrize("mechanism", catalogue.mechanisms(has="decode"), ids=IDS)
+def test_decode_step_equals_the_last_row_of_the_full_causal_pass(mechanism):
+    # Reference: the full causal pass over the first T tokens by an independent route (dense
+    # masked softmax, or the token-by-token recurrence); the decode step sees only the cache / state.
+    x = phases.phase_inputs(mechanism, 150, dtype=F64)
+    lengths = (1, 70, 150)
+    if "mini_batch_size" in mechanism.options:
+        # TTT's one-token step from the state equals the full pass only when the first T - 1 tokens
+        # end on a mini-batch edge (inside a mini-batch every gradient is taken at its first state).
+        b = mechanism.options["mini_batch_size"]
+        lengths = (1, b + 1, 2 * b + 1)
+    for T in lengths:
+        reference = output(independent_forward(mechanism, mechanism.tokens(x, 0, T)))[:, :, -1:]
+        step, _ = phases.decode_step(mechanism, x, T)()
+        assert step.shape[2] == 1 and step.shape[:2] == reference.shape[:2]
+        torch.testing.assert_close(step, reference, atol=1e-8, rtol=1e-6)
 
 
 def test_decode_step_of_the_window_reads_only_the_last_w_entries():
-    x = recurrent_inputs(bench08.WINDOW + 40, "cpu", torch.float64)
+    window = catalogue.get("sliding_window").cache_window
+    x = phases.phase_inputs("sliding_window", window + 40, dtype=F64)
     changed = {**x, "k": x["k"].clone()}
     changed["k"][:, :, :40] += 5.0  # keys older than the window
-    torch.testing.assert_close(bench08.decode_step("window", changed)(), bench08.decode_step("window", x)())
-    assert not torch.allclose(bench08.decode_step("sdpa", changed)(), bench08.decode_step("sdpa", x)())
+    same = [phases.decode_step("sliding_window", y)()[0] for y in (changed, x)]
+    torch.testing.assert_close(*same)
+    moved = [phases.decode_step("sdpa", y)()[0] for y in (changed, x)]
+    assert not torch.allclose(*moved)
 
 
-def test_recurrent_decode_step_returns_the_state_after_the_token():
-    x = recurrent_inputs(90, "cpu", torch.float64)
-    for name in bench08.RECURRENT_METHODS:
-        _, state = bench08.decode_step(name, x, 90)()
-        _, expected = RECURRENT_REFERENCE[name](x, output_final_state=True)
-        for got, want in zip(*(s if isinstance(s, tuple) else (s,) for s in (state, expected))):
-            torch.testing.assert_close(got, want.to(got.dtype), atol=1e-8, rtol=1e-6)
+@pytest.mark.parametrize(
+    "mechanism", [m for m in catalogue.mechanisms(has="decode") if m.decode == "state"], ids=IDS
+)
+def test_recurrent_decode_step_returns_the_state_after_the_token(mechanism):
+    # TTT: the first T - 1 tokens end on a mini-batch edge (see the test above)
+    T = 2 * mechanism.options["mini_batch_size"] + 1 if "mini_batch_size" in mechanism.options else 90
+    x = phases.phase_inputs(mechanism, T, dtype=F64)
+    _, state = phases.decode_step(mechanism, x, T)()
+    _, expected = mechanism.run(x, form="recurrent", output_final_state=True)
+    for got, want in zip(*(s if isinstance(s, tuple) else (s,) for s in (state, expected)), strict=True):
+        torch.testing.assert_close(got, want.to(got.dtype), atol=1e-8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(bench08.ALL_METHODS))
-def test_train_step_gives_the_gradients_of_autograd_on_the_reference(name):
-    x = recurrent_inputs(40, "cpu", torch.float64)
-    grads = bench08.train_step(name, x)()
-    assert len(grads) == len(bench08.TRAIN_INPUTS[name])
+@pytest.mark.parametrize("mechanism", phases.mechanisms(), ids=IDS)
+def test_train_step_gives_the_gradients_of_autograd_on_the_reference(mechanism):
+    x = phases.phase_inputs(mechanism, 40, dtype=F64)
+    grads = phases.train_step(mechanism, x)()
+    assert len(grads) == len(mechanism.trainable)
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     # the same loss through an independent reference of the forward pass
-    leaves = {k: x[k].detach().clone().requires_grad_(True) for k in bench08.TRAIN_INPUTS[name]}
-    inputs = {**x, **leaves}
-    if name in bench08.SOFTMAX_METHODS:
-        T = x["q"].shape[2]
-        window = bench08.WINDOW if name == "window" else T
-        mask = torch.ones(T, T, dtype=torch.bool).tril() & ~torch.ones(T, T, dtype=torch.bool).tril(-window)
-        output = attention(inputs["q"], inputs["k"], inputs["v"], mask)
-    else:
-        output = RECURRENT_REFERENCE[name](inputs)
-    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(2)).to(output)
-    expected = torch.autograd.grad(output, list(leaves.values()), grad_output)
-    for got, want in zip(grads, expected):
+    leaves = {k: x[k].detach().clone().requires_grad_(True) for k in mechanism.trainable}
+    out = output(independent_forward(mechanism, {**x, **leaves}))
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+    expected = torch.autograd.grad(out, list(leaves.values()), grad_output)
+    for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6)
 
 
@@ -288,14 +361,14 @@ def test_complexity_model_has_the_textbook_exponents():
         values = [bench08.complexity(name, phase, T)[key] for T in (1024, 4096)]
         return math.log(values[1] / values[0]) / math.log(4)
 
-    assert slope("naive", "prefill", "flops") == pytest.approx(2.0)
-    assert slope("naive", "prefill", "bytes") > 1.8  # the T x T weights dominate
-    assert 1.0 < slope("flash", "prefill", "bytes") < 1.8  # K, V re-read once per query block
-    for name in ("window", "linear", "gla", "delta_rule", "ssd"):
+    assert slope("attention", "prefill", "flops") == pytest.approx(2.0)
+    assert slope("attention", "prefill", "bytes") > 1.8  # the T x T weights dominate
+    assert 1.0 < slope("flash_attention", "prefill", "bytes") < 1.8  # K, V re-read once per query block
+    for name in ("sliding_window", "linear_attention", "gla", "deltanet", "mamba2"):
         assert slope(name, "prefill", "flops") == pytest.approx(1.0)
-    for name in ("naive", "sdpa", "flash"):
+    for name in ("attention", "sdpa", "flash_attention"):
         assert slope(name, "decode", "bytes") == pytest.approx(1.0, abs=0.02)  # the KV cache is read
-    for name in ("window", "linear", "gla", "delta_rule", "ssd"):
+    for name in ("sliding_window", "linear_attention", "gla", "deltanet", "mamba2"):
         assert slope(name, "decode", "flops") == 0.0  # a window or a state: O(1) in T
     H, D = 4, 64
     assert bench08.complexity("sdpa", "decode", 100)["flops"] == 4 * H * 100 * D
@@ -309,44 +382,48 @@ def test_complexity_model_has_the_textbook_exponents():
         bench08.complexity("flashy", "decode", 64)
     with pytest.raises(ValueError, match="T"):
         bench08.complexity("sdpa", "decode", 0)
+    assert bench08.complexity("ttt_mlp", "prefill", 64) is None  # the entry declares no cost model
+    g = catalogue.Geometry(batch=1, heads=2, head_dim=32)
+    assert bench08.complexity("gla", "prefill", 96, heads=2, head_dim=32) == catalogue.get("gla").cost(
+        "prefill", 96, g
+    )
 
 
 def test_phase_builders_run_end_to_end_and_report(tmp_path, capsys):
-    for suite in ("all_train", "all_decode", "all"):
-        bench_main([suite, "--lengths", "32", "48", "--min-run-time", "0.01", "--no-progress"])
-    printed = capsys.readouterr().out
-    for title in ("train: causal forward + backward", "prefill: causal forward", "decode: one step"):
-        assert title in printed
-    assert "complexity model vs measurement" in printed and "delta_rule/sdpa" in printed
+    # One short run of every mechanism in every phase that applies (the separate phase suites are
+    # the same builders: see test_all_suite_has_every_mechanism_in_every_phase_that_applies).
     path = tmp_path / "all.json"
-    results = bench_main(
-        [
-            "all",
-            "--lengths",
-            "32",
-            "--min-run-time",
-            "0.01",
-            "--no-progress",
-            "--json",
-            str(path),
-            "--plot",
-            str(tmp_path / "all.png"),
-        ]
-    )
-    assert {r.method for r in results} == {f"{p}:{m}" for p in bench08.PHASES for m in bench08.ALL_METHODS}
+    arguments = ["all", "--lengths", "32", "--min-run-time", "0.01", "--no-progress", "--json", str(path)]
+    results = bench_main([*arguments, "--plot", str(tmp_path / "all.png")])
+    printed = capsys.readouterr().out
+    for title in ("train: forward + backward", "prefill: forward", "decode: one step"):
+        assert title in printed
+    assert "cost model vs measurement" in printed and "T=32 ms (x sdpa)" in printed
+    assert "n/a  efficient_attention: not causal" in printed
+    assert "n/a  block_sparse: declares no decoding" in printed
+    assert "not causal (each query sees the whole sequence): lsh, efficient_attention, linformer" in printed
+    assert "no model" in printed  # e.g. NSA declares no cost model
+    assert {r.method for r in results} == {m for p in bench08.PHASES for m in phases.phase_methods(p)}
+    assert all(r.extra["mechanism"] == bench08.mechanism_of(r) for r in results)
     stored = w08.load_results(path)
     assert [r.method for r in stored] == [r.method for r in results] and stored[0].extra["flops"] > 0
     assert (tmp_path / "all.png").stat().st_size > 0
 
 
 def test_phase_builders_bad_input():
-    x = recurrent_inputs(16, "cpu", torch.float32)
+    x = phases.phase_inputs("sdpa", 16)
     with pytest.raises(ValueError, match="name"):
         bench08.decode_step("mamba", x)
     with pytest.raises(ValueError, match="T"):
         bench08.decode_step("sdpa", x, 17)
     with pytest.raises(ValueError, match="name"):
         bench08.train_step("mamba", x)
+    with pytest.raises(ValueError, match="name='efficient_attention' has no decode phase: not causal"):
+        bench08.decode_step("efficient_attention", x)
+    with pytest.raises(ValueError, match="name='mla' has no functional form"):
+        phases.prefill_step("mla", x)
+    with pytest.raises(ValueError, match="phase"):
+        phases.not_applicable("gla", "finetune")
     with pytest.raises(ValueError, match="phase"):
         bench08.phase_methods("finetune")
 
@@ -392,14 +469,14 @@ def test_recall_tasks_grow_their_pairs_with_the_length():
 
 def test_relative_to_divides_by_the_reference_at_one_length_and_phase():
     rows = [
-        Measurement("train:naive", 512, 0.40, 400),
+        Measurement("train:attention", 512, 0.40, 400),
         Measurement("train:sdpa", 512, 0.10, 20),
         Measurement("train:sdpa", 1024, 9.0, 9),  # another length: ignored
-        Measurement("prefill:naive", 512, 1.0, 1),  # another phase: ignored
+        Measurement("prefill:attention", 512, 1.0, 1),  # another phase: ignored
     ]
-    assert bench08.relative_to(rows, "train", 512) == {"naive": 1.0, "sdpa": 4.0}
-    assert bench08.relative_to(rows, "train", 512, metric="memory") == {"naive": 1.0, "sdpa": 0.05}
-    assert bench08.relative_to(rows, "train", 512, reference="sdpa") == {"naive": 0.25, "sdpa": 1.0}
+    assert bench08.relative_to(rows, "train", 512) == {"attention": 1.0, "sdpa": 4.0}
+    assert bench08.relative_to(rows, "train", 512, metric="memory") == {"attention": 1.0, "sdpa": 0.05}
+    assert bench08.relative_to(rows, "train", 512, reference="sdpa") == {"attention": 0.25, "sdpa": 1.0}
     with pytest.raises(ValueError, match="reference"):
         bench08.relative_to(rows, "train", 2048)
     with pytest.raises(ValueError, match="metric"):

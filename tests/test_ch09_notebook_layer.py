@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from course_lib import bench
-from course_lib.measure import Measurement, SuiteUnavailable
 from course_lib.benchmarks.ch09 import FAMILIES, kernels_suite, kernels_table, match_accelerator
 from course_lib.hardware import ACCELERATORS
+from course_lib.measure import Measurement, SuiteUnavailable
 from course_lib.widgets import ch09
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -136,7 +136,10 @@ def test_a_model_is_built_by_name_in_a_fresh_interpreter():
     import subprocess
     import sys
 
-    code = "from course_lib.models import ModelConfig; print(ModelConfig(vocab_size=5, attention='gla').attention)"
+    code = (
+        "from course_lib.models import ModelConfig; "
+        "print(ModelConfig(vocab_size=5, attention='gla').attention)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "gla"
 

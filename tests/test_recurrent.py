@@ -1,10 +1,14 @@
 """Tests for course_lib.recurrent: every method's chunk form against its recurrent form, identities
-between methods, dense float64 references written here, gradients, extremes and bad input."""
+between methods, dense float64 references written here, gradients, extremes and bad input.
+
+The contract tests iterate the catalogue's recurrent entries (``catalogue.mechanisms(has="recurrent")``)
+on their own seeded inputs at a small geometry, so a new recurrence is checked without editing this
+file; the tests of one mechanism (TTT's mini-batches, mLSTM's extremes, ...) follow them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from course_lib import catalogue
+from course_lib.catalogue import Geometry, Mechanism
 from course_lib.recurrent import (
     chunk_gated_scan,
     delta_rule,
@@ -34,16 +40,44 @@ F64 = torch.float64
 TIGHT = {"rtol": 1e-9, "atol": 1e-10}
 
 
-# --- one description per method: how to draw inputs, a state, and call it --------------------
+# --- the methods: every recurrent entry of the catalogue, plus TTT's mini-batch variant ---------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Method:
+    """One case of the contract tests: a catalogue entry and the options fixed for the case."""
+
     name: str
-    make_inputs: Callable  # (B, H, T, D_k, D_v, dtype, generator) -> dict of tensors
-    make_state: Callable  # (B, H, D_k, D_v, dtype, generator) -> state
-    call: Callable  # (inputs, **options) -> output(s)
+    mechanism: Mechanism
+    options: dict = field(default_factory=dict)
     chunk_multiple: int = 1  # chunk sizes are multiplied by this (TTT: the mini-batch size)
+
+    def call(self, inputs, **options):
+        return self.mechanism.run(inputs, **{**self.options, **options})
+
+
+def _case(mechanism: Mechanism) -> Method:
+    if "mini_batch_size" in mechanism.options:
+        # TTT: mini-batches of 3 (chunks are whole mini-batches), so a short sequence holds several.
+        return Method(mechanism.name, mechanism, {"mini_batch_size": 3, "chunk_size": 12}, chunk_multiple=3)
+    return Method(mechanism.name, mechanism)
+
+
+METHODS = [_case(m) for m in catalogue.mechanisms(has="recurrent")] + [
+    Method("ttt_linear_mb1", catalogue.get("ttt_linear"), {"mini_batch_size": 1})  # TTT-Linear = delta rule
+]
+METHOD_IDS = [m.name for m in METHODS]
+BY_NAME = {m.name: m for m in METHODS}
+
+
+def takes(method, argument: str) -> inspect.Parameter | None:
+    """The parameter ``argument`` of the entry's function (for Performer: its feature map, whose
+    ``scale`` the catalogue's call passes on to linear attention), or None when it has none."""
+    return inspect.signature(method.mechanism.function).parameters.get(argument)
+
+
+# TTT-MLP's function requires its starting weights (the catalogue's call seeds them): no zero state.
+STARTS_FROM_ZEROS = [m for m in METHODS if m.mechanism.name != "ttt_mlp"]
 
 
 def randn(*shape, dtype=F64, generator=None):
@@ -66,117 +100,20 @@ def qkv(B, H, T, dk, dv, dtype, gen, normalize_k=False):
     return {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype)}
 
 
-def matrix_state(B, H, dk, dv, dtype, gen):
-    return randn(B, H, dk, dv, generator=gen).to(dtype)
-
-
-def mlstm_state(B, H, dk, dv, dtype, gen):
-    return (
-        randn(B, H, dk, dv, generator=gen).to(dtype),
-        randn(B, H, dk, generator=gen).to(dtype),
-        randn(B, H, generator=gen).to(dtype),
-    )
-
-
-def ssd_inputs(B, H, T, dk, dv, dtype, gen):
-    return {
-        "x": randn(B, H, T, dv, generator=gen).to(dtype),
-        "dt": F.softplus(randn(B, H, T, generator=gen) - 1).to(dtype),
-        "A": -(torch.rand(H, dtype=F64, generator=gen) + 0.2).to(dtype),
-        "B": randn(B, H, T, dk, generator=gen).to(dtype),
-        "C": randn(B, H, T, dk, generator=gen).to(dtype),
-    }
-
-
-METHODS = [
-    Method(
-        "retention",
-        lambda B, H, T, dk, dv, dtype, gen: {
-            **qkv(B, H, T, dk, dv, dtype, gen),
-            "g": torch.log(retnet_gammas(H) - 0.2).to(dtype),
-        },
-        matrix_state,
-        lambda x, **o: retention(x["q"], x["k"], x["v"], x["g"], **o),
-    ),
-    Method(
-        "gla",
-        lambda B, H, T, dk, dv, dtype, gen: {
-            **qkv(B, H, T, dk, dv, dtype, gen),
-            "g": log_gate(B, H, T, dk, dtype=dtype, generator=gen),
-        },
-        matrix_state,
-        lambda x, **o: gla(x["q"], x["k"], x["v"], x["g"], **o),
-    ),
-    Method("ssd", ssd_inputs, matrix_state, lambda x, **o: ssd(x["x"], x["dt"], x["A"], x["B"], x["C"], **o)),
-    Method(
-        "mlstm",
-        lambda B, H, T, dk, dv, dtype, gen: {
-            **qkv(B, H, T, dk, dv, dtype, gen),
-            "i": (2 * randn(B, H, T, generator=gen)).to(dtype),
-            "f": log_gate(B, H, T, dtype=dtype, generator=gen),
-        },
-        mlstm_state,
-        lambda x, **o: mlstm(x["q"], x["k"], x["v"], x["i"], x["f"], **o),
-    ),
-    Method(
-        "delta_rule",
-        lambda B, H, T, dk, dv, dtype, gen: {
-            **qkv(B, H, T, dk, dv, dtype, gen, normalize_k=True),
-            "beta": torch.rand(B, H, T, dtype=F64, generator=gen).to(dtype),
-        },
-        matrix_state,
-        lambda x, **o: delta_rule(x["q"], x["k"], x["v"], x["beta"], **o),
-    ),
-    Method(
-        "gated_delta_rule",
-        lambda B, H, T, dk, dv, dtype, gen: {
-            **qkv(B, H, T, dk, dv, dtype, gen, normalize_k=True),
-            "g": log_gate(B, H, T, dtype=dtype, generator=gen),
-            "beta": torch.rand(B, H, T, dtype=F64, generator=gen).to(dtype),
-        },
-        matrix_state,
-        lambda x, **o: gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **o),
-    ),
-    Method(
-        "ttt_linear_mb1",
-        lambda B, H, T, dk, dv, dtype, gen: {
-            **qkv(B, H, T, dk, dv, dtype, gen, normalize_k=True),
-            "lr": torch.rand(B, H, T, dtype=F64, generator=gen).to(dtype),
-        },
-        matrix_state,
-        lambda x, **o: ttt_linear(x["q"], x["k"], x["v"], x["lr"], mini_batch_size=1, **o),
-    ),
-    Method(
-        "ttt_linear_mb3",
-        lambda B, H, T, dk, dv, dtype, gen: {
-            **qkv(B, H, T, dk, dv, dtype, gen, normalize_k=True),
-            "lr": torch.rand(B, H, T, dtype=F64, generator=gen).to(dtype),
-        },
-        matrix_state,
-        lambda x, **o: ttt_linear(
-            x["q"], x["k"], x["v"], x["lr"], mini_batch_size=3, **{"chunk_size": 12, **o}
-        ),
-        chunk_multiple=3,
-    ),
-    Method(
-        "rwkv6",
-        lambda B, H, T, dk, dv, dtype, gen: {
-            **qkv(B, H, T, dk, dv, dtype, gen),
-            "g": log_gate(B, H, T, dk, dtype=dtype, generator=gen),
-            "u": randn(H, dk, generator=gen).to(dtype),
-        },
-        matrix_state,
-        lambda x, **o: rwkv6(x["q"], x["k"], x["v"], x["g"], x["u"], **o),
-    ),
-]
-METHOD_IDS = [m.name for m in METHODS]
-
-
 def draw(method, B=2, H=2, T=11, dk=3, dv=4, dtype=F64, seed=0, with_state=True):
-    gen = torch.Generator().manual_seed(seed)
-    inputs = method.make_inputs(B, H, T, dk, dv, dtype, gen)
-    state = method.make_state(B, H, dk, dv, dtype, gen) if with_state else None
-    return inputs, state
+    """The entry's seeded inputs at a small geometry, and a random initial state of its shape."""
+    geometry = Geometry(batch=B, heads=H, head_dim=dk, value_dim=dv, kv_heads=1)
+    inputs = method.mechanism.make_inputs(T, geometry, dtype=dtype, seed=seed)
+    if not with_state:
+        return inputs, None
+    probe = method.mechanism.make_inputs(1, geometry, dtype=F64, seed=seed)
+    _, shape_of = method.call(probe, output_final_state=True)  # the state's structure and shapes
+    gen = torch.Generator().manual_seed(seed + 1)
+    parts = [
+        randn(*s.shape, generator=gen).to(dtype)
+        for s in (shape_of if isinstance(shape_of, tuple) else (shape_of,))
+    ]
+    return inputs, tuple(parts) if isinstance(shape_of, tuple) else parts[0]
 
 
 def flat(result):
@@ -231,8 +168,8 @@ def test_state_continuation(method, form):
     options = {"form": form, "chunk_size": 4 * method.chunk_multiple, "output_final_state": True}
     whole = method.call(inputs, initial_state=state, **options)
     split = 6 if method.chunk_multiple > 1 else 5  # TTT: split on a mini-batch edge
-    first = {name: (x[:, :, :split] if x.dim() >= 3 else x) for name, x in inputs.items()}
-    second = {name: (x[:, :, split:] if x.dim() >= 3 else x) for name, x in inputs.items()}
+    first = method.mechanism.tokens(inputs, 0, split)
+    second = method.mechanism.tokens(inputs, split, 14)
     o_first, middle = method.call(first, initial_state=state, **options)
     o_second, final = method.call(second, initial_state=middle, **options)
     assert_all_close((torch.cat([o_first, o_second], dim=2), final), whole, **TIGHT)
@@ -244,13 +181,14 @@ def test_batch_invariance(method):
     inputs, _ = draw(method, B=3, T=9)
     together = method.call(inputs, chunk_size=4 * method.chunk_multiple)
     for b in range(3):
-        alone = {name: (x[b : b + 1] if x.dim() >= 3 else x) for name, x in inputs.items()}
+        static = method.mechanism.static_inputs
+        alone = {name: (x if name in static else x[b : b + 1]) for name, x in inputs.items()}
         torch.testing.assert_close(
             method.call(alone, chunk_size=4 * method.chunk_multiple), together[b : b + 1]
         )
 
 
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("method", STARTS_FROM_ZEROS, ids=lambda m: m.name)
 def test_no_initial_state_means_zero_state(method):
     inputs, state = draw(method, T=7)
     zero = tuple(torch.zeros_like(s) for s in state) if isinstance(state, tuple) else torch.zeros_like(state)
@@ -298,25 +236,22 @@ def test_gradcheck_chunk_form(method):
     inputs, state = draw(method, B=1, H=1, T=5, dk=2, dv=2)
     names = [name for name, x in inputs.items() if name not in ("beta", "lr", "dt", "A")]
     states = state if isinstance(state, tuple) else (state,)
+    mlstm = method.mechanism.name == "mlstm"
+    differentiated = 2 if mlstm else len(states)  # mLSTM's stabiliser m is carried, not differentiated
 
     def function(*tensors):
         x = dict(inputs, **dict(zip(names, tensors[: len(names)], strict=True)))
-        initial = (tensors[-2], tensors[-1], states[2]) if isinstance(state, tuple) else tensors[-1]
+        parts = [*tensors[len(names) :], *states[differentiated:]]
+        initial = tuple(parts) if isinstance(state, tuple) else parts[0]
         o, final = method.call(
             x, chunk_size=2 * method.chunk_multiple, initial_state=initial, output_final_state=True
         )
-        if isinstance(
-            final, tuple
-        ):  # mLSTM: check the true memory exp(m) C~, which m's detaching keeps exact
+        if mlstm:  # check the true memory exp(m) C~, which m's detaching keeps exact
             return o, final[0] * final[2].exp()[..., None, None], final[1] * final[2].exp()[..., None]
-        return o, final
+        return (o, *final) if isinstance(final, tuple) else (o, final)
 
     leaves = [inputs[name].clone().requires_grad_() for name in names]
-    leaves += (
-        [s.clone().requires_grad_() for s in states[:2]]
-        if isinstance(state, tuple)
-        else [state.clone().requires_grad_()]
-    )
+    leaves += [s.clone().requires_grad_() for s in states[:differentiated]]
     assert torch.autograd.gradcheck(function, leaves, fast_mode=True)
 
 
@@ -357,14 +292,14 @@ def dense_gla(q, k, v, g, scale):
 
 
 def test_gla_matches_dense_reference():
-    inputs, _ = draw(METHODS[1], T=9)
+    inputs, _ = draw(BY_NAME["gla"], T=9)
     expected = dense_gla(inputs["q"], inputs["k"], inputs["v"], inputs["g"], 3**-0.5)
     for form in ("recurrent", "chunk"):
         torch.testing.assert_close(gla(**inputs, form=form, chunk_size=4), expected, **TIGHT)
 
 
 def test_gla_zero_gate_is_causal_linear_attention():
-    inputs, _ = draw(METHODS[1], T=10)
+    inputs, _ = draw(BY_NAME["gla"], T=10)
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     scores = (q @ k.transpose(-1, -2)) * 0.5 * torch.ones(10, 10, dtype=torch.bool).tril()
     torch.testing.assert_close(
@@ -373,7 +308,7 @@ def test_gla_zero_gate_is_causal_linear_attention():
 
 
 def test_retention_equals_gla_with_broadcast_gate():
-    inputs, _ = draw(METHODS[0], T=10)
+    inputs, _ = draw(BY_NAME["retnet"], T=10)
     B, H, T, D = inputs["q"].shape
     broadcast = inputs["g"][None, :, None, None].expand(B, H, T, D)
     torch.testing.assert_close(
@@ -390,7 +325,7 @@ def test_retention_parallel_form_and_decay_matrix():
     torch.testing.assert_close(D[0, 3], torch.tensor([0.125, 0.25, 0.5, 1.0], dtype=F64))
     torch.testing.assert_close(D[1, 2, :3], torch.tensor([0.81, 0.9, 1.0], dtype=F64))
     assert D[1, 0, 1] == 0 and D[0, 1, 3] == 0
-    inputs, state = draw(METHODS[0], T=8)
+    inputs, state = draw(BY_NAME["retnet"], T=8)
     expected = retention(**inputs, form="recurrent", initial_state=state, output_final_state=True)
     assert_all_close(
         retention(**inputs, form="parallel", initial_state=state, output_final_state=True), expected, **TIGHT
@@ -406,7 +341,7 @@ def test_retnet_gammas_match_the_paper():
 
 def test_ssd_is_scalar_gated_linear_attention():
     """q = C, k = B, v = dt * x, g = A * dt (broadcast over the key dim), scale = 1."""
-    x = draw(METHODS[2], T=10)[0]
+    x = draw(BY_NAME["mamba2"], T=10)[0]
     N = x["B"].shape[-1]
     g = (x["A"][None, :, None] * x["dt"])[..., None].expand(-1, -1, -1, N)
     expected = gla(x["C"], x["B"], x["dt"][..., None] * x["x"], g, scale=1.0, form="recurrent")
@@ -415,7 +350,7 @@ def test_ssd_is_scalar_gated_linear_attention():
 
 
 def test_ssd_parallel_with_state():
-    x, state = draw(METHODS[2], T=9)
+    x, state = draw(BY_NAME["mamba2"], T=9)
     expected = ssd(**x, form="recurrent", initial_state=state, output_final_state=True)
     assert_all_close(
         ssd(**x, form="parallel", initial_state=state, output_final_state=True), expected, **TIGHT
@@ -447,13 +382,13 @@ def unstabilised_mlstm(q, k, v, i, f, scale):
 
 @pytest.mark.parametrize("form", ["recurrent", "chunk"])
 def test_mlstm_stabiliser_cancels_exactly(form):
-    inputs, _ = draw(METHODS[3], T=12)
+    inputs, _ = draw(BY_NAME["mlstm"], T=12)
     expected = unstabilised_mlstm(**inputs, scale=3**-0.5)
     torch.testing.assert_close(mlstm(**inputs, form=form, chunk_size=5), expected, **TIGHT)
 
 
 def test_gated_delta_rule_with_zero_gate_is_delta_rule():
-    inputs, state = draw(METHODS[5], T=10)
+    inputs, state = draw(BY_NAME["gated_deltanet"], T=10)
     without_gate = {name: x for name, x in inputs.items() if name != "g"}
     for form in ("recurrent", "chunk"):
         a = gated_delta_rule(**dict(inputs, g=torch.zeros_like(inputs["g"])), form=form, initial_state=state)
@@ -464,7 +399,7 @@ def test_gated_delta_rule_with_zero_gate_is_delta_rule():
 
 @pytest.mark.parametrize("form", ["recurrent", "chunk"])
 def test_beta_zero_leaves_the_state_unchanged(form):
-    inputs, state = draw(METHODS[4], T=6)
+    inputs, state = draw(BY_NAME["deltanet"], T=6)
     o, final = delta_rule(
         **dict(inputs, beta=torch.zeros_like(inputs["beta"])),
         form=form,
@@ -486,7 +421,7 @@ def test_delta_rule_overwrites_where_linear_attention_adds():
 
 
 def test_ttt_mini_batch_one_is_the_delta_rule():
-    inputs, state = draw(METHODS[6], T=11)
+    inputs, state = draw(BY_NAME["ttt_linear_mb1"], T=11)
     beta = inputs["lr"]
     expected = delta_rule(inputs["q"], inputs["k"], inputs["v"], beta, form="recurrent", initial_state=state)
     for form in ("recurrent", "chunk"):
@@ -497,7 +432,7 @@ def test_ttt_mini_batch_one_is_the_delta_rule():
 
 def test_ttt_one_mini_batch_matches_the_dual_form():
     """With one mini-batch every gradient is taken at W0: O = Q W0 - tril(Q K^T) diag(lr) (K W0 - V)."""
-    inputs, W0 = draw(METHODS[6], T=6)
+    inputs, W0 = draw(BY_NAME["ttt_linear_mb1"], T=6)
     q, k, v, lr = (inputs[name] for name in ("q", "k", "v", "lr"))
     scaled = q * 3**-0.5
     tril = torch.ones(6, 6, dtype=torch.bool).tril()
@@ -592,8 +527,8 @@ def test_ttt_mlp_bad_input():
 
 def test_rwkv6_matches_the_paper_formula():
     """wkv_t = diag(u) k_t v_t^T + sum_{i<t} diag(prod_{j=i+1}^{t-1} w_j) k_i v_i^T, read with r_t."""
-    x, _ = draw(METHODS[-1], T=8)
-    r, k, v, w, u = x["q"], x["k"], x["v"], x["g"], x["u"]
+    x, _ = draw(BY_NAME["rwkv6"], T=8)
+    r, k, v, w, u = x["q"], x["k"], x["v"], x["w"], x["u"]
     expected = torch.zeros_like(v)
     for t in range(8):
         wkv = u[None, :, :, None] * k[:, :, t, :, None] * v[:, :, t, None, :]
@@ -608,8 +543,8 @@ def test_rwkv6_matches_the_paper_formula():
 
 
 def test_rwkv6_without_decay_and_unit_bonus_is_linear_attention():
-    x, _ = draw(METHODS[-1], T=9)
-    g = torch.zeros_like(x["g"])
+    x, _ = draw(BY_NAME["rwkv6"], T=9)
+    g = torch.zeros_like(x["w"])
     expected = gla(x["q"], x["k"], x["v"], g, form="recurrent")
     torch.testing.assert_close(
         rwkv6(x["q"], x["k"], x["v"], g, torch.ones_like(x["u"]), chunk_size=4), expected, **TIGHT
@@ -624,7 +559,7 @@ def test_rwkv6_without_decay_and_unit_bonus_is_linear_attention():
     chunk_size=st.integers(1, 24),
     dk=st.integers(1, 4),
     dv=st.integers(1, 4),
-    which=st.sampled_from(["gla", "delta_rule", "mlstm", "ssd", "rwkv6"]),
+    which=st.sampled_from(["gla", "deltanet", "mlstm", "mamba2", "rwkv6"]),
     seed=st.integers(0, 2**16),
 )
 def test_property_chunk_matches_recurrent(T, chunk_size, dk, dv, which, seed):
@@ -640,7 +575,7 @@ def test_property_chunk_matches_recurrent(T, chunk_size, dk, dv, which, seed):
 
 def test_strong_forgetting_keeps_only_the_current_token():
     """Log gates of -1000 forget everything at once: each output is scale (q_t . k_t) v_t (float32)."""
-    inputs, _ = draw(METHODS[1], T=40, dtype=torch.float32)
+    inputs, _ = draw(BY_NAME["gla"], T=40, dtype=torch.float32)
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     only_current = 3**-0.5 * (q * k).sum(-1, keepdim=True) * v
     strong = torch.full_like(inputs["g"], -1000.0)
@@ -654,7 +589,7 @@ def test_strong_forgetting_keeps_only_the_current_token():
         beta = torch.ones(*q.shape[:3])
         gated = gated_delta_rule(q, k, v, strong[..., 0], beta, form=form, chunk_size=16)
         torch.testing.assert_close(gated, only_current, rtol=1e-4, atol=1e-5)
-    x = draw(METHODS[2], T=40, dtype=torch.float32)[0]
+    x = draw(BY_NAME["mamba2"], T=40, dtype=torch.float32)[0]
     A = torch.full_like(x["A"], -1e4)
     expected = (x["C"] * x["B"]).sum(-1, keepdim=True) * x["dt"][..., None] * x["x"]
     torch.testing.assert_close(ssd(**dict(x, A=A), chunk_size=16), expected, rtol=1e-4, atol=1e-5)
@@ -662,7 +597,7 @@ def test_strong_forgetting_keeps_only_the_current_token():
 
 def test_gla_mixed_extreme_gates_are_finite():
     """Some dimensions forget at -50 per step while others remember: nothing may overflow."""
-    inputs, _ = draw(METHODS[1], T=64, dtype=torch.float32)
+    inputs, _ = draw(BY_NAME["gla"], T=64, dtype=torch.float32)
     g = inputs["g"].clone()
     g[..., 0] = -50.0
     o = gla(**dict(inputs, g=g), chunk_size=64)
@@ -674,7 +609,7 @@ def test_gla_mixed_extreme_gates_are_finite():
 @pytest.mark.parametrize("form", ["recurrent", "chunk"])
 def test_mlstm_huge_input_gate(form):
     """i = 500 overflows exp in any dtype; with full forgetting o_t = sign(q_t . k_t) v_t exactly."""
-    inputs, _ = draw(METHODS[3], T=20, dtype=torch.float32)
+    inputs, _ = draw(BY_NAME["mlstm"], T=20, dtype=torch.float32)
     i = torch.full_like(inputs["i"], 500.0)
     f = torch.full_like(inputs["f"], -1000.0)
     o = mlstm(**dict(inputs, i=i, f=f), form=form, chunk_size=8)
@@ -709,30 +644,30 @@ def _base(name):
 
 
 BAD_INPUTS = [
-    ("retention", {"g": torch.tensor([0.1, -0.1])}, ValueError, "g"),
-    ("retention", {"g": torch.zeros(3)}, ValueError, "g"),
-    ("retention", {"k": torch.zeros(2, 2, 5, 3)}, ValueError, "k"),
+    ("retnet", {"g": torch.tensor([0.1, -0.1])}, ValueError, "g"),
+    ("retnet", {"g": torch.zeros(3)}, ValueError, "g"),
+    ("retnet", {"k": torch.zeros(2, 2, 5, 3)}, ValueError, "k"),
     ("gla", {"g": torch.zeros(2, 2, 6, 2)}, ValueError, "g"),
     ("gla", {"g": torch.full((2, 2, 6, 3), 0.5)}, ValueError, "g"),
     ("gla", {"v": torch.zeros(2, 3, 6, 4)}, ValueError, "v"),
     ("gla", {"q": torch.zeros(2, 2, 6, 3, dtype=torch.long)}, TypeError, "q"),
-    ("ssd", {"A": torch.tensor([-0.5, 0.0])}, ValueError, "A"),
-    ("ssd", {"A": torch.tensor([-0.5])}, ValueError, "A"),
-    ("ssd", {"dt": torch.full((2, 2, 6), -0.1)}, ValueError, "dt"),
-    ("ssd", {"dt": torch.ones(2, 2, 5)}, ValueError, "dt"),
-    ("ssd", {"C": torch.zeros(2, 2, 6, 2)}, ValueError, "C"),
-    ("ssd", {"B": torch.zeros(2, 2, 7, 3)}, ValueError, "B"),
+    ("mamba2", {"A": torch.tensor([-0.5, 0.0])}, ValueError, "A"),
+    ("mamba2", {"A": torch.tensor([-0.5])}, ValueError, "A"),
+    ("mamba2", {"dt": torch.full((2, 2, 6), -0.1)}, ValueError, "dt"),
+    ("mamba2", {"dt": torch.ones(2, 2, 5)}, ValueError, "dt"),
+    ("mamba2", {"C": torch.zeros(2, 2, 6, 2)}, ValueError, "C"),
+    ("mamba2", {"B": torch.zeros(2, 2, 7, 3)}, ValueError, "B"),
     ("mlstm", {"f": torch.full((2, 2, 6), 0.1)}, ValueError, "f"),
     ("mlstm", {"i": torch.zeros(2, 2, 6, 1)}, ValueError, "i"),
     ("mlstm", {"i": torch.full((2, 2, 6), float("inf"))}, ValueError, "i"),
-    ("delta_rule", {"beta": torch.full((2, 2, 6), 1.5)}, ValueError, "beta"),
-    ("delta_rule", {"beta": torch.full((2, 2, 6), -0.1)}, ValueError, "beta"),
-    ("delta_rule", {"beta": torch.ones(2, 6)}, ValueError, "beta"),
-    ("gated_delta_rule", {"g": torch.full((2, 2, 6), 0.2)}, ValueError, "g"),
-    ("gated_delta_rule", {"beta": torch.full((2, 2, 6), 2.0)}, ValueError, "beta"),
+    ("deltanet", {"beta": torch.full((2, 2, 6), 1.5)}, ValueError, "beta"),
+    ("deltanet", {"beta": torch.full((2, 2, 6), -0.1)}, ValueError, "beta"),
+    ("deltanet", {"beta": torch.ones(2, 6)}, ValueError, "beta"),
+    ("gated_deltanet", {"g": torch.full((2, 2, 6), 0.2)}, ValueError, "g"),
+    ("gated_deltanet", {"beta": torch.full((2, 2, 6), 2.0)}, ValueError, "beta"),
     ("ttt_linear_mb1", {"lr": torch.full((2, 2, 6), -0.1)}, ValueError, "lr"),
     ("ttt_linear_mb1", {"lr": torch.ones(2, 2, 5)}, ValueError, "lr"),
-    ("rwkv6", {"g": torch.full((2, 2, 6, 3), 0.1)}, ValueError, "w"),
+    ("rwkv6", {"w": torch.full((2, 2, 6, 3), 0.1)}, ValueError, "w"),
     ("rwkv6", {"u": torch.zeros(3, 3)}, ValueError, "u"),
     ("rwkv6", {"u": torch.zeros(2, 3, 1)}, ValueError, "u"),
 ]
@@ -761,6 +696,8 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
 @pytest.mark.parametrize("change, error, argument", BAD_OPTIONS, ids=[a for _, _, a in BAD_OPTIONS])
 def test_bad_options(method, change, error, argument):
+    if argument == "chunk_size" and method.mechanism.name == "ttt_mlp":
+        pytest.skip("TTT-MLP has no chunk_size: its chunks are its mini-batches")
     inputs, _ = draw(method, T=6, with_state=False)
     with pytest.raises(error, match=argument):
         method.call(inputs, **change)
@@ -769,12 +706,12 @@ def test_bad_options(method, change, error, argument):
 @pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
 def test_bad_initial_state_shape(method):
     inputs, state = draw(method, T=6)
-    wrong = tuple(s[..., :1] for s in state) if isinstance(state, tuple) else state[:, :, :, :1]
+    wrong = tuple(s[..., :1] for s in state) if isinstance(state, tuple) else state[..., :1]
     with pytest.raises(ValueError, match="initial_state"):
         method.call(inputs, initial_state=wrong)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m.name != "ssd"], ids=lambda m: m.name)
+@pytest.mark.parametrize("method", [m for m in METHODS if takes(m, "scale")], ids=lambda m: m.name)
 def test_bad_scale(method):
     # One rule everywhere: a finite real number (0 and negatives allowed); inf, NaN and bools refused.
     inputs, _ = draw(method, T=4, with_state=False)
@@ -813,18 +750,28 @@ def test_bad_helper_arguments():
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "given-state"])
 @pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
 def test_empty_sequence_gives_an_empty_output_and_keeps_the_state(method, with_state):
+    if not with_state and method not in STARTS_FROM_ZEROS:
+        pytest.skip("TTT-MLP has no zero state: test_ttt_mlp_empty_sequence_keeps_the_weights")
     inputs, state = draw(method, T=0, with_state=with_state)
-    forms = (
-        ("recurrent", "parallel", "chunk") if method.name in ("retention", "ssd") else ("recurrent", "chunk")
-    )
-    for form in forms:
+    one = method.call(draw(method, T=1, with_state=False)[0])
+    empty = (*one.shape[:2], 0, one.shape[3])  # (B, H, 0, D_v); Mamba-1: one head of every channel
+    for form in method.mechanism.forms:
         o, final = method.call(inputs, form=form, initial_state=state, output_final_state=True)
-        assert o.shape == (2, 2, 0, 4) and o.dtype == F64
+        assert o.shape == empty and o.dtype == F64
         expected = state if with_state else tuple(torch.zeros_like(s) for s in flat((o, final))[1:])
         for got, want in zip(flat((o, final))[1:], flat((o, expected))[1:], strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         half = {name: x.half() for name, x in inputs.items()}
-        assert method.call(half, form=form).shape == (2, 2, 0, 4)
+        assert method.call(half, form=form).shape == empty
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "given-state"])
+@pytest.mark.parametrize("name, function", [("retnet", retention), ("mamba2", ssd)])
+def test_empty_sequence_in_the_parallel_form(name, function, with_state):
+    inputs, state = draw(BY_NAME[name], T=0, with_state=with_state)
+    o, final = function(**inputs, form="parallel", initial_state=state, output_final_state=True)
+    assert o.shape == (2, 2, 0, 4) and o.dtype == F64
+    torch.testing.assert_close(final, state if with_state else torch.zeros_like(final), rtol=0, atol=0)
 
 
 def test_ttt_mlp_empty_sequence_keeps_the_weights():

@@ -1,15 +1,17 @@
 """Stored results are read in one place: course_lib.results."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from course_lib import results
+from course_lib import catalogue, results
 from course_lib.measure import Measurement, save_json
 
 
 def test_load_results_reads_what_save_json_wrote(tmp_path):
-    written = [Measurement("prefill:naive", 256, 0.01, 2**20, {"flops": 1.0}), Measurement("x", 8, 0.5, None)]
+    written = [Measurement("prefill:attention", 256, 0.01, 2**20, {"flops": 1.0})]
+    written.append(Measurement("x", 8, 0.5, None))
     path = save_json(written, tmp_path / "r.json", suite="all", shape={"B": 1, "H": 4, "D": 64})
     assert results.load_results(path) == written
     assert results.load_results(str(path)) == written
@@ -39,3 +41,79 @@ def test_bad_input_names_the_argument(tmp_path):
         results.load_results(3)
     with pytest.raises(FileNotFoundError):
         results.load_results(tmp_path / "missing.json")
+
+
+# --- the stored comparison under the catalogue's names -------------------------------------------
+
+BEFORE_RENAMING = Path(__file__).parent / "data" / "all_small_before_catalogue_names.json"
+
+
+def test_stored_comparison_was_renamed_with_every_value_unchanged():
+    # The copy in tests/data is results/all_small.json as measured, before the catalogue's names.
+    before = json.loads(BEFORE_RENAMING.read_text())
+    after = json.loads(
+        (results.RESULTS_DIR / "all_small.json").read_text()
+    )  # the file itself, not migrated on load
+    assert {k: v for k, v in after.items() if k != "results"} == {
+        k: v for k, v in before.items() if k != "results"
+    }
+    assert len(after["results"]) == len(before["results"]) == 120
+    renamed = 0
+    for old, new in zip(before["results"], after["results"], strict=True):
+        phase, mechanism = old["method"].split(":")
+        expected = results.RENAMED.get(mechanism, mechanism)
+        renamed += expected != mechanism
+        assert new["method"] == f"{phase}:{expected}"
+        assert (new["T"], new["seconds"], new["peak_bytes"]) == (old["T"], old["seconds"], old["peak_bytes"])
+        assert new["extra"] == {**old["extra"], "mechanism": expected}
+        assert new["extra"]["mechanism"] in catalogue.names(has="run")
+    assert renamed == 90  # six of the eight mechanisms were renamed, in all 15 of their points
+    # loading the file written before the renaming gives the same measurements as the stored one
+    assert results.load_results(BEFORE_RENAMING) == results.load_results()
+
+
+def test_catalogue_names_renames_only_the_old_names():
+    payload = {
+        "suite": "all",
+        "results": [
+            {
+                "method": "train:naive",
+                "T": 8,
+                "seconds": 1.0,
+                "peak_bytes": 3,
+                "extra": {"mechanism": "naive"},
+            },
+            {"method": "ssd", "T": 8, "seconds": 2.0, "peak_bytes": None, "extra": {}},
+            {"method": "decode:gla", "T": 8, "seconds": 3.0, "peak_bytes": 1, "extra": {"mechanism": "gla"}},
+            {"method": "prefill:naive_v2", "T": 8, "seconds": 4.0, "peak_bytes": 1, "extra": {}},
+        ],
+    }
+    renamed = results.catalogue_names(payload)
+    assert [r["method"] for r in renamed["results"]] == [
+        "train:attention",
+        "mamba2",
+        "decode:gla",
+        "prefill:naive_v2",
+    ]
+    assert renamed["results"][0]["extra"] == {"mechanism": "attention"}
+    assert [r["seconds"] for r in renamed["results"]] == [1.0, 2.0, 3.0, 4.0]
+    assert payload["results"][0]["method"] == "train:naive"  # the input is not changed
+    assert results.catalogue_names(renamed) == renamed
+    assert set(results.RENAMED.values()) <= set(catalogue.names(has="run"))
+
+
+def test_stored_recall_grid_uses_the_catalogues_names():
+    payload = results.load_payload(results.RESULTS_DIR / "recall_grid.json")
+    mixers = {r["method"] for r in payload["results"]}
+    assert mixers == {
+        "attention",
+        "sliding_window",
+        "linear_attention",
+        "retnet",
+        "gla",
+        "mamba2",
+        "deltanet",
+        "gated_deltanet",
+    }
+    assert mixers <= set(catalogue.names(has="mixer"))
+    assert payload == json.loads((results.RESULTS_DIR / "recall_grid.json").read_text())  # nothing renamed

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from course_lib.studies import gates, inputs, phases, recall_grid
+from course_lib import catalogue
+from course_lib.studies import gates, phases, recall_grid
 
 F64 = torch.float64
 
@@ -40,7 +41,7 @@ def explicit_gate_loop(x, delta):
 )
 def test_gate_profile_through_the_runner_equals_the_explicit_loop_exactly(method, decay, spread, beta, steps):
     profile = gates.gate_profile(method, decay, spread, beta, steps)
-    expected = explicit_gate_loop(profile["inputs"], method in ("deltanet", "gated_deltanet"))
+    expected = explicit_gate_loop(profile["inputs"], catalogue.get(method).gates.write == "delta")
     for key, reference in zip(("profile", "state_norm", "final_state"), expected):
         assert torch.equal(profile[key], reference), key  # same operations in the same order: bit for bit
     below = (expected[0] < math.exp(-1)).nonzero()
@@ -71,16 +72,13 @@ def test_old_names_answer_from_their_old_modules_for_one_release():
     from course_lib.benchmarks import ch08 as bench08
     from course_lib.widgets import ch07 as w07
 
-    for name in ("METHODS", "recurrent_inputs", "run_method"):
-        assert getattr(bench07, name) is getattr(inputs, name)
+    for name in ("METHODS", "recurrent_inputs", "run_method"):  # removed: the catalogue feeds each method
+        assert not hasattr(bench07, name)
     for name in (
         "PHASES",
-        "ALL_METHODS",
-        "TRAIN_INPUTS",
-        "SOFTMAX_METHODS",
-        "RECURRENT_METHODS",
+        "ALL_LENGTHS",
+        "DECODE_LENGTHS",
         "FULL_SEQUENCE_MAX_T",
-        "WINDOW",
         "phase_of",
         "mechanism_of",
         "complexity",
@@ -94,6 +92,7 @@ def test_old_names_answer_from_their_old_modules_for_one_release():
     for name in ("RECALL_STEPS", "RECALL_LENGTHS", "RECALL_LR", "RECALL_BATCH", "recall_task"):
         assert getattr(bench08, name) is getattr(recall_grid, name), name
     assert w07.GATE_METHODS is gates.GATE_METHODS and w07.gate_inputs is gates.gate_inputs
+    assert gates.GATE_METHODS == gates.gate_methods() == catalogue.names(has="gates")
 
 
 def test_phase_comparison_draws_one_column_per_phase_present():
@@ -102,7 +101,7 @@ def test_phase_comparison_draws_one_column_per_phase_present():
     results = [
         Measurement(f"{phase}:{name}", T, 1e-3 * T / 256, 2**20 * T // 256)
         for phase in ("prefill", "decode")
-        for name in ("naive", "linear")
+        for name in ("attention", "linear_attention")
         for T in (256, 512)
     ]
     figure = phases.phase_comparison(results)
@@ -290,3 +289,29 @@ def test_the_stored_kv_sharing_study_matches_the_code():
         assert row["parameters"] == model.num_parameters()
         assert row["cache_numbers_per_token"] == kv_sharing.cache_numbers_per_token(model)
         assert 1.0 < row["held_out_loss"] < 3.0
+
+
+def test_what_an_explorer_and_its_figures_both_draw_lives_in_the_studies():
+    # The widgets keep their names (they import them), the figures import the studies directly.
+    from course_lib.studies import (
+        linear_forms,
+        paged_trace,
+        roofline,
+        score_memory,
+        sparse_patterns,
+        tile_walk,
+    )
+    from course_lib.widgets import ch01, ch02, ch03, ch04, ch05, ch06
+
+    moved = {
+        (ch01, score_memory): ("ACCELERATOR_MEMORY_GIB", "DTYPE_BYTES", "score_memory"),
+        (ch02, roofline): ("DTYPES", "plot_roofline"),
+        (ch03, tile_walk): ("tile_walk_inputs", "draw_schedule"),
+        (ch04, paged_trace): ("PAGED_TRACE", "replay_paged_trace", "draw_paged_cache"),
+        (ch05, sparse_patterns): ("PATTERNS", "pattern_mask"),
+        (ch06, linear_forms): ("STEP_FORMS", "SCHEDULE_LABELS", "schedule_matrix", "draw_schedule"),
+    }
+    for (widget, study), names in moved.items():
+        for name in names:
+            assert getattr(widget, name) is getattr(study, name), (widget.__name__, name)
+            assert name in study.__all__

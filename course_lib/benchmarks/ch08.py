@@ -1,26 +1,27 @@
 """Chapter 08's benchmarks: every mechanism side by side in three phases, and quality on recall.
 
 ``python -m course_lib.bench all`` measures, in one process run, time and peak memory of every
-mechanism of the course (one sequence, H = 4 heads, D = 64, float32) in three phases:
+mechanism of the catalogue that has a functional form (``catalogue.mechanisms(has="run")``; one
+sequence, H = 4 heads, D = 64, float32, each on its own seeded inputs) in three phases:
 
-- ``train``: one causal forward pass and its backward (gradients of every input), T = 256 .. 2048;
-- ``prefill``: one causal forward pass, T = 256 .. 2048;
-- ``decode``: one decoding step at a context of T = 256 .. 16384 tokens. The softmax mechanisms
-  attend one new query to a KV cache of T entries (naive, SDPA, the course's flash_attention;
-  sliding-window attention reads only the last w = 256 entries); the recurrent mechanisms
-  (linear attention, GLA, the delta rule, SSD) do one step of their ``form="recurrent"`` from the
-  state that their chunk form left after the first T - 1 tokens: O(1) in T.
+- ``train``: the forward pass and its backward (gradients of every trainable input), T = 256 .. 2048;
+- ``prefill``: one forward pass, T = 256 .. 2048;
+- ``decode``: one decoding step at a context of T = 256 .. 16384 tokens. The mechanisms with a KV
+  cache attend one new query to the cache of T entries (the sliding window only to its last
+  w = 256 entries); the recurrent ones do one step of their ``form="recurrent"`` from the state
+  that their chunk form left after the first T - 1 tokens: O(1) in T.
 
-The phases, the mechanisms and the complexity model are the study
-:mod:`course_lib.studies.phases`: naive attention, SDPA, flash_attention (blocks of 128),
-sliding-window attention (w = 256), and the chunk forms (chunks of 64) of linear attention, GLA,
-the delta rule and SSD (P = N = 64). SDPA is the reference of each phase's ratio columns. Train
-and prefill are left out above T = 2048, decode is measured at every length. Beside each phase's
-table, the study's ``complexity`` gives a model of the FLOPs and the bytes moved, and
-:func:`all_report` compares the model's log-log slopes with the measured ones.
-``all_train``, ``all_prefill`` and ``all_decode`` run one phase alone. The stored
-``results/all_small.json`` (all three phases) comes from the command below, run on one thread
-because the 2-core machine was shared with other jobs::
+The phases, the lengths and the inputs are the study :mod:`course_lib.studies.phases`. A phase
+that does not apply to a mechanism (no decoding step for a mechanism that is not causal or
+declares none) is left out of the sweep and listed under the phase's table with the reason; the
+mechanisms whose cost model materialises the T x T scores (naive attention, MQA, GQA, top-k)
+stop train and prefill at T = 1024. SDPA is the reference of each phase's ratio columns. Beside
+each phase's table, the entry's cost model (``Mechanism.cost``; "no model" where an entry declares
+none) gives the FLOPs and the bytes moved, and :func:`all_report` compares the model's log-log
+slopes with the measured ones. ``all_train``, ``all_prefill`` and ``all_decode`` run one phase
+alone. The stored ``results/all_small.json`` (all three phases, the eight mechanisms of the
+course's first comparison, under their catalogue names) comes from the command below, run on one
+thread because the 2-core machine was shared with other jobs::
 
     python -m course_lib.bench all --threads 1 --min-run-time 0.1 --json results/all_small.json
 
@@ -43,28 +44,24 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from ..measure import Measurement, format_bytes, format_table, loglog_slope
+from ..measure import Measurement, format_bytes, loglog_slope
 from ..recall import RECALL_MIXERS
 
 # The phases and the recall grid are studies; their names stay importable from here for one release.
 from ..studies.phases import (
     ALL_LENGTHS,
-    ALL_METHODS,
-    CHUNK,
     DECODE_LENGTHS,
-    FLASH_BLOCK,
     FULL_SEQUENCE_MAX_T,
+    GEOMETRY,
     HEAD_DIM,
     HEADS,
     PHASES,
-    RECURRENT_METHODS,
-    SOFTMAX_METHODS,
-    TRAIN_INPUTS,
-    WINDOW,
     by_phase,
     complexity,
     decode_step,
     mechanism_of,
+    mechanisms,
+    not_applicable,
     phase_comparison,
     phase_methods,
     phase_of,
@@ -89,24 +86,18 @@ __all__ = [
     "all_prefill_suite",
     "all_decode_suite",
     "all_table",
+    "phase_table",
     "all_report",
     "all_plot",
     "recall_suite",
     "recall_report",
     # moved to course_lib.studies.phases and course_lib.studies.recall_grid, kept for one release
     "PHASES",
-    "ALL_METHODS",
     "ALL_LENGTHS",
     "DECODE_LENGTHS",
-    "TRAIN_INPUTS",
-    "SOFTMAX_METHODS",
-    "RECURRENT_METHODS",
     "FULL_SEQUENCE_MAX_T",
     "HEADS",
     "HEAD_DIM",
-    "WINDOW",
-    "CHUNK",
-    "FLASH_BLOCK",
     "phase_of",
     "mechanism_of",
     "complexity",
@@ -129,22 +120,21 @@ __all__ = [
 def all_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """Train, prefill and decode of every mechanism in one run: time, peak memory, FLOP/byte model.
 
-    Train and prefill up to T = 2048, decode up to 16384.
+    Train and prefill up to T = 2048 (1024 where the T x T scores are materialised), decode up to 16384.
     """
     methods = {}
     for phase in PHASES:
-        limit = None if phase == "decode" else FULL_SEQUENCE_MAX_T
-        methods.update(phase_methods(phase, device, dtype, max_t=limit))
+        methods.update(phase_methods(phase, device, dtype))
     return methods, "prefill:sdpa", sorted(set(ALL_LENGTHS) | set(DECODE_LENGTHS))
 
 
 def all_train_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Train phase: causal forward + backward of every mechanism; T = 256 .. 2048."""
+    """Train phase: forward + backward of every mechanism; T = 256 .. 2048."""
     return phase_methods("train", device, dtype), "train:sdpa", list(ALL_LENGTHS)
 
 
 def all_prefill_suite(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Prefill phase: one causal forward pass of every mechanism; T = 256 .. 2048."""
+    """Prefill phase: one forward pass of every mechanism; T = 256 .. 2048."""
     return phase_methods("prefill", device, dtype), "prefill:sdpa", list(ALL_LENGTHS)
 
 
@@ -154,18 +144,64 @@ def all_decode_suite(device: torch.device | str = "cpu", dtype: torch.dtype = to
 
 
 _PHASE_TITLES = {
-    "train": "train: causal forward + backward",
-    "prefill": "prefill: causal forward",
+    "train": "train: forward + backward",
+    "prefill": "prefill: forward",
     "decode": "decode: one step at context T",
 }
 
 
+def _notes(phase: str, measured: set[str]) -> list[str]:
+    """The mechanisms the phase does not apply to, with the reason, and the ones measured without
+    a causal mask (only in this process's catalogue: stored results may hold fewer)."""
+    lines = [
+        f"n/a  {m.name}: {reason}" for m in mechanisms() if (reason := not_applicable(m, phase)) is not None
+    ]
+    whole = [m.name for m in mechanisms() if not m.causal and m.name in measured]
+    if whole:
+        lines.append(f"not causal (each query sees the whole sequence): {', '.join(whole)}")
+    return lines
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def phase_table(rows: Sequence[Measurement], reference: str | None = "sdpa") -> str:
+    """One phase's measurements (named by mechanism), one row per mechanism: time per call in ms
+    at each T with the ratio to ``reference`` at the same T, and the log-log slope of time vs T;
+    then peak memory at each T ("-": not measured at that T)."""
+    names = list(dict.fromkeys(r.method for r in rows))
+    lengths = sorted({r.T for r in rows})
+    by_key = {(r.method, r.T): r for r in rows}
+    reference = reference if reference in names else None
+    ratio = f" (x {reference})" if reference else ""
+    times = [["mechanism", *(f"T={T} ms{ratio}" for T in lengths), "slope"]]
+    peaks = [["mechanism", *(f"T={T} peak" for T in lengths)]]
+    for name in names:
+        cells, memory = [name], [name]
+        for T in lengths:
+            r, base = by_key.get((name, T)), by_key.get((reference, T))
+            cell = "-" if r is None else f"{r.seconds * 1e3:.2f}"
+            if r is not None and base is not None and name != reference:
+                cell += f" ({r.seconds / base.seconds:.2f}x)"
+            cells.append(cell)
+            memory.append("-" if r is None else format_bytes(r.peak_bytes))
+        slope = _slope([(r.T, r.seconds) for r in rows if r.method == name])
+        times.append([*cells, "-" if slope is None else f"{slope:.2f}"])
+        peaks.append(memory)
+    return "\n".join(["time per call", *_columns(times), "", "peak memory", *_columns(peaks)])
+
+
 def all_table(results: Sequence[Measurement]) -> str:
-    """One table per phase: time and peak memory per mechanism and T, ratios to SDPA, slopes."""
+    """One table per phase (:func:`phase_table`: time per call with the ratio to SDPA, slopes, peak
+    memory), and under it the mechanisms the phase does not apply to ("n/a", with the reason)."""
     blocks = []
     for phase, rows in by_phase(results).items():
-        reference = "sdpa" if any(r.method == "sdpa" for r in rows) else None
-        blocks.append(f"== {_PHASE_TITLES[phase]} ==\n{format_table(rows, reference=reference)}")
+        notes = _notes(phase, {r.method for r in rows})
+        blocks.append("\n".join([f"== {_PHASE_TITLES[phase]} ==", phase_table(rows), *notes]))
     return "\n\n".join(blocks)
 
 
@@ -175,35 +211,57 @@ def _slope(points: list[tuple[int, float | None]]) -> float | None:
 
 
 def all_report(results: Sequence[Measurement]) -> str:
-    """Per phase: the complexity model at the largest T, and log-log slopes, model vs measured.
+    """Per phase: the cost model at the largest T, and log-log slopes, model vs measured.
 
-    ``GFLOP/s`` is the model's FLOPs divided by the measured time: how close a mechanism comes to
-    the machine's arithmetic rate (a low value means overheads or memory traffic dominate).
+    The model is the one stored with each measurement (its ``extra``), or else the entry's
+    ``Mechanism.cost``; "no model" where neither exists. ``GFLOP/s`` is the model's FLOPs divided
+    by the measured time: how close a mechanism comes to the machine's arithmetic rate (a low
+    value means overheads or memory traffic dominate).
     """
     lines = []
+    width = max([10] + [len(mechanism_of(r)) for r in results])
     header = (
-        f"{'mechanism':>10} {'T':>6} {'model FLOPs':>12} {'model bytes':>11} {'GFLOP/s':>8}"
+        f"{'mechanism':>{width}} {'T':>6} {'model FLOPs':>12} {'model bytes':>11} {'GFLOP/s':>8}"
         f" {'slope FLOPs':>11} {'slope bytes':>11} {'slope time':>10} {'slope peak':>10}"
     )
     for phase, rows in by_phase(results).items():
-        lines += ["", f"== complexity model vs measurement, {_PHASE_TITLES[phase]} ==", header]
+        lines += ["", f"== cost model vs measurement, {_PHASE_TITLES[phase]} ==", header]
         for name in dict.fromkeys(r.method for r in rows):
             points = sorted((r for r in rows if r.method == name), key=lambda r: r.T)
-            model = [complexity(name, phase, r.T) for r in points]
+            model = [_model(name, phase, r) for r in points]
             last = points[-1]
-            slopes = [
-                _slope([(r.T, m["flops"]) for r, m in zip(points, model)]),
-                _slope([(r.T, m["bytes"]) for r, m in zip(points, model)]),
+            measured = [
                 _slope([(r.T, r.seconds) for r in points]),
                 _slope([(r.T, r.peak_bytes) for r in points]),
             ]
-            cells = ["-" if s is None else f"{s:.2f}" for s in slopes]
+            measured_cells = ["-" if s is None else f"{s:.2f}" for s in measured]
+            if any(m is None for m in model):
+                lines.append(
+                    f"{name:>{width}} {last.T:>6} {'no model':>12} {'':>11} {'':>8} {'':>11} {'':>11}"
+                    f" {measured_cells[0]:>10} {measured_cells[1]:>10}"
+                )
+                continue
+            slopes = [
+                _slope([(r.T, m["flops"]) for r, m in zip(points, model)]),
+                _slope([(r.T, m["bytes"]) for r, m in zip(points, model)]),
+            ]
+            cells = ["-" if s is None else f"{s:.2f}" for s in slopes] + measured_cells
             lines.append(
-                f"{name:>10} {last.T:>6} {model[-1]['flops']:>12.3g} {format_bytes(model[-1]['bytes']):>11}"
-                f" {model[-1]['flops'] / last.seconds / 1e9:>8.2f} {cells[0]:>11} {cells[1]:>11}"
-                f" {cells[2]:>10} {cells[3]:>10}"
+                f"{name:>{width}} {last.T:>6} {model[-1]['flops']:>12.3g}"
+                f" {format_bytes(model[-1]['bytes']):>11} {model[-1]['flops'] / last.seconds / 1e9:>8.2f}"
+                f" {cells[0]:>11} {cells[1]:>11} {cells[2]:>10} {cells[3]:>10}"
             )
     return "\n".join(lines[1:])
+
+
+def _model(name: str, phase: str, r: Measurement) -> dict[str, float] | None:
+    """The cost model of one measurement: stored with it, else the catalogue entry's (if any)."""
+    if "flops" in r.extra and "bytes" in r.extra:
+        return {"flops": r.extra["flops"], "bytes": r.extra["bytes"]}
+    try:
+        return complexity(name, phase, r.T)
+    except ValueError:  # a name the catalogue does not know (an older or a hand-made result)
+        return None
 
 
 def all_plot(results: Sequence[Measurement], path: str | Path) -> Path:
@@ -216,7 +274,7 @@ def all_plot(results: Sequence[Measurement], path: str | Path) -> Path:
 
 for _suite in (all_suite, all_train_suite, all_prefill_suite, all_decode_suite):
     _suite.table, _suite.report, _suite.plot = all_table, all_report, all_plot
-    _suite.shape = {"B": 1, "H": HEADS, "D": HEAD_DIM}
+    _suite.shape = {"B": GEOMETRY.batch, "H": GEOMETRY.heads, "D": GEOMETRY.head_dim}
 
 
 # --- recall -----------------------------------------------------------------------------------

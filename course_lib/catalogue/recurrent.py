@@ -213,15 +213,16 @@ _recurrent(
 def _ttt_mlp_call(
     x, *, form="chunk", chunk_size=None, initial_state=None, output_final_state=False, **options
 ):
-    """TTT-MLP needs starting weights: small seeded ones when no state is carried in."""
+    """TTT-MLP needs starting weights: small seeded ones when no state is carried in, the same for
+    every sequence of the batch (a sequence's output does not depend on its place in the batch)."""
     q = x["q"]
     if initial_state is None:
         B, H, _, D_k = q.shape
         generator = torch.Generator().manual_seed(0)
         hidden = TTT_HIDDEN * D_k
-        W1 = torch.randn(B, H, D_k, hidden, generator=generator) * D_k**-0.5
-        W2 = torch.randn(B, H, hidden, x["v"].shape[-1], generator=generator) * hidden**-0.5
-        initial_state = (W1.to(q), W2.to(q))
+        W1 = torch.randn(1, H, D_k, hidden, generator=generator) * D_k**-0.5
+        W2 = torch.randn(1, H, hidden, x["v"].shape[-1], generator=generator) * hidden**-0.5
+        initial_state = (W1.to(q).expand(B, -1, -1, -1), W2.to(q).expand(B, -1, -1, -1))
     return ttt_mlp(
         q, x["k"], x["v"], x["lr"], initial_state, form=form, output_final_state=output_final_state, **options
     )
@@ -233,7 +234,9 @@ _recurrent(
     summary="the state is a two-layer MLP trained online: a nonlinear memory",
     reference="Learning to (Learn at Test Time), Sun et al., 2024",
     function=ttt_mlp,
-    inputs=_unit_keys_with(lambda T, g, gen: {"lr": builders.strengths(gen, *_per_step(g, T))}),
+    # Inner learning rates a tenth of TTT-Linear's: a step of ~0.5 on the two-layer MLP overshoots,
+    # and its outputs grew to 1e6 by T = 64 and to NaN by T = 128 (H = 4, D = 64).
+    inputs=_unit_keys_with(lambda T, g, gen: {"lr": 0.1 * builders.strengths(gen, *_per_step(g, T))}),
     call=_ttt_mlp_call,
     options={"mini_batch_size": 16},
     trainable=("q", "k", "v", "lr"),

@@ -11,8 +11,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from ..measure import format_bytes
 from ..standard import attention, causal_mask
+from ..studies.score_memory import ACCELERATOR_MEMORY_GIB, score_memory
 from ..viz import STYLE, new_axes, plot_mask
-from ..widgets.ch01 import ACCELERATOR_MEMORY_GIB, score_memory
 
 __all__ = ["FIGURES", "attention_steps", "memory_explosion", "task_masks"]
 

@@ -10,8 +10,8 @@ from matplotlib.patches import Polygon
 
 from ..hardware import ACCELERATORS, decode_intensity, prefill_intensity
 from ..measure import format_bytes
+from ..studies.roofline import plot_roofline
 from ..viz import STYLE
-from ..widgets.ch02 import plot_roofline
 
 __all__ = ["FIGURES", "memory_hierarchy", "roofline_figure", "SRAM_BANDWIDTH_A100", "CPU_DRAM"]
 

@@ -9,9 +9,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
 from ..hardware import ACCELERATORS
+from ..studies.tile_walk import draw_schedule, tile_walk_inputs
 from ..tiling import flash_attention_trace, io_cost
 from ..viz import STYLE
-from ..widgets.ch03 import draw_schedule, tile_walk_inputs
 
 __all__ = ["FIGURES", "tiling", "io_vs_block_size"]
 

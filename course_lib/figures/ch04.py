@@ -11,9 +11,9 @@ from matplotlib.patches import FancyBboxPatch
 
 from ..kv_cache import MODEL_CONFIGS, kv_numbers_per_token
 from ..measure import format_bytes
+from ..studies.paged_trace import PAGED_TRACE, draw_paged_cache, replay_paged_trace
 from ..studies.serving import compare_batching, draw_batching
 from ..viz import STYLE
-from ..widgets.ch04 import PAGED_TRACE, draw_paged_cache, replay_paged_trace
 
 __all__ = [
     "FIGURES",

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from ..sparse import layers_to_connect
+from ..studies.sparse_patterns import pattern_mask
 from ..viz import STYLE, plot_mask
-from ..widgets.ch05 import pattern_mask
 
 __all__ = ["FIGURES", "GALLERY", "sparse_gallery"]
 

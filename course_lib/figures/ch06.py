@@ -7,8 +7,8 @@ import torch
 from matplotlib.figure import Figure
 
 from ..linear import linear_attention_matrix
+from ..studies.linear_forms import draw_schedule, schedule_matrix
 from ..viz import STYLE
-from ..widgets.ch06 import draw_schedule, schedule_matrix
 
 __all__ = ["FIGURES", "three_forms"]
 

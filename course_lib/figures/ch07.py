@@ -10,11 +10,21 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
+from .. import catalogue
+from ..catalogue import Gates
 from ..recurrent import delta_rule, gla, retnet_gammas, ttt_linear
 from ..studies.gates import gate_profile
 from ..viz import STYLE
 
-__all__ = ["FIGURES", "gates", "taxonomy", "ttt_hidden_state", "TAXONOMY", "ttt_prediction_errors"]
+__all__ = [
+    "FIGURES",
+    "gates",
+    "taxonomy",
+    "placement",
+    "ttt_hidden_state",
+    "TAXONOMY",
+    "ttt_prediction_errors",
+]
 
 F64 = torch.float64
 
@@ -76,29 +86,48 @@ def gates() -> Figure:
     return figure
 
 
-# method -> (column: gate type, row: structure of G_t, short write term)
-TAXONOMY: dict[str, tuple[str, str, str]] = {
-    "linear attention": ("no gate", "identity", "k v^T"),
-    "RetNet": ("forget", "scalar, fixed", "k v^T"),
-    "Mamba-2 (SSD)": ("forget + select", "scalar, data dependent", "dt B x^T"),
-    "mLSTM": ("forget + select", "scalar, data dependent", "exp(i) k v^T"),
-    "GLA": ("forget", "diagonal, data dependent", "k v^T"),
-    "HGRN-2": ("forget", "diagonal, data dependent", "(1 - f) v^T"),
-    "RWKV-6": ("forget", "diagonal, data dependent", "k v^T, bonus u"),
-    "DeltaNet": ("forget + select", "I - beta k k^T", "beta k v^T"),
-    "Gated DeltaNet": ("forget + select", "alpha (I - beta k k^T)", "beta k v^T"),
-    "TTT-Linear": ("forget + select", "I - eta k k^T (one step of SGD)", "eta k v^T"),
+# The structure of G_t for each forget gate, with an additive write and with a delta-rule write
+# (which also erases along the key it writes: I - beta k k^T, beta the select gate).
+_DECAY = {
+    "none": "identity",
+    "fixed": "scalar, fixed",
+    "scalar": "scalar, data dependent",
+    "vector": "diagonal, data dependent",
+}
+_ERASE = {
+    "none": "I - beta k k^T",
+    "fixed": "gamma (I - beta k k^T)",
+    "scalar": "alpha (I - beta k k^T)",
+    "vector": "diag(w) (I - beta k k^T)",
 }
 _COLUMNS = ("no gate", "forget", "forget + select")
-_ROWS = (
-    "identity",
-    "scalar, fixed",
-    "scalar, data dependent",
-    "diagonal, data dependent",
-    "I - beta k k^T",
-    "alpha (I - beta k k^T)",
-    "I - eta k k^T (one step of SGD)",
-)
+_ROWS = (*_DECAY.values(), *_ERASE.values())
+
+
+def placement(gates: Gates) -> tuple[str, str, str]:
+    """Where a recurrence sits in the taxonomy, read off its :class:`~course_lib.catalogue.Gates`:
+    (column: which gates, row: the structure of G_t, the write term).
+
+    A data-dependent write strength (``select``) or a delta-rule write (which forgets along the
+    key it writes) puts it under "forget + select"; a forget gate alone under "forget".
+    """
+    if gates.select is not None or gates.write == "delta":
+        column = "forget + select"
+    else:
+        column = "forget" if gates.forget != "none" else "no gate"
+    row = (_ERASE if gates.write == "delta" else _DECAY)[gates.forget]
+    strength = gates.select or ("beta" if gates.write == "delta" else "")
+    if " " in strength:
+        strength = f"({strength})"
+    return column, row, f"{strength} k v^T".strip()
+
+
+def _taxonomy() -> dict[str, tuple[str, str, str]]:
+    return {m.title: placement(m.gates) for m in catalogue.mechanisms(has="gates")}
+
+
+# title -> (column: gate type, row: structure of G_t, short write term), from the catalogue's gates
+TAXONOMY: dict[str, tuple[str, str, str]] = _taxonomy()
 
 
 def taxonomy() -> Figure:
@@ -106,22 +135,24 @@ def taxonomy() -> Figure:
     with plt.rc_context(STYLE):
         figure, ax = plt.subplots(figsize=(14, 5.6))
         colours = {"no gate": "#f2f2f2", "forget": "#cfe3f3", "forget + select": "#f6dcc8"}
+        placed = _taxonomy()
+        rows = [row for row in _ROWS if any(r == row for _, r, _ in placed.values())]
         for x, column in enumerate(_COLUMNS):
             ax.add_patch(
                 FancyBboxPatch(
                     (x + 0.04, -0.45),
                     0.92,
-                    len(_ROWS) - 0.1,
+                    len(rows) - 0.1,
                     boxstyle="round,pad=0.02",
                     facecolor=colours[column],
                     edgecolor="none",
                 )
             )
             ax.text(x + 0.5, -0.75, column, ha="center", va="center", fontsize=12, weight="bold")
-        for name, (column, row, write) in TAXONOMY.items():
-            x, y = _COLUMNS.index(column), _ROWS.index(row)
-            same = [n for n, (c, r, _) in TAXONOMY.items() if c == column and r == row]
-            offset = (same.index(name) - (len(same) - 1) / 2) * 0.31
+        for name, (column, row, write) in placed.items():
+            x, y = _COLUMNS.index(column), rows.index(row)
+            same = [n for n, (c, r, _) in placed.items() if c == column and r == row]
+            offset = (same.index(name) - (len(same) - 1) / 2) * 0.92 / max(len(same), 2)
             ax.text(x + 0.5 + offset, y + 0.05, name, ha="center", va="center", fontsize=9.5, weight="bold")
             ax.text(
                 x + 0.5 + offset,
@@ -133,8 +164,8 @@ def taxonomy() -> Figure:
                 color="#444444",
             )
         ax.set_xlim(0, len(_COLUMNS))
-        ax.set_ylim(len(_ROWS) - 0.4, -1.0)
-        ax.set_yticks(range(len(_ROWS)), [f"G_t = {r}" if r != "identity" else "G_t = 1" for r in _ROWS])
+        ax.set_ylim(len(rows) - 0.4, -1.0)
+        ax.set_yticks(range(len(rows)), [f"G_t = {r}" if r != "identity" else "G_t = 1" for r in rows])
         ax.set_xticks([])
         for side in ("top", "right", "bottom", "left"):
             ax.spines[side].set_visible(False)

@@ -2,45 +2,59 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
+from .. import catalogue
 from ..results import load_results
 from ..studies.phases import phase_comparison
 from ..viz import STYLE
 
 __all__ = ["FIGURES", "CLASSES", "TAXONOMY", "four_classes", "taxonomy", "phase_comparison", "complexity"]
 
-# class -> (what it changes, compute, extra memory, exact?, chapter)
-CLASSES = {
-    "hardware-efficient": (
-        "same math, fewer HBM bytes (tiling, fusion)",
-        "O(T^2 d)",
-        "O(T)",
-        "exact",
-        "02-03",
-    ),
-    "compact": ("smaller KV cache (MQA, GQA, MLA, quantised)", "O(T^2 d)", "KV / g", "exact*", "04"),
-    "sparse": ("fewer query-key pairs (window, blocks, top-k)", "O(T w d)", "O(T w)", "approx.", "05"),
-    "linear": ("a fixed-size state (instead of a KV cache)", "O(T d^2)", "O(d^2)", "approx.", "06-07"),
+# The four classes of efficient attention are the catalogue's families between the exact baseline
+# and the specialised variants. What each changes, its compute, its extra memory and whether it is
+# exact are the chapter's summary of the family; the chapters come from the catalogue's entries.
+_CLASS_SUMMARY = {
+    "hardware-efficient": ("same math, fewer HBM bytes (tiling, fusion)", "O(T^2 d)", "O(T)", "exact"),
+    "compact": ("smaller KV cache (shared KV heads, a latent)", "O(T^2 d)", "KV / g", "exact*"),
+    "sparse": ("fewer query-key pairs (window, blocks, top-k)", "O(T w d)", "O(T w)", "approx."),
+    "linear": ("a fixed-size state (instead of a KV cache)", "O(T d^2)", "O(d^2)", "approx."),
 }
 
-TAXONOMY = {
-    "hardware-efficient": ["FlashAttention 1/2", "Flash-decoding", "SageAttention (int8)"],
-    "compact": ["MQA", "GQA", "MLA", "paged KV cache"],
-    "sparse": ["sliding window", "dilated / strided", "BigBird", "top-k, LSH", "H2O, StreamingLLM"],
-    "linear": [
-        "linear attn., Performer",
-        "RetNet, GLA",
-        "Mamba-2 (SSD), mLSTM",
-        "DeltaNet, Gated DeltaNet",
-        "TTT",
-    ],
-    "specialised": ["differential attn.", "SwitchHead", "ring attention", "hybrid stacks"],
-}
+
+def _chapters(family: str) -> str:
+    chapters = sorted({m.chapter for m in catalogue.mechanisms(family=family)})
+    first, last = f"{chapters[0]:02d}", f"{chapters[-1]:02d}"
+    return first if first == last else f"{first}-{last}"
+
+
+def _classes() -> dict[str, tuple[str, str, str, str, str]]:
+    """class -> (what it changes, compute, extra memory, exact?, chapters), in the catalogue's order."""
+    return {
+        family: (*_CLASS_SUMMARY[family], _chapters(family))
+        for family in catalogue.FAMILIES
+        if family in _CLASS_SUMMARY
+    }
+
+
+def _taxonomy() -> dict[str, list[str]]:
+    """family -> the titles of its mechanisms, for every family but the exact baseline."""
+    return {
+        family: [m.title for m in catalogue.mechanisms(family=family)]
+        for family in catalogue.FAMILIES
+        if family != "exact"
+    }
+
+
+# class -> (what it changes, compute, extra memory, exact?, chapters)
+CLASSES = _classes()
+# family -> titles of the catalogue's mechanisms
+TAXONOMY = _taxonomy()
 _COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00"]
 
 
@@ -51,7 +65,7 @@ def four_classes() -> Figure:
         ax.set_axis_off()
         ax.set_xlim(0, 4)
         ax.set_ylim(0, 1)
-        for i, (name, (what, compute, memory, exact, chapter)) in enumerate(CLASSES.items()):
+        for i, (name, (what, compute, memory, exact, chapter)) in enumerate(_classes().items()):
             ax.add_patch(
                 FancyBboxPatch(
                     (i + 0.05, 0.05), 0.9, 0.9, boxstyle="round,pad=0.02", facecolor=_COLORS[i], alpha=0.15
@@ -74,17 +88,29 @@ def four_classes() -> Figure:
     return figure
 
 
+def _boxes(titles: list[str], most: int = 5) -> list[str]:
+    """The titles in at most ``most`` boxes, consecutive ones sharing a box, each box's text wrapped."""
+    count = min(len(titles), most)
+    sizes = [len(titles) // count + (k < len(titles) % count) for k in range(count)]
+    starts = [sum(sizes[:k]) for k in range(count)]
+    return [
+        textwrap.fill(", ".join(titles[start : start + size]), width=24, break_on_hyphens=False)
+        for start, size in zip(starts, sizes)
+    ]
+
+
 def taxonomy() -> Figure:
-    """The course's methods, grouped by class."""
+    """The course's mechanisms (the catalogue's titles), grouped by class."""
+    classes = _taxonomy()
     with plt.rc_context(STYLE):
-        figure, ax = plt.subplots(figsize=(11, 3.6))
+        figure, ax = plt.subplots(figsize=(11, 4.4))
         ax.set_axis_off()
-        n = len(TAXONOMY)
+        n = len(classes)
         ax.set_xlim(0, n)
         ax.set_ylim(0, 6.5)
-        for i, (name, methods) in enumerate(TAXONOMY.items()):
+        for i, (name, methods) in enumerate(classes.items()):
             ax.text(i + 0.5, 6.0, name, ha="center", weight="bold", color=_COLORS[i])
-            for j, method in enumerate(methods):
+            for j, text in enumerate(_boxes(methods)):
                 ax.add_patch(
                     FancyBboxPatch(
                         (i + 0.08, 4.8 - j * 1.1),
@@ -95,7 +121,9 @@ def taxonomy() -> Figure:
                         alpha=0.15,
                     )
                 )
-                ax.text(i + 0.5, 5.2 - j * 1.1, method, ha="center", va="center", fontsize=8.5)
+                lines = text.count("\n") + 1
+                size = 8.5 if lines == 1 else 7.5 if lines == 2 else 6.5  # a long box in smaller type
+                ax.text(i + 0.5, 5.2 - j * 1.1, text, ha="center", va="center", fontsize=size)
         ax.set_title("Taxonomy of the mechanisms in this course")
     return figure
 

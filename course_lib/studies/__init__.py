@@ -4,8 +4,7 @@ A study measures or trains something and returns the numbers; the leaves above i
 figures, the benchmark suites) only add controls, drawing or a command line. Import the module
 you need (nothing is imported here):
 
-- :mod:`.inputs`: the seeded inputs every mechanism of the chapter 07/08 timings reads;
-- :mod:`.phases`: chapter 08's three phases (train, prefill, decode) of every mechanism, the
+- :mod:`.phases`: chapter 08's three phases (train, prefill, decode) of every catalogue mechanism, the
   FLOP/byte model and the "relative to standard attention" bars;
 - :mod:`.recall_grid`: chapter 08's grid of MQAR recall runs (task per length, one grid point);
 - :mod:`.gates`: chapter 07's forget and select gates followed through the recurrence;
@@ -14,4 +13,8 @@ you need (nothing is imported here):
 - :mod:`.serving`: chapter 04b's serving engine experiments (static vs continuous batching, prefix
   caching, speculative decoding and its roofline);
 - :mod:`.kv_sharing`: chapter 04's cross-layer KV sharing against MHA, GQA and MQA at one training budget.
+- what a chapter's explorer and its static figures both draw: :mod:`.score_memory` (01, the
+  score matrices' bytes), :mod:`.roofline` (02), :mod:`.tile_walk` (03, FlashAttention's schedule),
+  :mod:`.paged_trace` (04, a paged KV cache replayed), :mod:`.sparse_patterns` (05, the mask
+  gallery), :mod:`.linear_forms` (06, the three forms' schedule).
 """

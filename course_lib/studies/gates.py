@@ -1,7 +1,10 @@
 """Chapter 07's gates made visible: one write followed through ``S_t = G_t * S_{t-1} + write_t``.
 
-For one head of each method with a forget gate (and, for the delta rule, a select gate),
-:func:`gate_inputs` builds seeded unit keys and values and log gates of a chosen typical decay;
+The methods are the catalogue's recurrences that declare their gates
+(``catalogue.mechanisms(has="gates")``). For one head of each, :func:`gate_inputs` builds seeded
+unit keys and values, log gates of a chosen typical decay shaped by the entry's
+:class:`~course_lib.catalogue.Gates` (none, fixed, one data-dependent gate per step, or one per
+step and key dimension), and the write strength beta of the delta-rule writes;
 :func:`gate_profile` runs the recurrence through the course's one runner
 (:func:`course_lib.recurrent.runner.run_recurrence`) and reports how much of the first write is
 left after t steps (the decay profile), after how many steps it falls below 1/e (the memory
@@ -16,14 +19,29 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import catalogue
+from ..catalogue import Gates
 from ..checks import check_choice, check_float, check_int
 from ..recurrent.runner import run_recurrence
 
-__all__ = ["GATE_METHODS", "gate_inputs", "gate_profile"]
+__all__ = ["GATE_METHODS", "gate_methods", "gates_of", "gate_inputs", "gate_profile"]
 
 F64 = torch.float64
-GATE_METHODS = ("linear attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet")
-_DELTA = ("deltanet", "gated_deltanet")
+
+
+def gate_methods() -> tuple[str, ...]:
+    """The catalogue names of the recurrences that declare their gates, in the course's order."""
+    return catalogue.names(has="gates")
+
+
+# The names read from the catalogue (kept as a tuple for one release: the explorer's old list).
+GATE_METHODS = gate_methods()
+
+
+def gates_of(method: str) -> Gates:
+    """The :class:`~course_lib.catalogue.Gates` of the catalogue entry ``method``."""
+    check_choice(method, "method", gate_methods())
+    return catalogue.get(method).gates
 
 
 def gate_inputs(
@@ -37,14 +55,16 @@ def gate_inputs(
 ) -> dict[str, torch.Tensor]:
     """Seeded inputs of one head: unit keys (T, D), unit values (T, D), log gates (T, D), beta (T,).
 
-    The forget gate's typical value is ``decay`` (per step). "linear attention" and "deltanet" have
-    none (log gate 0); "retnet" uses ``log(decay)`` at every step; "mamba2" and "gated_deltanet"
-    multiply it by a log-normal factor of width ``spread`` per step (one number for all key
-    dimensions, data dependent); "gla" does so per step *and* per key dimension, each dimension with
-    its own typical rate. The multiplier has mean 1, so the mean log gate stays ``log(decay)``.
-    ``beta`` is the delta rule's write strength (the select gate); 1 for the other methods.
+    The forget gate's typical value is ``decay`` (per step), shaped by the entry's ``Gates.forget``:
+    "none" (linear attention, DeltaNet, TTT) gives log gates 0; "fixed" (RetNet) ``log(decay)`` at
+    every step; "scalar" (Mamba-2, mLSTM, Gated DeltaNet) multiplies it by a log-normal factor of
+    width ``spread`` per step (one number for all key dimensions, data dependent); "vector" (GLA,
+    RWKV, HGRN, Mamba-1) does so per step *and* per key dimension, each dimension with its own
+    typical rate. The multiplier has mean 1, so the mean log gate stays ``log(decay)``. ``beta`` is
+    the write strength (the select gate) of the delta-rule writes (``Gates.write == "delta"``); 1
+    for the additive ones.
     """
-    check_choice(method, "method", GATE_METHODS)
+    gates = gates_of(method)
     decay = check_float(decay, "decay", min=0.0, max=1.0, min_open=True, max_open=True)
     spread = check_float(spread, "spread", min=0.0)
     beta = check_float(beta, "beta", min=0.0, max=1.0)
@@ -56,17 +76,17 @@ def gate_inputs(
     noise = torch.randn(T, D, generator=generator, dtype=F64)
     per_dim = torch.randn(D, generator=generator, dtype=F64)
     base = math.log(decay)
-    if method in ("linear attention", "deltanet"):
+    if gates.forget == "none":
         log_gates = torch.zeros(T, D, dtype=F64)
-    elif method == "retnet":
+    elif gates.forget == "fixed":
         log_gates = torch.full((T, D), base, dtype=F64)
-    elif method in ("mamba2", "gated_deltanet"):
+    elif gates.forget == "scalar":
         z = noise[:, :1].expand(T, D)  # one gate per step, shared by every key dimension
         log_gates = base * torch.exp(spread * z - spread**2 / 2)
-    else:  # gla: each dimension its own rate, and data-dependent wobble per step
+    else:  # "vector": each dimension its own rate, and data-dependent wobble per step
         z = 0.8 * per_dim + 0.6 * noise
         log_gates = base * torch.exp(spread * z - spread**2 / 2)
-    betas = torch.full((T,), beta if method in _DELTA else 1.0, dtype=F64)
+    betas = torch.full((T,), beta if gates.write == "delta" else 1.0, dtype=F64)
     return {"keys": keys, "values": values, "log_gates": log_gates, "beta": betas}
 
 
@@ -122,7 +142,7 @@ def gate_profile(
     forget gate); ``state_norm`` (T,) and ``final_state`` (D, D).
     """
     inputs = gate_inputs(method, decay, spread, beta, steps)
-    result = _simulate(inputs, method in _DELTA)
+    result = _simulate(inputs, gates_of(method).write == "delta")
     profile = result["profile"]
     below = (profile < math.exp(-1)).nonzero()
     horizon = int(below[0]) if len(below) else None

@@ -1,94 +1,142 @@
-"""Chapter 08's comparison: every mechanism side by side in three phases.
+"""Chapter 08's comparison: every mechanism of the catalogue side by side in three phases.
 
-For each phase, :func:`phase_methods` gives one builder per mechanism that
-:func:`course_lib.measure.sweep` measures (``python -m course_lib.bench all`` runs them), on one
-sequence, H = 4 heads, D = 64, float32:
+The mechanisms are the catalogue's entries with a functional form, ``catalogue.mechanisms(has="run")``;
+each is fed its own seeded inputs (:meth:`~course_lib.catalogue.Mechanism.make_inputs`, one
+sequence, H = 4 heads, D = 64: :data:`GEOMETRY`) in float32, and run with its declared options
+(chunks of 64, a window of 256, blocks of 128, ...). For each phase, :func:`phase_methods` gives one
+builder per mechanism that :func:`course_lib.measure.sweep` measures (``python -m course_lib.bench
+all`` runs them):
 
-- ``train``: one causal forward pass and its backward (gradients of every input), T = 256 .. 2048;
-- ``prefill``: one causal forward pass, T = 256 .. 2048;
-- ``decode``: one decoding step at a context of T = 256 .. 16384 tokens. The softmax mechanisms
-  attend one new query to a KV cache of T entries (naive, SDPA, the course's flash_attention;
-  sliding-window attention reads only the last w = 256 entries); the recurrent mechanisms
-  (linear attention, GLA, the delta rule, SSD) do one step of their ``form="recurrent"`` from the
-  state that their chunk form left after the first T - 1 tokens: O(1) in T.
+- ``train``: the forward pass and its backward (the gradients of every input in
+  :attr:`~course_lib.catalogue.Mechanism.trainable`), T = 256 .. 2048;
+- ``prefill``: one forward pass, T = 256 .. 2048;
+- ``decode``: one decoding step at a context of T = 256 .. 16384 tokens (:func:`decode_step`). A
+  mechanism that decodes from a cache (``decode="cache"``) attends the last token's query to the
+  cached keys and values (the last ``cache_window`` of them for the sliding window); one that
+  decodes from a state (``decode="state"``) does one step of its ``form="recurrent"`` from the
+  state its chunk form left after the first T - 1 tokens: O(1) in T.
 
-The mechanisms: naive attention (:func:`course_lib.standard.attention`), SDPA, flash_attention
-(blocks of 128), sliding-window attention (w = 256), and the chunk forms (chunks of 64) of linear
-attention, GLA, the delta rule and SSD (P = N = 64). Train and prefill are left out above
-:data:`FULL_SEQUENCE_MAX_T`, decode is measured at every length. :func:`complexity` models the
-FLOPs and the bytes moved of each call; :func:`relative_to` and :func:`relative_bars` give the
-sources' "relative to standard attention" bars, and :func:`phase_comparison` draws time and peak
-memory per phase. The tables, the report and the stored ``results/all_small.json`` are those of
-the benchmark suites in :mod:`course_lib.benchmarks.ch08`.
+Where a phase does not apply, the mechanism is left out of that phase's sweep and listed with the
+reason (:func:`not_applicable`): a mechanism that is not causal has no decoding step (and its
+train and prefill passes see the whole sequence), one without a declared ``decode`` neither.
+Lengths are capped per mechanism by :func:`max_length`: train and prefill stop at
+:data:`FULL_SEQUENCE_MAX_T`, and at :data:`SCORES_MAX_T` for the mechanisms whose cost model says
+they materialise the T x T scores (:func:`materialises_scores`). The cost model of each call is
+the entry's :attr:`~course_lib.catalogue.Mechanism.cost` (None where the entry declares none);
+:func:`relative_to` and :func:`relative_bars` give the sources' "relative to standard attention"
+bars, and :func:`phase_comparison` draws time and peak memory per phase. The tables, the report
+and the stored ``results/all_small.json`` are those of the benchmark suites in
+:mod:`course_lib.benchmarks.ch08`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from .. import catalogue
+from ..catalogue import Geometry, Mechanism
 from ..checks import check_choice, check_int
-from ..linear import linear_attention
 from ..measure import Measurement, loglog_slope
-from ..sparse import sliding_window_attention
-from ..standard import attention
-from ..tiling import flash_attention
 from ..viz import STYLE
-from .inputs import recurrent_inputs, run_method
 
 __all__ = [
     "PHASES",
-    "ALL_METHODS",
-    "TRAIN_INPUTS",
-    "SOFTMAX_METHODS",
-    "RECURRENT_METHODS",
+    "GEOMETRY",
+    "HEADS",
+    "HEAD_DIM",
     "ALL_LENGTHS",
     "DECODE_LENGTHS",
     "FULL_SEQUENCE_MAX_T",
+    "SCORES_MAX_T",
+    "mechanisms",
+    "phase_inputs",
+    "not_applicable",
+    "materialises_scores",
+    "max_length",
     "phase_of",
     "mechanism_of",
     "by_phase",
     "complexity",
+    "prefill_step",
     "train_step",
     "decode_step",
+    "decode_last",
     "phase_methods",
     "relative_to",
     "relative_bars",
     "phase_comparison",
 ]
 
-HEADS, HEAD_DIM, WINDOW, CHUNK, FLASH_BLOCK = 4, 64, 256, 64, 128
-PHASES = ("train", "prefill", "decode")
+PHASES = catalogue.PHASES  # ("train", "prefill", "decode")
+HEADS, HEAD_DIM = 4, 64
+GEOMETRY = Geometry(batch=1, heads=HEADS, head_dim=HEAD_DIM)
 ALL_LENGTHS = [256, 512, 1024, 2048]
 DECODE_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
-FULL_SEQUENCE_MAX_T = 2048  # train and prefill stop here: naive attention's T x T weights grow as T^2
-SOFTMAX_METHODS = ("naive", "sdpa", "flash", "window")
-RECURRENT_METHODS = ("linear", "gla", "delta_rule", "ssd")
+FULL_SEQUENCE_MAX_T = 2048  # train and prefill stop here
+SCORES_MAX_T = 1024  # ... and here for a mechanism that materialises the T x T scores
 
 
-ALL_METHODS = {
-    "naive": lambda x: attention(x["q"], x["k"], x["v"], causal=True),
-    "sdpa": lambda x: F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True),
-    "flash": lambda x: flash_attention(x["q"], x["k"], x["v"], causal=True, block_q=128, block_k=128),
-    "window": lambda x: sliding_window_attention(x["q"], x["k"], x["v"], WINDOW, causal=True),
-    "linear": lambda x: linear_attention(x["q"], x["k"], x["v"], causal=True, form="chunk", chunk_size=CHUNK),
-    # chapter 07's methods, each on its own inputs of recurrent_inputs (see run_method)
-    "gla": lambda x: run_method("gla", x, form="chunk", chunk_size=CHUNK),
-    "delta_rule": lambda x: run_method("delta_rule", x, form="chunk", chunk_size=CHUNK),
-    "ssd": lambda x: run_method("ssd", x, form="chunk", chunk_size=CHUNK),
-}
+def mechanisms() -> tuple[Mechanism, ...]:
+    """The mechanisms of the comparison: every catalogue entry with a functional form."""
+    return catalogue.mechanisms(has="run")
 
-# The inputs each mechanism reads: the train phase differentiates with respect to all of them.
-TRAIN_INPUTS = {
-    **{name: ("q", "k", "v") for name in ("naive", "sdpa", "flash", "window", "linear")},
-    "gla": ("q", "k", "v", "g"),
-    "delta_rule": ("q", "unit_k", "v", "beta"),
-    "ssd": ("q", "k", "v", "dt", "A"),
-}
+
+def _mechanism(name: str | Mechanism) -> Mechanism:
+    if isinstance(name, Mechanism):
+        return name
+    mechanism = catalogue.get(name)
+    if not mechanism.has("run"):
+        runnable = ", ".join(m.name for m in mechanisms())
+        raise ValueError(f"name={name!r} has no functional form to run; ones that do: {runnable}")
+    return mechanism
+
+
+def phase_inputs(
+    name: str | Mechanism, T: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The seeded inputs of one benchmark point: the entry's own, at :data:`GEOMETRY`."""
+    return _mechanism(name).make_inputs(T, GEOMETRY, dtype=dtype, device=device)
+
+
+# --- which phases apply, and up to which length ------------------------------------------------
+
+
+def not_applicable(name: str | Mechanism, phase: str) -> str | None:
+    """Why ``phase`` does not apply to the mechanism, or None when it does."""
+    mechanism = _mechanism(name)
+    check_choice(phase, "phase", PHASES)
+    if phase != "decode":
+        return None
+    if not mechanism.causal:
+        return "not causal: a decoder cannot run it one token at a time"
+    if mechanism.decode is None:
+        return "declares no decoding step"
+    return None
+
+
+def materialises_scores(name: str | Mechanism) -> bool:
+    """Whether the entry's cost model moves at least the float32 T x T scores and weights of every
+    head (``16 H T^2`` bytes) in one prefill at T = :data:`FULL_SEQUENCE_MAX_T`: naive attention,
+    MQA, GQA, top-k. False for an entry without a cost model."""
+    mechanism = _mechanism(name)
+    if mechanism.cost is None:
+        return False
+    T = FULL_SEQUENCE_MAX_T
+    return mechanism.cost("prefill", T, GEOMETRY)["bytes"] >= 16 * GEOMETRY.heads * T * T
+
+
+def max_length(name: str | Mechanism, phase: str) -> int | None:
+    """The longest T measured in ``phase`` (None: every length; 0: the phase does not apply)."""
+    mechanism = _mechanism(name)
+    if not_applicable(mechanism, phase) is not None:
+        return 0
+    if phase == "decode":
+        return None
+    return SCORES_MAX_T if materialises_scores(mechanism) else FULL_SEQUENCE_MAX_T
 
 
 def phase_of(result: Measurement) -> str:
@@ -104,144 +152,92 @@ def mechanism_of(result: Measurement) -> str:
 # --- the three phases -------------------------------------------------------------------------
 
 
-def train_step(name: str, x: dict[str, torch.Tensor]) -> Callable[[], tuple[torch.Tensor, ...]]:
-    """A zero-argument callable: the causal forward of ``name`` on ``x`` and its backward.
+def _output(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
 
-    ``x`` comes from :func:`course_lib.studies.inputs.recurrent_inputs`. The callable returns
-    the gradients of a seeded random loss ``sum(o * grad_output)`` with respect to every input in
-    :data:`TRAIN_INPUTS` (``torch.autograd.grad``: nothing accumulates between calls).
+
+def prefill_step(name: str | Mechanism, x: Mapping[str, torch.Tensor]) -> Callable[[], object]:
+    """A zero-argument callable: one forward pass of the mechanism on ``x`` (its declared options)."""
+    mechanism = _mechanism(name)
+    return lambda: mechanism.run(x)
+
+
+def train_step(
+    name: str | Mechanism, x: Mapping[str, torch.Tensor]
+) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """A zero-argument callable: the forward pass of the mechanism on ``x`` and its backward.
+
+    ``x`` comes from :func:`phase_inputs`. The callable returns the gradients of a seeded random
+    loss ``sum(o * grad_output)`` with respect to every input in the entry's ``trainable``
+    (``torch.autograd.grad``: nothing accumulates between calls).
     """
-    check_choice(name, "name", tuple(ALL_METHODS))
-    leaves = {key: x[key].detach().clone().requires_grad_(True) for key in TRAIN_INPUTS[name]}
+    mechanism = _mechanism(name)
+    leaves = {key: x[key].detach().clone().requires_grad_(True) for key in mechanism.trainable}
     inputs = {**x, **leaves}
     with torch.no_grad():
-        shape = ALL_METHODS[name](x).shape
+        shape = _output(mechanism.run(x)).shape
     generator = torch.Generator().manual_seed(2)
-    grad_output = torch.randn(shape, generator=generator).to(x["q"])
+    grad_output = torch.randn(shape, generator=generator).to(next(iter(leaves.values())))
 
     def call() -> tuple[torch.Tensor, ...]:
-        output = ALL_METHODS[name](inputs)
-        return torch.autograd.grad(output, list(leaves.values()), grad_output)
+        return torch.autograd.grad(_output(mechanism.run(inputs)), list(leaves.values()), grad_output)
 
     return call
 
 
-def _last(x: dict[str, torch.Tensor], start: int, end: int) -> dict[str, torch.Tensor]:
-    """Tokens ``start:end`` of every per-token input (A, per head, is kept whole)."""
-    return {key: value if value.dim() == 1 else value[:, :, start:end] for key, value in x.items()}
+def decode_step(
+    name: str | Mechanism, x: Mapping[str, torch.Tensor], T: int | None = None
+) -> Callable[[], tuple[torch.Tensor, object]]:
+    """A zero-argument callable: one decoding step for token ``T`` (1-based, default: the last) of ``x``.
 
-
-def decode_step(name: str, x: dict[str, torch.Tensor], T: int | None = None) -> Callable[[], object]:
-    """A zero-argument callable: one decoding step of ``name`` for token ``T`` (1-based) of ``x``.
-
-    Softmax mechanisms attend the token's query ``(1, H, 1, D)`` to a KV cache of the ``T`` keys
-    and values ``(1, H, T, D)`` (the new token's included; ``window`` only to the last
-    :data:`WINDOW` of them) and return the output ``(1, H, 1, D)``. Recurrent mechanisms run
-    their ``form="recurrent"`` on the one token from the state that their chunk form left after
-    the first ``T - 1`` tokens (built here, not in the callable) and return ``(output, new state)``.
-    Either way the output equals row ``T - 1`` of the causal forward pass over the first T tokens.
+    It returns ``(output, state)``: the output ``(B, H, 1, D_v)`` equals row ``T - 1`` of the
+    causal forward pass over the first T tokens. ``decode="cache"``: the per-token inputs of the
+    queries (the entry's ``query_inputs``) of token T against the cache of the first T tokens'
+    other inputs (only the last ``cache_window`` of them, when declared); state None.
+    ``decode="state"``: the chunk form runs over the first T - 1 tokens here (not in the
+    callable), and the callable does one ``form="recurrent"`` step from the state it left; state:
+    the new state.
     """
-    check_choice(name, "name", tuple(ALL_METHODS))
-    length = x["q"].shape[2]
+    mechanism = _mechanism(name)
+    reason = not_applicable(mechanism, "decode")
+    if reason is not None:
+        raise ValueError(f"name={mechanism.name!r} has no decode phase: {reason}")
+    length = next(v.shape[2] for k, v in x.items() if k not in mechanism.static_inputs)
     T = length if T is None else check_int(T, "T", min=1, max=length)
-    new = _last(x, T - 1, T)
-    if name in SOFTMAX_METHODS:
-        first = max(T - WINDOW, 0) if name == "window" else 0
-        k_cache, v_cache = x["k"][:, :, first:T], x["v"][:, :, first:T]
-        q = new["q"]
-        if name == "naive":
-            return lambda: attention(q, k_cache, v_cache, causal=True)
-        if name == "sdpa":  # one query sees every cached key: no mask (is_causal would align it to key 0)
-            return lambda: F.scaled_dot_product_attention(q, k_cache, v_cache)
-        if name == "flash":
-            return lambda: flash_attention(
-                q, k_cache, v_cache, causal=True, block_q=FLASH_BLOCK, block_k=FLASH_BLOCK
-            )
-        return lambda: sliding_window_attention(q, k_cache, v_cache, WINDOW, causal=True)
-    context = _last(x, 0, T - 1)
-    if name == "linear":
+    last = mechanism.tokens(x, T - 1, T)
+    if mechanism.decode == "state":
         state = None
         if T > 1:
-            _, state = linear_attention(
-                context["q"],
-                context["k"],
-                context["v"],
-                form="chunk",
-                chunk_size=CHUNK,
-                output_final_state=True,
-            )
-        return lambda: linear_attention(
-            new["q"], new["k"], new["v"], form="recurrent", initial_state=state, output_final_state=True
-        )
-
-    def run(y, form, state):
-        return run_method(name, y, form=form, chunk_size=CHUNK, initial_state=state, output_final_state=True)
-
-    state = run(context, "chunk", None)[1] if T > 1 else None
-    return lambda: run(new, "recurrent", state)
+            _, state = mechanism.run(mechanism.tokens(x, 0, T - 1), output_final_state=True)
+        return lambda: mechanism.run(last, form="recurrent", initial_state=state, output_final_state=True)
+    first = 0 if mechanism.cache_window is None else max(T - mechanism.cache_window, 0)
+    step = {**mechanism.tokens(x, first, T), **{key: last[key] for key in mechanism.query_inputs}}
+    return lambda: (mechanism.run(step), None)
 
 
-# --- the complexity model ---------------------------------------------------------------------
+def decode_last(
+    mechanism: str | Mechanism, x: Mapping[str, torch.Tensor], T: int
+) -> tuple[torch.Tensor, object]:
+    """One decoding step for token ``T`` (1-based), as the decode phase runs it: ``(output, state)``."""
+    return decode_step(mechanism, x, T)()
+
+
+# --- the cost model ---------------------------------------------------------------------------
 
 
 def complexity(
     name: str, phase: str, T: int, *, heads: int = HEADS, head_dim: int = HEAD_DIM
-) -> dict[str, float]:
-    """A model of the floating-point operations and the float32 bytes moved by one call.
-
-    ``flops`` counts 2 per multiply-add of the matrix products (elementwise work left out);
-    ``bytes`` counts what must travel between memory and the compute units: inputs, outputs and
-    every intermediate a mechanism materialises (our CPU caches hold none of them at large T).
-    With H heads of D dimensions, window w, chunks C, flash blocks Bq:
-
-    - prefill, exact: ``naive`` computes all T^2 scores, ``4 H T^2 D`` FLOPs, and writes and
-      reads the scores and the weights, ``16 H T^2`` bytes beyond the ``16 H T D`` of q, k, v, o;
-      ``sdpa`` and ``flash`` skip the tiles above the diagonal, ``2 H T^2 D``, and re-read K and V
-      once per block of queries, ``4 H T D (T / Bq)`` bytes (FlashAttention's IO, Bq = 128 assumed
-      for SDPA too). ``window``: blocks of w queries against 2w - 1 keys, ``4 H T (2w - 1) D``
-      FLOPs, and the score tiles, ``8 H T (2w - 1)`` bytes, beyond q, k, v, o and their slices
-      (``min(2w - 1, T)`` keys when T is short).
-    - prefill, chunk forms: ``4 H T C D`` (masked attention inside chunks) plus ``4 H T D^2``
-      (reading and updating the state); the delta rule adds its WY transform, ``2 H T C D + 2 H T D^2``.
-      Bytes: q, k, v, o, the chunk scores ``8 H T C`` and one state per chunk ``8 H D^2 T / C``.
-    - train: forward + backward, the backward taken as twice the forward (each product of the
-      forward needs two in the backward): 3x the prefill FLOPs and bytes.
-    - decode, one token at context T: softmax reads the KV cache, ``4 H T D`` FLOPs and
-      ``8 H T D`` bytes (naive also writes and reads its ``T`` scores and weights, ``16 H T``);
-      ``window`` the same with ``min(w, T)``; the recurrent forms read and write a ``D x D``
-      state per head: ``8 H D^2`` bytes, and ``4 H D^2`` FLOPs (``6 H D^2`` for the delta rule).
-    """
-    check_choice(name, "name", tuple(ALL_METHODS))
+) -> dict[str, float] | None:
+    """The entry's model of the FLOPs and float32 bytes moved by one call (its
+    :attr:`~course_lib.catalogue.Mechanism.cost`; the formulas are in
+    :mod:`course_lib.catalogue.costs`), or None when the entry declares no model."""
+    mechanism = _mechanism(name)
     check_choice(phase, "phase", PHASES)
     T = check_int(T, "T", min=1)
-    H, D = check_int(heads, "heads", min=1), check_int(head_dim, "head_dim", min=1)
-    w, C, Bq, f32 = WINDOW, CHUNK, FLASH_BLOCK, 4
-    if phase == "decode":
-        if name in SOFTMAX_METHODS:
-            context = min(w, T) if name == "window" else T
-            flops = 4 * H * context * D
-            moved = f32 * (2 * H * context * D + 2 * H * D) + (
-                f32 * 4 * H * context if name == "naive" else 0
-            )
-        else:
-            flops = (6 if name == "delta_rule" else 4) * H * D * D
-            moved = f32 * (2 * H * D * D + 4 * H * D)
-        return {"flops": float(flops), "bytes": float(moved)}
-    io = f32 * 4 * H * T * D  # q, k, v read, o written
-    if name == "naive":
-        flops, moved = 4 * H * T * T * D, io + f32 * 4 * H * T * T
-    elif name in ("sdpa", "flash"):
-        flops, moved = 2 * H * T * T * D, io + f32 * H * T * D * T / Bq
-    elif name == "window":
-        keys = min(2 * w - 1, T)  # keys per block of queries: the block and the w - 1 before it
-        flops, moved = 4 * H * T * keys * D, 2 * io + f32 * 2 * H * T * keys
-    else:
-        flops = 4 * H * T * C * D + 4 * H * T * D * D
-        if name == "delta_rule":
-            flops += 2 * H * T * C * D + 2 * H * T * D * D
-        moved = io + f32 * (2 * H * T * C + 2 * H * D * D * T / C)
-    factor = 3 if phase == "train" else 1
-    return {"flops": float(factor * flops), "bytes": float(factor * moved)}
+    geometry = Geometry(
+        batch=1, heads=check_int(heads, "heads", min=1), head_dim=check_int(head_dim, "head_dim", min=1)
+    )
+    return None if mechanism.cost is None else mechanism.cost(phase, T, geometry)
 
 
 # --- what the sweep measures ---------------------------------------------------------------
@@ -254,31 +250,27 @@ def phase_methods(
     *,
     max_t: int | None = None,
 ) -> dict[str, Callable[[int], Callable[[], object] | None]]:
-    """Builders ``{"phase:mechanism": build}`` for ``measure.sweep``; ``build(T)`` returns None for
-    ``T > max_t`` (that length is left out) and otherwise a callable whose ``extra`` holds the
-    phase, the mechanism and :func:`complexity`."""
+    """Builders ``{"phase:mechanism": build}`` for ``measure.sweep``, one per mechanism the phase
+    applies to. ``build(T)`` returns None beyond :func:`max_length` or ``max_t`` (that length is
+    left out) and otherwise a callable whose ``extra`` holds the phase, the mechanism, whether
+    it ran causally, and the cost model (``flops``, ``bytes``) where the entry declares one."""
     check_choice(phase, "phase", PHASES)
+    steps = {"train": train_step, "prefill": prefill_step, "decode": decode_step}
 
-    def method(name: str):
+    def method(mechanism: Mechanism):
+        limit = max_length(mechanism, phase)
+
         def build(T: int):
-            if max_t is not None and T > max_t:
+            if (limit is not None and T > limit) or (max_t is not None and T > max_t):
                 return None
-            x = recurrent_inputs(T, device, dtype)
-            if phase == "train":
-                call = train_step(name, x)
-            elif phase == "decode":
-                call = decode_step(name, x)
-            else:
-
-                def call():
-                    return ALL_METHODS[name](x)
-
-            call.extra = {"phase": phase, "mechanism": name, **complexity(name, phase, T)}
+            call = steps[phase](mechanism, phase_inputs(mechanism, T, device, dtype))
+            cost = mechanism.cost(phase, T, GEOMETRY) if mechanism.cost is not None else {}
+            call.extra = {"phase": phase, "mechanism": mechanism.name, "causal": mechanism.causal, **cost}
             return call
 
         return build
 
-    return {f"{phase}:{name}": method(name) for name in ALL_METHODS}
+    return {f"{phase}:{m.name}": method(m) for m in mechanisms() if not_applicable(m, phase) is None}
 
 
 # --- reading the measurements -------------------------------------------------------------
@@ -295,7 +287,12 @@ def by_phase(results: Sequence[Measurement]) -> dict[str, list[Measurement]]:
 
 
 def relative_to(
-    results: Sequence[Measurement], phase: str, T: int, *, reference: str = "naive", metric: str = "speed"
+    results: Sequence[Measurement],
+    phase: str,
+    T: int,
+    *,
+    reference: str = "attention",
+    metric: str = "speed",
 ) -> dict[str, float]:
     """The sources' "relative to standard attention" bars, from measurements: one number per mechanism.
 
@@ -333,7 +330,7 @@ def relative_bars(values: dict[str, float], *, unit: str = "x", width: int = 28)
 
 _FIGURE_TITLES = {
     "train": "train (forward + backward)",
-    "prefill": "prefill (causal forward)",
+    "prefill": "prefill (forward)",
     "decode": "decode (one step at context T)",
 }
 
@@ -349,16 +346,25 @@ def phase_comparison(results: Sequence[Measurement]) -> Figure:
         for column, phase in enumerate(phases):
             rows = [r for r in results if phase_of(r) == phase]
             top, bottom = axes[0, column], axes[1, column]
-            for name in dict.fromkeys(mechanism_of(r) for r in rows):
+            names = list(dict.fromkeys(mechanism_of(r) for r in rows))
+            for index, name in enumerate(names):
                 points = sorted((r.T, r.seconds, r.peak_bytes) for r in rows if mechanism_of(r) == name)
                 Ts = [p[0] for p in points]
                 slope = loglog_slope(Ts, [p[1] for p in points]) if len(points) > 1 else float("nan")
-                top.plot(Ts, [p[1] * 1e3 for p in points], marker="o", label=f"{name} ({slope:.2f})")
+                # ten colours, then the same colours dashed, then dotted: every line stays distinct
+                style = {"marker": "o", "linestyle": ("-", "--", ":")[index // 10 % 3]}
+                top.plot(Ts, [p[1] * 1e3 for p in points], label=f"{name} ({slope:.2f})", **style)
                 memory = [(p[0], p[2]) for p in points if p[2]]
-                bottom.plot([t for t, _ in memory], [b / 2**20 for _, b in memory], marker="o", label=name)
+                bottom.plot([t for t, _ in memory], [b / 2**20 for _, b in memory], label=name, **style)
             top.set_title(f"{_FIGURE_TITLES[phase]}: time")
             bottom.set_title(f"{_FIGURE_TITLES[phase]}: peak memory")
-            top.legend(frameon=False, fontsize=7, title="log-log slope", title_fontsize=7)
+            top.legend(
+                frameon=False,
+                fontsize=7,
+                title="log-log slope",
+                title_fontsize=7,
+                ncol=1 if len(names) <= 12 else 2,
+            )
             for ax, label in ((top, "time per call (ms)"), (bottom, "peak memory (MiB)")):
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")

@@ -4,18 +4,16 @@ decoding explorer (tokens per round and speed-up vs k, from the roofline)."""
 
 from __future__ import annotations
 
-import math
-
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
-from matplotlib.patches import Rectangle
 
 from ..checks import check_choice, check_float, check_int
 from ..decoding import filter_logits
 from ..hardware import ACCELERATORS
-from ..kv_cache import MODEL_CONFIGS, PagedKVCache, kv_cache_bytes
+from ..kv_cache import MODEL_CONFIGS, kv_cache_bytes
 from ..measure import format_bytes
+from ..studies.paged_trace import PAGED_TRACE, draw_paged_cache, replay_paged_trace
 from ..studies.serving import (
     compare_batching,
     draw_batching,
@@ -164,26 +162,6 @@ def kv_calculator() -> widgets.Widget:
 
 # --- (b) paged-cache viewer ------------------------------------------------------------------------
 
-# A small serving trace: (operation, sequence, argument). "add" starts a request with a prompt of
-# n tokens, "grow" decodes n more tokens, "fork" starts a sequence sharing the parent's blocks
-# (parallel sampling / beams), "free" ends a request.
-PAGED_TRACE: tuple[tuple[str, str, object], ...] = (
-    ("add", "A", 6),
-    ("grow", "A", 3),
-    ("fork", "A", "B"),
-    ("grow", "B", 1),
-    ("grow", "A", 2),
-    ("add", "C", 10),
-    ("free", "A", None),
-    ("grow", "B", 4),
-    ("grow", "C", 3),
-    ("add", "D", 5),
-    ("free", "B", None),
-    ("grow", "D", 6),
-    ("free", "C", None),
-)
-_COLOURS = {"A": "#0072B2", "B": "#D55E00", "C": "#009E73", "D": "#CC79A7"}
-
 
 def _describe(operation: tuple) -> str:
     kind, seq, argument = operation
@@ -193,72 +171,6 @@ def _describe(operation: tuple) -> str:
         "fork": f"fork {seq} -> {argument} (shares every block)",
         "free": f"free {seq}",
     }[kind]
-
-
-def replay_paged_trace(step: int, block_size: int = 4, num_blocks: int | None = None) -> PagedKVCache:
-    """A ``PagedKVCache`` after the first ``step`` operations of :data:`PAGED_TRACE`.
-
-    Every token's key and value hold its position, so copies are visible in the storage. The
-    default pool holds 64 token slots.
-    """
-    step = check_int(step, "step", min=0, max=len(PAGED_TRACE))
-    block_size = check_int(block_size, "block_size", min=1)
-    num_blocks = (
-        math.ceil(64 / block_size) if num_blocks is None else check_int(num_blocks, "num_blocks", min=1)
-    )
-    cache = PagedKVCache(num_blocks, block_size, 1, 1)
-    for kind, seq, argument in PAGED_TRACE[:step]:
-        if kind == "add":
-            cache.add_sequence(seq)
-        if kind in ("add", "grow"):
-            start = cache.length(seq)
-            tokens = torch.arange(start, start + argument, dtype=torch.float32).view(1, argument, 1)
-            cache.append(seq, tokens, tokens)
-        elif kind == "fork":
-            cache.fork(seq, argument)
-        elif kind == "free":
-            cache.free(seq)
-    return cache
-
-
-def draw_paged_cache(cache: PagedKVCache, ax=None, title: str | None = None):
-    """Physical blocks as rows of slots, coloured by owner; shared blocks hatched; free blocks empty."""
-    owners: dict[int, list[str]] = {}
-    for seq, table in cache.block_tables.items():
-        for block in table:
-            owners.setdefault(block, []).append(str(seq))
-    with plt.rc_context(STYLE):
-        if ax is None:
-            _, ax = plt.subplots(figsize=(9, 2.8))
-        per_row = 8
-        for block in range(cache.num_blocks):
-            row, column = divmod(block, per_row)
-            x0, y0 = column * (cache.block_size + 1), -row * 1.6
-            names = owners.get(block, [])
-            colour = _COLOURS.get(names[0], "#999999") if names else "white"
-            for slot in range(cache.block_size):
-                filled = names and slot < cache.block_fill[block]
-                ax.add_patch(
-                    Rectangle(
-                        (x0 + slot, y0),
-                        1,
-                        1,
-                        facecolor=colour if filled else "white",
-                        edgecolor="black",
-                        linewidth=0.6,
-                        hatch="///" if len(names) > 1 and filled else None,
-                    )
-                )
-            label = f"{block}" + (f": {'+'.join(names)}" if names else " free")
-            ax.text(x0, y0 + 1.15, label, fontsize=7)
-        rows = math.ceil(cache.num_blocks / per_row)
-        ax.set_xlim(-0.5, per_row * (cache.block_size + 1))
-        ax.set_ylim(-(rows - 1) * 1.6 - 0.3, 1.7)
-        ax.set_aspect("equal")
-        ax.axis("off")
-        if title:
-            ax.set_title(title)
-    return ax
 
 
 def paged_explorer_view(step: int = 4, block_size: int = 4, *, draw: bool = True) -> dict:

@@ -20,19 +20,12 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
 
-from ..checks import check_bool, check_choice, check_float, check_int, check_tensor
+from ..checks import check_choice, check_float, check_int, check_tensor
 from ..measure import Measurement, format_bytes, format_table, sweep
 from ..sparse import (
-    bigbird_layout,
-    bigbird_mask,
-    block_sparse_mask,
-    dilated_mask,
-    global_local_mask,
     keep_mask,
     mask_stats,
     reachability,
-    sliding_window_mask,
-    strided_mask,
 )
 
 # The eviction study moved to course_lib.studies.eviction; its names stay importable here for one release.
@@ -52,6 +45,7 @@ from ..studies.eviction import (
     trained_eviction_study,
 )
 from ..studies.sparse_kernels import REFERENCE, sparse_methods
+from ..studies.sparse_patterns import PATTERNS, pattern_mask
 from ..viz import STYLE, plot_mask, plot_scaling
 
 __all__ = [
@@ -84,62 +78,7 @@ __all__ = [
 
 # --- (a) mask explorer ----------------------------------------------------------------------
 
-PATTERNS = ("window", "dilated", "strided", "fixed", "global+local", "bigbird", "block")
 COST_LENGTHS = (256, 512, 1024, 2048, 4096)
-
-
-def pattern_mask(
-    pattern: str,
-    T: int,
-    *,
-    window: int = 4,
-    dilation: int = 2,
-    stride: int = 8,
-    num_globals: int = 1,
-    random_blocks: int = 1,
-    block_size: int = 8,
-    causal: bool = True,
-    seed: int = 0,
-) -> torch.Tensor:
-    """The ``(T, T)`` mask of one gallery pattern, built by the library's mask builders.
-
-    ``window``: local and dilated windows and the local part of global+local. ``dilation``: the
-    dilated pattern. ``stride``: strided and fixed (Sparse Transformers). ``num_globals``: global
-    tokens of global+local (the first ones, like a CLS token) and global blocks of BigBird.
-    ``random_blocks`` and ``block_size``: BigBird (window of 3 blocks) and "block", a
-    block-diagonal layout plus ``random_blocks`` random blocks per row (both seeded by ``seed``).
-    """
-    check_choice(pattern, "pattern", PATTERNS)
-    T = check_int(T, "T", min=1)
-    window = check_int(window, "window", min=1)
-    dilation = check_int(dilation, "dilation", min=1)
-    stride = check_int(stride, "stride", min=1)
-    num_globals = check_int(num_globals, "num_globals", min=0)
-    random_blocks = check_int(random_blocks, "random_blocks", min=0)
-    block_size = check_int(block_size, "block_size", min=1)
-    check_bool(causal, "causal")
-    if pattern == "window":
-        return sliding_window_mask(T, window, causal=causal)
-    if pattern == "dilated":
-        return dilated_mask(T, window, dilation, causal=causal)
-    if pattern in ("strided", "fixed"):
-        return strided_mask(T, stride, pattern=pattern, causal=causal)
-    if pattern == "global+local":
-        return global_local_mask(T, window, list(range(min(num_globals, T))), causal=causal)
-    if pattern == "bigbird":
-        return bigbird_mask(
-            T, block_size, global_blocks=num_globals, random_blocks=random_blocks, causal=causal, seed=seed
-        )
-    layout = bigbird_layout(
-        -(-T // block_size),
-        window_blocks=1,
-        global_blocks=0,
-        random_blocks=random_blocks,
-        causal=causal,
-        seed=seed,
-    )
-    mask = block_sparse_mask(layout, block_size, T, T)
-    return mask & torch.ones(T, T, dtype=torch.bool).tril() if causal else mask
 
 
 def pattern_cost(

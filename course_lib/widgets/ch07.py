@@ -1,7 +1,8 @@
 """Chapter 07's explorers: what forget gates keep over time, and what select gates do to recall.
 
 (a) The gate explorer draws one write followed through a recurrence ``S_t = G_t * S_{t-1} +
-write_t`` (the study :mod:`course_lib.studies.gates`): how much of it is left after t steps (the
+write_t`` (the study :mod:`course_lib.studies.gates`), for every recurrence of the catalogue that
+declares its gates (the dropdown shows their titles): how much of it is left after t steps (the
 decay profile), after how many steps it has fallen below 1/e (the effective memory horizon), and
 how large the whole state grows under a stream of random writes. (b) The recall demo writes
 key-value pairs into a state with linear attention and with the delta rule and reads them back:
@@ -18,11 +19,12 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
+from .. import catalogue
 from ..checks import check_bool, check_choice, check_float, check_int
 from ..recurrent import delta_rule, gla
 
 # The gate simulation is a study; GATE_METHODS and gate_inputs stay importable here for one release.
-from ..studies.gates import GATE_METHODS, gate_inputs, gate_profile
+from ..studies.gates import GATE_METHODS, gate_inputs, gate_methods, gate_profile, gates_of
 from ..viz import STYLE
 
 __all__ = [
@@ -63,7 +65,7 @@ def gate_explorer_view(
         T = profile.shape[0]
         with plt.rc_context(STYLE):
             figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-            if method == "gla":
+            if gates_of(method).forget == "vector":  # one gate per key dimension: draw some of them
                 for d in range(0, per_dim.shape[1], 3):
                     left.plot(per_dim[:, d].numpy(), color="grey", alpha=0.35, linewidth=0.8)
                 left.plot([], [], color="grey", alpha=0.5, label="single key dimensions")
@@ -75,7 +77,7 @@ def gate_explorer_view(
             left.set_xlabel("steps after the write")
             left.set_ylabel("fraction left")
             shown = "beyond the window" if horizon is None else f"{horizon} steps"
-            left.set_title(f"{method}: decay profile, horizon {shown}")
+            left.set_title(f"{catalogue.get(method).title}: decay profile, horizon {shown}")
             left.legend(frameon=False, fontsize=8)
             right.plot(range(1, T + 1), view["state_norm"].numpy(), color="#009E73")
             right.set_xlabel("tokens written")
@@ -92,7 +94,11 @@ def gate_explorer() -> widgets.Widget:
     """Method, typical decay, data dependence and beta -> decay profile, horizon and state norm."""
     return widgets.interactive(
         gate_explorer_view,
-        method=widgets.Dropdown(options=GATE_METHODS, value="gla", description="method"),
+        method=widgets.Dropdown(
+            options=[(catalogue.get(name).title, name) for name in gate_methods()],
+            value="gla",
+            description="method",
+        ),
         decay=widgets.FloatSlider(
             value=0.95, min=0.5, max=0.999, step=0.001, readout_format=".3f", description="decay"
         ),

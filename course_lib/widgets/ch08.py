@@ -55,7 +55,7 @@ def _value(r: Measurement, metric: str) -> float | None:
 
 
 def comparison_view(
-    mechanisms=("naive", "sdpa", "flash", "linear"),
+    mechanisms=("attention", "sdpa", "flash_attention", "linear_attention"),
     lengths=(256, 2048),
     metric: str = "time",
     phase: str = "prefill",
