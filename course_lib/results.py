@@ -49,7 +49,10 @@ def _renamed(method: str) -> str:
 def catalogue_names(payload: dict) -> dict:
     """A copy of ``payload`` with the old mechanism names of :data:`RENAMED` replaced by the
     catalogue's, in each result's ``method`` (``"phase:mechanism"`` or a bare mechanism) and its
-    ``extra["mechanism"]``. Every other key and every value are kept as they are."""
+    ``extra["mechanism"]``. Every other key and every value are kept as they are; a payload of
+    another study (without ``results``) is returned as it is."""
+    if "results" not in payload:
+        return payload
     results = []
     for r in payload["results"]:
         r = {**r, "method": _renamed(r["method"])}

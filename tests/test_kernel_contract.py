@@ -17,6 +17,7 @@ import re
 
 import pytest
 import torch
+from devices import elsewhere
 
 from course_lib.kv_cache import (
     GroupedQueryAttention,
@@ -405,19 +406,6 @@ def test_a_meta_side_tensor_is_refused_by_name(case):
     argument = case.split(" ", 1)[1].split(" ")[-1]
     with pytest.raises(ValueError, match=rf"^{argument} "):
         meta_side(case)()
-
-
-class Elsewhere(torch.Tensor):
-    """A CPU tensor that reports another device: it lets a CPU-only machine check that a kernel
-    compares each side tensor's device with q's (the data never moves, the check reads .device)."""
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda", 0)
-
-
-def elsewhere(x: torch.Tensor) -> torch.Tensor:
-    return x.as_subclass(Elsewhere)
 
 
 DEVICE_CASES = [

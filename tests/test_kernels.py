@@ -30,6 +30,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import elsewhere
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -495,13 +496,13 @@ def test_flash_bad_input_names_the_argument(call, error, name):
 def test_mismatched_devices_are_refused_before_any_kernel_runs():
     q, k, v = flash_args()
     with pytest.raises(ValueError, match="on one device"):
-        kernels.flash_attention(q, k.to("meta"), v)
+        kernels.flash_attention(q, elsewhere(k), v)
     with pytest.raises(ValueError, match="block_tables must be on the same device as q"):
         kernels.paged_decode(
             q[:, :, :1],
             k[None, 0],
             v[None, 0],
-            torch.zeros(1, 1, dtype=torch.int32, device="meta"),
+            elsewhere(torch.zeros(1, 1, dtype=torch.int32)),
             torch.ones(1, dtype=torch.int32),
         )
 
