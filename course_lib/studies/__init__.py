@@ -10,5 +10,7 @@ you need (nothing is imported here):
 - :mod:`.recall_grid`: chapter 08's grid of MQAR recall runs (task per length, one grid point);
 - :mod:`.gates`: chapter 07's forget and select gates followed through the recurrence;
 - :mod:`.eviction`: chapter 05's KV-cache eviction study on a trained model and a synthetic one;
-- :mod:`.sparse_kernels`: chapter 05's dense-masked vs skipping kernels, as timing methods.
+- :mod:`.sparse_kernels`: chapter 05's dense-masked vs skipping kernels, as timing methods (NSA and
+  MoBA among them, with the blocks their kernels count);
+- :mod:`.positions`: chapter 01's train-short-test-long run of the six position schemes.
 """
