@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from course_lib import models
 from course_lib.bench import suites
 from course_lib.benchmarks.ch05 import sparse_suite
+from course_lib.benchmarks.ch05_trainable import trainable_sparse_report, trainable_sparse_suite
 from course_lib.exercises import ExerciseFailed
 from course_lib.exercises.ch05 import (
     check_block_layout_to_mask,
@@ -19,8 +20,11 @@ from course_lib.exercises.ch05 import (
     check_window_layers,
 )
 from course_lib.figures import FIGURES
+from course_lib.measure import Measurement
 from course_lib.models import corpus_split, decode
+from course_lib.sparse import BlockWork, nsa_masks
 from course_lib.standard import attention
+from course_lib.studies.sparse_kernels import routing_methods, routing_work
 from course_lib.widgets import ch05
 
 
@@ -410,7 +414,7 @@ def test_checkers_fail_on_the_student_stub(check):
 def test_gallery_figure_is_registered():
     assert "05_sparse_gallery" in FIGURES
     figure = FIGURES["05_sparse_gallery"]()
-    assert len(figure.axes) == 6
+    assert len(figure.axes) == 8  # six fixed patterns, NSA and MoBA
 
 
 @pytest.mark.parametrize(
@@ -464,3 +468,169 @@ def test_decoding_error_equals_attention_with_an_explicit_eviction_mask(small_de
             expected = float((attention(q, k, v, mask) - full).norm() / full.norm())
             assert data.error(keep) == pytest.approx(expected, rel=1e-4, abs=1e-6)
             assert expected > 0.01  # a real eviction, not the trivial zero
+
+
+# --- NSA and MoBA in the gallery, their figure and their benchmark suite ------------------------------------
+
+
+def moba_by_hand(q, k, block_size, top_k):
+    """MoBA's choice for one head, query by query: mean key per block (the last one over the keys it
+    has), gate = q . mean, own block first, then the best eligible blocks, ties to the earlier one."""
+    T, S = q.shape[0], k.shape[0]
+    blocks = -(-S // block_size)
+    means = [k[b * block_size : min((b + 1) * block_size, S)].mean(0) for b in range(blocks)]
+    mask = torch.zeros(T, S, dtype=torch.bool)
+    for t in range(T):
+        position = S - T + t
+        own = position // block_size
+        eligible = [b for b in range(blocks) if b * block_size <= position]
+        ranked = sorted((b for b in eligible if b != own), key=lambda b: (-float(q[t] @ means[b]), b))
+        for b in ([own] + ranked)[:top_k]:
+            for j in range(b * block_size, min((b + 1) * block_size, S)):
+                mask[t, j] = j <= position
+    return mask
+
+
+@pytest.mark.parametrize("T,block_size,top_k", [(32, 4, 2), (29, 5, 3), (16, 8, 1), (12, 4, 9)])
+def test_moba_pattern_is_the_routing_by_hand_on_the_seeded_input(T, block_size, top_k):
+    mask = ch05.pattern_mask("moba", T, block_size=block_size, top_k=top_k, seed=3)
+    q, k = ch05.routing_inputs(T, seed=3)
+    assert torch.equal(mask, moba_by_hand(q[0, 0].double(), k[0, 0].double(), block_size, top_k))
+    if top_k >= -(-T // block_size):  # every block chosen: plain causal attention
+        assert torch.equal(mask, torch.ones(T, T, dtype=torch.bool).tril())
+
+
+def test_nsa_pattern_keeps_the_window_and_at_most_top_k_blocks_per_query():
+    T, block_size, top_k, window = 40, 4, 3, 5
+    mask = ch05.pattern_mask("nsa", T, block_size=block_size, top_k=top_k, window=window, seed=1)
+    assert not mask.triu(1).any()
+    window_mask = torch.tensor([[0 <= i - j < window for j in range(T)] for i in range(T)])
+    assert (mask | ~window_mask).all()  # the window is always read
+    outside = mask & ~window_mask
+    for i in range(T):
+        blocks = {j // block_size for j in outside[i].nonzero().flatten().tolist()}
+        assert len(blocks) <= top_k
+        if i >= block_size:
+            assert mask[i, 0]  # the first block is forced once top_k >= 2
+    assert torch.equal(
+        mask, ch05.pattern_mask("nsa", T, block_size=block_size, top_k=top_k, window=window, seed=1)
+    )
+    assert not torch.equal(
+        mask, ch05.pattern_mask("nsa", T, block_size=block_size, top_k=top_k, window=window)
+    )
+
+
+def test_nsa_branch_map_agrees_with_the_masks_and_the_compression_blocks():
+    T, l, s = 30, 6, 3
+    options = dict(block_size=5, num_selected=3, window=4, compress_block=l, compress_stride=s)
+    branches = ch05.nsa_branch_map(T, **options, seed=2)
+    q, k = ch05.routing_inputs(T, seed=2)
+    masks = nsa_masks(q, k, **options, num_initial_blocks=1, num_local_blocks=1)
+    selected, window = masks["selected"][0, 0], masks["window"]
+    for i in range(T):
+        for j in range(T):
+            # compression block c covers keys c*s .. c*s + l - 1 and is seen once it ends at or before i
+            coarse = any(c * s <= j < c * s + l and c * s + l - 1 <= i for c in range(T))
+            expected = (
+                4
+                if selected[i, j] and window[i, j]
+                else 3
+                if window[i, j]
+                else 2
+                if selected[i, j]
+                else int(coarse)
+            )
+            assert int(branches[i, j]) == expected, (i, j)
+    assert len(ch05.NSA_BRANCHES) == int(branches.max()) + 1
+
+
+def test_mask_explorer_blocks_chosen_control_moves_nsa_and_moba():
+    box = ch05.mask_explorer()
+    w = box.interactive
+    c = controls(w)
+    c["T costed"].value, c["T shown"].value, c["block size"].value = 256, 32, 4
+    for pattern in ("nsa", "moba"):
+        c["pattern"].value = pattern
+        densities = []
+        for value in range(c["blocks chosen"].min, c["blocks chosen"].max + 1):
+            c["blocks chosen"].value = value
+            assert not w.result["mask"].triu(1).any()
+            densities.append(w.result["stats"].density)
+        assert densities == sorted(densities) and densities[-1] > densities[0]
+    assert "compressed keys" in w.result["html"] or c["pattern"].value == "moba"
+
+
+def test_routing_methods_agree_and_carry_the_work_the_kernels_count():
+    small = dict(nsa_options={"block_size": 8, "num_selected": 3, "window": 8, "compress_block": 8,
+                              "compress_stride": 4, "num_initial_blocks": 1, "num_local_blocks": 1},
+                 moba_options={"block_size": 8, "top_k": 2})  # fmt: skip
+    methods = routing_methods(**small)
+    assert set(methods) == {
+        "sdpa_causal",
+        "dense_causal",
+        "window",
+        "nsa",
+        "nsa_masked",
+        "moba",
+        "moba_masked",
+    }
+    calls = {name: build(45) for name, build in methods.items()}
+    out = {name: call() for name, call in calls.items()}
+    torch.testing.assert_close(out["dense_causal"], out["sdpa_causal"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["nsa"], out["nsa_masked"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["moba"], out["moba_masked"], atol=1e-5, rtol=1e-4)
+    assert out["window"].shape == out["sdpa_causal"].shape
+    work = routing_work([45], **small)
+    for kernel in ("nsa", "moba"):
+        assert BlockWork(**calls[kernel].extra) == work[kernel][0]
+        assert 0 < work[kernel][0].blocks_computed <= work[kernel][0].blocks_causal
+    # 45 queries, causal blocks of 8: query t has t // 8 + 1 blocks before it; 2 heads share 1 KV head
+    assert work["nsa"][0].blocks_causal == sum(t // 8 + 1 for t in range(45))
+    assert work["moba"][0].blocks_causal == 2 * sum(t // 8 + 1 for t in range(45))
+
+
+def test_routing_work_falls_with_length_at_the_suites_settings():
+    work = routing_work([512, 1024])
+    for kernel in ("nsa", "moba"):
+        assert work[kernel][1].block_fraction < work[kernel][0].block_fraction <= 1.0
+
+
+def test_trainable_sparse_suite_and_report():
+    assert "trainable_sparse" in suites()
+    methods, reference, lengths = trainable_sparse_suite()
+    assert reference == "sdpa_causal" and reference in methods and lengths[-1] == 8192
+    extra = {"blocks_computed": 3, "blocks_causal": 12, "scores_computed": 30, "scores_dense": 120}
+    results = [
+        Measurement("nsa", 512, 0.1, 100, dict(extra)),
+        Measurement("nsa_masked", 512, 0.2, 400, {}),
+        Measurement("moba", 512, 0.1, None, dict(extra)),
+    ]
+    report = trainable_sparse_report(results)
+    assert "nsa   T=512" in report and "(25.0%)" in report and "scores 25.0% of T x S" in report
+    assert "(25%)" in report  # peak 100 B against 400 B for its own dense mask
+    assert report.count("; peak") == 1  # no memory comparison where nothing was measured
+
+
+def test_routing_figures_are_registered():
+    assert len(FIGURES["05_block_routing"]().axes) == 3
+    figure = FIGURES["05_vision_costs"]()
+    assert len(figure.axes) == 2
+    assert {line.get_label() for line in figure.axes[1].lines} == {
+        "full", "spatial reduction", "neighborhood", "divided space-time"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call,error,name",
+    [
+        (lambda: ch05.pattern_mask("moba", 8, top_k=0), ValueError, "top_k"),
+        (lambda: ch05.routing_inputs(-1), ValueError, "T"),
+        (lambda: ch05.routing_inputs(4, head_dim=0), ValueError, "head_dim"),
+        (lambda: ch05.nsa_branch_map(0), ValueError, "T"),
+        (lambda: routing_methods(kv_heads=3), ValueError, "kv_heads"),
+        (lambda: routing_work([0]), ValueError, "lengths"),
+    ],
+)
+def test_routing_bad_input_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call()

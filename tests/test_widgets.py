@@ -1,10 +1,13 @@
 """Widgets driven headlessly: every control moved across its range re-runs the view."""
 
+import math
+
 import ipywidgets
 import pytest
 import torch
 
 from course_lib import widgets
+from course_lib.widgets import ch01
 
 
 def controls(widget):
@@ -115,5 +118,103 @@ def test_explorer_output_equals_library_attention():
     ],
 )
 def test_bad_input_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call()
+
+
+# --- chapter 01: the relative-bias explorer ---------------------------------------------------------
+
+
+def t5_bucket_by_hand(distance: int, num_buckets: int, max_distance: int, bidirectional: bool) -> int:
+    """T5's bucket of a key ``distance`` positions before the query (negative: after), from the paper's
+    description: half the buckets exact, the rest log-spaced up to max_distance, the last one shared."""
+    offset, n = 0, num_buckets
+    if bidirectional:
+        n //= 2
+        offset = n if distance < 0 else 0
+        distance = abs(distance)
+    elif distance < 0:
+        return 0
+    exact = n // 2
+    if distance < exact:
+        return offset + distance
+    far = exact + int(math.log(distance / exact) / math.log(max_distance / exact) * (n - exact))
+    return offset + min(far, n - 1)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_relative_bias_view_t5_gives_every_pair_its_bucket(bidirectional):
+    T, n, max_distance = 40, 8, 20
+    view = ch01.relative_bias_view("T5 buckets", T, n, max_distance, bidirectional, draw=False)
+    expected = torch.tensor(
+        [[t5_bucket_by_hand(i - j, n, max_distance, bidirectional) for j in range(T)] for i in range(T)]
+    )
+    assert torch.equal(view["values"], expected)
+    assert view["profile"].tolist() == [
+        t5_bucket_by_hand(d, n, max_distance, bidirectional) for d in range(T)
+    ]
+    seen = {int(b) for i in range(T) for j in range(T) if bidirectional or j <= i for b in [expected[i, j]]}
+    assert view["parameters"] == len(seen)
+
+
+def test_relative_bias_view_alibi_and_shaw():
+    view = ch01.relative_bias_view("ALiBi", T=9, head=2, num_heads=4, draw=False)
+    slope = 2.0 ** (-8.0 * 3 / 4)
+    expected = torch.tensor([[-slope * abs(i - j) for j in range(9)] for i in range(9)])
+    torch.testing.assert_close(view["values"], expected)
+    torch.testing.assert_close(view["profile"], -slope * torch.arange(9.0))
+    assert view["parameters"] == 0
+    view = ch01.relative_bias_view("Shaw", T=12, max_distance=3, draw=False)
+    expected = torch.tensor([[max(-3, min(3, j - i)) + 3 for j in range(12)] for i in range(12)])
+    assert torch.equal(view["values"], expected)
+    assert view["profile"].tolist() == [3 - min(d, 3) for d in range(12)]
+    assert view["parameters"] == 7  # all 2k + 1 rows: T is longer than the clipping distance
+
+
+def test_relative_bias_view_raises_max_distance_past_the_exact_buckets_and_says_so():
+    view = ch01.relative_bias_view("T5 buckets", T=40, num_buckets=32, max_distance=5, draw=False)
+    assert "raised to 17" in view["html"]
+    assert view["profile"][:16].tolist() == list(range(16))  # the 16 exact buckets
+
+
+def test_relative_bias_explorer_reacts_to_every_control():
+    box = ch01.relative_bias_explorer()
+    w = box.interactive
+    c = controls(w)
+    assert set(c) >= {"scheme", "T", "buckets", "max distance", "bidirectional", "ALiBi head"}
+    for scheme in c["scheme"].options:
+        c["scheme"].value = scheme
+        assert box.children[1].value == w.result["html"] and scheme in w.result["html"]
+        for T in (c["T"].min, c["T"].max):
+            c["T"].value = T
+            assert w.result["values"].shape == (T, T)
+    c["scheme"].value = "T5 buckets"
+    for n in c["buckets"].options:
+        c["buckets"].value = n
+        assert int(w.result["values"].max()) < n
+    for value in (c["max distance"].min, 40, c["max distance"].max):
+        c["max distance"].value = value
+        assert w.result["profile"][-1] == w.result["values"].max()
+    c["bidirectional"].value = True
+    values = w.result["values"]
+    after = torch.ones_like(values, dtype=torch.bool).triu(1)
+    assert bool((values[after] >= c["buckets"].value // 2).all())  # keys after the query: the other half
+    c["scheme"].value = "ALiBi"
+    for head in range(c["ALiBi head"].min, c["ALiBi head"].max + 1):
+        c["ALiBi head"].value = head
+        assert w.result["profile"][1] == pytest.approx(-(2.0 ** (-(head + 1))))
+
+
+@pytest.mark.parametrize(
+    "call,error,name",
+    [
+        (lambda: ch01.relative_bias_view("XPos", draw=False), ValueError, "scheme"),
+        (lambda: ch01.relative_bias_view(T=1, draw=False), ValueError, "T"),
+        (lambda: ch01.relative_bias_view("ALiBi", head=8, draw=False), ValueError, "head"),
+        (lambda: ch01.relative_bias_view(num_buckets=1, draw=False), ValueError, "num_buckets"),
+        (lambda: ch01.relative_bias_view(max_distance=0, draw=False), ValueError, "max_distance"),
+    ],
+)
+def test_relative_bias_view_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()

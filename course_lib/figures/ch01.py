@@ -1,4 +1,5 @@
-"""Chapter 01's figures: the four steps of attention, the memory explosion, the masks of each task."""
+"""Chapter 01's figures: the four steps of attention, the memory explosion, the masks of each task,
+and what the relative position schemes add to the scores."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from ..measure import format_bytes
-from ..standard import attention, causal_mask
+from ..relative_positions import t5_buckets, untrained_position_fraction
+from ..standard import alibi_slopes, attention, causal_mask
 from ..studies.score_memory import ACCELERATOR_MEMORY_GIB, score_memory
 from ..viz import STYLE, new_axes, plot_mask
 
-__all__ = ["FIGURES", "attention_steps", "memory_explosion", "task_masks"]
+__all__ = ["FIGURES", "attention_steps", "memory_explosion", "task_masks", "relative_positions"]
 
 
 def attention_steps() -> Figure:
@@ -84,8 +86,65 @@ def task_masks() -> Figure:
     return figure
 
 
+def relative_positions(train_length: int = 64) -> Figure:
+    """What each relative scheme adds at each distance, and what a longer input meets untrained.
+
+    Left: ALiBi's fixed bias for 8 heads. Middle: T5's bucket for each distance (32 buckets,
+    ``max_distance`` 128, causal and bidirectional) and Shaw's clipped row (``k`` = 16). Right: the
+    share of causal (query, key) pairs at a longer length whose position parameter was never used
+    in training at ``train_length``: T5's far buckets stay untrained unless training reaches
+    ``max_distance`` (:func:`course_lib.relative_positions.untrained_position_fraction`).
+    """
+    distances = torch.arange(0, 513)
+    with plt.rc_context(STYLE):
+        figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
+        for head, slope in enumerate(alibi_slopes(8).tolist()):
+            left.plot(distances[:65], -slope * distances[:65], label=f"head {head}, slope {slope:.3g}")
+        left.set_xlabel("distance i - j")
+        left.set_ylabel("bias added to the score")
+        left.set_title("ALiBi: fixed linear penalties, one slope per head")
+        left.legend(frameon=False, fontsize=7)
+        middle.plot(distances, t5_buckets(-distances, bidirectional=False), label="T5 causal: 32 buckets")
+        middle.plot(
+            distances, t5_buckets(-distances, bidirectional=True), label="T5 bidirectional: 16 per side"
+        )
+        middle.plot(distances, distances.clamp(max=16), label="Shaw: clip(i - j, 16)")
+        middle.axvline(128, color="grey", linestyle=":", linewidth=1)
+        middle.text(132, 2, "max_distance 128", color="grey", fontsize=8)
+        middle.set_xscale("symlog", linthresh=16)
+        middle.set_xlim(0, 512)
+        middle.set_xlabel("distance i - j (symlog)")
+        middle.set_ylabel("learned parameter used (bucket or row)")
+        middle.set_title("T5: exact near, log-spaced far; Shaw: clipped")
+        middle.legend(frameon=False, fontsize=8)
+        lengths = [train_length * 2**p for p in range(0, 5)]
+        for (scheme, max_distance, label), marker in zip(
+            (
+                ("learned absolute", 0, "learned absolute"),
+                ("t5", 128, "T5, max_distance 128"),
+                ("t5", 32, "T5, max_distance 32"),
+                ("shaw", 16, "Shaw, k = 16"),
+            ),
+            "osD^",
+        ):
+            fractions = [
+                untrained_position_fraction(scheme, train_length, L, max_distance=max_distance or 128)
+                for L in lengths
+            ]
+            right.plot(lengths, fractions, marker=marker, label=label)
+        right.set_xscale("log", base=2)
+        right.set_ylim(-0.02, 1)
+        right.set_xlabel("evaluation length")
+        right.set_ylabel("share of causal pairs")
+        right.set_title(f"pairs whose parameter was never trained\n(trained at T = {train_length})")
+        right.legend(frameon=False, fontsize=8)
+        figure.tight_layout()
+    return figure
+
+
 FIGURES: dict[str, Callable[[], Figure]] = {
     "01_attention_steps": attention_steps,
     "01_memory_explosion": memory_explosion,
     "01_task_masks": task_masks,
+    "01_relative_positions": relative_positions,
 }

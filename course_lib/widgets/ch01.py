@@ -1,4 +1,4 @@
-"""Chapter 01's explorers: attention weights of a sentence, and score-matrix memory."""
+"""Chapter 01's explorers: attention weights of a sentence, score-matrix memory, relative biases."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 
 from ..checks import check_choice, check_float, check_int
 from ..measure import format_bytes
+from ..relative_positions import relative_distance_index, t5_buckets
 from ..sparse import sliding_window_mask
-from ..standard import attention, causal_mask
+from ..standard import alibi_bias, alibi_slopes, attention, causal_mask
 from ..studies.score_memory import ACCELERATOR_MEMORY_GIB, DTYPE_BYTES, score_memory
 from ..viz import STYLE, plot_attention, plot_mask
 
@@ -25,6 +26,9 @@ __all__ = [
     "score_memory",
     "memory_calculator_view",
     "memory_calculator",
+    "RELATIVE_SCHEMES",
+    "relative_bias_view",
+    "relative_bias_explorer",
 ]
 
 # --- (a) attention explorer -----------------------------------------------------------------
@@ -175,6 +179,126 @@ def memory_calculator() -> widgets.Widget:
         accelerator=widgets.Dropdown(
             options=list(ACCELERATOR_MEMORY_GIB), value="A100-80GB-SXM (80 GB)", description="device"
         ),
+    )
+    box = widgets.VBox([controls, out])
+    box.interactive = controls  # for tests and for readers who want the result
+    return box
+
+
+# --- (c) relative positions: which pairs share a parameter ---------------------------------------
+
+RELATIVE_SCHEMES = ("ALiBi", "T5 buckets", "Shaw")
+
+
+def relative_bias_view(
+    scheme: str = "T5 buckets",
+    T: int = 48,
+    num_buckets: int = 16,
+    max_distance: int = 24,
+    bidirectional: bool = False,
+    head: int = 0,
+    num_heads: int = 8,
+    *,
+    draw: bool = True,
+) -> dict:
+    """What a relative scheme assigns to each (query, key) pair of a ``T x T`` attention.
+
+    ``"ALiBi"``: the fixed bias ``-slope_head * |i - j|`` of head ``head`` of ``num_heads``.
+    ``"T5 buckets"``: the bucket of each pair (:func:`course_lib.relative_positions.t5_buckets`,
+    ``num_buckets``, ``max_distance`` (raised past the exact buckets if needed, and the html says
+    so), ``bidirectional``); pairs in one bucket share one learned scalar per head. ``"Shaw"``:
+    the row of Shaw's tables, ``clip(j - i, -k, k) + k`` with ``k = max_distance``; pairs with
+    one row share one learned vector. Returns ``values`` (T, T),
+    ``distances`` (0 .. T-1, keys before the query), ``profile`` (the value at each distance),
+    ``parameters`` (distinct learned entries used per head: buckets or rows; 0 for ALiBi) and
+    ``html``.
+    """
+    check_choice(scheme, "scheme", RELATIVE_SCHEMES)
+    T = check_int(T, "T", min=2)
+    num_heads = check_int(num_heads, "num_heads", min=1)
+    head = check_int(head, "head", min=0, max=num_heads - 1)
+    distances = torch.arange(T)
+    if scheme == "ALiBi":
+        values = alibi_bias(num_heads, T)[head]
+        profile = -alibi_slopes(num_heads)[head] * distances
+        parameters = 0
+        what = (
+            f"bias of head {head}, slope {float(alibi_slopes(num_heads)[head]):.4g}: fixed, nothing learned"
+        )
+    elif scheme == "T5 buckets":
+        relative = torch.arange(T)[None, :] - torch.arange(T)[:, None]
+        num_buckets = check_int(num_buckets, "num_buckets", min=4 if bidirectional else 2)
+        exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+        raised = max(check_int(max_distance, "max_distance", min=1), exact + 1)
+        note = (
+            ""
+            if raised == max_distance
+            else f" (max distance raised to {raised}, past the {exact} exact buckets)"
+        )
+        max_distance = raised
+        options = dict(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+        values = t5_buckets(relative, **options)
+        profile = t5_buckets(-distances, **options)
+        parameters = int(
+            values[relative <= 0].unique().numel() if not bidirectional else values.unique().numel()
+        )
+        what = (
+            f"bucket of each pair: {parameters} of {num_buckets} buckets used at T={T}, "
+            f"distances from {max_distance} on share the last one{note}"
+        )
+    else:
+        values = relative_distance_index(T, max_distance=max_distance)
+        profile = relative_distance_index(1, T, max_distance=max_distance)[0].flip(0)  # key T-1-d for d
+        parameters = int(values.unique().numel())
+        rows = 2 * max_distance + 1
+        what = f"row of Shaw's tables: {parameters} of {rows} rows used, clipped at {max_distance}"
+    view = {
+        "values": values,
+        "distances": distances,
+        "profile": profile,
+        "parameters": parameters,
+        "html": f"<b>{scheme}</b>, T={T}: {what}.",
+    }
+    if draw:
+        with plt.rc_context(STYLE):
+            figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+            image = left.imshow(values.float().numpy(), cmap="viridis")
+            figure.colorbar(image, ax=left, fraction=0.046, pad=0.04)
+            left.set_xlabel("key j")
+            left.set_ylabel("query i")
+            left.set_title(f"{scheme}: value per pair")
+            right.plot(distances.numpy(), profile.float().numpy(), marker=".")
+            right.set_xlabel("distance i - j (key before the query)")
+            right.set_ylabel(
+                "bias" if scheme == "ALiBi" else ("bucket" if scheme == "T5 buckets" else "table row")
+            )
+            right.set_title("the same, against distance")
+            figure.tight_layout()
+            plt.show()
+            plt.close(figure)
+        view["figure"] = figure
+    return view
+
+
+def relative_bias_explorer() -> widgets.Widget:
+    """Scheme, T, buckets and clipping -> the value each pair gets, and which pairs share a parameter."""
+    out = widgets.HTML()
+
+    def update(**controls) -> dict:
+        view = relative_bias_view(**controls)
+        out.value = view["html"]
+        return view
+
+    controls = widgets.interactive(
+        update,
+        scheme=widgets.Dropdown(options=RELATIVE_SCHEMES, value="T5 buckets", description="scheme"),
+        T=widgets.IntSlider(value=48, min=8, max=128, step=8, description="T"),
+        num_buckets=widgets.SelectionSlider(options=[4, 8, 16, 32], value=16, description="buckets"),
+        max_distance=widgets.IntSlider(value=24, min=1, max=128, description="max distance"),
+        bidirectional=widgets.Checkbox(value=False, description="bidirectional"),
+        head=widgets.IntSlider(value=0, min=0, max=7, description="ALiBi head"),
+        num_heads=widgets.fixed(8),
+        draw=widgets.fixed(True),
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls  # for tests and for readers who want the result

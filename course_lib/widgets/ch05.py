@@ -2,6 +2,7 @@
 
 - (a) :func:`mask_explorer`: a pattern and its knobs -> the mask, its density, how many layers
   connect every pair, and the estimated cost of a kernel that skips the masked pairs at a chosen T.
+  Besides the fixed patterns, NSA's and MoBA's block selections on seeded inputs.
 - (b) :func:`eviction_explorer`: a policy and a budget -> the kept cache entries, the output
   error and the next-token loss, on the attention of chapter 05's trained model over held-out
   text, or on a synthetic stand-in with planted sinks and heavy hitters.
@@ -45,12 +46,15 @@ from ..studies.eviction import (
     trained_eviction_study,
 )
 from ..studies.sparse_kernels import REFERENCE, sparse_methods
-from ..studies.sparse_patterns import PATTERNS, pattern_mask
+from ..studies.sparse_patterns import NSA_BRANCHES, PATTERNS, nsa_branch_map, pattern_mask, routing_inputs
 from ..viz import STYLE, plot_mask, plot_scaling
 
 __all__ = [
     "PATTERNS",
     "COST_LENGTHS",
+    "routing_inputs",
+    "NSA_BRANCHES",
+    "nsa_branch_map",
     "pattern_mask",
     "pattern_cost",
     "reach_curve",
@@ -140,6 +144,7 @@ def mask_explorer_view(
     causal: bool = False,
     T_view: int = 64,
     T_cost: int = 4096,
+    top_k: int = 2,
     *,
     draw: bool = True,
 ) -> dict:
@@ -159,6 +164,7 @@ def mask_explorer_view(
         random_blocks=random_blocks,
         block_size=block_size,
         causal=causal,
+        top_k=top_k,
     )
     mask = pattern_mask(pattern, T_view, **params)
     stats = mask_stats(mask)
@@ -177,6 +183,11 @@ def mask_explorer_view(
         f"<td>{format_bytes(cost['sparse_score_bytes'])}</td></tr></table>"
         f"Ideal time vs dense: {cost['time_ratio']:.1%} (density {cost['density']:.1%} at T={T_cost})."
     )
+    if pattern == "nsa":
+        html += (
+            f"<br>NSA also reads about {T_cost // max(1, block_size // 2)} compressed keys per query "
+            "(its third branch), not counted in this mask."
+        )
     view = {"mask": mask, "stats": stats, "reach": reach, "cost": cost, "html": html}
     if draw:
         with plt.rc_context(STYLE):
@@ -215,6 +226,7 @@ def mask_explorer() -> widgets.Widget:
         causal=widgets.Checkbox(value=False, description="causal"),
         T_view=widgets.SelectionSlider(options=[16, 32, 64, 128], value=64, description="T shown"),
         T_cost=widgets.SelectionSlider(options=list(COST_LENGTHS), value=4096, description="T costed"),
+        top_k=widgets.IntSlider(value=2, min=1, max=8, description="blocks chosen"),
         draw=widgets.fixed(True),
     )
     box = widgets.VBox([controls, out])
