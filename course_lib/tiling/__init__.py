@@ -9,13 +9,16 @@ schedule), ``io_cost`` (HBM traffic), ``decoding``
 from .decoding import flash_decoding
 from .flash import (
     FlashStats,
+    ScoreMod,
     Tile,
     TileStep,
+    alibi_score_mod,
     flash_attention,
     flash_attention_trace,
     flash_backward,
     flash_forward_fa1,
     flash_forward_fa2,
+    soft_cap_score_mod,
     tile_gradients,
     tile_schedule,
 )
@@ -45,6 +48,9 @@ __all__ = [
     "flash_backward",
     "tile_gradients",
     "flash_attention",
+    "ScoreMod",
+    "alibi_score_mod",
+    "soft_cap_score_mod",
     "Tile",
     "tile_schedule",
     "flash_attention_trace",

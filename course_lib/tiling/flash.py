@@ -21,6 +21,7 @@ chip, and :func:`flash_attention_trace` replays it with the same fold, recording
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,6 +39,7 @@ from ..checks import (
     compute_dtype,
     resolve_scale,
 )
+from ..standard import alibi_slopes
 from .online_softmax import finish_fold, fold_block, merge_softmax_stats, rescale_factor, start_fold
 
 __all__ = [
@@ -51,6 +53,9 @@ __all__ = [
     "FlashStats",
     "TileStep",
     "flash_attention_trace",
+    "ScoreMod",
+    "alibi_score_mod",
+    "soft_cap_score_mod",
 ]
 
 
@@ -74,16 +79,133 @@ def _visibility(q_rows: tuple[int, int], k_rows: tuple[int, int], offset: int, c
     return "partial"
 
 
-def _block_scores(q_block, k_block, visibility, q_rows, k_rows, offset, scale=None):
-    """Scores of one tile, -inf where causal forbids; ``scale=None`` if q_block is pre-scaled."""
+def _block_scores(q_block, k_block, visibility, q_rows, k_rows, offset, scale=None, score_mod=None):
+    """Scores of one tile, -inf where causal forbids; ``scale=None`` if q_block is pre-scaled.
+
+    ``score_mod`` is ``None`` or a :class:`_TileMod`: the score modification with its index tensors.
+    """
     scores = q_block @ k_block.transpose(-2, -1)
     if scale is not None:
         scores = scores * scale
+    if score_mod is not None:
+        scores = score_mod(scores, q_rows, k_rows)
     if visibility == "partial":
-        rows = torch.arange(*q_rows, device=scores.device).unsqueeze(1)
-        cols = torch.arange(*k_rows, device=scores.device).unsqueeze(0)
-        scores = scores.masked_fill(cols > rows + offset, float("-inf"))
+        scores = _block_scores_mask(scores, q_rows, k_rows, offset)
     return scores
+
+
+def _block_scores_mask(scores, q_rows, k_rows, offset):
+    """``scores`` with ``-inf`` where causal forbids a key (``j > i + offset``)."""
+    rows = torch.arange(*q_rows, device=scores.device).unsqueeze(1)
+    cols = torch.arange(*k_rows, device=scores.device).unsqueeze(0)
+    return scores.masked_fill(cols > rows + offset, float("-inf"))
+
+
+# --- score modifications: a bias computed inside each tile --------------------------------------
+
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def alibi_score_mod(num_heads: int, *, offset: int = 0) -> ScoreMod:
+    """ALiBi as a score modification: ``score - slope_h * |i + offset - j|`` (Press et al., 2022).
+
+    With ``offset = S - T`` (queries aligned to the end of the keys) it adds exactly
+    :func:`course_lib.standard.alibi_bias`, one tile at a time.
+    """
+    slopes = alibi_slopes(num_heads)
+    offset = check_int(offset, "offset")
+
+    def score_mod(score, batch, head, query_index, key_index):
+        distance = (query_index + offset - key_index).abs()
+        return score - slopes.to(score.device, score.dtype)[head] * distance
+
+    return score_mod
+
+
+def soft_cap_score_mod(cap: float) -> ScoreMod:
+    """A logit soft cap, ``cap * tanh(score / cap)``: every score stays in ``(-cap, cap)`` (Gemma 2)."""
+    cap = check_float(cap, "cap", min=0, min_open=True)
+    if cap == float("inf"):
+        raise ValueError("cap must be finite (no cap: pass no score_mod)")
+
+    def score_mod(score, batch, head, query_index, key_index):
+        return cap * torch.tanh(score / cap)
+
+    return score_mod
+
+
+class _TileMod:
+    """A score modification and its index tensors, called on one tile at a time.
+
+    ``score_mod(score, batch, head, query_index, key_index)`` gets the tile's scaled scores
+    ``(B, H, rows, keys)`` and integer indices that broadcast against them, ``(B, 1, 1, 1)``,
+    ``(1, H, 1, 1)``, ``(1, 1, rows, 1)`` and ``(1, 1, 1, keys)`` (FlexAttention's signature; the
+    indices count from 0 in q and in k, whatever ``T - S``). The index tensors are built once per
+    call and sliced per tile, so the ``T x S`` bias never exists.
+    """
+
+    def __init__(self, score_mod: ScoreMod, B: int, H: int, T: int, S: int, device: torch.device):
+        self.score_mod = score_mod
+        self.batch = torch.arange(B, device=device).view(B, 1, 1, 1)
+        self.head = torch.arange(H, device=device).view(1, H, 1, 1)
+        self.query = torch.arange(T, device=device).view(1, 1, T, 1)
+        self.key = torch.arange(S, device=device).view(1, 1, 1, S)
+
+    def __call__(
+        self, scores: torch.Tensor, q_rows: tuple[int, int], k_rows: tuple[int, int]
+    ) -> torch.Tensor:
+        query, key = self.query[:, :, slice(*q_rows)], self.key[..., slice(*k_rows)]
+        modified = self.score_mod(scores, self.batch, self.head, query, key)
+        if not isinstance(modified, torch.Tensor) or not modified.is_floating_point():
+            raise TypeError(f"score_mod must return a floating tensor, got {type(modified).__name__}")
+        if modified.shape != scores.shape:
+            try:
+                modified = modified.expand(scores.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"score_mod must return a tensor broadcastable to the tile's scores "
+                    f"{tuple(scores.shape)}, got {tuple(modified.shape)}"
+                ) from None
+        return modified.to(scores.dtype)
+
+
+def _tile_mod(score_mod, q, k) -> _TileMod | None:
+    if score_mod is None:
+        return None
+    if not callable(score_mod):
+        raise TypeError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
+    B, H, T = q.shape[:3]
+    return _TileMod(score_mod, B, H, T, k.shape[2], q.device)
+
+
+def _score_mod_leaves(
+    score_mod: ScoreMod, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """The tensors that require grad and that ``score_mod`` reads (a learned bias's table).
+
+    Found by calling it once on a 1-element tile and walking the autograd graph of the result
+    back to its leaves; :func:`flash_attention` passes them to autograd as inputs, so their
+    gradients (summed over every tile by the backward pass) reach them.
+    """
+    if not torch.is_grad_enabled():
+        return ()
+    probe = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device, requires_grad=True)
+    index = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    result = score_mod(probe, index, index, index, index)
+    leaves: dict[int, torch.Tensor] = {}
+    stack, seen = [getattr(result, "grad_fn", None)], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None:
+            if variable is not probe:
+                leaves[id(variable)] = variable
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return tuple(leaves.values())
 
 
 def _check_loop_arguments(q, k, v, scale, causal, block_q, block_k):
@@ -121,15 +243,19 @@ def flash_forward_fa2(
     causal: bool = False,
     block_q: int = 64,
     block_k: int = 64,
+    score_mod: ScoreMod | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-2's forward pass: Q blocks outside, K/V blocks inside, normalise once.
 
     q ``(B, H, T, D)``, k ``(B, H, S, D)``, v ``(B, H, S, D_v)``; ``scale`` defaults to ``D ** -0.5``;
     ``causal`` aligns the diagonal to the end. Returns ``(out, lse)``: ``(B, H, T, D_v)`` and the
     ``(B, H, T)`` logsumexp, in float32 (float64 stays float64). A query that sees no key gets
-    zeros and logsumexp ``-inf``. No autograd of its own: :func:`flash_attention` adds the backward.
+    zeros and logsumexp ``-inf``. ``score_mod(score, batch, head, query_index, key_index)``, if
+    given, modifies each tile's scaled scores before the causal mask (see :func:`flash_attention`).
+    No autograd of its own: :func:`flash_attention` adds the backward.
     """
     (q, k, v), scale, block_q, block_k = _check_loop_arguments(q, k, v, scale, causal, block_q, block_k)
+    tile_mod = _tile_mod(score_mod, q, k)
     T, S = q.shape[2], k.shape[2]
     out = q.new_empty(*q.shape[:3], v.shape[3])
     lse = q.new_empty(q.shape[:3])
@@ -144,7 +270,9 @@ def flash_forward_fa2(
             if visibility == "none":
                 continue  # wholly above the causal diagonal: never loaded
             cols = slice(*k_rows)
-            scores = _block_scores(q_block, k[:, :, cols], visibility, q_rows, k_rows, S - T)
+            scores = _block_scores(
+                q_block, k[:, :, cols], visibility, q_rows, k_rows, S - T, score_mod=tile_mod
+            )
             row_max, row_sum, accumulator = fold_block(row_max, row_sum, accumulator, scores, v[:, :, cols])
         out[:, :, rows], lse[:, :, rows] = finish_fold(row_max, row_sum, accumulator)
     return out, lse
@@ -159,6 +287,7 @@ def flash_forward_fa1(
     causal: bool = False,
     block_q: int = 64,
     block_k: int = 64,
+    score_mod: ScoreMod | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention's (2022) forward pass: K/V blocks outside, Q blocks inside.
 
@@ -168,6 +297,7 @@ def flash_forward_fa1(
     paper). Same arguments and result as :func:`flash_forward_fa2`.
     """
     (q, k, v), scale, block_q, block_k = _check_loop_arguments(q, k, v, scale, causal, block_q, block_k)
+    tile_mod = _tile_mod(score_mod, q, k)
     T, S = q.shape[2], k.shape[2]
     row_max, row_sum, out = start_fold(q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
     for k_rows in _blocks(S, block_k):
@@ -177,7 +307,9 @@ def flash_forward_fa1(
             if visibility == "none":
                 continue
             rows = slice(*q_rows)
-            scores = _block_scores(q[:, :, rows], k_block, visibility, q_rows, k_rows, S - T, scale)
+            scores = _block_scores(
+                q[:, :, rows], k_block, visibility, q_rows, k_rows, S - T, scale, score_mod=tile_mod
+            )
             # The tile on its own: its max m~, the sum l~ of P~ = exp(s - m~), and P~ V.
             empty = start_fold(scores.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
             block_max, block_sum, block_values = fold_block(*empty, scores, v_block)
@@ -223,6 +355,35 @@ def tile_gradients(
     return grad_q, grad_k, probabilities.transpose(-2, -1) @ grad_out
 
 
+def _tile_gradients_through_mod(q, k, v, grad_out, raw_scores, tile_mod, tile, lse, row_terms, scale, inputs):
+    """:func:`tile_gradients` for modified scores: the mod's derivative comes from autograd.
+
+    ``raw_scores`` are the tile's scaled scores before the modification. The modified scores are
+    recomputed with autograd on, ``dS`` is formed for them as usual, and one ``autograd.grad``
+    carries it back through the modification to the raw scores and to ``inputs`` (the tensors
+    the modification reads, e.g. T5's table). Returns the three tile gradients and those of
+    ``inputs`` (zeros where the tile does not reach one).
+    """
+    q_rows, k_rows, visibility, offset = tile
+    with torch.enable_grad():
+        raw = raw_scores.requires_grad_()
+        modified = tile_mod(raw, q_rows, k_rows)
+    scores = modified.detach()
+    if visibility == "partial":
+        scores = _block_scores_mask(scores, q_rows, k_rows, offset)
+    probabilities = torch.exp(scores - lse.unsqueeze(-1))
+    grad_modified = probabilities * (grad_out @ v.transpose(-2, -1) + row_terms.unsqueeze(-1))
+    # retain_graph: the modification may read a tensor computed outside (a table times a parameter)
+    # whose graph every tile goes back through.
+    grads = torch.autograd.grad(
+        modified, (raw, *inputs), grad_modified, retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+    grad_scores = grads[0]
+    grad_q = scale * (grad_scores @ k)
+    grad_k = scale * (grad_scores.transpose(-2, -1) @ q)
+    return grad_q, grad_k, probabilities.transpose(-2, -1) @ grad_out, grads[1:]
+
+
 def flash_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -236,16 +397,33 @@ def flash_backward(
     causal: bool = False,
     block_q: int = 64,
     block_k: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    score_mod: ScoreMod | None = None,
+    score_mod_inputs: tuple[torch.Tensor, ...] = (),
+) -> tuple[torch.Tensor, ...]:
     """FlashAttention-2's backward pass: K/V blocks outside, Q blocks inside, P recomputed per tile.
 
     q, k, v as in :func:`flash_forward_fa2`; ``out`` ``(B, H, T, D_v)`` and ``lse`` ``(B, H, T)`` are
     what the forward returned, ``grad_out`` the gradient on ``out`` and ``grad_lse`` (optional) the
     gradient on ``lse``. Returns ``(grad_q, grad_k, grad_v)`` in the compute dtype. dK_j and dV_j
     are accumulated on chip for one K/V block; each tile adds its share to dQ.
+
+    With a ``score_mod``, each tile's modified scores are recomputed with autograd on and its
+    ``dS`` is pulled back through the modification by ``torch.autograd.grad`` on the tile: any
+    differentiable modification works (ALiBi, T5's buckets, a soft cap whose derivative depends on
+    the score) without a hand-written derivative. ``score_mod_inputs`` are tensors the
+    modification reads whose gradients are wanted (T5's table; they must require grad); they are then
+    returned as a fourth item, a tuple of gradients summed over all tiles.
     """
     (q, k, v), scale, block_q, block_k = _check_loop_arguments(q, k, v, scale, causal, block_q, block_k)
     out, lse, grad_out, grad_lse = _check_saved(q, v, out, lse, grad_out, grad_lse)
+    tile_mod = _tile_mod(score_mod, q, k)
+    inputs = tuple(score_mod_inputs)
+    for index, x in enumerate(inputs):
+        check_tensor(x, f"score_mod_inputs[{index}]", floating=True)
+        if not x.requires_grad:
+            raise ValueError(
+                f"score_mod_inputs[{index}] must require grad: its gradient is what is asked for"
+            )
     T, S = q.shape[2], k.shape[2]
 
     # D_i = sum_d dO_id O_id equals sum_j P_ij dP_ij: the softmax Jacobian's correction term.
@@ -253,6 +431,7 @@ def flash_backward(
     # A row that saw no key has lse = -inf and P = 0: use +inf so exp(s - lse) is 0, not NaN.
     safe_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
     grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    grad_inputs = [torch.zeros_like(x) for x in inputs]
     for k_rows in _blocks(S, block_k):
         cols = slice(*k_rows)
         k_block, v_block = k[:, :, cols], v[:, :, cols]
@@ -262,24 +441,44 @@ def flash_backward(
             if visibility == "none":
                 continue
             rows = slice(*q_rows)
-            scores = _block_scores(q[:, :, rows], k_block, visibility, q_rows, k_rows, S - T, scale)
             # d lse / d s = P, so a gradient on the logsumexp adds to (dP - D).
             row_terms = grad_lse[:, :, rows] - delta[:, :, rows]
-            tile_q, tile_k, tile_v = tile_gradients(
-                q[:, :, rows],
-                k_block,
-                v_block,
-                grad_out[:, :, rows],
-                scores,
-                safe_lse[:, :, rows],
-                row_terms,
-                scale,
-            )
+            if tile_mod is None:
+                scores = _block_scores(q[:, :, rows], k_block, visibility, q_rows, k_rows, S - T, scale)
+                tile_q, tile_k, tile_v = tile_gradients(
+                    q[:, :, rows],
+                    k_block,
+                    v_block,
+                    grad_out[:, :, rows],
+                    scores,
+                    safe_lse[:, :, rows],
+                    row_terms,
+                    scale,
+                )
+            else:
+                raw_scores = _block_scores(q[:, :, rows], k_block, "full", q_rows, k_rows, S - T, scale)
+                tile_q, tile_k, tile_v, tile_inputs = _tile_gradients_through_mod(
+                    q[:, :, rows],
+                    k_block,
+                    v_block,
+                    grad_out[:, :, rows],
+                    raw_scores,
+                    tile_mod,
+                    (q_rows, k_rows, visibility, S - T),
+                    safe_lse[:, :, rows],
+                    row_terms,
+                    scale,
+                    inputs,
+                )
+                for total, part in zip(grad_inputs, tile_inputs, strict=True):
+                    total += part
             grad_q[:, :, rows] += tile_q
             grad_k_block += tile_k
             grad_v_block += tile_v
         grad_k[:, :, cols] = grad_k_block
         grad_v[:, :, cols] = grad_v_block
+    if inputs:
+        return grad_q, grad_k, grad_v, tuple(grad_inputs)
     return grad_q, grad_k, grad_v
 
 
@@ -290,21 +489,25 @@ _FORWARDS = {"fa1": flash_forward_fa1, "fa2": flash_forward_fa2}
 
 class _FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, block_q, block_k, loop_order):
+    def forward(ctx, q, k, v, scale, causal, block_q, block_k, loop_order, score_mod, *mod_inputs):
         # Half-precision inputs are computed in float32; float64 stays float64 (gradient checks).
-        settings = dict(scale=scale, causal=causal, block_q=block_q, block_k=block_k)
+        settings = dict(scale=scale, causal=causal, block_q=block_q, block_k=block_k, score_mod=score_mod)
         out, lse = _FORWARDS[loop_order](q, k, v, **settings)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, *mod_inputs)
         ctx.settings = settings
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        grads = flash_backward(q, k, v, out, lse, grad_out, grad_lse=grad_lse, **ctx.settings)
-        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True)) + (None,) * 5
+        q, k, v, out, lse, *mod_inputs = ctx.saved_tensors
+        grads = flash_backward(
+            q, k, v, out, lse, grad_out, grad_lse=grad_lse, score_mod_inputs=tuple(mod_inputs), **ctx.settings
+        )
+        grad_qkv = tuple(g.to(x.dtype) for g, x in zip(grads[:3], (q, k, v), strict=True))
+        grad_inputs = grads[3] if mod_inputs else ()
+        return grad_qkv + (None,) * 6 + tuple(grad_inputs)
 
 
 def _check_flash_arguments(q, k, v, causal, scale, block_q, block_k, loop_order):
@@ -325,6 +528,7 @@ def flash_attention(
     loop_order: str = "fa2",
     return_lse: bool = False,
     stats: FlashStats | None = None,
+    score_mod: ScoreMod | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention, computed one (Q block, K block) tile at a time.
 
@@ -340,6 +544,13 @@ def flash_attention(
         return_lse: also return the logsumexp of each row of scores, ``(B, H, T)``.
         stats: a :class:`FlashStats` to add the counts of tiles computed and skipped and of the
             elements read from and written to HBM to (per batch element and head).
+        score_mod: ``score_mod(score, batch, head, query_index, key_index) -> score``, FlexAttention's
+            signature, applied to each tile's scaled scores before the causal mask: a bias that is a
+            function of the positions (:func:`alibi_score_mod`, T5's
+            :func:`course_lib.relative_positions.t5_score_mod`, :func:`soft_cap_score_mod`) costs
+            one small tensor per tile and never a ``T x S`` one. The indices are integer tensors
+            that broadcast against the tile, counted from 0 in q and in k. Gradients reach the
+            tensors it reads that require grad (a learned table): see :func:`flash_backward`.
 
     Returns:
         ``(B, H, T, D_v)`` in the input dtype (and the float32/float64 logsumexp). A query that
@@ -350,7 +561,13 @@ def flash_attention(
     check_bool(return_lse, "return_lse")
     if stats is not None and not isinstance(stats, FlashStats):
         raise TypeError(f"stats must be a FlashStats or None, got {type(stats).__name__}")
-    out, lse = _FlashAttentionFunction.apply(q, k, v, scale, causal, block_q, block_k, loop_order)
+    mod_inputs = ()
+    if score_mod is not None:
+        _tile_mod(score_mod, q, k)  # checks it is callable
+        mod_inputs = _score_mod_leaves(score_mod, compute_dtype(q), q.device)
+    out, lse = _FlashAttentionFunction.apply(
+        q, k, v, scale, causal, block_q, block_k, loop_order, score_mod, *mod_inputs
+    )
     if stats is not None:
         schedule = tile_schedule(
             q.shape[2], k.shape[2], block_q=block_q, block_k=block_k, causal=causal, loop_order=loop_order
@@ -474,6 +691,7 @@ class TileStep:
     output: torch.Tensor = field(repr=False)
 
 
+@torch.no_grad()
 def flash_attention_trace(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -484,6 +702,7 @@ def flash_attention_trace(
     block_q: int = 64,
     block_k: int = 64,
     loop_order: str = "fa2",
+    score_mod: ScoreMod | None = None,
 ) -> list[TileStep]:
     """Walk the tiles in the chosen loop's order and record every step (for the tile-walk widget).
 
@@ -495,6 +714,7 @@ def flash_attention_trace(
     scale, block_q, block_k = _check_flash_arguments(q, k, v, causal, scale, block_q, block_k, loop_order)
     dtype = compute_dtype(q)
     q, k, v = (x.detach().to(dtype) for x in (q, k, v))
+    tile_mod = _tile_mod(score_mod, q, k)
     T, S = q.shape[2], k.shape[2]
     row_max, row_sum, accumulator = start_fold(q.shape[:3], v.shape[3], dtype=dtype, device=q.device)
     steps: list[TileStep] = []
@@ -502,7 +722,14 @@ def flash_attention_trace(
         rows, cols = slice(*tile.q_rows), slice(*tile.k_rows)
         if tile.visibility != "none":
             scores = _block_scores(
-                q[:, :, rows], k[:, :, cols], tile.visibility, tile.q_rows, tile.k_rows, S - T, scale
+                q[:, :, rows],
+                k[:, :, cols],
+                tile.visibility,
+                tile.q_rows,
+                tile.k_rows,
+                S - T,
+                scale,
+                score_mod=tile_mod,
             )
             row_max[:, :, rows], row_sum[:, :, rows], accumulator[:, :, rows] = fold_block(
                 row_max[:, :, rows], row_sum[:, :, rows], accumulator[:, :, rows], scores, v[:, :, cols]
