@@ -8,6 +8,8 @@ schedule), ``io_cost`` (HBM traffic), ``decoding``
 
 from .decoding import flash_decoding
 from .flash import (
+    BLOCK_K,
+    BLOCK_Q,
     FlashStats,
     ScoreMod,
     Tile,
@@ -27,6 +29,7 @@ from .online_softmax import (
     combine_partials,
     finish_fold,
     fold_block,
+    fold_block_,
     merge_softmax_stats,
     online_softmax,
     rescale_factor,
@@ -41,8 +44,11 @@ __all__ = [
     "rescale_factor",
     "start_fold",
     "fold_block",
+    "fold_block_",
     "finish_fold",
     "combine_partials",
+    "BLOCK_Q",
+    "BLOCK_K",
     "flash_forward_fa2",
     "flash_forward_fa1",
     "flash_backward",
