@@ -123,3 +123,58 @@ def test_draw_sage_comparison_draws_one_bar_per_variant():
 def test_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+# --- the flash benchmark suite: FLOP counts, the table and the report -------------------------------
+
+
+def test_phase_flops_by_hand():
+    from course_lib.benchmarks.ch03 import phase_flops
+
+    # B = 1, H = 8, D = 64: 2 D FLOPs per matmul and pair.
+    assert phase_flops("forward", 4) == 2 * 64 * 2 * 16 * 8
+    assert phase_flops("causal", 4) == 2 * 64 * 2 * 10 * 8  # 4 + 3 + 2 + 1 visible pairs
+    assert phase_flops("train", 4) == 2 * 64 * 7 * 10 * 8  # 2 matmuls forward, 5 backward
+    assert phase_flops("decode", 4) == 2 * 64 * 2 * 4 * 8  # one query, 4 cached keys
+    with pytest.raises(ValueError, match="phase"):
+        phase_flops("prefill", 4)
+
+
+def _measurement(phase, method, T, seconds, peak=None):
+    from course_lib.benchmarks.ch03 import phase_flops
+    from course_lib.measure import Measurement
+
+    flops = 2 * 2048**3 if phase == "matmul" else phase_flops(phase, T)
+    return Measurement(
+        f"{phase}/{method}", T, seconds, peak, {"phase": phase, "method": method, "flops": flops}
+    )
+
+
+def test_flash_table_and_report_read_the_ratios_and_targets():
+    from course_lib.benchmarks.ch03 import flash_report, flash_table
+
+    results = [
+        _measurement("matmul", "matmul", 512, 2 * 2048**3 / 100e9),  # 100 GFLOP/s
+        _measurement("forward", "flash", 4096, 1.4),
+        _measurement("forward", "sdpa", 4096, 1.0),
+        _measurement("train", "flash", 2048, 3.0),
+        _measurement("train", "sdpa", 2048, 2.0),
+        _measurement("causal", "flash", 8192, 5.0, peak=2**25),
+        _measurement("causal", "dense", 8192, 9.0, peak=2**31),
+    ]
+    table = flash_table(results)
+    flash_rate = 4 * 64 * 4096**2 * 8 / 1.4 / 1e9
+    assert f"{flash_rate:.1f}" in table and f"{flash_rate / 100:.0%}" in table
+    assert "1.40x" in table and "1.50x" in table and "0.56x" in table
+    assert "matmul 2048^3 float32 in the same run: 100.0 GFLOP/s" in table
+    report = flash_report(results)
+    assert "forward  T=4096   1.40x  (target <= 1.5x: met)" in report
+    assert "train    T=2048   1.50x  (target <= 1.4x: NOT met)" in report
+    assert "decode   T=16384  not measured" in report
+    assert "0.0156 of dense's" in report and "met)" in report.splitlines()[-1]
+
+
+def test_tuning_is_an_opt_in_that_returns_one_of_the_candidates():
+    from course_lib.benchmarks.ch03 import tune_blocks
+
+    assert tune_blocks(T=64, candidates=((16, 16), (32, 64)), min_run_time=0.01) in {(16, 16), (32, 64)}
