@@ -47,6 +47,7 @@ __all__ = [
     "phase_flops",
     "flash_table",
     "flash_report",
+    "plot_phases",
     "tune_blocks",
     "MATMUL_SIZE",
 ]
@@ -260,15 +261,15 @@ def flash_report(results: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
-def _plot(results: Sequence[Measurement], path) -> None:
-    """Time vs T per phase, flash, SDPA and dense on log-log axes, one panel per phase."""
+def plot_phases(results: Sequence[Measurement]):
+    """Time vs T of flash, SDPA and dense on log-log axes, one panel per phase; returns the figure."""
     import matplotlib.pyplot as plt
 
     from ..viz import STYLE
 
     rows_by_key, _ = _by_phase(results)
     with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(1, len(PHASES), figsize=(4 * len(PHASES), 3.6))
+        figure, axes = plt.subplots(1, len(PHASES), figsize=(3.6 * len(PHASES), 3.4))
         for ax, phase in zip(axes, PHASES, strict=True):
             for method in METHODS:
                 points = sorted((T, found[method].seconds) for (p, T), found in rows_by_key.items()
@@ -282,8 +283,15 @@ def _plot(results: Sequence[Measurement], path) -> None:
         axes[0].set_ylabel("seconds per call")
         axes[0].legend(frameon=False)
         figure.tight_layout()
-        figure.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(figure)
+    return figure
+
+
+def _plot(results: Sequence[Measurement], path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = plot_phases(results)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
 
 
 flash_suite.shape = {"B": BATCH, "H": HEADS, "D": HEAD_DIM, "block": f"{BLOCK_Q}x{BLOCK_K}"}
