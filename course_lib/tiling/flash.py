@@ -106,9 +106,10 @@ def _keys_per_step(rows: int, block_q: int, block_k: int) -> int:
     """How many keys a step of the loops takes for a Q block of ``rows`` rows.
 
     ``block_k``, or more when the block has fewer rows than ``block_q``, so that a step always
-    holds up to ``block_q x block_k`` scores. A decoding query (T = 1) thus walks a cache of 32K
-    keys in one step instead of 128 small ones: FlashDecoding's one large key block. (Splitting
-    those keys into parallel chunks pays on a GPU with idle units, not on a CPU's few cores.)
+    holds up to ``block_q x block_k`` scores. With the default 256 x 256 tiles a decoding query
+    (T = 1) thus walks a cache of 64K keys in one step instead of 256 small ones, each paying the
+    same Python and op-launch overhead: FlashDecoding's one large key block. (Splitting those keys
+    into parallel chunks pays on a GPU with idle units, not on a CPU's few cores.)
     The IO counts of :class:`FlashStats` are those of the ``block_q x block_k`` tiles.
     """
     return block_k * max(1, block_q // max(rows, 1))
@@ -681,7 +682,8 @@ def flash_attention(
     Returns:
         ``(B, H, T, D_v)`` in the input dtype (and the float32/float64 logsumexp). A query that
         sees no key gets zeros and logsumexp ``-inf``. Differentiable through a hand-written
-        backward that saves only q, k, v, the output and the logsumexp.
+        backward that saves only q, k, v, the output and the logsumexp (and the tensors a score
+        modification reads).
     """
     scale, block_q, block_k = _check_flash_arguments(q, k, v, causal, scale, block_q, block_k, loop_order)
     check_bool(return_lse, "return_lse")
