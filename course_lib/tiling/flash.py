@@ -335,8 +335,8 @@ def flash_forward_fa2(
 
     Written to be as fast as PyTorch ops allow: every product is a batched matmul into a reused
     buffer, the online softmax works in place (:func:`.online_softmax.fold_block_`) and in base 2,
-    the scale is folded into Q once, the diagonal tiles' masks are built once, and the output is
-    accumulated where it is stored.
+    the scale is folded into Q once, the diagonal tiles' masks are built once, and each Q block's
+    output is accumulated in a contiguous buffer and written out once, normalised.
     """
     (q, k, v), scale, block_q, block_k = _check_loop_arguments(q, k, v, scale, causal, block_q, block_k)
     tile_mod = _tile_mod(score_mod, q, k)
