@@ -7,6 +7,8 @@ import torch
 
 from course_lib.relative_positions import t5_bias
 from course_lib.standard import alibi_bias
+from course_lib.studies import score_mods
+from course_lib.studies.score_mods import t5_example_table
 from course_lib.tiling import attention_error, outlier_qkv, sage2_attention
 from course_lib.widgets import ch03
 
@@ -19,10 +21,10 @@ def controls(widget):
 def test_the_change_assembled_tile_by_tile_is_the_dense_bias(causal):
     T = 13  # not a multiple of the block
     alibi = ch03.score_mod_view("ALiBi", 2, T, 4, causal, draw=False)
-    expected = alibi_bias(ch03.MOD_HEADS, T)[2].double()
+    expected = alibi_bias(score_mods.MOD_HEADS, T)[2].double()
     t5 = ch03.score_mod_view("T5 buckets", 1, T, 4, causal, draw=False)
-    table = ch03._t5_example_table()
-    expected_t5 = t5_bias(table, T, bidirectional=not causal, max_distance=ch03.T5_MAX_DISTANCE)[1]
+    table = t5_example_table()
+    expected_t5 = t5_bias(table, T, bidirectional=not causal, max_distance=score_mods.T5_MAX_DISTANCE)[1]
     visible = torch.ones(T, T, dtype=torch.bool).tril() if causal else torch.ones(T, T, dtype=torch.bool)
     for view, want in ((alibi, expected), (t5, expected_t5)):
         assert view["positions_only"] is True
@@ -35,7 +37,7 @@ def test_the_soft_cap_is_a_function_of_the_score_not_of_the_positions():
     view = ch03.score_mod_view("soft cap", 0, 12, 4, False, 4, draw=False)
     assert view["positions_only"] is False and view["output_error"] < 1e-12
     scores = view["tile_scores"]
-    cap = ch03.SOFT_CAP
+    cap = score_mods.SOFT_CAP
     torch.testing.assert_close(view["tile_change"], cap * torch.tanh(scores / cap) - scores)
     assert (view["tile_change"].abs() < scores.abs()).all() or (scores == 0).any()
 

@@ -879,3 +879,51 @@ def test_default_tiles_are_fixed_and_shared_by_the_loops_and_the_schedule():
     out = flash_attention(q, k, v, causal=True, stats=stats)
     assert stats.block_pairs == 3 * 3
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, causal=True), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "arguments, error, name",
+    [
+        ((torch.zeros(2), torch.zeros(2), torch.zeros(2, 1), [1.0], torch.zeros(1, 1)), TypeError, "scores"),
+        (
+            (torch.zeros(2), torch.zeros(3), torch.zeros(2, 1), torch.zeros(2, 4), torch.zeros(4, 1)),
+            ValueError,
+            "row_sum",
+        ),
+        (
+            (torch.zeros(2), torch.zeros(2), torch.zeros(2, 1), torch.zeros(3, 4), torch.zeros(4, 1)),
+            ValueError,
+            "scores",
+        ),
+        (
+            (torch.zeros(2), torch.zeros(2), torch.zeros(1, 1), torch.zeros(2, 4), torch.zeros(4, 1)),
+            ValueError,
+            "accumulator",
+        ),
+        (
+            (torch.zeros(2), torch.zeros(2), torch.zeros(2, 1), torch.zeros(2, 4), torch.zeros(5, 1)),
+            ValueError,
+            "values",
+        ),
+        (
+            (torch.zeros(2), torch.zeros(2), torch.zeros(2, 1), torch.zeros(2, 4), torch.zeros(3, 4, 1)),
+            ValueError,
+            "values",
+        ),
+        (
+            (
+                torch.zeros(2, dtype=torch.long),
+                torch.zeros(2),
+                torch.zeros(2, 1),
+                torch.zeros(2, 4),
+                torch.zeros(4, 1),
+            ),
+            TypeError,
+            "row_max",
+        ),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_bad_input_of_the_in_place_fold_names_the_argument(arguments, error, name):
+    with pytest.raises(error, match=name):
+        fold_block_(*arguments)

@@ -10,9 +10,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
 from ..hardware import ACCELERATORS
+from ..studies.score_mods import score_mod_costs, score_mod_tiles
 from ..tiling import flash_attention_trace, io_cost
 from ..viz import STYLE
-from ..widgets.ch03 import draw_schedule, score_mod_costs, score_mod_view, tile_walk_inputs
+from ..widgets.ch03 import draw_schedule, tile_walk_inputs
 
 __all__ = ["FIGURES", "tiling", "io_vs_block_size", "score_mods"]
 
@@ -125,7 +126,7 @@ def score_mods() -> Figure:
             (("ALiBi", 1, True), ("T5 buckets", 3, False), ("soft cap", 0, True))
         ):
             ax = figure.add_subplot(grid[0, column])
-            view = score_mod_view(kind, head, T, block, causal, draw=False)
+            view = score_mod_tiles(kind, head, T, block, causal)
             ax.imshow(view["change"].numpy(), cmap="viridis")
             for edge in range(0, T + 1, block):
                 ax.axhline(edge - 0.5, color="white", linewidth=0.5)

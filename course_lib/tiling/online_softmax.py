@@ -200,8 +200,9 @@ def fold_block_(
 ) -> None:
     """:func:`fold_block` in place and in base 2: the fold of FlashAttention's fast loop.
 
-    Same state and arguments as :func:`fold_block`, with two differences that save a fast loop
-    its allocations and half its exponential time:
+    Same state and arguments as :func:`fold_block` (``values`` with the leading dims of the rows,
+    ``(..., n, D_v)``), with two differences that save a fast loop its allocations and half its
+    exponential time:
 
     - ``scores`` and ``row_max`` are in units of log2: natural scores times :data:`LOG2E`. A loop
       folds the factor into its softmax scale once; ``exp2`` is cheaper than ``exp`` (on CPUs and
@@ -213,6 +214,20 @@ def fold_block_(
     The running sum stays that of ``exp(s - m)`` (the base does not change it), so
     :func:`finish_fold` applies after converting ``row_max`` back: ``row_max / LOG2E``.
     """
+    for name, x in (
+        ("row_max", row_max),
+        ("row_sum", row_sum),
+        ("accumulator", accumulator),
+        ("scores", scores),
+        ("values", values),
+    ):
+        check_tensor(x, name, floating=True)
+    # Shapes must agree exactly: in place, a broadcast would fail or write the wrong rows.
+    rows = tuple(row_max.shape)
+    check_shape(row_sum, "row_sum", rows, names="..., R")
+    check_shape(accumulator, "accumulator", (*rows, None), names="..., R, D_v")
+    check_shape(scores, "scores", (*rows, None), names="..., R, n")
+    check_shape(values, "values", (*rows[:-1], scores.shape[-1], accumulator.shape[-1]), names="..., n, D_v")
     if scores.shape[-1] == 0:  # an empty block changes nothing (and has no max)
         return
     new_max = torch.maximum(row_max, scores.amax(dim=-1))
