@@ -433,11 +433,15 @@ def test_chapter_figures_are_registered():
 
 def test_flash_suite_is_registered_and_its_methods_agree():
     methods, reference, lengths = bench.suites()["flash"]("cpu")
-    assert set(methods) == {"naive", "flash", "sdpa"} and reference == "sdpa"
-    assert lengths[0] == 512 and lengths[-1] == 8192  # the range
-    outputs = {name: build(300)() for name, build in methods.items()}  # 300: not a multiple of the block
-    torch.testing.assert_close(outputs["naive"], outputs["sdpa"], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(outputs["flash"], outputs["sdpa"], atol=1e-5, rtol=1e-4)
+    phases, names = ("forward", "causal", "train", "decode"), ("flash", "sdpa", "dense")
+    assert set(methods) == {f"{p}/{m}" for p in phases for m in names} | {"matmul"}
+    assert reference == "forward/sdpa"
+    assert lengths[0] == 512 and lengths[-1] == 16384  # prefill to 8192, decode caches of 1K-16K
+    for phase in phases:  # 300: not a multiple of the block; train returns the gradients of q, k, v
+        outputs = {name: methods[f"{phase}/{name}"](300)() for name in names}
+        for name in ("flash", "dense"):
+            torch.testing.assert_close(outputs[name], outputs["sdpa"], atol=1e-4, rtol=1e-4)
+    assert methods["forward/flash"](8192) is None and methods["causal/flash"](8192) is not None
 
 
 def test_flash_suite_runs_from_the_cli(tmp_path, capsys):
@@ -446,5 +450,6 @@ def test_flash_suite_runs_from_the_cli(tmp_path, capsys):
         ["flash", "--lengths", "64", "128", "--min-run-time", "0.01", "--json", str(path), "--no-progress"]
     )
     printed = capsys.readouterr().out
-    assert "flash/sdpa" in printed and "naive/sdpa" in printed
+    assert "flash/sdpa" in printed and "flash/dense" in printed and "GFLOP/s" in printed
+    assert "matmul 2048^3" in printed and "targets" in printed
     assert path.exists()

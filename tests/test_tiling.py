@@ -20,6 +20,7 @@ from course_lib.tiling import (
     flash_forward_fa1,
     flash_forward_fa2,
     fold_block,
+    fold_block_,
     io_cost,
     merge_softmax_stats,
     online_softmax,
@@ -31,6 +32,7 @@ from course_lib.tiling import (
     start_fold,
     tile_schedule,
 )
+from course_lib.tiling.online_softmax import LOG2E
 
 # --- the independent reference ----------------------------------------------------------------
 
@@ -782,3 +784,162 @@ def test_fold_block_refuses_shapes_that_would_grow_the_running_state():
         fold_block(*state, torch.randn(2, 3, 5), torch.randn(2, 6, 4))
     with pytest.raises(ValueError, match="^values must have at most 3 dims"):
         fold_block(*state, torch.randn(2, 3, 5), torch.randn(7, 2, 5, 4))
+
+
+# --- the fast loops: the in-place base-2 fold, reused buffers, masks built once, decoding ------------
+
+
+@given(
+    cuts=st.lists(st.integers(0, 9), min_size=1, max_size=5), masked_fraction=st.sampled_from([0.0, 0.5, 1.0])
+)
+def test_fold_block_in_place_in_base_2_equals_the_readable_fold(cuts, masked_fraction):
+    n = sum(cuts)
+    generator = torch.Generator().manual_seed(n + 1)
+    scores = 5 * torch.randn(3, 2, n, generator=generator, dtype=torch.float64)
+    scores = scores.masked_fill(torch.rand(3, 2, n, generator=generator) < masked_fraction, float("-inf"))
+    values = torch.randn(3, n, 4, generator=generator, dtype=torch.float64)
+    readable = start_fold((3, 2), 4, dtype=torch.float64, device="cpu")
+    fast = start_fold((3, 2), 4, dtype=torch.float64, device="cpu")
+    start = 0
+    for size in cuts:
+        block = slice(start, start + size)
+        readable = fold_block(*readable, scores[..., block], values[:, block])
+        in_log2_units = scores[..., block] * LOG2E  # a copy: fold_block_ overwrites it with P~
+        assert fold_block_(*fast, in_log2_units, values[:, block]) is None
+        start += size
+    row_max, row_sum, accumulator = fast
+    torch.testing.assert_close(row_max / LOG2E, readable[0])  # the max, back in natural units
+    torch.testing.assert_close(row_sum, readable[1])  # the sum of exp(s - m): the base does not matter
+    torch.testing.assert_close(accumulator, readable[2])
+    torch.testing.assert_close(
+        finish_fold(row_max / LOG2E, row_sum, accumulator)[1], torch.logsumexp(scores, -1)
+    )
+    assert not accumulator.isnan().any()
+
+
+class _Calls(TorchDispatchMode):
+    """Records every operation: its name and the storage and shape of each tensor it returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        outputs = [
+            x for x in (result if isinstance(result, (tuple, list)) else (result,)) if torch.is_tensor(x)
+        ]
+        self.calls.append(
+            (func.overloadpacket.__name__, [(x.untyped_storage().data_ptr(), x.shape) for x in outputs])
+        )
+        return result
+
+    def count(self, name):
+        return sum(op == name for op, _ in self.calls)
+
+    def storages(self, shape):
+        return {ptr for _, outputs in self.calls for ptr, out_shape in outputs if tuple(out_shape) == shape}
+
+
+@pytest.mark.parametrize("loop_order", LOOP_ORDERS)
+def test_every_step_reuses_the_same_tile_buffer(loop_order):
+    # 8 x 8 = 64 tiles of (B*H, 8, 8) scores: one buffer for all of them, not one per step.
+    q, k, v = make_qkv(1, 2, 64, 64, 4, dtype=torch.float32)
+    with _Calls() as forward:
+        flash_attention(q, k, v, block_q=8, block_k=8, loop_order=loop_order)
+    assert forward.count("bmm") == 64
+    assert len(forward.storages((2, 8, 8))) == 1
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = flash_attention(q, k, v, block_q=8, block_k=8)
+    with _Calls() as backward:
+        out.backward(torch.ones_like(out))
+    assert backward.count("bmm") == 3 * 64  # S, dP and dQ's share of every tile (dK, dV: baddbmm_)
+    assert len(backward.storages((2, 8, 8))) == 2  # P and dS
+
+
+def test_the_causal_mask_of_the_diagonal_tiles_is_built_once():
+    # T = S = 64 in blocks of 8: eight tiles on the diagonal, all cut the same way.
+    q, k, v = make_qkv(1, 2, 64, 64, 4, dtype=torch.float32)
+    with _Calls() as calls:
+        flash_attention(q, k, v, causal=True, block_q=8, block_k=8)
+    assert calls.count("masked_fill_") == 8
+    assert calls.count("arange") == 2  # the row and column indices of one mask
+    assert calls.count("bmm") == 8 * 9 // 2  # the 28 tiles above the diagonal are skipped
+
+
+@pytest.mark.parametrize("S", [1, 300, 5000])
+def test_a_decoding_query_takes_its_whole_cache_in_one_step(S):
+    # T = 1 and blocks of 64 x 64: a step holds 64 * 64 = 4096 scores, so 4096 keys per step.
+    q, k, v = make_qkv(2, 3, 1, S, 8, dtype=torch.float32)
+    with _Calls() as calls:
+        out, lse = flash_forward_fa2(q, k, v, causal=True, block_q=64, block_k=64)
+    assert calls.count("bmm") == math.ceil(S / 4096)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), reference_lse(q, k, causal=True), atol=1e-5, rtol=1e-5)
+    stats = FlashStats()  # the IO counts remain those of the 64 x 64 tiles
+    flash_attention(q, k, v, causal=True, block_q=64, block_k=64, stats=stats)
+    assert stats.block_pairs == math.ceil(S / 64)
+
+
+def test_default_tiles_are_fixed_and_shared_by_the_loops_and_the_schedule():
+    import inspect
+
+    from course_lib.tiling import BLOCK_K, BLOCK_Q
+
+    assert (BLOCK_Q, BLOCK_K) == (256, 256)
+    for function in (flash_attention, flash_forward_fa2, flash_forward_fa1, flash_backward, tile_schedule):
+        parameters = inspect.signature(function).parameters
+        assert parameters["block_q"].default == BLOCK_Q and parameters["block_k"].default == BLOCK_K
+    q, k, v = make_qkv(1, 2, 600, 530, 8, dtype=torch.float32)
+    stats = FlashStats()
+    out = flash_attention(q, k, v, causal=True, stats=stats)
+    assert stats.block_pairs == 3 * 3
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, causal=True), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "arguments, error, name",
+    [
+        ((torch.zeros(2), torch.zeros(2), torch.zeros(2, 1), [1.0], torch.zeros(1, 1)), TypeError, "scores"),
+        (
+            (torch.zeros(2), torch.zeros(3), torch.zeros(2, 1), torch.zeros(2, 4), torch.zeros(4, 1)),
+            ValueError,
+            "row_sum",
+        ),
+        (
+            (torch.zeros(2), torch.zeros(2), torch.zeros(2, 1), torch.zeros(3, 4), torch.zeros(4, 1)),
+            ValueError,
+            "scores",
+        ),
+        (
+            (torch.zeros(2), torch.zeros(2), torch.zeros(1, 1), torch.zeros(2, 4), torch.zeros(4, 1)),
+            ValueError,
+            "accumulator",
+        ),
+        (
+            (torch.zeros(2), torch.zeros(2), torch.zeros(2, 1), torch.zeros(2, 4), torch.zeros(5, 1)),
+            ValueError,
+            "values",
+        ),
+        (
+            (torch.zeros(2), torch.zeros(2), torch.zeros(2, 1), torch.zeros(2, 4), torch.zeros(3, 4, 1)),
+            ValueError,
+            "values",
+        ),
+        (
+            (
+                torch.zeros(2, dtype=torch.long),
+                torch.zeros(2),
+                torch.zeros(2, 1),
+                torch.zeros(2, 4),
+                torch.zeros(4, 1),
+            ),
+            TypeError,
+            "row_max",
+        ),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_bad_input_of_the_in_place_fold_names_the_argument(arguments, error, name):
+    with pytest.raises(error, match=name):
+        fold_block_(*arguments)

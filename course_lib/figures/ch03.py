@@ -1,4 +1,5 @@
-"""Chapter 03's figures: FlashAttention's tiling and loop schedules, and HBM traffic vs block size."""
+"""Chapter 03's figures: FlashAttention's tiling and loop schedules, HBM traffic vs block size, and
+what a score modification costs inside the tiles."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
 from ..hardware import ACCELERATORS
+from ..studies.score_mods import score_mod_costs, score_mod_tiles
 from ..studies.tile_walk import draw_schedule, tile_walk_inputs
 from ..tiling import flash_attention_trace, io_cost
 from ..viz import STYLE
 
-__all__ = ["FIGURES", "tiling", "io_vs_block_size"]
+__all__ = ["FIGURES", "tiling", "io_vs_block_size", "score_mods"]
 
 
 def _box(ax, x, y, w, h, text, colour):
@@ -112,7 +114,45 @@ def io_vs_block_size() -> Figure:
     return figure
 
 
+def score_mods() -> Figure:
+    """Three score modifications computed tile by tile (ALiBi, T5 buckets, a soft cap), and the extra
+    HBM traffic of each way of adding positions to the scores at T = S = 4096 (one head, d = 64)."""
+    T, block, N, d = 24, 4, 4096, 64
+    with plt.rc_context(STYLE):
+        figure = plt.figure(figsize=(16, 4.4))
+        # The fourth column is a spacer that leaves room for the bar chart's labels.
+        grid = figure.add_gridspec(1, 5, width_ratios=[1, 1, 1, 0.55, 1.6], wspace=0.3)
+        for column, (kind, head, causal) in enumerate(
+            (("ALiBi", 1, True), ("T5 buckets", 3, False), ("soft cap", 0, True))
+        ):
+            ax = figure.add_subplot(grid[0, column])
+            view = score_mod_tiles(kind, head, T, block, causal)
+            ax.imshow(view["change"].numpy(), cmap="viridis")
+            for edge in range(0, T + 1, block):
+                ax.axhline(edge - 0.5, color="white", linewidth=0.5)
+                ax.axvline(edge - 0.5, color="white", linewidth=0.5)
+            what = "a function of (i, j)" if view["positions_only"] else "a function of the score"
+            ax.set_title(f"{kind}: modified - raw\n{what}", fontsize=10)
+            ax.set_xlabel("key j")
+            if column == 0:
+                ax.set_ylabel("query i (tiles of 4 x 4)")
+        ax = figure.add_subplot(grid[0, 4])
+        costs = score_mod_costs(N, head_dim=d)
+        names = [row["name"] for row in costs]
+        moved = [max(row["extra_elements"], 0.5) for row in costs]  # 0 drawn as a stub on the log axis
+        colours = ["#009E73" if row["score_mod"] else "#D55E00" for row in costs]
+        ax.barh(names, moved, color=colours)
+        ax.axvline(4 * N * d, color="black", linestyle="--", linewidth=1)
+        ax.text(4 * N * d * 0.85, -0.6, "Q, K, V, O\nthemselves", fontsize=8, va="top", ha="right")
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("extra elements moved to / from HBM, forward, one head")
+        ax.set_title(f"T = S = {N}: green fits in the tile,\nred forces extra work", fontsize=10)
+    return figure
+
+
 FIGURES: dict[str, Callable[[], Figure]] = {
     "03_tiling": tiling,
     "03_io_vs_block_size": io_vs_block_size,
+    "03_score_mods": score_mods,
 }

@@ -17,5 +17,6 @@ you need (nothing is imported here):
   score matrices' bytes), :mod:`.roofline` (02), :mod:`.tile_walk` (03, FlashAttention's schedule),
   :mod:`.paged_trace` (04, a paged KV cache replayed), :mod:`.sparse_patterns` (05, the mask
   gallery), :mod:`.linear_forms` (06, the three forms' schedule).
-- :mod:`.positions`: chapter 01's train-short-test-long run of the six position schemes.
+- :mod:`.positions`: chapter 01's train-short-test-long run of the six position schemes;
+- :mod:`.score_mods`: chapter 03's score modifications inside the tiles and SageAttention2's errors.
 """

@@ -6,8 +6,9 @@ whenever the max grows, gives the same numbers as the softmax of the whole row. 
 combines partial attention outputs that carry their logsumexp (FlashDecoding, chunked work).
 
 Attention folds whole blocks of scores and their values into a running ``(max, sum, accumulator)``
-(:func:`start_fold`, :func:`fold_block`, :func:`finish_fold`): FlashAttention's loops, the paged
-KV cache and FlashDecoding all use this one fold, with its one guard for rows that saw no key.
+(:func:`start_fold`, :func:`fold_block`, :func:`finish_fold`): the paged KV cache, FlashDecoding and
+the instrumented trace of FlashAttention use this one fold, with its one guard for rows that saw no
+key. :func:`fold_block_` is the same fold in place and in base 2, for FlashAttention's fast loops.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = [
     "start_fold",
     "fold_block",
     "finish_fold",
+    "LOG2E",
+    "fold_block_",
     "combine_partials",
 ]
 
@@ -192,6 +195,64 @@ def finish_fold(
     saw no key gets zeros and logsumexp ``-inf``.
     """
     return _safe_divide(accumulator, row_sum), row_max + torch.log(row_sum)
+
+
+# --- the same fold, in place and in base 2: for loops that reuse their buffers ------------------
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = 2 ** (x * LOG2E)
+
+
+def fold_block_(
+    row_max: torch.Tensor,
+    row_sum: torch.Tensor,
+    accumulator: torch.Tensor,
+    scores: torch.Tensor,
+    values: torch.Tensor,
+) -> None:
+    """:func:`fold_block` in place and in base 2: the fold of FlashAttention's fast loop.
+
+    Same state and arguments as :func:`fold_block` (``values`` with the leading dims of the rows,
+    ``(..., n, D_v)``), with two differences that save a fast loop its allocations and half its
+    exponential time:
+
+    - ``scores`` and ``row_max`` are in units of log2: natural scores times :data:`LOG2E`. A loop
+      folds the factor into its softmax scale once; ``exp2`` is cheaper than ``exp`` (on CPUs and
+      on GPUs, where it is the hardware instruction) and ``2 ** (s - m)`` is the same number.
+    - Nothing is returned: the state tensors are updated in place and ``scores`` is overwritten
+      by ``P~ = 2 ** (s - m_new)``. With 3-D tensors ``(batch, rows, keys)``, ``P~ V`` is added
+      straight into the accumulator by ``baddbmm_``.
+
+    The running sum stays that of ``exp(s - m)`` (the base does not change it), so
+    :func:`finish_fold` applies after converting ``row_max`` back: ``row_max / LOG2E``.
+    """
+    for name, x in (
+        ("row_max", row_max),
+        ("row_sum", row_sum),
+        ("accumulator", accumulator),
+        ("scores", scores),
+        ("values", values),
+    ):
+        check_tensor(x, name, floating=True)
+    # Shapes must agree exactly: in place, a broadcast would fail or write the wrong rows.
+    rows = tuple(row_max.shape)
+    check_shape(row_sum, "row_sum", rows, names="..., R")
+    check_shape(accumulator, "accumulator", (*rows, None), names="..., R, D_v")
+    check_shape(scores, "scores", (*rows, None), names="..., R, n")
+    check_shape(values, "values", (*rows[:-1], scores.shape[-1], accumulator.shape[-1]), names="..., n, D_v")
+    if scores.shape[-1] == 0:  # an empty block changes nothing (and has no max)
+        return
+    new_max = torch.maximum(row_max, scores.amax(dim=-1))
+    shift = _finite_or_zero(new_max)  # the one guard: a row that has seen only -inf keeps 0
+    scores.sub_(shift.unsqueeze(-1)).exp2_()  # P~, where the scores were
+    # Everything accumulated so far was relative to the old max: rescale it by 2 ** (m_old - m_new).
+    correction = row_max.sub_(shift).exp2_()
+    row_sum.mul_(correction).add_(scores.sum(dim=-1))
+    accumulator.mul_(correction.unsqueeze(-1))
+    if scores.dim() == 3:
+        accumulator.baddbmm_(scores, values)
+    else:
+        accumulator.add_(scores @ values)
+    row_max.copy_(new_max)
 
 
 # --- combining partial results ---------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Chapter 03's explorers: a tile walk through FlashAttention's schedule, and HBM traffic vs blocks."""
+"""Chapter 03's explorers: a tile walk through FlashAttention's schedule, HBM traffic vs blocks, score
+modifications computed tile by tile; and the SageAttention2 comparison the notebook draws."""
 
 from __future__ import annotations
 
@@ -8,8 +9,20 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.patches import Rectangle
 
 from ..checks import check_bool, check_choice, check_int
+from ..studies.score_mods import (
+    MOD_HEADS,
+    SAGE_VARIANTS,
+    SCORE_MOD_KINDS,
+    accumulation_errors,
+    sage_comparison,
+    score_mod_costs,
+    score_mod_for,
+    score_mod_inputs,
+    score_mod_tiles,
+)
 from ..studies.tile_walk import WALK_HEAD_DIM, draw_schedule, tile_walk_inputs
 from ..tiling import flash_attention, flash_attention_trace, io_cost
 from ..viz import STYLE
@@ -23,6 +36,16 @@ __all__ = [
     "tile_bytes",
     "io_explorer_view",
     "io_explorer",
+    "SCORE_MOD_KINDS",
+    "score_mod_for",
+    "score_mod_inputs",
+    "score_mod_view",
+    "score_mod_explorer",
+    "score_mod_costs",
+    "SAGE_VARIANTS",
+    "sage_comparison",
+    "accumulation_errors",
+    "draw_sage_comparison",
 ]
 
 LOOP_ORDERS = ("fa2", "fa1")
@@ -271,3 +294,119 @@ def io_explorer() -> widgets.Widget:
     box = widgets.VBox([controls, out])
     box.interactive = controls
     return box
+
+
+# --- (c) score modifications inside the tiles -------------------------------------------------------
+
+
+def score_mod_view(
+    kind: str = "ALiBi",
+    head: int = 0,
+    seq_len: int = 16,
+    block: int = 4,
+    causal: bool = True,
+    tile: int = 0,
+    *,
+    draw: bool = True,
+) -> dict:
+    """:func:`course_lib.studies.score_mods.score_mod_tiles`, drawn: the change assembled tile by
+    tile with the current tile outlined, and the change against the distance ``j - i`` (against the
+    raw score for a modification that depends on the score)."""
+    view = score_mod_tiles(kind, head, seq_len, block, causal, tile)
+    T, change, raw_scores, positions_only = (
+        seq_len,
+        view["change"],
+        view["raw_scores"],
+        view["positions_only"],
+    )
+    current, distance = view["tile"], view["tile_distance"]
+    (q0, q1), (k0, k1) = current.q_rows, current.k_rows
+    if draw:
+        with plt.rc_context(STYLE):
+            figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+            image = left.imshow(change.numpy(), cmap="viridis")
+            figure.colorbar(image, ax=left, fraction=0.046)
+            for edge in range(0, T + 1, block):
+                left.axhline(edge - 0.5, color="white", linewidth=0.6)
+                left.axvline(edge - 0.5, color="white", linewidth=0.6)
+            left.add_patch(
+                Rectangle(
+                    (k0 - 0.5, q0 - 0.5), k1 - k0, q1 - q0, fill=False, edgecolor="#D55E00", linewidth=2.5
+                )
+            )
+            skipped = " (skipped: above the diagonal)" if current.visibility == "none" else ""
+            left.set_title(f"{kind}, head {head}, modified - raw score\ntile {view['tile_index']}{skipped}")
+            left.set_xlabel("key j")
+            left.set_ylabel("query i")
+            # A bias of (i, j) against the distance; a function of the score against the score.
+            visible = ~torch.isnan(change)
+            if positions_only:
+                x_all = (torch.arange(T).view(1, -1) - torch.arange(T).view(-1, 1))[visible]
+                x_tile, x_label = distance, "distance j - i"
+                verdict = "a function of (i, j): computed from the indices"
+            else:
+                x_all, x_tile, x_label = raw_scores[visible], view["tile_scores"], "raw score s"
+                verdict = "a function of the score: computed elementwise"
+            right.scatter(x_all.numpy(), change[visible].numpy(), s=8, color="#999999", label="all tiles")
+            here = ~torch.isnan(view["tile_change"])
+            right.scatter(
+                x_tile[here].numpy(),
+                view["tile_change"][here].numpy(),
+                s=22,
+                color="#D55E00",
+                label="this tile",
+            )
+            right.set_xlabel(x_label)
+            right.set_ylabel("modified - raw score")
+            right.set_title(f"{verdict}\n|flash - dense| = {view['output_error']:.1e}")
+            right.legend(frameon=False, fontsize=8)
+            figure.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.86, wspace=0.3)
+            plt.show()
+            plt.close(figure)
+        view["figure"] = figure
+    return view
+
+
+def score_mod_explorer() -> widgets.Widget:
+    """Kind of modification, head, T, block size, causal and tile -> the modification, tile by tile."""
+    tile = widgets.IntSlider(value=0, min=0, max=15, description="tile")
+    seq_len = widgets.IntSlider(value=16, min=4, max=32, description="T = S")
+    block = widgets.SelectionSlider(options=[2, 4, 8], value=4, description="block")
+
+    def fit_tile_slider(_change=None) -> None:
+        blocks = -(-seq_len.value // block.value)  # ceil(T / block)
+        tile.max = blocks * blocks - 1
+
+    for control in (seq_len, block):
+        control.observe(fit_tile_slider, names="value")
+    fit_tile_slider()
+    return widgets.interactive(
+        score_mod_view,
+        kind=widgets.ToggleButtons(options=SCORE_MOD_KINDS, value="ALiBi", description="mod"),
+        head=widgets.IntSlider(value=0, min=0, max=MOD_HEADS - 1, description="head"),
+        seq_len=seq_len,
+        block=block,
+        causal=widgets.Checkbox(value=True, description="causal"),
+        tile=tile,
+        draw=widgets.fixed(True),
+    )
+
+
+# --- (d) SageAttention2 against FlashAttention and SageAttention -----------------------------------
+
+
+def draw_sage_comparison(errors: dict, ax=None):
+    """Horizontal bars of the relative L1 error (%) of each variant of :func:`sage_comparison`."""
+    with plt.rc_context(STYLE):
+        if ax is None:
+            _, ax = plt.subplots(figsize=(8, 3.8))
+        names = list(errors)
+        values = [100 * errors[name].relative_l1 for name in names]
+        colours = ["#D55E00" if "SageAttention2" in name else "#0072B2" if "Sage" in name else "#999999"
+                   for name in names]  # fmt: skip
+        ax.barh(names, values, color=colours)
+        ax.invert_yaxis()
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel("relative L1 error of the output (%)")
+        ax.set_title("Outlier channels in Q and K: what each step of SageAttention2 buys")
+    return ax
