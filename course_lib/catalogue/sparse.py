@@ -127,6 +127,31 @@ def _gqa_inputs(T, g, generator):
     return builders.qkv(T, g, generator, kv_heads=g.kv_heads)
 
 
+def _nsa_mixer(
+    d_model, num_heads, *, num_kv_heads=None, block_size=16, num_selected=4, window=32, conv_size=0
+):
+    """NSA's layer sized for the tiny models of the course (contexts of hundreds of tokens); the
+    paper's sizes are blocks of 64, 16 selected blocks and a window of 512."""
+    return NativeSparseAttention(
+        d_model,
+        num_heads,
+        num_kv_heads=num_kv_heads,
+        block_size=block_size,
+        num_selected=num_selected,
+        window=window,
+        compress_block=block_size,
+        compress_stride=block_size // 2,
+        conv_size=conv_size,
+    )
+
+
+def _moba_mixer(d_model, num_heads, *, num_kv_heads=None, block_size=16, top_k=3, conv_size=0):
+    """MoBA's layer sized for the tiny models of the course."""
+    return MixtureOfBlockAttention(
+        d_model, num_heads, num_kv_heads=num_kv_heads, block_size=block_size, top_k=top_k, conv_size=conv_size
+    )
+
+
 def _gqa_cache(T, g, **_):
     return T * g.kv_heads * (g.head_dim + g.dv)
 
@@ -156,20 +181,7 @@ register(
         query_inputs=("q", "gates"),
         decode="cache",
         state_numbers=_gqa_cache,
-        # Sizes for the tiny models of the course (contexts of hundreds of tokens); the paper's are
-        # blocks of 64, 16 selected blocks and a window of 512.
-        mixer=lambda d_model, num_heads, *, num_kv_heads=None, block_size=16, num_selected=4, window=32: (
-            NativeSparseAttention(
-                d_model,
-                num_heads,
-                num_kv_heads=num_kv_heads,
-                block_size=block_size,
-                num_selected=num_selected,
-                window=window,
-                compress_block=block_size,
-                compress_stride=block_size // 2,
-            )
-        ),
+        mixer=_nsa_mixer,
     )
 )
 
@@ -187,10 +199,6 @@ register(
         options={"block_size": BLOCK, "top_k": 3},
         decode="cache",
         state_numbers=_gqa_cache,
-        mixer=lambda d_model, num_heads, *, num_kv_heads=None, block_size=16, top_k=3: (
-            MixtureOfBlockAttention(
-                d_model, num_heads, num_kv_heads=num_kv_heads, block_size=block_size, top_k=top_k
-            )
-        ),
+        mixer=_moba_mixer,
     )
 )

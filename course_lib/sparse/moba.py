@@ -28,6 +28,7 @@ from ..checks import (
     resolve_scale,
 )
 from ..kv_cache.gqa import repeat_kv
+from ..recurrent.layers import ShortConvolution
 from ..standard import attention
 from .block_routing import BlockWork, attend_selected_blocks, block_means, select_blocks, selection_mask
 
@@ -157,6 +158,7 @@ class MixtureOfBlockAttention(nn.Module):
         num_kv_heads: int | None = None,
         block_size: int = 64,
         top_k: int = 3,
+        conv_size: int = 0,
     ) -> None:
         super().__init__()
         self.d_model = check_int(d_model, "d_model", min=1)
@@ -173,6 +175,11 @@ class MixtureOfBlockAttention(nn.Module):
         self.W_k = nn.Linear(d_model, self.num_kv_heads * D, bias=False)
         self.W_v = nn.Linear(d_model, self.num_kv_heads * D, bias=False)
         self.W_o = nn.Linear(num_heads * D, d_model, bias=False)
+        # An optional short causal convolution over q, k and v, as the recall study gives every mixer.
+        self.conv_size = check_int(conv_size, "conv_size", min=0)
+        widths = [num_heads * D, self.num_kv_heads * D, self.num_kv_heads * D]
+        self.conv = ShortConvolution(sum(widths), conv_size) if conv_size > 0 else None
+        self._widths = widths
 
     def forward(
         self, x: torch.Tensor, *, return_work: bool = False
@@ -182,9 +189,12 @@ class MixtureOfBlockAttention(nn.Module):
             raise ValueError(f"x must have last dim d_model={self.d_model}, got shape {tuple(x.shape)}")
         B, T, _ = x.shape
         D = self.head_dim
-        q = self.W_q(x).view(B, T, self.num_heads, D).transpose(1, 2)
-        k = self.W_k(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
-        v = self.W_v(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
+        q, k, v = self.W_q(x), self.W_k(x), self.W_v(x)
+        if self.conv is not None:
+            q, k, v = self.conv(torch.cat([q, k, v], dim=-1)).split(self._widths, dim=-1)
+        q = q.view(B, T, self.num_heads, D).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, D).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, D).transpose(1, 2)
         result = moba_attention(
             q, k, v, block_size=self.block_size, top_k=self.top_k,
             return_work=return_work,

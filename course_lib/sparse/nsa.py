@@ -39,6 +39,7 @@ from ..checks import (
     resolve_scale,
 )
 from ..kv_cache.gqa import repeat_kv
+from ..recurrent.layers import ShortConvolution
 from ..standard import attention, masked_softmax
 from .block_routing import BlockWork, attend_selected_blocks, select_blocks, selection_mask
 from .kernels import sliding_window_attention
@@ -456,6 +457,7 @@ class NativeSparseAttention(nn.Module):
         num_initial_blocks: int = 1,
         num_local_blocks: int = 2,
         compression: str = "linear",
+        conv_size: int = 0,
     ) -> None:
         super().__init__()
         self.d_model = check_int(d_model, "d_model", min=1)
@@ -477,6 +479,11 @@ class NativeSparseAttention(nn.Module):
         self.W_k = nn.Linear(d_model, self.num_kv_heads * D, bias=False)
         self.W_v = nn.Linear(d_model, self.num_kv_heads * D, bias=False)
         self.W_o = nn.Linear(num_heads * D, d_model, bias=False)
+        # An optional short causal convolution over q, k and v, as the recall study gives every mixer.
+        self.conv_size = check_int(conv_size, "conv_size", min=0)
+        widths = [num_heads * D, self.num_kv_heads * D, self.num_kv_heads * D]
+        self.conv = ShortConvolution(sum(widths), conv_size) if conv_size > 0 else None
+        self._widths = widths
         self.gate = nn.Linear(d_model, 3 * num_heads)
         if compression == "linear":
             l = compress_block  # noqa: E741 - the paper's name for the block length
@@ -496,9 +503,12 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"x must have last dim d_model={self.d_model}, got shape {tuple(x.shape)}")
         B, T, _ = x.shape
         D = self.head_dim
-        q = self.W_q(x).view(B, T, self.num_heads, D).transpose(1, 2)
-        k = self.W_k(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
-        v = self.W_v(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
+        q, k, v = self.W_q(x), self.W_k(x), self.W_v(x)
+        if self.conv is not None:
+            q, k, v = self.conv(torch.cat([q, k, v], dim=-1)).split(self._widths, dim=-1)
+        q = q.view(B, T, self.num_heads, D).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, D).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, D).transpose(1, 2)
         gates = torch.sigmoid(self.gate(x)).view(B, T, self.num_heads, 3).transpose(1, 2)
         compressed = None
         if self.compression == "linear":

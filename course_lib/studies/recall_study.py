@@ -73,6 +73,9 @@ TARGET = 0.99
 DISTANCE_EDGES = [1, 8, 16, 32, 64, 128, 256]
 STATE_SWEEP_MIXERS = ("gla", "mamba2", "deltanet")
 STATE_SWEEP_WIDTHS = (32, 64, 128)
+# The final and state runs: at most 2400 steps (800 per length), evaluated every 200, stopped after
+# 4 evaluations without improvement. The sweep runs (one length) stop at 1500.
+FINAL = {"cap": 2400, "eval_every": 200, "patience": 4}
 RUNS_DIR = RESULTS_DIR / "recall_runs"
 STUDY_PATH = RESULTS_DIR / "recall_study.json"
 
@@ -123,7 +126,8 @@ class Run:
         lengths = "-".join(str(T) for T in self.lengths)
         return (
             f"{self.kind}_{self.mixer}_T{lengths}_lr{self.lr:g}_s{self.seed}_d{self.d_model}"
-            f"_L{self.num_layers}_h{self.num_heads}_b{self.batch_size}_cap{self.cap}_{self.placement}"
+            f"_L{self.num_layers}_h{self.num_heads}_b{self.batch_size}_cap{self.cap}_e{self.eval_every}"
+            f"_p{self.patience}_{self.placement}"
         )
 
 
@@ -266,7 +270,7 @@ def plan(*, quick: bool = False, mixers: Sequence[str] = RECALL_MIXERS, placemen
     """The runs of the study (before the sweep's winners are known, the final runs use ``lr=None``).
 
     Full: a sweep of :data:`SWEEP_LRS` at T = 64 (cap 1500), final runs at every length for every
-    seed (cap 3000), the state sweep at T = 128. Quick: no sweep (lr 3e-3), one seed, caps of 300.
+    seed (:data:`FINAL`), the state sweep at T = 128. Quick: no sweep (lr 3e-3), one seed, caps of 300.
     """
     for mixer in mixers:
         check_choice(mixer, "mixers", RECALL_MIXERS)
@@ -287,9 +291,9 @@ def plan(*, quick: bool = False, mixers: Sequence[str] = RECALL_MIXERS, placemen
         "sweep": [
             Run(m, lengths=(64,), lr=lr, cap=1500, kind="sweep", **base) for m in mixers for lr in SWEEP_LRS
         ],
-        "final": [Run(m, seed=s, **base) for m in mixers for s in SEEDS],
+        "final": [Run(m, seed=s, **FINAL, **base) for s in SEEDS for m in mixers],
         "state": [
-            Run(m, lengths=(128,), d_model=w, kind="state", **base)
+            Run(m, lengths=(128,), d_model=w, kind="state", **FINAL, **base)
             for m in STATE_SWEEP_MIXERS
             for w in STATE_SWEEP_WIDTHS
             if m in mixers
@@ -313,8 +317,14 @@ def run_study(
     jobs: int = 2,
     progress: bool = True,
     folder: Path = RUNS_DIR,
+    on_progress=None,
 ) -> dict:
-    """Run (or read from the cache) every run of :func:`plan`; return :func:`summarise`'s summary."""
+    """Run (or read from the cache) every run of :func:`plan`; return :func:`summarise`'s summary.
+
+    The sweep runs first, then every mixer's final run for the first seed, then for the next, then
+    the state sweep; ``on_progress(summary)`` is called after each seed (the command stores it, so
+    an interrupted study still leaves a summary of what it trained).
+    """
     jobs = check_int(jobs, "jobs", min=1)
     runs = plan(quick=quick, mixers=mixers, placement=placement)
     sweep = _run_all(runs["sweep"], folder, jobs, progress, "learning-rate sweep")
@@ -344,6 +354,7 @@ def summarise(sweep: list[dict], final: list[dict], state: list[dict], *, quick:
                 "state_bytes": runs[0]["state_bytes"][T],
             }
         table[mixer] = {
+            "seeds": [r["seed"] for r in runs],
             "lr": runs[0]["lr"],
             "accuracy": row,
             "stops": [r["stop"] for r in runs],
@@ -374,9 +385,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--placement", default="uniform", choices=PLACEMENTS)
     parser.add_argument("--out", type=Path, help="summary JSON (default results/recall_study[_quick].json)")
     args = parser.parse_args(argv)
-    summary = run_study(quick=args.quick, mixers=args.mixers, placement=args.placement, jobs=args.jobs)
     out = args.out or (RESULTS_DIR / ("recall_study_quick.json" if args.quick else "recall_study.json"))
-    out.write_text(json.dumps(summary, indent=1))
+
+    def store(summary: dict) -> None:
+        out.write_text(json.dumps(summary, indent=1))
+
+    summary = run_study(
+        quick=args.quick, mixers=args.mixers, placement=args.placement, jobs=args.jobs, on_progress=store
+    )
+    store(summary)
     print(f"wrote {out}")
     return summary
 
