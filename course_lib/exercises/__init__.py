@@ -5,7 +5,7 @@ cases (seeded; the seed is printed when a case fails, to replay it), with the co
 implementations and PyTorch's whole-task shortcuts out of reach (:mod:`.guard`). It prints one line
 when everything passes and explains a failure from the actual difference; "not implemented yet" is a
 single line, and nothing stops Run All. :func:`use_mine_or_library` lets later cells use the reader's
-function once it passes and the library's until then. :mod:`.predict` holds the *predict* exercises'
+function once it passes and the library's until then. :mod:`.predictions` holds the *predict* exercises'
 helpers (the first answer counts). :func:`iter_exercises` lists every exercise (id, kind, points).
 """
 
@@ -26,7 +26,7 @@ from .common import (
     use_mine_or_library,
 )
 from .guard import Refused, Rules
-from .predict import predict, reveal
+from .predictions import predict, reveal
 
 __all__ = [
     "EXERCISES",

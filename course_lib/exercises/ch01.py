@@ -56,7 +56,7 @@ def _reference_attention(q, k, v, mask=None, causal=False, *, scale=None, start_
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
     allowed = torch.ones(T, S, dtype=torch.bool)
     if causal:
-        allowed = _causal(T, T)[:, :S] if start_aligned else _causal(T, S)
+        allowed = _causal(T, S) if not start_aligned else torch.arange(S)[None, :] <= torch.arange(T)[:, None]
     if mask is not None:
         allowed = allowed & mask
     allowed = allowed.expand_as(scores)
@@ -147,7 +147,8 @@ def check_split_merge_heads(draw: Draw):
 
         yield Case(f"split_heads, {name}: B={B}, T={T}, H={H}, D={D}", (x, H), expected=heads,
                    compare=judge_split, inputs=["x", "H"], target=0)
-        # merge_heads receives what split_heads returns: a transposed, non-contiguous view.
-        yield Case(f"merge_heads, {name}: B={B}, H={H}, T={T}, D={D}", (heads.transpose(1, 2).contiguous()
-                   .transpose(1, 2),), expected=x, compare=judge_merge, inputs=["heads"], target=1)
+        # merge_heads receives what attention returns: a contiguous (B, H, T, D) tensor, whose transpose
+        # is not contiguous (a `view` there fails; `reshape` copies when it must).
+        yield Case(f"merge_heads, {name}: B={B}, H={H}, T={T}, D={D}", (heads.contiguous(),), expected=x,
+                   compare=judge_merge, inputs=["heads"], target=1)
 

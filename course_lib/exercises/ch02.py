@@ -24,8 +24,7 @@ def _gemm_case(M: int, N: int, K: int, size: int, name: str) -> Case:
                 inputs=["M", "N", "K", "bytes_per_element"])
 
 
-@checker("2.1", title="the intensity of a GEMM", points=1, task="the GEMM's intensity",
-         fallback="course_lib.hardware:gemm_intensity")
+@checker("2.1", title="the intensity of a GEMM", points=1, task="the GEMM's intensity")
 def check_gemm_intensity(draw: Draw):
     """``fn(M, N, K, bytes_per_element)``: FLOPs per byte of ``(M, K) @ (K, N)``, each matrix moved once."""
     for name, (M, N, K) in [

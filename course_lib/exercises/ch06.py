@@ -78,12 +78,16 @@ def check_recurrent_step(draw: Draw):
                 "bhd,bhde->bhe", phi_q, S_new),
         }
         variants_S = {"the state transposed (v phi_k^T, shape D_v x D')": lambda S_new=S_new: S_new.transpose(-1, -2)}
+        empty = {"in a step from the empty state (z = 0)": torch.full_like(o, history == 0, dtype=torch.bool)}
+        advice = {"in a step from the empty state (z = 0)": "reading before writing divides by phi_q . z = 0 on "
+                  "the first token: write the token into S and z first, then read"}
 
-        def judge(got, expected, variants_o=variants_o, variants_S=variants_S):
+        def judge(got, expected, variants_o=variants_o, variants_S=variants_S, empty=empty, advice=advice):
             S_got, z_got, o_got = _triple(got, "(S_new, z_new, o)", 3)
             compare(S_got, expected[0], "S_new", atol=1e-12, rtol=1e-10, variants=variants_S)
             compare(z_got, expected[1], "z_new", atol=1e-12, rtol=1e-10)
-            compare(o_got, expected[2], "o", atol=1e-12, rtol=1e-10, variants=variants_o)
+            compare(o_got, expected[2], "o", atol=1e-12, rtol=1e-10, variants=variants_o, regions=empty,
+                    advice=advice)
 
         yield Case(f"{name}: B={B}, H={H}, D'={D}, D_v={D_v}, after {history} tokens", (S, z, phi_q, phi_k, v),
                    expected=(S_new, z_new, o), compare=judge, inputs=["S", "z", "phi_q", "phi_k", "v"])

@@ -53,7 +53,8 @@ def _ring_case(draw, name, T, S1, S2, offset, empty) -> Case:
     nothing = ~allowed.any(-1).expand(1, 2, T)
     regions = {
         "in queries that see no key in either block": nothing,
-        "in queries whose logsumexps exceed 700 in size": torch.maximum(lse1.abs(), lse2.abs()) > 700,
+        "in queries whose logsumexps exceed 700 in size": torch.maximum(
+            lse1.masked_fill(torch.isinf(lse1), 0.0).abs(), lse2.masked_fill(torch.isinf(lse2), 0.0).abs()) > 700,
         "in queries that see no key in one of the blocks": (torch.isinf(lse1) | torch.isinf(lse2)) & ~nothing,
     }
     advice = {

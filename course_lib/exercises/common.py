@@ -254,7 +254,12 @@ def _region_hint(
     if not regions or not bad.any():
         return hints
     for label, region in regions.items():
-        region = region.expand_as(bad) if region.shape != bad.shape else region
+        while region.dim() < bad.dim():
+            region = region.unsqueeze(-1)
+        try:
+            region = region.expand_as(bad)
+        except RuntimeError:  # a region of another shape than this result
+            continue
         if not region.any():
             continue
         inside = bool(bad[region].all()) if region.any() else False
@@ -374,14 +379,16 @@ def _value_hints(
 ) -> list[str]:
     hints = []
     loose = dict(atol=max(atol, 1e-6), rtol=max(rtol, 1e-5))
+    matches = []
     for name, make in (variants or {}).items():
         try:
             candidate = make()
         except Exception:  # a variant that does not apply to these inputs
             continue
         if isinstance(candidate, torch.Tensor) and _close(g, candidate.detach().double().cpu(), **loose):
-            hints.append(f"your result equals {name}")
-            return hints
+            matches.append(name)
+    if matches:
+        return ["your result equals " + ", which here is also ".join(matches)]
     if e.dim() >= 2 and e.shape[-1] == e.shape[-2] and e.shape[-1] > 1:
         if _close(g, e.transpose(-1, -2), **loose):
             hints.append("your result equals the answer transposed (last two axes swapped)")
@@ -494,10 +501,14 @@ def compare_number(
     elif math.isclose(float(got), float(expected), rel_tol=rel, abs_tol=1e-300):
         return
     lines = [f"{what}: got {_fmt(float(got))}, expected {_fmt(float(expected))}"]
-    for name, value in (variants or {}).items():
-        if math.isclose(float(got), float(value), rel_tol=max(rel, 1e-9), abs_tol=1e-12):
-            lines.append(f"hint: your value equals {name}")
-            raise Mismatch("\n".join(lines))
+    matches = [
+        name
+        for name, value in (variants or {}).items()
+        if math.isclose(float(got), float(value), rel_tol=max(rel, 1e-9), abs_tol=1e-12)
+    ]
+    if matches:
+        lines.append("hint: your value equals " + ", which here is also ".join(matches))
+        raise Mismatch("\n".join(lines))
     if expected and got:
         ratio = float(got) / float(expected)
         for label, value in (factors or {}).items():

@@ -122,9 +122,30 @@ def _course_name(code: types.CodeType) -> str:
 # Bytecode fingerprints of every course_lib function, to recognise an exec'd copy of the library.
 
 
+_SKIPPED_OPS = frozenset({"CACHE", "PRECALL", "KW_NAMES", "NOP", "RESUME", "EXTENDED_ARG", "PUSH_NULL"})
+_SAME_OPS = {"LOAD_METHOD": "LOAD_ATTR", "CALL_METHOD": "CALL", "CALL_FUNCTION": "CALL"}
+
+
 def _fingerprint(code: types.CodeType) -> tuple:
-    consts = tuple(_fingerprint(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
-    return (code.co_name, code.co_code, code.co_names, consts)
+    """What a function does, independent of where it was compiled: its operations and the names and
+    constants they use (the compiler emits slightly different code for a module's own imports)."""
+    import dis
+
+    operations = []
+    for instruction in dis.get_instructions(code):
+        name = instruction.opname
+        if name in _SKIPPED_OPS:
+            continue
+        name = _SAME_OPS.get(name, name)
+        if instruction.opcode in dis.hasjrel or instruction.opcode in dis.hasjabs:
+            operations.append(name)
+        elif "FAST" in name or "DEREF" in name or "CLOSURE" in name:
+            operations.append((name, instruction.arg))  # local names may be renamed; their slots stay
+        elif instruction.opcode in dis.hasconst and isinstance(instruction.argval, types.CodeType):
+            operations.append((name, _fingerprint(instruction.argval)))
+        else:
+            operations.append((name, repr(instruction.argval)))
+    return (code.co_name, tuple(operations))
 
 
 _FINGERPRINTS: dict[tuple, str] = {}
