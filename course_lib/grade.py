@@ -10,7 +10,7 @@ before: cells run on after an error, a cell is interrupted after ``--cell-timeou
 checker stops the reader's function after ``--timeout`` seconds.
 
 Writes, under ``--out`` (default ``grades/``): ``grades.csv`` (one row per student and exercise:
-points, status, the checker's first line), ``summary.md`` (readable totals per student and chapter), and
+points, status, the checker's message), ``summary.md`` (readable totals per student and chapter), and
 ``executed/<student>/`` (the submissions as they ran, outputs included). A submission whose code touches
 the checker's machinery (profiler hooks, the grade log, ``course_lib.exercises`` internals) is flagged
 for a human to read: in-process checks can be tampered with by code that sets out to (TEACHING.md).
@@ -40,9 +40,15 @@ GRADE_LOG_ENV = "COURSE_LIB_GRADE_LOG"
 TIME_LIMIT_ENV = "COURSE_LIB_EXERCISE_TIMEOUT"
 _CHAPTER = re.compile(r"^(\d\d)_")
 _SUSPICIOUS = [
-    (re.compile(r"\bsys\.(setprofile|settrace|_getframe)|threading\.setprofile|sys\.monitoring"), "profiler or frames"),
+    (
+        re.compile(r"\bsys\.(setprofile|settrace|_getframe)|threading\.setprofile|sys\.monitoring"),
+        "profiler or frames",
+    ),
     (re.compile(GRADE_LOG_ENV), "the grade log"),
-    (re.compile(r"course_lib\.exercises\.(common|guard)|\bRESULTS\b|_PASSED_FUNCTIONS|_pop_mode"), "checker internals"),
+    (
+        re.compile(r"course_lib\.exercises\.(common|guard)|\bRESULTS\b|_PASSED_FUNCTIONS|_pop_mode"),
+        "checker internals",
+    ),
     (re.compile(r"\.__code__\s*=|importlib\.reload|gc\.get_objects|ctypes"), "code or memory surgery"),
 ]
 
@@ -91,7 +97,9 @@ def collect(paths: Iterable[str | Path], student: str | None = None) -> list[Sub
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in (".ipynb", ".py") and not p.name.startswith("."))
+            files = sorted(
+                p for p in path.iterdir() if p.suffix in (".ipynb", ".py") and not p.name.startswith(".")
+            )
             found += [Submission(student or path.resolve().name, p) for p in files]
         elif path.is_file() and path.suffix in (".ipynb", ".py"):
             name = student or (path.resolve().parent.name if _CHAPTER.match(path.name) else path.stem)
@@ -132,7 +140,7 @@ def _kernel_manager():
     """A kernel of the Python running this command (like nbval's --nbval-current-env)."""
     import ipykernel.kernelspec
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
 
     class CurrentEnvironment(KernelSpecManager):
         def get_kernel_spec(self, kernel_name):
@@ -140,7 +148,7 @@ def _kernel_manager():
                 resource_dir=ipykernel.kernelspec.RESOURCES, **ipykernel.kernelspec.get_kernel_dict()
             )
 
-    return KernelManager(kernel_name="python3", kernel_spec_manager=CurrentEnvironment())
+    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=CurrentEnvironment())
 
 
 def run_submission(
@@ -165,7 +173,11 @@ def run_submission(
             result.flags = _flags([source])
             try:
                 completed = subprocess.run(
-                    [sys.executable, target.name], cwd=work, env=env, capture_output=True, text=True,
+                    [sys.executable, target.name],
+                    cwd=work,
+                    env=env,
+                    capture_output=True,
+                    text=True,
                     timeout=script_timeout,
                 )
                 if completed.returncode:
@@ -208,7 +220,13 @@ def _run_notebook(target: Path, work: Path, env: dict, cell_timeout: float, exec
     except Exception as failure:  # the kernel died, or could not start: keep what was logged
         first = str(failure).splitlines()[0] if str(failure) else ""
         error = f"the notebook stopped: {type(failure).__name__}: {first}"
-    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    errors = [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.output_type == "error"
+    ]
     if errors and not error:
         names = sorted({o.get("ename", "?") for o in errors})
         error = f"{len(errors)} cell(s) raised ({', '.join(names)}); the notebook ran on past them"
@@ -264,14 +282,18 @@ def grade(
             if run.error:
                 notes[student].append(f"{submission.path.name}: {run.error}")
             if run.flags:
-                notes[student].append(f"{submission.path.name}: review by hand, it touches {', '.join(run.flags)}")
+                notes[student].append(
+                    f"{submission.path.name}: review by hand, it touches {', '.join(run.flags)}"
+                )
             for record in run.records:
                 exercise = record.get("exercise")
                 if exercise not in by_id or record.get("kind") == "predict":
                     continue
                 chapters.add(by_id[exercise].chapter)
                 previous = best.get(exercise)
-                if previous is None or (record.get("status") == "pass" and previous[0].get("status") != "pass"):
+                if previous is None or (
+                    record.get("status") == "pass" and previous[0].get("status") != "pass"
+                ):
                     best[exercise] = (record, submission.path.name)
         for exercise in exercises:
             if exercise.chapter not in chapters:
@@ -279,7 +301,7 @@ def grade(
             record, file = best.get(exercise.id, ({}, ""))
             status = record.get("status", "not run")
             passed = status == "pass"
-            message = (record.get("message") or "").splitlines()[0] if record else "the checker never ran"
+            message = (record.get("message") or "") if record else "the checker never ran"
             grades.append(
                 ExerciseGrade(
                     student=student,
@@ -306,7 +328,18 @@ def _safe(name: str) -> str:
 def write_reports(grades: Sequence[ExerciseGrade], notes: dict[str, list[str]], out: Path) -> None:
     """``grades.csv`` (one row per student and exercise) and ``summary.md`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["student", "file", "exercise", "kind", "title", "points", "max_points", "status", "message", "seconds"]
+    columns = [
+        "student",
+        "file",
+        "exercise",
+        "kind",
+        "title",
+        "points",
+        "max_points",
+        "status",
+        "message",
+        "seconds",
+    ]
     with open(out / "grades.csv", "w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
@@ -318,7 +351,9 @@ def write_reports(grades: Sequence[ExerciseGrade], notes: dict[str, list[str]], 
 def summary(grades: Sequence[ExerciseGrade], notes: dict[str, list[str]]) -> str:
     """A readable report: totals per student and chapter, then each exercise that did not pass."""
     lines = ["# Grades", ""]
-    students = list(dict.fromkeys(g.student for g in grades)) + [s for s in notes if s not in {g.student for g in grades}]
+    students = list(dict.fromkeys(g.student for g in grades)) + [
+        s for s in notes if s not in {g.student for g in grades}
+    ]
     lines += ["| student | points | of | exercises passed |", "|---|---:|---:|---:|"]
     for student in students:
         rows = [g for g in grades if g.student == student]
@@ -328,7 +363,7 @@ def summary(grades: Sequence[ExerciseGrade], notes: dict[str, list[str]]) -> str
     for student in students:
         rows = [g for g in grades if g.student == student]
         lines += ["", f"## {student}", ""]
-        for chapter in sorted({int(g.exercise.split('.')[0]) for g in rows}):
+        for chapter in sorted({int(g.exercise.split(".")[0]) for g in rows}):
             in_chapter = [g for g in rows if int(g.exercise.split(".")[0]) == chapter]
             got, total = sum(g.points for g in in_chapter), sum(g.max_points for g in in_chapter)
             marks = " ".join(f"{g.exercise}{'✔' if g.status == 'pass' else '✘'}" for g in in_chapter)
@@ -336,7 +371,10 @@ def summary(grades: Sequence[ExerciseGrade], notes: dict[str, list[str]]) -> str
         misses = [g for g in rows if g.status != "pass"]
         if misses:
             lines += ["", "Not passed:", ""]
-            lines += [f"- {g.exercise} {g.title}: {g.status} — {g.message}" for g in misses]
+            for g in misses:
+                first, *rest = g.message.splitlines() or [""]
+                lines.append(f"- {g.exercise} {g.title}: {g.status} — {first}")
+                lines += [f"  - {line.strip()}" for line in rest if line.strip().startswith("hint:")]
         for note in notes.get(student, []):
             lines.append(f"- note: {note}")
     return "\n".join(lines) + "\n"
@@ -347,9 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("submissions", nargs="+", help="notebooks, .py files, or one folder per student")
     parser.add_argument("--out", default="grades", help="folder for grades.csv, summary.md and executed/")
     parser.add_argument("--student", default=None, help="the student's name, for files given one by one")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per exercise's checker (default 60)")
-    parser.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per notebook cell (default 300)")
-    parser.add_argument("--script-timeout", type=float, default=1800.0, help="seconds per .py file (default 1800)")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds per exercise's checker (default 60)"
+    )
+    parser.add_argument(
+        "--cell-timeout", type=float, default=300.0, help="seconds per notebook cell (default 300)"
+    )
+    parser.add_argument(
+        "--script-timeout", type=float, default=1800.0, help="seconds per .py file (default 1800)"
+    )
     args = parser.parse_args(argv)
     submissions = collect(args.submissions, args.student)
     out = Path(args.out)

@@ -135,8 +135,12 @@ def make_student_version(
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.student", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default=None, help="folder with the solved notebooks (default: notebooks/)")
+    parser = argparse.ArgumentParser(
+        prog="python -m course_lib.student", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--source", default=None, help="folder with the solved notebooks (default: notebooks/)"
+    )
     parser.add_argument(
         "--out",
         "--output",

@@ -8,6 +8,8 @@ import re
 
 import pytest
 import torch
+from exercise_mistakes import MISTAKES
+from exercise_notebooks import exercise_cells, solution_functions
 
 from course_lib.exercises import (
     EXERCISES,
@@ -24,9 +26,6 @@ from course_lib.exercises import (
 )
 from course_lib.exercises import predictions as predict_module
 from course_lib.exercises.ch02 import check_roofline
-
-from exercise_mistakes import MISTAKES
-from exercise_notebooks import exercise_cells, solution_functions
 
 ALL = list(iter_exercises())
 IDS = [e.id for e in ALL]
@@ -59,12 +58,21 @@ def test_the_notebook_holds_a_statement_a_solution_and_a_checker_with_nbgrader_m
     assert f"Exercise {exercise.id} ({exercise.kind})" in statement, "the kind is named in the heading"
     solution, check = cells["solution"][0], cells["checker"][0]
     assert solution.metadata["nbgrader"] == {
-        "grade": False, "grade_id": exercise.grade_id + "-solution", "locked": False, "schema_version": 3,
-        "solution": True, "task": False,
+        "grade": False,
+        "grade_id": exercise.grade_id + "-solution",
+        "locked": False,
+        "schema_version": 3,
+        "solution": True,
+        "task": False,
     }
     assert check.metadata["nbgrader"] == {
-        "grade": True, "grade_id": exercise.grade_id, "locked": True, "points": exercise.points,
-        "schema_version": 3, "solution": False, "task": False,
+        "grade": True,
+        "grade_id": exercise.grade_id,
+        "locked": True,
+        "points": exercise.points,
+        "schema_version": 3,
+        "solution": False,
+        "task": False,
     }
     for cell in (solution, check):
         assert cell.metadata["course"]["kind"] == exercise.kind
@@ -208,14 +216,16 @@ def test_a_crash_names_the_line_of_the_readers_code():
 
     outcome = check_roofline.run(broken, seed=0)
     assert outcome.status == "error"
-    assert "NameError" in outcome.message and "bandwidth_typo" in outcome.message and "line" in outcome.message
+    assert (
+        "NameError" in outcome.message and "bandwidth_typo" in outcome.message and "line" in outcome.message
+    )
 
 
 def test_warnings_of_the_readers_code_do_not_reach_stderr(capsys):
     import warnings
 
     def noisy(intensity, peak, bandwidth):
-        warnings.warn("deprecated", UserWarning)
+        warnings.warn("deprecated", UserWarning, stacklevel=1)
         return min(peak, intensity * bandwidth)
 
     check_roofline(noisy, record=False)
@@ -243,7 +253,9 @@ def test_a_result_that_is_not_a_plain_tensor_is_refused_inside_the_guard():
     class Lazy(torch.Tensor):
         pass
 
-    outcome = check_elu_plus_one.run(lambda x: torch.where(x > 0, x + 1, x.clamp(max=0).exp()).as_subclass(Lazy))
+    outcome = check_elu_plus_one.run(
+        lambda x: torch.where(x > 0, x + 1, x.clamp(max=0).exp()).as_subclass(Lazy)
+    )
     assert outcome.status == "error" and "plain torch.Tensor" in outcome.message
 
 
@@ -260,7 +272,9 @@ def test_compare_names_a_transpose_a_factor_an_offset_and_a_dtype():
         compare(e + 0.5, e)
     with pytest.raises(Mismatch, match="should be too, got torch.float32"):
         compare(e.float(), e)
-    with pytest.raises(Mismatch, match=r"expected shape \(3, 4\), got \(4, 3\)\nhint: .*last two axes swapped"):
+    with pytest.raises(
+        Mismatch, match=r"expected shape \(3, 4\), got \(4, 3\)\nhint: .*last two axes swapped"
+    ):
         compare(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64))
     compare(e + 1e-12, e)
 

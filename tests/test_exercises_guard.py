@@ -95,7 +95,9 @@ with warnings.catch_warnings():
 
 BYPASSES = {
     "the course's attention": lambda q, k, v: course_lib.attention(q, k, v),
-    "imported under another name": lambda q, k, v: __import__("course_lib.standard").standard.attention(q, k, v),
+    "imported under another name": lambda q, k, v: __import__("course_lib.standard").standard.attention(
+        q, k, v
+    ),
     "a module alias": lambda q, k, v: importlib.import_module("course_lib.standard").attention(q, k, v),
     "getattr with a built name": lambda q, k, v: getattr(course_lib, "atten" + "tion")(q, k, v),
     "a closure": (lambda f: lambda q, k, v: f(q, k, v))(course_lib.attention),
@@ -109,12 +111,18 @@ BYPASSES = {
     "a subprocess": in_a_process,
     "F.scaled_dot_product_attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
     "SDPA through map": lambda q, k, v: list(map(F.scaled_dot_product_attention, [q], [k], [v]))[0],
-    "SDPA through functools.partial": lambda q, k, v: functools.partial(F.scaled_dot_product_attention, q, k)(v),
-    "torch._C._nn.scaled_dot_product_attention": lambda q, k, v: torch._C._nn.scaled_dot_product_attention(q, k, v),
+    "SDPA through functools.partial": lambda q, k, v: functools.partial(F.scaled_dot_product_attention, q, k)(
+        v
+    ),
+    "torch._C._nn.scaled_dot_product_attention": lambda q, k, v: torch._C._nn.scaled_dot_product_attention(
+        q, k, v
+    ),
     "torch.ops.aten._scaled_dot_product_attention_math": lambda q, k, v: (
-        torch.ops.aten._scaled_dot_product_attention_math(q, k, v)[0]),
+        torch.ops.aten._scaled_dot_product_attention_math(q, k, v)[0]
+    ),
     "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default": lambda q, k, v: (
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v)[0]),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v)[0]
+    ),
     "a TorchScript function calling SDPA": lambda q, k, v: SCRIPTED(q, k, v),
     "nn.MultiheadAttention": multihead_module,
     "F.multi_head_attention_forward": multihead_functional,
@@ -154,7 +162,12 @@ def test_an_allow_list_lets_an_exercise_use_a_named_library_function():
 
 def test_exercise_specific_shortcuts_are_refused_only_where_forbidden():
     elu = Rules(task="elu+1", torch_names=frozenset({"elu", "celu", "selu"}))
-    for shortcut in (lambda x: F.elu(x), lambda x: torch.nn.ELU()(x), lambda x: F.celu(x), lambda x: F.selu(x)):
+    for shortcut in (
+        lambda x: F.elu(x),
+        lambda x: torch.nn.ELU()(x),
+        lambda x: F.celu(x),
+        lambda x: F.selu(x),
+    ):
         with pytest.raises(Refused, match="shortcut"):
             guarded_call(shortcut, (Q,), rules=elu)
     guarded_call(lambda x: F.elu(x), (Q,))  # allowed where the exercise does not forbid it

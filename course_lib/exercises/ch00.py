@@ -16,7 +16,9 @@ def _softmax_case(name: str, x: torch.Tensor) -> Case:
     limit = 709.0 if x.dtype == torch.float64 else 88.0
     row_max = x.amax(-1, keepdim=True) if x.numel() else x
     regions = {
-        f"in rows whose largest logit exceeds {limit:g}, where exp() overflows": (row_max > limit).expand_as(x),
+        f"in rows whose largest logit exceeds {limit:g}, where exp() overflows": (row_max > limit).expand_as(
+            x
+        ),
         "in rows whose logits are all far below the tensor's overall maximum": (
             (row_max < x.max() - limit).expand_as(x) if x.numel() else torch.zeros_like(x, dtype=torch.bool)
         ),
@@ -27,19 +29,29 @@ def _softmax_case(name: str, x: torch.Tensor) -> Case:
     }
     variants = {
         "a softmax over the first axis instead of the last": lambda: torch.softmax(x, 0),
-        "exp(x) divided by the sum over the whole tensor, not over each row": lambda: torch.exp(x - x.max())
-        / torch.exp(x - x.max()).sum(),
+        "exp(x) divided by the sum over the whole tensor, not over each row": lambda: (
+            torch.exp(x - x.max()) / torch.exp(x - x.max()).sum()
+        ),
     }
 
     def judge(got, expected):
-        compare(got, expected, "softmax", atol=1e-6 if x.dtype == torch.float32 else 1e-12,
-                rtol=1e-5 if x.dtype == torch.float32 else 1e-9,
-                variants=variants, regions=regions, advice=advice)
+        compare(
+            got,
+            expected,
+            "softmax",
+            atol=1e-6 if x.dtype == torch.float32 else 1e-12,
+            rtol=1e-5 if x.dtype == torch.float32 else 1e-9,
+            variants=variants,
+            regions=regions,
+            advice=advice,
+        )
 
     return Case(name, (x,), expected=lambda: torch.softmax(x, -1), compare=judge, inputs=["x"])
 
 
-@checker("0.1", title="a softmax that does not overflow", points=1, task="the softmax", forbid=SOFTMAX_SHORTCUTS)
+@checker(
+    "0.1", title="a softmax that does not overflow", points=1, task="the softmax", forbid=SOFTMAX_SHORTCUTS
+)
 def check_softmax(draw: Draw):
     """``softmax(x)`` over the last dimension, for any shape, with logits that overflow ``exp``."""
     yield _softmax_case(f"a vector of {(n := draw.int(3, 9))}", draw.randn(n))

@@ -12,7 +12,8 @@ def _gemm_case(M: int, N: int, K: int, size: int, name: str) -> Case:
     moved = (M * K + K * N + M * N) * size
     variants = {
         "M*N*K FLOPs over the bytes (a multiply-add is 2 FLOPs)": M * N * K / moved,
-        "FLOPs over the bytes of A and B only (the output C is written too)": flops / ((M * K + K * N) * size),
+        "FLOPs over the bytes of A and B only (the output C is written too)": flops
+        / ((M * K + K * N) * size),
         "FLOPs per element, not per byte (times bytes_per_element missing)": flops / (M * K + K * N + M * N),
         "bytes over FLOPs (the ratio upside down)": moved / flops,
     }
@@ -20,8 +21,13 @@ def _gemm_case(M: int, N: int, K: int, size: int, name: str) -> Case:
     def judge(got, expected):
         compare_number(got, expected, "intensity", rel=1e-12, variants=variants)
 
-    return Case(name, (M, N, K, size), expected=flops / moved, compare=judge,
-                inputs=["M", "N", "K", "bytes_per_element"])
+    return Case(
+        name,
+        (M, N, K, size),
+        expected=flops / moved,
+        compare=judge,
+        inputs=["M", "N", "K", "bytes_per_element"],
+    )
 
 
 @checker("2.1", title="the intensity of a GEMM", points=1, task="the GEMM's intensity")
@@ -58,8 +64,18 @@ def check_roofline(draw: Draw):
         }
 
         def judge(got, expected, variants=variants):
-            compare_number(got, expected, "attainable FLOP/s", rel=1e-12,
-                           variants={k: v for k, v in variants.items() if v != expected})
+            compare_number(
+                got,
+                expected,
+                "attainable FLOP/s",
+                rel=1e-12,
+                variants={k: v for k, v in variants.items() if v != expected},
+            )
 
-        yield Case(name, (intensity, peak, bandwidth), expected=expected, compare=judge,
-                   inputs=["intensity", "peak_flops", "bandwidth"])
+        yield Case(
+            name,
+            (intensity, peak, bandwidth),
+            expected=expected,
+            compare=judge,
+            inputs=["intensity", "peak_flops", "bandwidth"],
+        )

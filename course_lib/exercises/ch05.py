@@ -12,7 +12,9 @@ from .common import Case, Draw, Mismatch, checker, compare_exact, compare_number
 __all__ = ["check_dilated_mask", "check_block_layout_to_mask", "check_streaming_keep", "check_window_layers"]
 
 
-def _dilated(T: int, window: int, dilation: int, *, causal: bool = True, span: int | None = None) -> torch.Tensor:
+def _dilated(
+    T: int, window: int, dilation: int, *, causal: bool = True, span: int | None = None
+) -> torch.Tensor:
     distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]
     if not causal:
         distance = distance.abs()
@@ -20,7 +22,13 @@ def _dilated(T: int, window: int, dilation: int, *, causal: bool = True, span: i
     return (distance >= 0) & (distance % dilation == 0) & (distance <= span)
 
 
-@checker("5.1", title="a dilated mask", points=1, task="the dilated mask", fallback="course_lib.sparse:dilated_mask")
+@checker(
+    "5.1",
+    title="a dilated mask",
+    points=1,
+    task="the dilated mask",
+    fallback="course_lib.sparse:dilated_mask",
+)
 def check_dilated_mask(draw: Draw):
     """``fn(T, window, dilation)``: the causal (T, T) bool mask where query i sees keys i, i - r, ...,
     i - (window - 1) r that exist."""
@@ -33,17 +41,24 @@ def check_dilated_mask(draw: Draw):
     ]:
         variants = {
             "the pattern in both directions (not causal)": lambda T=T, w=window, r=dilation: _dilated(
-                T, w, r, causal=False),
-            "keys up to window - 1 positions back, not window - 1 *kept* keys back": lambda T=T, w=window,
-            r=dilation: _dilated(T, w, r, span=w - 1),
+                T, w, r, causal=False
+            ),
+            "keys up to window - 1 positions back, not window - 1 *kept* keys back": (
+                lambda T=T, w=window, r=dilation: _dilated(T, w, r, span=w - 1)
+            ),
             "a plain sliding window (the dilation ignored)": lambda T=T, w=window: _dilated(T, w, 1),
         }
 
         def judge(got, expected, variants=variants, name=f"T={T}, window={window}, dilation={dilation}"):
             compare_exact(got, expected, f"mask ({name})", variants=variants)
 
-        yield Case(f"{name}: T={T}, window={window}, dilation={dilation}", (T, window, dilation),
-                   expected=_dilated(T, window, dilation), compare=judge, inputs=["T", "window", "dilation"])
+        yield Case(
+            f"{name}: T={T}, window={window}, dilation={dilation}",
+            (T, window, dilation),
+            expected=_dilated(T, window, dilation),
+            compare=judge,
+            inputs=["T", "window", "dilation"],
+        )
 
 
 @checker("5.2", title="from a block layout to a token mask", points=1, task="the block-layout expansion")
@@ -62,19 +77,27 @@ def check_block_layout_to_mask(draw: Draw):
         layout[0, -1] = True  # a corner tile, so an off-by-one in the cropping shows
         expected = layout.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[:T, :T]
         variants = {
-            "the layout tiled (repeat) instead of each entry blown up (repeat_interleave)": lambda layout=layout,
-            b=block_size, T=T: layout.repeat(b, b)[:T, :T],
+            "the layout tiled (repeat) instead of each entry blown up (repeat_interleave)": (
+                lambda layout=layout, b=block_size, T=T: layout.repeat(b, b)[:T, :T]
+            ),
             "the layout transposed": lambda layout=layout, b=block_size, T=T: layout.T.repeat_interleave(
-                b, 0).repeat_interleave(b, 1)[:T, :T],
+                b, 0
+            ).repeat_interleave(b, 1)[:T, :T],
             "the mask not cropped to T x T": lambda layout=layout, b=block_size: layout.repeat_interleave(
-                b, 0).repeat_interleave(b, 1),
+                b, 0
+            ).repeat_interleave(b, 1),
         }
 
         def judge(got, expected, variants=variants, label=f"T={T}, block_size={block_size}"):
             compare_exact(got, expected, f"token mask ({label})", variants=variants)
 
-        yield Case(f"{name}: T={T}, block_size={block_size}", (layout, block_size, T), expected=expected,
-                   compare=judge, inputs=["layout", "block_size", "T"])
+        yield Case(
+            f"{name}: T={T}, block_size={block_size}",
+            (layout, block_size, T),
+            expected=expected,
+            compare=judge,
+            inputs=["layout", "block_size", "T"],
+        )
 
 
 def _streaming(seq_len: int, budget: int, num_sinks: int) -> torch.Tensor:
@@ -84,13 +107,18 @@ def _streaming(seq_len: int, budget: int, num_sinks: int) -> torch.Tensor:
     return torch.cat([torch.arange(num_sinks), torch.arange(seq_len - recent, seq_len)])
 
 
-@checker("5.3", title="the StreamingLLM keep set", points=1, task="the StreamingLLM keep set",
-         fallback="course_lib.sparse:streaming_keep")
+@checker(
+    "5.3",
+    title="the StreamingLLM keep set",
+    points=1,
+    task="the StreamingLLM keep set",
+    fallback="course_lib.sparse:streaming_keep",
+)
 def check_streaming_keep(draw: Draw):
     """``fn(seq_len, budget, num_sinks)``: the sorted int64 indices kept: the first ``num_sinks`` and the
     newest ``budget - num_sinks``; all of them when ``budget >= seq_len``."""
     for name, seq_len, budget, sinks in [
-        ("a typical budget", draw.int(30, 90), (b := draw.int(8, 20)), draw.int(1, 4)),
+        ("a typical budget", draw.int(30, 90), draw.int(8, 20), draw.int(1, 4)),
         ("no sinks", draw.int(10, 40), draw.int(3, 9), 0),
         ("every kept entry a sink", draw.int(10, 30), (s := draw.int(2, 6)), s),
         ("the budget covers the cache", (n := draw.int(3, 9)), n + draw.int(0, 4), min(2, n)),
@@ -98,20 +126,34 @@ def check_streaming_keep(draw: Draw):
     ]:
         variants = {
             "the newest budget entries (the sinks forgotten)": lambda n=seq_len, b=budget: torch.arange(
-                max(0, n - b), n),
-            "the sinks plus the newest budget entries (num_sinks too many)": lambda n=seq_len, b=budget,
-            s=sinks: torch.cat([torch.arange(s), torch.arange(max(s, n - b), n)]),
+                max(0, n - b), n
+            ),
+            "the sinks plus the newest budget entries (num_sinks too many)": (
+                lambda n=seq_len, b=budget, s=sinks: torch.cat(
+                    [torch.arange(s), torch.arange(max(s, n - b), n)]
+                )
+            ),
         }
 
-        def judge(got, expected, variants=variants, label=f"seq_len={seq_len}, budget={budget}, sinks={sinks}"):
-            if isinstance(got, torch.Tensor) and got.dim() == 1 and got.numel() > 1 and not bool(
-                    (got[1:] > got[:-1]).all()):
+        def judge(
+            got, expected, variants=variants, label=f"seq_len={seq_len}, budget={budget}, sinks={sinks}"
+        ):
+            if (
+                isinstance(got, torch.Tensor)
+                and got.dim() == 1
+                and got.numel() > 1
+                and not bool((got[1:] > got[:-1]).all())
+            ):
                 raise Mismatch(f"{label}: the indices must be sorted and distinct, got {got.tolist()}")
             compare_exact(got, expected, f"kept indices ({label})", variants=variants)
 
-        yield Case(f"{name}: seq_len={seq_len}, budget={budget}, num_sinks={sinks}", (seq_len, budget, sinks),
-                   expected=_streaming(seq_len, budget, sinks), compare=judge,
-                   inputs=["seq_len", "budget", "num_sinks"])
+        yield Case(
+            f"{name}: seq_len={seq_len}, budget={budget}, num_sinks={sinks}",
+            (seq_len, budget, sinks),
+            expected=_streaming(seq_len, budget, sinks),
+            compare=judge,
+            inputs=["seq_len", "budget", "num_sinks"],
+        )
 
 
 @checker("5.4", title="layers for a causal window", points=1, task="the layer count")
@@ -136,8 +178,18 @@ def check_window_layers(draw: Draw):
         def judge(got, expected, variants=variants, label=f"T={T}, window={window}"):
             if isinstance(got, bool) or not isinstance(got, (int, torch.Tensor)):
                 raise Mismatch(f"{label}: return the number of layers as an int, got {got!r}")
-            compare_number(got, expected, f"layers ({label})", integer=True,
-                           variants={k: v for k, v in variants.items() if v != expected})
+            compare_number(
+                got,
+                expected,
+                f"layers ({label})",
+                integer=True,
+                variants={k: v for k, v in variants.items() if v != expected},
+            )
 
-        yield Case(f"{name}: T={T}, window={window}", (T, window), expected=expected, compare=judge,
-                   inputs=["T", "window"])
+        yield Case(
+            f"{name}: T={T}, window={window}",
+            (T, window),
+            expected=expected,
+            compare=judge,
+            inputs=["T", "window"],
+        )

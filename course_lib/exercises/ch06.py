@@ -15,15 +15,23 @@ __all__ = ["check_elu_plus_one", "check_recurrent_step", "check_chunk_update"]
 ELU_SHORTCUTS = ("elu", "celu", "selu", "elu_", "celu_", "selu_")
 
 
-@checker("6.1", title="the elu+1 feature map", points=1, task="elu+1", forbid=ELU_SHORTCUTS,
-         fallback="course_lib.linear:elu_plus_one")
+@checker(
+    "6.1",
+    title="the elu+1 feature map",
+    points=1,
+    task="elu+1",
+    forbid=ELU_SHORTCUTS,
+    fallback="course_lib.linear:elu_plus_one",
+)
 def check_elu_plus_one(draw: Draw):
     """``fn(x)``: ``x + 1`` where ``x > 0``, ``exp(x)`` elsewhere, elementwise, without ``F.elu``."""
     for name, x in [
         ("a ramp from -5 to 5 (0 included)", torch.linspace(-5, 5, 21, dtype=torch.float64)),
         ("Gaussian (B, H, T, D)", draw.randn(draw.int(1, 2), draw.int(1, 3), draw.int(2, 7), draw.int(2, 5))),
-        ("very negative and very positive inputs", torch.tensor([-1e4, -700.0, -30.0, 0.0, 30.0, 800.0, 1e4],
-                                                                 dtype=torch.float64)),
+        (
+            "very negative and very positive inputs",
+            torch.tensor([-1e4, -700.0, -30.0, 0.0, 30.0, 800.0, 1e4], dtype=torch.float64),
+        ),
         ("float32 input", draw.randn(draw.int(2, 5), draw.int(2, 5), dtype=torch.float32)),
     ]:
         variants = {
@@ -33,15 +41,22 @@ def check_elu_plus_one(draw: Draw):
             "relu(x) + 1": lambda x=x: x.clamp(min=0) + 1,
         }
         regions = {"at large positive inputs": x > 80}
-        advice = {"at large positive inputs": "exp(x) overflows there: compute exp only of min(x, 0), or pick "
-                  "the branch without evaluating exp on positive x"}
+        advice = {
+            "at large positive inputs": "exp(x) overflows there: compute exp only of min(x, 0), or pick "
+            "the branch without evaluating exp on positive x"
+        }
         tolerance = dict(atol=1e-6, rtol=1e-5) if x.dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
 
         def judge(got, expected, variants=variants, regions=regions, advice=advice, tolerance=tolerance):
             compare(got, expected, "elu+1", variants=variants, regions=regions, advice=advice, **tolerance)
 
-        yield Case(f"{name}: shape {tuple(x.shape)}, {str(x.dtype).removeprefix('torch.')}", (x,),
-                   expected=torch.where(x > 0, x + 1, torch.exp(x.clamp(max=0))), compare=judge, inputs=["x"])
+        yield Case(
+            f"{name}: shape {tuple(x.shape)}, {str(x.dtype).removeprefix('torch.')}",
+            (x,),
+            expected=torch.where(x > 0, x + 1, torch.exp(x.clamp(max=0))),
+            compare=judge,
+            inputs=["x"],
+        )
 
 
 def _triple(got: object, names: str, count: int) -> tuple:
@@ -58,8 +73,14 @@ def check_recurrent_step(draw: Draw):
     v (B, H, D_v)."""
     for name, B, H, D, D_v, history in [
         ("the first token (empty state)", 1, 1, draw.int(2, 5), draw.int(2, 5), 0),
-        ("after a few tokens, D' != D_v", draw.int(1, 2), draw.int(2, 3), draw.int(3, 6), draw.int(2, 7),
-         draw.int(2, 9)),
+        (
+            "after a few tokens, D' != D_v",
+            draw.int(1, 2),
+            draw.int(2, 3),
+            draw.int(3, 6),
+            draw.int(2, 7),
+            draw.int(2, 9),
+        ),
         ("one feature", 1, 2, 1, draw.int(2, 4), draw.int(1, 4)),
     ]:
         past_k = draw.rand(B, H, history, D) + 0.1
@@ -75,22 +96,40 @@ def check_recurrent_step(draw: Draw):
         variants_o = {
             "the read before the write (o from the state without this token)": lambda o_old=o_old: o_old,
             "o not divided by phi_q . z_new": lambda phi_q=phi_q, S_new=S_new: torch.einsum(
-                "bhd,bhde->bhe", phi_q, S_new),
+                "bhd,bhde->bhe", phi_q, S_new
+            ),
         }
-        variants_S = {"the state transposed (v phi_k^T, shape D_v x D')": lambda S_new=S_new: S_new.transpose(-1, -2)}
+        variants_S = {
+            "the state transposed (v phi_k^T, shape D_v x D')": lambda S_new=S_new: S_new.transpose(-1, -2)
+        }
         empty = {"in a step from the empty state (z = 0)": torch.full_like(o, history == 0, dtype=torch.bool)}
-        advice = {"in a step from the empty state (z = 0)": "reading before writing divides by phi_q . z = 0 on "
-                  "the first token: write the token into S and z first, then read"}
+        advice = {
+            "in a step from the empty state (z = 0)": "reading before writing divides by phi_q . z = 0 on "
+            "the first token: write the token into S and z first, then read"
+        }
 
         def judge(got, expected, variants_o=variants_o, variants_S=variants_S, empty=empty, advice=advice):
             S_got, z_got, o_got = _triple(got, "(S_new, z_new, o)", 3)
             compare(S_got, expected[0], "S_new", atol=1e-12, rtol=1e-10, variants=variants_S)
             compare(z_got, expected[1], "z_new", atol=1e-12, rtol=1e-10)
-            compare(o_got, expected[2], "o", atol=1e-12, rtol=1e-10, variants=variants_o, regions=empty,
-                    advice=advice)
+            compare(
+                o_got,
+                expected[2],
+                "o",
+                atol=1e-12,
+                rtol=1e-10,
+                variants=variants_o,
+                regions=empty,
+                advice=advice,
+            )
 
-        yield Case(f"{name}: B={B}, H={H}, D'={D}, D_v={D_v}, after {history} tokens", (S, z, phi_q, phi_k, v),
-                   expected=(S_new, z_new, o), compare=judge, inputs=["S", "z", "phi_q", "phi_k", "v"])
+        yield Case(
+            f"{name}: B={B}, H={H}, D'={D}, D_v={D_v}, after {history} tokens",
+            (S, z, phi_q, phi_k, v),
+            expected=(S_new, z_new, o),
+            compare=judge,
+            inputs=["S", "z", "phi_q", "phi_k", "v"],
+        )
 
 
 @checker("6.3", title="one chunk update", points=2, task="the chunk update")
@@ -99,7 +138,14 @@ def check_chunk_update(draw: Draw):
     ``o = phi_q S + tril(phi_q phi_k^T) v`` and ``S_new = S + phi_k^T v``. Shapes: S (B, H, D', D_v),
     phi_q, phi_k (B, H, C, D'), v (B, H, C, D_v)."""
     for name, B, H, C, D, D_v in [
-        ("a chunk of a few tokens", draw.int(1, 2), draw.int(1, 3), draw.int(3, 8), draw.int(2, 5), draw.int(2, 6)),
+        (
+            "a chunk of a few tokens",
+            draw.int(1, 2),
+            draw.int(1, 3),
+            draw.int(3, 8),
+            draw.int(2, 5),
+            draw.int(2, 6),
+        ),
         ("a chunk of one token", 1, draw.int(1, 3), 1, draw.int(2, 4), draw.int(2, 4)),
         ("a long chunk, D' != D_v", 1, 1, draw.int(9, 16), draw.int(3, 6), draw.int(2, 3)),
     ]:
@@ -116,19 +162,35 @@ def _chunk_case(draw: Draw, name: str, B: int, H: int, C: int, D: int, D_v: int)
     S_new = S + phi_k.transpose(-1, -2) @ v
     variants_o = {
         "o without the causal mask inside the chunk (later keys leak in)": lambda: phi_q @ S + scores @ v,
-        "o with the diagonal left out (tril(..., -1)): a query must see its own key": lambda: phi_q @ S
-        + scores.masked_fill(~torch.ones(C, C, dtype=torch.bool).tril(-1), 0.0) @ v,
-        "o read from the new state (the chunk counted twice)": lambda: phi_q @ S_new
-        + scores.masked_fill(~causal, 0.0) @ v,
+        "o with the diagonal left out (tril(..., -1)): a query must see its own key": lambda: (
+            phi_q @ S + scores.masked_fill(~torch.ones(C, C, dtype=torch.bool).tril(-1), 0.0) @ v
+        ),
+        "o read from the new state (the chunk counted twice)": lambda: (
+            phi_q @ S_new + scores.masked_fill(~causal, 0.0) @ v
+        ),
         "o without the state of the earlier chunks": lambda: scores.masked_fill(~causal, 0.0) @ v,
     }
 
     def judge(got, expected):
         o_got, S_got = _triple(got, "(o, S_new)", 2)
         compare(o_got, expected[0], "o", atol=1e-12, rtol=1e-10, variants=variants_o)
-        compare(S_got, expected[1], "S_new", atol=1e-12, rtol=1e-10,
-                variants={"S + phi_q^T v (the queries written instead of the keys)": lambda: S
-                          + phi_q.transpose(-1, -2) @ v})
+        compare(
+            S_got,
+            expected[1],
+            "S_new",
+            atol=1e-12,
+            rtol=1e-10,
+            variants={
+                "S + phi_q^T v (the queries written instead of the keys)": lambda: (
+                    S + phi_q.transpose(-1, -2) @ v
+                )
+            },
+        )
 
-    return Case(f"{name}: B={B}, H={H}, C={C}, D'={D}, D_v={D_v}", (S, phi_q, phi_k, v), expected=(o, S_new),
-                compare=judge, inputs=["S", "phi_q", "phi_k", "v"])
+    return Case(
+        f"{name}: B={B}, H={H}, C={C}, D'={D}, D_v={D_v}",
+        (S, phi_q, phi_k, v),
+        expected=(o, S_new),
+        compare=judge,
+        inputs=["S", "phi_q", "phi_k", "v"],
+    )

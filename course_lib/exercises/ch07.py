@@ -12,7 +12,12 @@ import torch
 from ..recurrent import delta_rule, gla, ssd
 from .common import Case, Draw, Mismatch, checker, compare
 
-__all__ = ["check_gla_recurrent", "check_delta_rule_recurrent", "check_retention_decay_matrix", "check_ssd_as_gla"]
+__all__ = [
+    "check_gla_recurrent",
+    "check_delta_rule_recurrent",
+    "check_retention_decay_matrix",
+    "check_ssd_as_gla",
+]
 
 
 def _pair(got: object, names: str) -> tuple:
@@ -34,19 +39,49 @@ def _loop(q, k, v, decay, write, scale, state, read_first=False):
     return torch.stack(outputs, 2), state
 
 
-@checker("7.1", title="GLA, token by token", points=2, task="GLA's recurrent form",
-         fallback="course_lib.recurrent:gla")
+@checker(
+    "7.1",
+    title="GLA, token by token",
+    points=2,
+    task="GLA's recurrent form",
+    fallback="course_lib.recurrent:gla",
+)
 def check_gla_recurrent(draw: Draw):
     """``fn(q, k, v, g, scale, initial_state) -> (o, final_state)``: GLA's recurrence for (B, H, T, D)
     inputs. ``g`` (B, H, T, D_k) is the log forget gate per key dimension, ``initial_state``
     (B, H, D_k, D_v) or None (zeros). Per token: decay each row i of S by ``exp(g[..., i])``, add
     ``k v^T``, read ``o = S^T (scale q)``."""
     for name, B, H, T, D_k, D_v, gate, with_state in [
-        ("a few tokens from zero", draw.int(1, 2), draw.int(1, 3), draw.int(3, 9), draw.int(2, 5), draw.int(2, 6),
-         0.3, False),
-        ("from an initial state", 1, draw.int(1, 2), draw.int(2, 7), draw.int(2, 4), draw.int(2, 4), 0.3, True),
-        ("strong forgetting (log gates around -30)", 1, 1, draw.int(3, 6), draw.int(2, 4), draw.int(2, 4), 30.0,
-         True),
+        (
+            "a few tokens from zero",
+            draw.int(1, 2),
+            draw.int(1, 3),
+            draw.int(3, 9),
+            draw.int(2, 5),
+            draw.int(2, 6),
+            0.3,
+            False,
+        ),
+        (
+            "from an initial state",
+            1,
+            draw.int(1, 2),
+            draw.int(2, 7),
+            draw.int(2, 4),
+            draw.int(2, 4),
+            0.3,
+            True,
+        ),
+        (
+            "strong forgetting (log gates around -30)",
+            1,
+            1,
+            draw.int(3, 6),
+            draw.int(2, 4),
+            draw.int(2, 4),
+            30.0,
+            True,
+        ),
         ("no forgetting (g = 0: linear attention)", 1, 2, draw.int(3, 6), 3, 2, 0.0, False),
         ("one token", 2, 1, 1, draw.int(2, 5), draw.int(2, 5), 0.5, True),
     ]:
@@ -67,17 +102,34 @@ def _gla_case(draw, name, B, H, T, D_k, D_v, gate, with_state) -> Case:
 
     variants = {
         "the write before the decay (the token's own k v^T decayed too)": lambda: _loop(
-            q, k, v, lambda t, S: S, lambda t, S: outer(t, S) + (g[:, :, t].exp()[..., None] - 1) * (S + outer(t, S)),
-            scale, zero)[0],
+            q,
+            k,
+            v,
+            lambda t, S: S,
+            lambda t, S: outer(t, S) + (g[:, :, t].exp()[..., None] - 1) * (S + outer(t, S)),
+            scale,
+            zero,
+        )[0],
         "the read before the write (o from the previous state)": lambda: _loop(
-            q, k, v, lambda t, S: g[:, :, t].exp()[..., None] * S, outer, scale, zero, read_first=True)[0],
-        "the gate applied to the value dimensions (columns of S) instead of the key dimensions": lambda: _loop(
-            q, k, v, lambda t, S: S * g[:, :, t, : S.shape[-1]].exp()[..., None, :] if D_k >= D_v else S, outer,
-            scale, zero)[0],
+            q, k, v, lambda t, S: g[:, :, t].exp()[..., None] * S, outer, scale, zero, read_first=True
+        )[0],
+        "the gate applied to the value dimensions (columns of S) instead of the key dimensions": lambda: (
+            _loop(
+                q,
+                k,
+                v,
+                lambda t, S: S * g[:, :, t, : S.shape[-1]].exp()[..., None, :] if D_k >= D_v else S,
+                outer,
+                scale,
+                zero,
+            )[0]
+        ),
         "the gate used without exp (a log gate is not a factor)": lambda: _loop(
-            q, k, v, lambda t, S: g[:, :, t][..., None] * S, outer, scale, zero)[0],
-        "o without the scale": lambda: _loop(q, k, v, lambda t, S: g[:, :, t].exp()[..., None] * S, outer, 1.0,
-                                            zero)[0],
+            q, k, v, lambda t, S: g[:, :, t][..., None] * S, outer, scale, zero
+        )[0],
+        "o without the scale": lambda: _loop(
+            q, k, v, lambda t, S: g[:, :, t].exp()[..., None] * S, outer, 1.0, zero
+        )[0],
     }
 
     def judge(got, expected):
@@ -85,21 +137,49 @@ def _gla_case(draw, name, B, H, T, D_k, D_v, gate, with_state) -> Case:
         compare(o_got, expected[0], "o", atol=1e-10, rtol=1e-8, variants=variants)
         compare(final_got, expected[1], "final_state", atol=1e-10, rtol=1e-8)
 
-    return Case(f"{name}: B={B}, H={H}, T={T}, D_k={D_k}, D_v={D_v}", (q, k, v, g, scale, state),
-                expected=(o, final), compare=judge, inputs=["q", "k", "v", "g", "scale", "initial_state"])
+    return Case(
+        f"{name}: B={B}, H={H}, T={T}, D_k={D_k}, D_v={D_v}",
+        (q, k, v, g, scale, state),
+        expected=(o, final),
+        compare=judge,
+        inputs=["q", "k", "v", "g", "scale", "initial_state"],
+    )
 
 
-@checker("7.2", title="the delta rule, token by token", points=2, task="the delta rule's recurrent form",
-         fallback="course_lib.recurrent:delta_rule")
+@checker(
+    "7.2",
+    title="the delta rule, token by token",
+    points=2,
+    task="the delta rule's recurrent form",
+    fallback="course_lib.recurrent:delta_rule",
+)
 def check_delta_rule_recurrent(draw: Draw):
     """``fn(q, k, v, beta, scale, initial_state) -> (o, final_state)``: the delta rule for (B, H, T, D)
     inputs; ``beta`` (B, H, T) in [0, 1]. Per token: ``S += beta k (v - S^T k)^T``, then
     ``o = S^T (scale q)``. Keys are passed as they are (the layer normalises them, not this function)."""
     for name, B, H, T, D_k, D_v, unit, with_state, beta_kind in [
-        ("unit keys from zero", draw.int(1, 2), draw.int(1, 2), draw.int(3, 9), draw.int(2, 5), draw.int(2, 5),
-         True, False, "random"),
-        ("from an initial state, keys not normalised", 1, 2, draw.int(2, 6), draw.int(2, 4), draw.int(2, 4),
-         False, True, "random"),
+        (
+            "unit keys from zero",
+            draw.int(1, 2),
+            draw.int(1, 2),
+            draw.int(3, 9),
+            draw.int(2, 5),
+            draw.int(2, 5),
+            True,
+            False,
+            "random",
+        ),
+        (
+            "from an initial state, keys not normalised",
+            1,
+            2,
+            draw.int(2, 6),
+            draw.int(2, 4),
+            draw.int(2, 4),
+            False,
+            True,
+            "random",
+        ),
         ("beta = 1: each write overwrites", 1, 1, draw.int(3, 7), 3, 3, True, True, "one"),
         ("beta = 0: nothing is written", 1, 1, draw.int(2, 5), 3, 2, True, True, "zero"),
         ("one token", 2, 1, 1, draw.int(2, 5), draw.int(2, 5), True, True, "random"),
@@ -112,11 +192,16 @@ def _delta_case(draw, name, B, H, T, D_k, D_v, unit, with_state, beta_kind) -> C
     if unit:
         k = k / k.norm(dim=-1, keepdim=True)
     v = draw.randn(B, H, T, D_v)
-    beta = {"random": draw.rand(B, H, T), "one": torch.ones(B, H, T, dtype=q.dtype),
-            "zero": torch.zeros(B, H, T, dtype=q.dtype)}[beta_kind]
+    beta = {
+        "random": draw.rand(B, H, T),
+        "one": torch.ones(B, H, T, dtype=q.dtype),
+        "zero": torch.zeros(B, H, T, dtype=q.dtype),
+    }[beta_kind]
     scale = draw.float(0.2, 1.0)
     state = draw.randn(B, H, D_k, D_v) if with_state else None
-    o, final = delta_rule(q, k, v, beta, scale=scale, initial_state=state, output_final_state=True, chunk_size=4)
+    o, final = delta_rule(
+        q, k, v, beta, scale=scale, initial_state=state, output_final_state=True, chunk_size=4
+    )
     zero = torch.zeros(B, H, D_k, D_v, dtype=q.dtype) if state is None else state
 
     def recall(S, t):
@@ -127,13 +212,34 @@ def _delta_case(draw, name, B, H, T, D_k, D_v, unit, with_state, beta_kind) -> C
 
     variants = {
         "linear attention with a select gate (beta k v^T, without the - S^T k correction)": lambda: _loop(
-            q, k, v, lambda t, S: S, lambda t, S: beta[:, :, t, None, None] * k[:, :, t, :, None]
-            * v[:, :, t, None, :], scale, zero)[0],
-        "the read before the write": lambda: _loop(q, k, v, lambda t, S: S, delta, scale, zero, read_first=True)[0],
+            q,
+            k,
+            v,
+            lambda t, S: S,
+            lambda t, S: beta[:, :, t, None, None] * k[:, :, t, :, None] * v[:, :, t, None, :],
+            scale,
+            zero,
+        )[0],
+        "the read before the write": lambda: _loop(
+            q, k, v, lambda t, S: S, delta, scale, zero, read_first=True
+        )[0],
         "the correction with S k instead of S^T k": lambda: _loop(
-            q, k, v, lambda t, S: S, lambda t, S: beta[:, :, t, None, None] * k[:, :, t, :, None]
-            * (v[:, :, t] - torch.einsum("bhde,bhe->bhd", S, k[:, :, t, : S.shape[-1]]) if D_k == D_v
-               else v[:, :, t])[..., None, :], scale, zero)[0],
+            q,
+            k,
+            v,
+            lambda t, S: S,
+            lambda t, S: (
+                beta[:, :, t, None, None]
+                * k[:, :, t, :, None]
+                * (
+                    v[:, :, t] - torch.einsum("bhde,bhe->bhd", S, k[:, :, t, : S.shape[-1]])
+                    if D_k == D_v
+                    else v[:, :, t]
+                )[..., None, :]
+            ),
+            scale,
+            zero,
+        )[0],
         "o without the scale": lambda: _loop(q, k, v, lambda t, S: S, delta, 1.0, zero)[0],
     }
 
@@ -142,8 +248,13 @@ def _delta_case(draw, name, B, H, T, D_k, D_v, unit, with_state, beta_kind) -> C
         compare(o_got, expected[0], "o", atol=1e-10, rtol=1e-8, variants=variants)
         compare(final_got, expected[1], "final_state", atol=1e-10, rtol=1e-8)
 
-    return Case(f"{name}: B={B}, H={H}, T={T}, D_k={D_k}, D_v={D_v}", (q, k, v, beta, scale, state),
-                expected=(o, final), compare=judge, inputs=["q", "k", "v", "beta", "scale", "initial_state"])
+    return Case(
+        f"{name}: B={B}, H={H}, T={T}, D_k={D_k}, D_v={D_v}",
+        (q, k, v, beta, scale, state),
+        expected=(o, final),
+        compare=judge,
+        inputs=["q", "k", "v", "beta", "scale", "initial_state"],
+    )
 
 
 def _decay(gamma: float, T: int, *, shift: int = 0, causal: bool = True) -> torch.Tensor:
@@ -167,15 +278,23 @@ def check_retention_decay_matrix(draw: Draw):
         variants = {
             "the matrix transposed (gamma^(s - t) above the diagonal)": lambda g=gamma, T=T: _decay(g, T).T,
             "gamma^(t - s) everywhere (nothing zeroed above the diagonal)": lambda g=gamma, T=T: _decay(
-                g, T, causal=False),
-            "gamma^(t - s + 1) (the diagonal decayed once too often)": lambda g=gamma, T=T: _decay(g, T, shift=1),
+                g, T, causal=False
+            ),
+            "gamma^(t - s + 1) (the diagonal decayed once too often)": lambda g=gamma, T=T: _decay(
+                g, T, shift=1
+            ),
         }
 
         def judge(got, expected, variants=variants, label=f"gamma={gamma:.6g}, T={T}"):
             compare(got, expected, f"decay matrix ({label})", atol=1e-12, rtol=1e-10, variants=variants)
 
-        yield Case(f"{name}: gamma={gamma:.6g}, T={T}", (gamma, T), expected=_decay(gamma, T), compare=judge,
-                   inputs=["gamma", "T"])
+        yield Case(
+            f"{name}: gamma={gamma:.6g}, T={T}",
+            (gamma, T),
+            expected=_decay(gamma, T),
+            compare=judge,
+            inputs=["gamma", "T"],
+        )
 
 
 @checker("7.4", title="SSD is gated linear attention", points=1, task="the SSD-to-GLA mapping")
@@ -184,8 +303,14 @@ def check_ssd_as_gla(draw: Draw):
     ``ssd(x, dt, A, B, C)``; g has GLA's shape (batch, H, T, N): one log gate per key dimension."""
     for name, batch, H, T, P, N in [
         ("one head", 1, 1, draw.int(3, 9), draw.int(2, 4), draw.int(2, 5)),
-        ("several heads, T not a multiple of a chunk", draw.int(1, 2), draw.int(2, 3), draw.int(10, 21),
-         draw.int(2, 5), draw.int(2, 4)),
+        (
+            "several heads, T not a multiple of a chunk",
+            draw.int(1, 2),
+            draw.int(2, 3),
+            draw.int(10, 21),
+            draw.int(2, 5),
+            draw.int(2, 4),
+        ),
     ]:
         yield _ssd_case(draw, name, batch, H, T, P, N)
 
@@ -204,8 +329,11 @@ def _ssd_case(draw, name, batch, H, T, P, N) -> Case:
             if not isinstance(tensor, torch.Tensor):
                 raise Mismatch(f"{label}: expected a tensor, got {type(tensor).__name__}")
         if g.shape != B.shape:
-            hint = " (a per-step gate (batch, H, T) must be expanded to every key dimension)" if g.shape == dt.shape \
+            hint = (
+                " (a per-step gate (batch, H, T) must be expanded to every key dimension)"
+                if g.shape == dt.shape
                 else ""
+            )
             raise Mismatch(f"g must have shape {tuple(B.shape)} (batch, H, T, N), got {tuple(g.shape)}{hint}")
         hints = []
         if torch.equal(q, B) and torch.equal(k, C):
@@ -222,5 +350,10 @@ def _ssd_case(draw, name, batch, H, T, P, N) -> Case:
         except (ValueError, TypeError, RuntimeError) as error:
             raise Mismatch(f"gla refused your tensors: {error}") from None
 
-    return Case(f"{name}: batch={batch}, H={H}, T={T}, P={P}, N={N}", (x, dt, A, B, C), expected=ssd(x, dt, A, B, C),
-                compare=judge, inputs=["x", "dt", "A", "B", "C"])
+    return Case(
+        f"{name}: batch={batch}, H={H}, T={T}, P={P}, N={N}",
+        (x, dt, A, B, C),
+        expected=ssd(x, dt, A, B, C),
+        compare=judge,
+        inputs=["x", "dt", "A", "B", "C"],
+    )

@@ -298,13 +298,17 @@ def compare(
         return
     lines: list[str] = []
     if not isinstance(got, torch.Tensor):
-        raise Mismatch(f"{what}: expected a torch.Tensor of shape {tuple(expected.shape)}, got {_describe(got)}")
+        raise Mismatch(
+            f"{what}: expected a torch.Tensor of shape {tuple(expected.shape)}, got {_describe(got)}"
+        )
     if got.shape != expected.shape:
         lines.append(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
         if got.dim() >= 2 and got.shape == expected.transpose(-1, -2).shape:
             lines.append("hint: your result has the last two axes swapped")
         elif got.numel() == expected.numel():
-            lines.append("hint: same number of entries in another shape: a reshape or view in the wrong order?")
+            lines.append(
+                "hint: same number of entries in another shape: a reshape or view in the wrong order?"
+            )
         elif got.dim() == expected.dim() + 1 and 1 in got.shape:
             lines.append("hint: one axis of size 1 too many (a missing squeeze, or keepdim=True?)")
         elif got.dim() + 1 == expected.dim():
@@ -352,14 +356,17 @@ def compare(
     bad = error > atol + rtol * e_f.abs()
     worst = _index(int(error.argmax()), g.shape)
     lines.append(
-        f"{what}: {int(bad.sum())} of {g.numel()} entries differ; largest difference {error.max().item():.3g} "
-        f"at index {worst}: got {_fmt(g[worst].item())}, expected {_fmt(e[worst].item())}"
+        f"{what}: {int(bad.sum())} of {g.numel()} entries differ; largest difference "
+        f"{error.max().item():.3g} at index {worst}: got {_fmt(g[worst].item())}, "
+        f"expected {_fmt(e[worst].item())}"
     )
     lines += ["hint: " + h for h in _value_hints(g_f, e_f, atol, rtol, variants, factors)]
     lines += ["hint: " + h for h in _region_hint(bad, regions, advice, "wrong entries")]
     zero_got = (g_f == 0) & (e_f != 0) & bad
     if zero_got.any() and bool((zero_got == bad).all()):
-        lines.append(f"hint: every wrong entry of yours is exactly 0 where the answer is not ({int(bad.sum())})")
+        lines.append(
+            f"hint: every wrong entry of yours is exactly 0 where the answer is not ({int(bad.sum())})"
+        )
     leak = (e_f == 0) & (g_f != 0) & bad
     if leak.any() and bool((leak == bad).all()):
         lines.append(
@@ -420,11 +427,15 @@ def compare_exact(
 ) -> None:
     """Raise :class:`Mismatch` unless ``got`` equals the bool or integer tensor ``expected`` exactly."""
     if not isinstance(got, torch.Tensor):
-        raise Mismatch(f"{what}: expected a torch.Tensor of shape {tuple(expected.shape)}, got {_describe(got)}")
+        raise Mismatch(
+            f"{what}: expected a torch.Tensor of shape {tuple(expected.shape)}, got {_describe(got)}"
+        )
     if expected.dtype == torch.bool and got.dtype != torch.bool:
         hint = ""
         if got.shape == expected.shape and torch.equal(got != 0, expected):
-            hint = " (the True/False pattern is right: return it as a bool tensor, e.g. with `>` or `.bool()`)"
+            hint = (
+                " (the True/False pattern is right: return it as a bool tensor, e.g. with `>` or `.bool()`)"
+            )
         raise Mismatch(f"{what}: expected a bool tensor, got dtype {got.dtype}{hint}")
     if expected.dtype != torch.bool and (got.is_floating_point() or got.dtype == torch.bool):
         raise Mismatch(f"{what}: expected integers ({expected.dtype}), got dtype {got.dtype}")
@@ -455,8 +466,10 @@ def compare_exact(
             candidate = make()
         except Exception:
             continue
-        if isinstance(candidate, torch.Tensor) and candidate.shape == got.shape and torch.equal(
-            got_cmp, candidate.to(got_cmp.dtype)
+        if (
+            isinstance(candidate, torch.Tensor)
+            and candidate.shape == got.shape
+            and torch.equal(got_cmp, candidate.to(got_cmp.dtype))
         ):
             lines.append(f"hint: your result equals {name}")
             matched = True
@@ -587,7 +600,9 @@ def run_checker(
     try:
         all_cases = list(cases(Draw(seed)))
     except Exception as error:  # pragma: no cover - a checker bug, reported rather than hidden
-        return finish("error", f"✘ {label}: the checker could not build its cases ({error!r}); please report it")
+        return finish(
+            "error", f"✘ {label}: the checker could not build its cases ({error!r}); please report it"
+        )
     outcome.cases_total = len(all_cases)
     deadline = _time_limit()
     for number, case in enumerate(all_cases, start=1):

@@ -11,8 +11,8 @@ A checker calls the reader's function inside :func:`guarded_call`. While it runs
    threads or processes (work handed elsewhere).
 2. A ``TorchFunctionMode`` sees every PyTorch function, including those called from C (``map``,
    ``functools.partial``) and ``torch.ops.aten.*``.
-3. A ``TorchDispatchMode`` sees the ATen kernels that run (e.g. ``_scaled_dot_product_flash_attention_for_cpu``
-   whichever way it was reached).
+3. A ``TorchDispatchMode`` sees the ATen kernels that run (e.g.
+   ``_scaled_dot_product_flash_attention_for_cpu`` whichever way it was reached, TorchScript included).
 4. After the call: the watchers must still be in place, and no refusal may have been swallowed
    (a refusal is a ``BaseException``, and it is also recorded, so ``except BaseException`` does not
    hide it).
@@ -165,36 +165,45 @@ def _library_fingerprints() -> dict[tuple, str]:
         _INDEXED_MODULES.add(module_name)
         if module_name.startswith("course_lib.exercises"):
             continue  # the checkers are refused by their file; they hold no answer worth copying
-        seen: set[int] = set()
-
-        def add(code: types.CodeType, module_name: str = module_name) -> None:
-            if id(code) in seen:
-                return
-            seen.add(id(code))
-            if len(code.co_code) >= _MIN_BYTECODE and not code.co_name.startswith("<"):
-                _FINGERPRINTS.setdefault(_fingerprint(code), f"{module_name}.{code.co_qualname}")
-            for const in code.co_consts:
-                if isinstance(const, types.CodeType):
-                    add(const)
-
-        def visit(obj: object, depth: int = 0) -> None:
-            if isinstance(obj, (staticmethod, classmethod)):
-                obj = obj.__func__
-            if isinstance(obj, property):
-                for accessor in (obj.fget, obj.fset, obj.fdel):
-                    if accessor is not None:
-                        visit(accessor, depth)
-                return
-            code = getattr(obj, "__code__", None)
-            if isinstance(code, types.CodeType) and code.co_filename.startswith(_COURSE_PREFIX):
-                add(code)
-            elif isinstance(obj, type) and depth == 0 and obj.__module__ == module_name:
-                for member in vars(obj).values():
-                    visit(member, 1)
-
-        for value in list(vars(module).values()):
-            visit(value)
+        _Indexer(module_name).visit_module(module)
     return _FINGERPRINTS
+
+
+class _Indexer:
+    """Adds the fingerprints of one module's functions, methods and nested functions."""
+
+    def __init__(self, module_name: str):
+        self.module_name = module_name
+        self.seen: set[int] = set()
+
+    def add(self, code: types.CodeType) -> None:
+        if id(code) in self.seen:
+            return
+        self.seen.add(id(code))
+        if len(code.co_code) >= _MIN_BYTECODE and not code.co_name.startswith("<"):
+            _FINGERPRINTS.setdefault(_fingerprint(code), f"{self.module_name}.{code.co_qualname}")
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                self.add(const)
+
+    def visit(self, obj: object, depth: int = 0) -> None:
+        if isinstance(obj, (staticmethod, classmethod)):
+            obj = obj.__func__
+        if isinstance(obj, property):
+            for accessor in (obj.fget, obj.fset, obj.fdel):
+                if accessor is not None:
+                    self.visit(accessor, depth)
+            return
+        code = getattr(obj, "__code__", None)
+        if isinstance(code, types.CodeType) and code.co_filename.startswith(_COURSE_PREFIX):
+            self.add(code)
+        elif isinstance(obj, type) and depth == 0 and obj.__module__ == self.module_name:
+            for member in vars(obj).values():
+                self.visit(member, 1)
+
+    def visit_module(self, module: types.ModuleType) -> None:
+        for value in list(vars(module).values()):
+            self.visit(value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,8 +219,7 @@ class _Watch:
         self.violation: str | None = None
         self.code_verdicts: dict[types.CodeType, str | None] = {}
         self.own_codes = {
-            obj.__code__
-            for obj in (_FunctionWatch.__torch_function__, _DispatchWatch.__torch_dispatch__)
+            obj.__code__ for obj in (_FunctionWatch.__torch_function__, _DispatchWatch.__torch_dispatch__)
         }
         self.own_codes.update(
             value.__code__
@@ -282,9 +290,13 @@ class _Watch:
             if frame.f_code in self.own_codes or frame.f_code.co_filename == _THIS_FILE:
                 return
             name = getattr(arg, "__name__", "") or ""
-            module = getattr(arg, "__module__", None) or getattr(getattr(arg, "__self__", None), "__name__", "")
+            module = getattr(arg, "__module__", None) or getattr(
+                getattr(arg, "__self__", None), "__name__", ""
+            )
             if name in _TAMPERING and module in ("sys", "threading", None, ""):
-                self.refuse(f"your function called {module or 'sys'}.{name}, which would switch the checker off")
+                self.refuse(
+                    f"your function called {module or 'sys'}.{name}, which would switch the checker off"
+                )
             if name in _ESCAPES:
                 self.refuse(
                     f"your function called {name}: starting threads or processes is not allowed while a "
@@ -369,7 +381,11 @@ def _plain(value: object, depth: int = 0) -> object:
 @contextlib.contextmanager
 def _time_limit(seconds: float | None):
     """Raise :class:`ExerciseTimeout` in the main thread after ``seconds`` (no limit elsewhere)."""
-    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+    if (
+        not seconds
+        or threading.current_thread() is not threading.main_thread()
+        or not hasattr(signal, "SIGALRM")
+    ):
         yield
         return
 
@@ -426,7 +442,9 @@ def guarded_call(
     if isinstance(error, ExerciseTimeout):
         raise error
     if not still_ours or not modes_intact:
-        raise Refused("your function switched the checker's watchers off; it must not touch the profiler or modes")
+        raise Refused(
+            "your function switched the checker's watchers off; it must not touch the profiler or modes"
+        )
     if error is not None:
         raise error
     return result

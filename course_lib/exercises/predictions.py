@@ -59,7 +59,9 @@ def _load() -> None:
 
 def _save() -> None:
     try:
-        _path().write_text(json.dumps({k: asdict(v) for k, v in PREDICTIONS.items()}, indent=1), encoding="utf-8")
+        _path().write_text(
+            json.dumps({k: asdict(v) for k, v in PREDICTIONS.items()}, indent=1), encoding="utf-8"
+        )
     except (OSError, TypeError):  # read-only folder, or an answer JSON cannot hold: memory still has it
         pass
 
@@ -67,8 +69,15 @@ def _save() -> None:
 def _log(event: str, prediction: Prediction, value: object, **extra) -> None:
     log = os.environ.get(GRADE_LOG_ENV)
     if log:
-        record = {"exercise": prediction.exercise, "kind": "predict", "event": event, "value": value,
-                  "first": prediction.first, "changes": len(prediction.changes), **extra}
+        record = {
+            "exercise": prediction.exercise,
+            "kind": "predict",
+            "event": event,
+            "value": value,
+            "first": prediction.first,
+            "changes": len(prediction.changes),
+            **extra,
+        }
         with open(log, "a", encoding="utf-8") as file:
             file.write(json.dumps(record, default=repr) + "\n")
 
@@ -77,34 +86,44 @@ def predict(exercise: str, value: object) -> None:
     """Record ``value`` as the prediction for ``exercise`` (the first one counts)."""
     _load()
     if value is None:
-        print(f"Exercise {exercise}: write your prediction in the variable above (it is still None), then run "
-              "this cell again.")
+        print(
+            f"Exercise {exercise}: write your prediction in the variable above (it is still None), then run "
+            "this cell again."
+        )
         return
     existing = PREDICTIONS.get(exercise)
     if existing is None:
         PREDICTIONS[exercise] = Prediction(exercise, value, time.time())
-        print(f"Exercise {exercise}: prediction {value!r} recorded. Run the next cell to see how close it is.")
+        print(
+            f"Exercise {exercise}: prediction {value!r} recorded. Run the next cell to see how close it is."
+        )
         _log("predicted", PREDICTIONS[exercise], value)
     elif value != existing.first and (not existing.changes or existing.changes[-1][1] != value):
         existing.changes.append((time.time(), value))
         note = " after the reveal" if existing.revealed else ""
-        print(f"Exercise {exercise}: your first prediction was {existing.first!r}; the change to {value!r}{note} "
-              "is recorded too, and the first one still counts.", file=sys.stderr)
+        print(
+            f"Exercise {exercise}: your first prediction was {existing.first!r}; the change to {value!r}"
+            f"{note} is recorded too, and the first one still counts.",
+            file=sys.stderr,
+        )
         _log("changed", existing, value, after_reveal=existing.revealed)
     else:
         print(f"Exercise {exercise}: prediction {existing.first!r} already recorded.")
     _save()
 
 
-def reveal(exercise: str, actual: object, *, tolerance: float | None = None, relative: bool = False,
-           why: str = "") -> bool | None:
+def reveal(
+    exercise: str, actual: object, *, tolerance: float | None = None, relative: bool = False, why: str = ""
+) -> bool | None:
     """Compare the first prediction of ``exercise`` with ``actual``; say how close and why. Returns whether
     it was within ``tolerance`` (equal, for a choice), or None when nothing was predicted."""
     _load()
     prediction = PREDICTIONS.get(exercise)
     explanation = f" {why}" if why else ""
     if prediction is None:
-        print(f"Exercise {exercise}: the answer is {actual!r}.{explanation} (No prediction was recorded first.)")
+        print(
+            f"Exercise {exercise}: the answer is {actual!r}.{explanation} (No prediction was recorded first.)"
+        )
         return None
     first = prediction.first
     if isinstance(actual, (int, float)) and isinstance(first, (int, float)) and not isinstance(first, bool):
@@ -119,8 +138,10 @@ def reveal(exercise: str, actual: object, *, tolerance: float | None = None, rel
         how = "right" if good else "not it"
     changed = f" (you changed it {len(prediction.changes)} time(s) afterwards)" if prediction.changes else ""
     verdict = "✔" if good else "✘"
-    print(f"{verdict} Exercise {exercise}: you predicted {first!r}{changed}; the answer is {actual!r}: {how}."
-          f"{explanation}")
+    print(
+        f"{verdict} Exercise {exercise}: you predicted {first!r}{changed}; the answer is {actual!r}: {how}."
+        f"{explanation}"
+    )
     prediction.revealed = True
     _log("revealed", prediction, actual, within_tolerance=good)
     _save()
