@@ -46,7 +46,10 @@ _SUSPICIOUS = [
     ),
     (re.compile(GRADE_LOG_ENV), "the grade log"),
     (
-        re.compile(r"course_lib\.exercises\.(common|guard)|\bRESULTS\b|_PASSED_FUNCTIONS|_pop_mode"),
+        re.compile(
+            r"course_lib\.exercises\.(common|guard)|exercises\.RESULTS|import[^\n]*\bRESULTS\b"
+            r"|_PASSED_FUNCTIONS|_pop_mode"
+        ),
         "checker internals",
     ),
     (re.compile(r"\.__code__\s*=|importlib\.reload|gc\.get_objects|ctypes"), "code or memory surgery"),
@@ -296,8 +299,8 @@ def grade(
                 ):
                     best[exercise] = (record, submission.path.name)
         for exercise in exercises:
-            if exercise.chapter not in chapters:
-                continue
+            if exercise.chapter not in chapters or not exercise.checker:
+                continue  # predict and explain exercises are feedback or graded by hand
             record, file = best.get(exercise.id, ({}, ""))
             status = record.get("status", "not run")
             passed = status == "pass"

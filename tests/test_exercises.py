@@ -40,8 +40,8 @@ def stub(*args, **kwargs):
     raise NotImplementedError("not implemented yet")
 
 
-def test_the_registry_lists_the_28_exercises_of_chapters_00_to_08():
-    assert len(ALL) == 28
+def test_the_registry_lists_the_28_build_exercises_of_chapters_00_to_08():
+    assert len(ALL) == 28 and all(e.kind == "build" for e in ALL)
     assert [e.chapter for e in ALL] == sorted(e.chapter for e in ALL)
     assert {e.chapter for e in ALL} == set(range(9))
     for exercise in ALL:
@@ -301,6 +301,21 @@ def test_compare_exact_and_compare_number_explain_their_differences():
     with pytest.raises(Mismatch, match="equals the A way, which here is also the B way"):
         compare_number(3.0, 1.0, variants={"the A way": 3.0, "the B way": 3.0})
     compare_number(12.0, 12, integer=True)
+
+
+def test_predict_and_explain_exercises_are_declared_without_a_checker(monkeypatch):
+    from course_lib.exercises import declare
+
+    monkeypatch.setattr("course_lib.exercises.common.EXERCISES", dict(EXERCISES))
+    import course_lib.exercises.common as common
+
+    exercise = declare("9.8", kind="explain", title="why the chunk form exists", points=2)
+    assert common.EXERCISES["9.8"] is exercise and exercise.checker == "" and exercise.grade_id == "ex9-8"
+    assert declare("9.8", kind="explain", title="why the chunk form exists", points=2) == exercise
+    with pytest.raises(ValueError, match="twice"):
+        declare("9.8", kind="explain", title="something else")
+    with pytest.raises(ValueError, match="kind"):
+        declare("9.7", kind="build", title="a build exercise needs a checker")
 
 
 # --- predictions ------------------------------------------------------------------------------------

@@ -136,6 +136,16 @@ def test_a_submission_that_touches_the_checker_is_flagged(tmp_path):
     assert any("review by hand" in note and "the grade log" in note for note in notes["mallory"])
 
 
+def test_the_course_notebooks_raise_no_flag():
+    from course_lib.grade import _flags
+
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)
+        assert _flags(c.source for c in notebook.cells if c.cell_type == "code") == [], path.name
+    assert _flags(["from course_lib.exercises import RESULTS"]) == ["checker internals"]
+    assert _flags(["sys.setprofile(None)"]) == ["profiler or frames"]
+
+
 # --- the course's own notebooks: one grading run, several checks -----------------------------------------
 
 

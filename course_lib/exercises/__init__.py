@@ -22,6 +22,7 @@ from .common import (
     compare,
     compare_exact,
     compare_number,
+    declare,
     iter_exercises,
     use_mine_or_library,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "compare",
     "compare_exact",
     "compare_number",
+    "declare",
     "iter_exercises",
     "predict",
     "reveal",

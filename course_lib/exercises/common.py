@@ -50,6 +50,7 @@ __all__ = [
     "compare",
     "compare_number",
     "compare_exact",
+    "declare",
     "use_mine_or_library",
 ]
 
@@ -758,6 +759,19 @@ def checker(
         return check
 
     return wrap
+
+
+def declare(exercise_id: str, *, kind: str, title: str, points: int = 0) -> Exercise:
+    """Register a *predict* or *explain* exercise, which has no checker: a prediction is feedback (see
+    :mod:`.predictions`), an explanation is graded by hand against the teacher's model answer. The
+    grader lists them without scoring them."""
+    if kind not in ("predict", "explain"):
+        raise ValueError(f"kind={kind!r} must be 'predict' or 'explain' (build exercises use @checker)")
+    exercise = Exercise(id=exercise_id, kind=kind, title=title, points=points, checker="", module="")
+    if exercise_id in EXERCISES and EXERCISES[exercise_id] != exercise:
+        raise ValueError(f"exercise {exercise_id} is registered twice")
+    EXERCISES[exercise_id] = exercise
+    return exercise
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -416,6 +416,7 @@ def guarded_call(
     caught the refusal), :class:`ExerciseTimeout` past ``time_limit`` seconds; anything the
     reader's code raised propagates unchanged.
     """
+    _warm_up()
     watch = _Watch(rules, checker)
     still_ours = modes_intact = True
     previous_profile = sys.getprofile()
@@ -448,6 +449,20 @@ def guarded_call(
     if error is not None:
         raise error
     return result
+
+
+_WARM = False
+
+
+def _warm_up() -> None:
+    """Pay the one-time costs outside the reader's time limit: the first dispatch mode imports
+    torch._dynamo (seconds), and the library's fingerprints are indexed."""
+    global _WARM
+    _library_fingerprints()
+    if not _WARM:
+        with _DispatchWatch(_Watch(Rules(), "warm-up")):
+            torch.zeros(1).add_(0)
+        _WARM = True
 
 
 def _mode_on_stack(mode: TorchFunctionMode) -> bool:
