@@ -1,4 +1,4 @@
-"""Chapter 04's notebook layer: widgets driven headlessly, exercise checkers, figures, benchmark suites."""
+"""Chapter 04's notebook layer: widgets driven headlessly, figures, benchmark suites."""
 
 import math
 
@@ -8,13 +8,6 @@ import torch
 
 from course_lib.bench import sweep
 from course_lib.benchmarks.ch04 import SUITES, decode_suite, kv_cache_suite
-from course_lib.exercises import ExerciseFailed
-from course_lib.exercises.ch04 import (
-    check_kv_bytes_per_token,
-    check_paged_append,
-    check_repeat_kv,
-    check_top_p_filter,
-)
 from course_lib.figures import FIGURES
 from course_lib.hardware import ACCELERATORS
 from course_lib.kv_cache import MODEL_CONFIGS
@@ -193,96 +186,6 @@ def test_bad_input_names_the_argument(call, error, name):
 def test_views_draw():
     assert w.paged_explorer_view(5, 4)["figure"] is not None
     assert w.sampling_explorer_view(0.7, 5, 0.9)["figure"] is not None
-
-
-# --- exercises ------------------------------------------------------------------------------------
-
-
-def kv_bytes(config):
-    if config["attention"] == "mla":
-        return (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * config["num_layers"] * 2
-    return 2 * config["num_kv_heads"] * config["head_dim"] * config["num_layers"] * 2
-
-
-def paged_append(table, length, block_size, free):
-    if length % block_size == 0:
-        table.append(free.pop())
-    return table[-1], length % block_size
-
-
-def top_p(logits, p):
-    probabilities = torch.softmax(logits, -1)
-    sorted_p, order = probabilities.sort(-1, descending=True)
-    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < p
-    keep_sorted[..., 0] = True
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return logits.masked_fill(~keep, float("-inf"))
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def test_checkers_pass_correct_solutions(capsys):
-    check_kv_bytes_per_token(kv_bytes)
-    check_repeat_kv(lambda x, g: x.repeat_interleave(g, dim=1))
-    check_paged_append(paged_append)
-    check_top_p_filter(top_p)
-    printed = capsys.readouterr().out
-    for name in ("check_kv_bytes_per_token", "check_repeat_kv", "check_paged_append", "check_top_p_filter"):
-        assert f"✔ {name}: all" in printed
-
-
-@pytest.mark.parametrize(
-    "check,wrong,message",
-    [
-        # Forgot that MLA caches a latent: treats DeepSeek as MHA of its heads.
-        (
-            check_kv_bytes_per_token,
-            lambda c: 2 * c.get("num_kv_heads", c["num_heads"]) * c["head_dim"] * c["num_layers"] * 2,
-            "DeepSeek-V2",
-        ),
-        (check_kv_bytes_per_token, lambda c: "320 KiB", "number"),
-        (check_repeat_kv, lambda x, g: x.repeat(1, g, 1, 1), "largest difference"),  # cycles the heads
-        (check_repeat_kv, lambda x, g: x, "shape"),
-        (  # allocates a block for every token
-            check_paged_append,
-            lambda t, n, b, f: (t.append(f.pop()), (t[-1], n % b))[1],
-            "block table should hold",
-        ),
-        (  # right table, wrong offset
-            check_paged_append,
-            lambda t, n, b, f: (t.append(f.pop()) if n % b == 0 else None, (t[-1], 0))[1],
-            "offset",
-        ),
-        (check_paged_append, lambda t, n, b, f: None, "tuple"),
-        # Keeps tokens while the mass *including* them is below p: drops the token that crosses p.
-        (
-            check_top_p_filter,
-            lambda z, p: z.masked_fill(
-                torch.zeros_like(z, dtype=torch.bool).scatter(
-                    -1,
-                    z.softmax(-1).sort(-1, descending=True)[1],
-                    z.softmax(-1).sort(-1, descending=True)[0].cumsum(-1) >= p,
-                ),
-                float("-inf"),
-            ),
-            "which tokens are kept",
-        ),
-        (check_top_p_filter, lambda z, p: top_p(z, p) - 1.0, "kept logits"),  # shifted the kept logits
-    ],
-)
-def test_checkers_explain_wrong_answers(check, wrong, message):
-    with pytest.raises(ExerciseFailed, match=message):
-        check(wrong)
-
-
-@pytest.mark.parametrize(
-    "check", [check_kv_bytes_per_token, check_repeat_kv, check_paged_append, check_top_p_filter]
-)
-def test_checkers_fail_on_the_student_stub(check):
-    with pytest.raises(ExerciseFailed, match="not implemented"):
-        check(stub)
 
 
 # --- figures and benchmark suites -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Chapter 05's notebook layer: widgets driven headlessly, exercise checkers, figure, bench suite."""
+"""Chapter 05's notebook layer: widgets driven headlessly, figure, bench suite."""
 
 import itertools
 import math
@@ -12,13 +12,6 @@ from course_lib import models
 from course_lib.bench import suites
 from course_lib.benchmarks.ch05 import sparse_suite
 from course_lib.benchmarks.ch05_trainable import trainable_sparse_report, trainable_sparse_suite
-from course_lib.exercises import ExerciseFailed
-from course_lib.exercises.ch05 import (
-    check_block_layout_to_mask,
-    check_dilated_mask,
-    check_streaming_keep,
-    check_window_layers,
-)
 from course_lib.figures import FIGURES
 from course_lib.measure import Measurement
 from course_lib.models import corpus_split, decode
@@ -342,73 +335,7 @@ def test_sparse_suite_methods_agree():
     assert "sparse" in suites()
 
 
-# --- exercises and figure -------------------------------------------------------------------------
-
-
-def test_checkers_pass_correct_solutions(capsys):
-    def dilated(T, window, dilation):
-        rows = []
-        for i in range(T):
-            seen = {i - m * dilation for m in range(window)}
-            rows.append([j in seen for j in range(T)])
-        return torch.tensor(rows, dtype=torch.bool).reshape(T, T)
-
-    def expand(layout, b, T):
-        return torch.tensor([[bool(layout[i // b, j // b]) for j in range(T)] for i in range(T)])
-
-    def streaming(n, budget, sinks):
-        if budget >= n:
-            return torch.arange(n)
-        return torch.tensor(list(range(sinks)) + list(range(n - budget + sinks, n)))
-
-    check_dilated_mask(dilated)
-    check_block_layout_to_mask(expand)
-    check_streaming_keep(streaming)
-    check_window_layers(lambda T, w: -(-(T - 1) // (w - 1)))
-    printed = capsys.readouterr().out
-    for name in (
-        "check_dilated_mask",
-        "check_block_layout_to_mask",
-        "check_streaming_keep",
-        "check_window_layers",
-    ):
-        assert f"{name}: all" in printed
-
-
-@pytest.mark.parametrize(
-    "check,wrong,message",
-    [
-        (check_dilated_mask, lambda T, w, r: torch.ones(T, T, dtype=torch.bool).tril(), "entries differ"),
-        (check_dilated_mask, lambda T, w, r: torch.ones(T, T).tril(), "bool"),
-        (
-            check_block_layout_to_mask,
-            lambda layout, b, T: layout.repeat_interleave(b, 0).repeat_interleave(b, 1),  # not cropped
-            "shape",
-        ),
-        (
-            check_streaming_keep,
-            lambda n, b, s: torch.arange(n - b, n) if b < n else torch.arange(n),
-            "differ",
-        ),
-        (check_streaming_keep, lambda n, b, s: torch.arange(min(b, n)).float(), "integers"),
-        (check_window_layers, lambda T, w: (T - 1) // (w - 1), "expected"),
-        (check_window_layers, lambda T, w: float(T), "int"),
-    ],
-)
-def test_checkers_explain_wrong_answers(check, wrong, message):
-    with pytest.raises(ExerciseFailed, match=message):
-        check(wrong)
-
-
-@pytest.mark.parametrize(
-    "check", [check_dilated_mask, check_block_layout_to_mask, check_streaming_keep, check_window_layers]
-)
-def test_checkers_fail_on_the_student_stub(check):
-    def stub(*args):
-        raise NotImplementedError("Your solution here")
-
-    with pytest.raises(ExerciseFailed, match="not implemented"):
-        check(stub)
+# --- figure and bad input ------------------------------------------------------------------------
 
 
 def test_gallery_figure_is_registered():

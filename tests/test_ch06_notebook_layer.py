@@ -1,4 +1,4 @@
-"""Chapter 06's notebook layer: widgets (headless), exercise checkers, the figure and the bench suites."""
+"""Chapter 06's notebook layer: widgets (headless), the figure and the bench suites."""
 
 import math
 
@@ -9,8 +9,6 @@ import torch.nn.functional as F
 
 from course_lib import bench
 from course_lib.benchmarks import ch06 as bench06
-from course_lib.exercises import ExerciseFailed
-from course_lib.exercises.ch06 import check_chunk_update, check_elu_plus_one, check_recurrent_step
 from course_lib.figures import FIGURES
 from course_lib.widgets import ch06 as w06
 
@@ -141,78 +139,6 @@ def test_three_forms_stepper_reacts_to_every_control():
         c["T"].value = T
         assert w.result["schedule"].shape == (T, T)
         assert w.result["parallel_output"].shape == (T, 4)
-
-
-# --- exercises ----------------------------------------------------------------------------------
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def elu1(x):
-    return torch.where(x > 0, x + 1, torch.exp(x))
-
-
-def recurrent_step(S, z, phi_q, phi_k, v):
-    S = S + phi_k[..., :, None] * v[..., None, :]
-    z = z + phi_k
-    o = (phi_q[..., :, None] * S).sum(-2) / (phi_q * z).sum(-1, keepdim=True)
-    return S, z, o
-
-
-def read_before_write(S, z, phi_q, phi_k, v):
-    o = (phi_q[..., :, None] * S).sum(-2) / ((phi_q * z).sum(-1, keepdim=True) + 1e-6)
-    return S + phi_k[..., :, None] * v[..., None, :], z + phi_k, o
-
-
-def chunk_update(S, phi_q, phi_k, v):
-    return phi_q @ S + torch.tril(phi_q @ phi_k.transpose(-1, -2)) @ v, S + phi_k.transpose(-1, -2) @ v
-
-
-def test_checkers_pass_correct_solutions(capsys):
-    check_elu_plus_one(elu1)
-    check_elu_plus_one(lambda x: F.elu(x) + 1)
-    check_recurrent_step(recurrent_step)
-    check_chunk_update(chunk_update)
-    printed = capsys.readouterr().out
-    for line in (
-        "check_elu_plus_one: all 4 cases",
-        "check_recurrent_step: all 3 cases",
-        "check_chunk_update: all 4 cases",
-    ):
-        assert line in printed
-
-
-@pytest.mark.parametrize(
-    "check,wrong,message",
-    [
-        (check_elu_plus_one, lambda x: F.relu(x) + 1, "largest difference"),
-        (check_elu_plus_one, lambda x: torch.exp(x), "largest difference"),
-        (check_recurrent_step, read_before_write, "o "),
-        (check_recurrent_step, lambda S, z, q, k, v: recurrent_step(S, z, q, k, v)[:2], "tuple"),
-        (
-            check_recurrent_step,
-            lambda S, z, q, k, v: (*recurrent_step(S, z, q, k, v)[:2], (q[..., :, None] * S).sum(-2)),
-            "o ",
-        ),  # forgot the normaliser
-        (
-            check_chunk_update,
-            lambda S, q, k, v: (q @ S + (q @ k.transpose(-1, -2)) @ v, chunk_update(S, q, k, v)[1]),
-            "j <= i",
-        ),  # no causal mask inside the chunk
-        (check_chunk_update, lambda S, q, k, v: (chunk_update(S, q, k, v)[0], S), "S_new"),
-    ],
-)
-def test_checkers_explain_wrong_answers(check, wrong, message):
-    with pytest.raises(ExerciseFailed, match=message):
-        check(wrong)
-
-
-@pytest.mark.parametrize("check", [check_elu_plus_one, check_recurrent_step, check_chunk_update])
-def test_checkers_fail_on_the_student_stub(check):
-    with pytest.raises(ExerciseFailed, match="not implemented"):
-        check(stub)
 
 
 # --- figure and benchmark -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Chapter 07's notebook layer: widgets (headless), exercise checkers, figures and the bench suites."""
+"""Chapter 07's notebook layer: widgets (headless), figures and the bench suites."""
 
 import math
 
@@ -10,13 +10,6 @@ import torch.nn.functional as F
 from course_lib import bench, catalogue
 from course_lib.bench import Measurement
 from course_lib.benchmarks import ch07 as bench07
-from course_lib.exercises import ExerciseFailed
-from course_lib.exercises.ch07 import (
-    check_delta_rule_step,
-    check_gla_step,
-    check_retention_decay_matrix,
-    check_ssd_as_gla,
-)
 from course_lib.figures import FIGURES
 from course_lib.figures.ch07 import TAXONOMY, placement, ttt_prediction_errors
 from course_lib.recurrent import delta_rule, gated_delta_rule, gla, ssd
@@ -200,86 +193,6 @@ def test_state_vs_kv_cache_by_hand():
     assert w07.state_vs_kv_cache(10, 16, 8) == {"kv_cache": 240, "state": 128}
     with pytest.raises(ValueError, match="head_dim"):
         w07.state_vs_kv_cache(10, 0)
-
-
-# --- exercises ------------------------------------------------------------------------------------
-
-
-def gla_step(state, q, k, v, g, scale):
-    state = g.exp()[:, None] * state + torch.outer(k, v)
-    return state, state.T @ (scale * q)
-
-
-def gla_step_reads_before_writing(state, q, k, v, g, scale):
-    out = (g.exp()[:, None] * state).T @ (scale * q)
-    return g.exp()[:, None] * state + torch.outer(k, v), out
-
-
-def delta_step(state, k, v, beta):
-    return state + beta * torch.outer(k, v - state.T @ k)
-
-
-def decay_matrix(gamma, T):
-    t = torch.arange(T, dtype=F64)
-    e = t[:, None] - t[None, :]
-    return torch.where(e >= 0, gamma ** e.clamp(min=0), torch.zeros((), dtype=F64))
-
-
-def ssd_to_gla(x, dt, A, B, C):
-    return C, B, dt[..., None] * x, (A[None, :, None] * dt)[..., None].expand(B.shape)
-
-
-def stub(*args):
-    raise NotImplementedError
-
-
-def test_checkers_pass_correct_solutions(capsys):
-    check_gla_step(gla_step)
-    check_delta_rule_step(delta_step)
-    check_retention_decay_matrix(decay_matrix)
-    check_ssd_as_gla(ssd_to_gla)
-    out = capsys.readouterr().out
-    for name in (
-        "check_gla_step",
-        "check_delta_rule_step",
-        "check_retention_decay_matrix",
-        "check_ssd_as_gla",
-    ):
-        assert f"✔ {name}" in out
-
-
-@pytest.mark.parametrize(
-    "checker, wrong, message",
-    [
-        (check_gla_step, gla_step_reads_before_writing, "output o"),
-        (check_gla_step, lambda s, q, k, v, g, scale: (s + torch.outer(k, v), s.T @ q), "new state"),
-        (check_gla_step, lambda *a: gla_step(*a)[0], "pair"),
-        (check_delta_rule_step, lambda s, k, v, beta: s + beta * torch.outer(k, v), "largest difference"),
-        (check_retention_decay_matrix, lambda gamma, T: decay_matrix(gamma, T).T, "largest difference"),
-        (check_retention_decay_matrix, lambda gamma, T: decay_matrix(gamma, T + 1), "shape"),
-        (
-            check_ssd_as_gla,
-            lambda x, dt, A, B, C: (C, B, x, ssd_to_gla(x, dt, A, B, C)[3]),
-            "gla\\(mapping\\)",
-        ),
-        (
-            check_ssd_as_gla,
-            lambda x, dt, A, B, C: (C, B, dt[..., None] * x, A[None, :, None] * dt),
-            "g must have shape",
-        ),
-    ],
-)
-def test_checkers_fail_wrong_answers_with_a_clear_message(checker, wrong, message):
-    with pytest.raises(ExerciseFailed, match=message):
-        checker(wrong)
-
-
-@pytest.mark.parametrize(
-    "checker", [check_gla_step, check_delta_rule_step, check_retention_decay_matrix, check_ssd_as_gla]
-)
-def test_checkers_fail_unimplemented_stubs(checker):
-    with pytest.raises(ExerciseFailed, match="not implemented"):
-        checker(stub)
 
 
 # --- figures --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Chapter 08's notebook layer: widgets (headless), exercise checkers, figures, bench suites."""
+"""Chapter 08's notebook layer: widgets (headless), figures, bench suites (exercises: test_exercises.py)."""
 
 import json
 import math
@@ -12,10 +12,8 @@ from course_lib import catalogue
 from course_lib.bench import Measurement, sweep
 from course_lib.bench import main as bench_main
 from course_lib.benchmarks import ch08 as bench08
-from course_lib.exercises import ExerciseFailed
-from course_lib.exercises.ch08 import check_answer_accuracy, check_hybrid_cache_bytes, check_ring_merge
 from course_lib.figures import FIGURES
-from course_lib.recall import IGNORE, RECALL_MIXERS, state_bytes
+from course_lib.recall import RECALL_MIXERS, state_bytes
 from course_lib.standard import attention
 from course_lib.studies import phases
 from course_lib.widgets import ch08 as w08
@@ -179,46 +177,6 @@ def test_decision_guide_widget_updates_across_its_controls():
             c[flag].value = value
             assert "recommendation" in w.result
     assert len(seen) >= 2
-
-
-def merge(o1, lse1, o2, lse2):
-    lse = torch.logaddexp(lse1, lse2)
-    return torch.exp(lse1 - lse)[..., None] * o1 + torch.exp(lse2 - lse)[..., None] * o2, lse
-
-
-def test_ring_merge_checker():
-    check_ring_merge(merge)
-    with pytest.raises(ExerciseFailed, match="merged output"):
-        check_ring_merge(lambda o1, l1, o2, l2: ((o1 + o2) / 2, torch.logaddexp(l1, l2)))
-    with pytest.raises(ExerciseFailed, match="not implemented"):
-        check_ring_merge(lambda *a: (_ for _ in ()).throw(NotImplementedError))
-
-
-def test_answer_accuracy_checker():
-    def right(logits, targets):
-        answers = targets != IGNORE
-        return (logits.argmax(-1)[answers] == targets[answers]).float().mean().item()
-
-    def wrong(logits, targets):
-        return (logits.argmax(-1) == targets).float().mean().item()
-
-    check_answer_accuracy(right)
-    with pytest.raises(ExerciseFailed, match="IGNORE"):
-        check_answer_accuracy(wrong)
-    with pytest.raises(ExerciseFailed, match="not implemented"):
-        check_answer_accuracy(lambda *a: (_ for _ in ()).throw(NotImplementedError))
-
-
-def test_hybrid_cache_checker():
-    def right(pattern, T, H, D, w):
-        per = {"full": 2 * H * T * D * 4, "window": 2 * H * min(w, T) * D * 4, "linear": H * D * (D + 1) * 4}
-        return sum(per[k] for k in pattern)
-
-    check_hybrid_cache_bytes(right)
-    with pytest.raises(ExerciseFailed, match="expected"):
-        check_hybrid_cache_bytes(lambda p, T, H, D, w: len(p) * 2 * H * T * D * 4)
-    with pytest.raises(ExerciseFailed, match="not implemented"):
-        check_hybrid_cache_bytes(lambda *a: (_ for _ in ()).throw(NotImplementedError))
 
 
 def test_chapter_figures_are_registered_and_draw():

@@ -1,10 +1,52 @@
-"""Checkers for the notebooks' exercises, one module per chapter.
+"""Exercises of the course: checkers that cannot be fooled, predictions, and the list of every exercise.
 
-A checker runs the reader's function on several cases against the library (or an independent
-formula), prints one line when everything matches, and raises :class:`ExerciseFailed` saying
-which case differed and how, so a failing exercise stops the notebook where it went wrong.
+Each chapter has a module ``chNN`` of checkers. A checker runs the reader's function on fresh random
+cases (seeded; the seed is printed when a case fails, to replay it), with the course's own
+implementations and PyTorch's whole-task shortcuts out of reach (:mod:`.guard`). It prints one line
+when everything passes and explains a failure from the actual difference; "not implemented yet" is a
+single line, and nothing stops Run All. :func:`use_mine_or_library` lets later cells use the reader's
+function once it passes and the library's until then. :mod:`.predictions` holds the *predict* exercises'
+helpers (the first answer counts). :func:`iter_exercises` lists every exercise (id, kind, points).
 """
 
-from .common import ExerciseFailed, compare, run_cases
+from .common import (
+    EXERCISES,
+    RESULTS,
+    Case,
+    Draw,
+    Exercise,
+    ExerciseFailed,
+    Mismatch,
+    Outcome,
+    checker,
+    compare,
+    compare_exact,
+    compare_number,
+    declare,
+    iter_exercises,
+    use_mine_or_library,
+)
+from .guard import Refused, Rules
+from .predictions import predict, reveal
 
-__all__ = ["ExerciseFailed", "compare", "run_cases"]
+__all__ = [
+    "EXERCISES",
+    "RESULTS",
+    "Case",
+    "Draw",
+    "Exercise",
+    "ExerciseFailed",
+    "Mismatch",
+    "Outcome",
+    "Refused",
+    "Rules",
+    "checker",
+    "compare",
+    "compare_exact",
+    "compare_number",
+    "declare",
+    "iter_exercises",
+    "predict",
+    "reveal",
+    "use_mine_or_library",
+]

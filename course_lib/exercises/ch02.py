@@ -2,52 +2,80 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
-from .common import ExerciseFailed, run_cases
+from .common import Case, Draw, checker, compare_number
 
 __all__ = ["check_gemm_intensity", "check_roofline"]
 
 
-def _close(got: object, expected: float, case: str, rel: float = 1e-9) -> None:
-    if isinstance(got, bool) or not isinstance(got, (int, float)):
-        raise ExerciseFailed(f"{case}: expected a number, got {type(got).__name__}")
-    if not math.isclose(float(got), expected, rel_tol=rel):
-        raise ExerciseFailed(f"{case}: got {float(got):.6g}, expected {expected:.6g}")
+def _gemm_case(M: int, N: int, K: int, size: int, name: str) -> Case:
+    flops = 2 * M * N * K  # M*N outputs, each a K-term dot product: K multiplies and K adds
+    moved = (M * K + K * N + M * N) * size
+    variants = {
+        "M*N*K FLOPs over the bytes (a multiply-add is 2 FLOPs)": M * N * K / moved,
+        "FLOPs over the bytes of A and B only (the output C is written too)": flops
+        / ((M * K + K * N) * size),
+        "FLOPs per element, not per byte (times bytes_per_element missing)": flops / (M * K + K * N + M * N),
+        "bytes over FLOPs (the ratio upside down)": moved / flops,
+    }
+
+    def judge(got, expected):
+        compare_number(got, expected, "intensity", rel=1e-12, variants=variants)
+
+    return Case(
+        name,
+        (M, N, K, size),
+        expected=flops / moved,
+        compare=judge,
+        inputs=["M", "N", "K", "bytes_per_element"],
+    )
 
 
-def check_gemm_intensity(fn: Callable[..., float]) -> None:
-    """``fn(M, N, K, bytes_per_element)``: FLOPs per byte of ``(M, K) @ (K, N)``, every matrix
-    read or written once: ``2 M N K / ((M K + K N + M N) * bytes_per_element)``."""
+@checker("2.1", title="the intensity of a GEMM", points=1, task="the GEMM's intensity")
+def check_gemm_intensity(draw: Draw):
+    """``fn(M, N, K, bytes_per_element)``: FLOPs per byte of ``(M, K) @ (K, N)``, each matrix moved once."""
+    for name, (M, N, K) in [
+        ("a large square GEMM", (2 ** draw.int(10, 13),) * 3),
+        ("a GEMV (N = 1)", (draw.int(1000, 8000), 1, draw.int(1000, 8000))),
+        ("one token (M = 1)", (1, draw.int(1000, 8000), draw.int(1000, 8000))),
+        ("an uneven shape", (draw.int(3, 300), draw.int(3, 300), draw.int(3, 300))),
+        ("the smallest GEMM (1, 1, 1)", (1, 1, 1)),
+    ]:
+        yield _gemm_case(M, N, K, draw.choice([1, 2, 4]), name)
 
-    def case(M, N, K, size):
-        # Counted term by term: M*N outputs, each a K-term dot product (K multiplies, K adds).
-        flops = M * N * K * 2
-        moved = (M * K + K * N + M * N) * size
-        return lambda: _close(fn(M, N, K, size), flops / moved, f"M={M}, N={N}, K={K}, {size} bytes")
 
-    shapes = [(4096, 4096, 4096, 2), (1, 4096, 4096, 2), (4096, 1, 4096, 2), (128, 256, 64, 4), (1, 1, 1, 1)]
-    run_cases("check_gemm_intensity", [(f"{s}", case(*s)) for s in shapes])
-
-
-def check_roofline(fn: Callable[[float, float, float], float]) -> None:
+@checker("2.2", title="the roofline", points=1, task="the roofline", fallback="course_lib.hardware:roofline")
+def check_roofline(draw: Draw):
     """``fn(intensity, peak_flops, bandwidth)``: attainable FLOP/s, the lower of the two roofs."""
+    peak, bandwidth = draw.float(50e12, 2000e12), draw.float(0.5e12, 5e12)
+    ridge = peak / bandwidth
+    for name, intensity in [
+        ("memory-bound (left of the ridge)", draw.float(0.1, 0.5) * ridge),
+        ("compute-bound (right of the ridge)", draw.float(2.0, 50.0) * ridge),
+        ("exactly at the ridge point", ridge),
+        ("zero intensity", 0.0),
+        ("one FLOP per byte", 1.0),
+    ]:
+        expected = min(peak, intensity * bandwidth)
+        variants = {
+            "the higher roof (max instead of min)": max(peak, intensity * bandwidth),
+            "intensity x bandwidth without the compute roof": intensity * bandwidth,
+            "the compute roof alone": peak,
+            "intensity x peak": intensity * peak,
+        }
 
-    def case(intensity, peak, bandwidth):
-        expected = peak if intensity * bandwidth >= peak else intensity * bandwidth
-        side = "compute-bound" if intensity * bandwidth >= peak else "memory-bound"
-        return lambda: _close(
-            fn(intensity, peak, bandwidth),
-            expected,
-            f"intensity {intensity} FLOP/byte, peak {peak:.3g} FLOP/s, bandwidth {bandwidth:.3g} B/s "
-            f"({side})",
+        def judge(got, expected, variants=variants):
+            compare_number(
+                got,
+                expected,
+                "attainable FLOP/s",
+                rel=1e-12,
+                variants={k: v for k, v in variants.items() if v != expected},
+            )
+
+        yield Case(
+            name,
+            (intensity, peak, bandwidth),
+            expected=expected,
+            compare=judge,
+            inputs=["intensity", "peak_flops", "bandwidth"],
         )
-
-    points = [
-        (1.0, 989.4e12, 3.35e12),
-        (1000.0, 989.4e12, 3.35e12),
-        (153.0, 312e12, 2.039e12),
-        (0.0, 1e12, 1e11),
-    ]
-    run_cases("check_roofline", [(f"{p}", case(*p)) for p in points])

@@ -1,120 +1,196 @@
-"""Checkers for notebook 06: the elu+1 feature map, one recurrent step, one chunk update."""
+"""Checkers for notebook 06: the elu+1 feature map, one recurrent step, one chunk update.
+
+Expected values come from the formulas of the exercises, written densely here (einsum over whole
+tensors), not from the library's loops.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from ..linear import elu_plus_one, identity_map, linear_attention
-from .common import ExerciseFailed, compare, run_cases
+from .common import Case, Draw, Mismatch, checker, compare
 
 __all__ = ["check_elu_plus_one", "check_recurrent_step", "check_chunk_update"]
 
-
-def check_elu_plus_one(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """``fn(x)`` must equal ``elu(x) + 1``: ``x + 1`` for ``x > 0``, ``exp(x)`` otherwise."""
-    generator = torch.Generator().manual_seed(6)
-
-    def case(x, description):
-        return lambda: compare(fn(x.clone()), elu_plus_one(x), description)
-
-    cases = [
-        ("a ramp from -5 to 5", torch.linspace(-5, 5, 21, dtype=torch.float64)),
-        ("Gaussian (2, 3, 7, 4)", torch.randn(2, 3, 7, 4, generator=generator, dtype=torch.float64)),
-        ("very negative inputs", torch.tensor([-30.0, -100.0, -1e4, 0.0], dtype=torch.float64)),
-        ("float32 input", torch.randn(5, 3, generator=generator)),
-    ]
-    run_cases("check_elu_plus_one", [(d, case(x, d)) for d, x in cases])
+ELU_SHORTCUTS = ("elu", "celu", "selu", "elu_", "celu_", "selu_")
 
 
-def check_recurrent_step(fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-    """``fn(S, z, phi_q, phi_k, v) -> (S_new, z_new, o)``: one step of normalised linear attention.
+@checker(
+    "6.1",
+    title="the elu+1 feature map",
+    points=1,
+    task="elu+1",
+    forbid=ELU_SHORTCUTS,
+    fallback="course_lib.linear:elu_plus_one",
+)
+def check_elu_plus_one(draw: Draw):
+    """``fn(x)``: ``x + 1`` where ``x > 0``, ``exp(x)`` elsewhere, elementwise, without ``F.elu``."""
+    for name, x in [
+        ("a ramp from -5 to 5 (0 included)", torch.linspace(-5, 5, 21, dtype=torch.float64)),
+        ("Gaussian (B, H, T, D)", draw.randn(draw.int(1, 2), draw.int(1, 3), draw.int(2, 7), draw.int(2, 5))),
+        (
+            "very negative and very positive inputs",
+            torch.tensor([-1e4, -700.0, -30.0, 0.0, 30.0, 800.0, 1e4], dtype=torch.float64),
+        ),
+        ("float32 input", draw.randn(draw.int(2, 5), draw.int(2, 5), dtype=torch.float32)),
+    ]:
+        variants = {
+            "elu(x) without the + 1": lambda x=x: torch.where(x > 0, x, torch.expm1(x.clamp(max=0))),
+            "exp(x) everywhere": lambda x=x: torch.exp(x),
+            "x + 1 everywhere": lambda x=x: x + 1,
+            "relu(x) + 1": lambda x=x: x.clamp(min=0) + 1,
+        }
+        regions = {"at large positive inputs": x > 80}
+        advice = {
+            "at large positive inputs": "exp(x) overflows there: compute exp only of min(x, 0), or pick "
+            "the branch without evaluating exp on positive x"
+        }
+        tolerance = dict(atol=1e-6, rtol=1e-5) if x.dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
 
-    Shapes: S (B, H, D', D_v), z (B, H, D'), phi_q and phi_k (B, H, D'), v (B, H, D_v). Write
-    first, then read: ``S_new = S + phi_k v^T``, ``z_new = z + phi_k``,
-    ``o = phi_q^T S_new / (phi_q . z_new)``. Compared with the library's recurrent form run on one
-    token from the state ``(S, z)``.
-    """
-    generator = torch.Generator().manual_seed(7)
+        def judge(got, expected, variants=variants, regions=regions, advice=advice, tolerance=tolerance):
+            compare(got, expected, "elu+1", variants=variants, regions=regions, advice=advice, **tolerance)
 
-    def case(B, H, D, D_v, history):
-        q, k = (torch.randn(B, H, history + 1, D, generator=generator, dtype=torch.float64) for _ in range(2))
-        v = torch.randn(B, H, history + 1, D_v, generator=generator, dtype=torch.float64)
-        # The state after `history` earlier tokens (zeros when history == 0).
-        S = torch.zeros(B, H, D, D_v, dtype=torch.float64)
-        z = torch.zeros(B, H, D, dtype=torch.float64)
-        if history:
-            _, (S, z) = linear_attention(
-                q[:, :, :history],
-                k[:, :, :history],
-                v[:, :, :history],
-                form="recurrent",
-                output_final_state=True,
+        yield Case(
+            f"{name}: shape {tuple(x.shape)}, {str(x.dtype).removeprefix('torch.')}",
+            (x,),
+            expected=torch.where(x > 0, x + 1, torch.exp(x.clamp(max=0))),
+            compare=judge,
+            inputs=["x"],
+        )
+
+
+def _triple(got: object, names: str, count: int) -> tuple:
+    if not isinstance(got, (tuple, list)) or len(got) != count:
+        raise Mismatch(f"expected a tuple {names}, got {type(got).__name__}")
+    return tuple(got)
+
+
+@checker("6.2", title="one recurrent step", points=2, task="the recurrent step")
+def check_recurrent_step(draw: Draw):
+    """``fn(S, z, phi_q, phi_k, v) -> (S_new, z_new, o)``: one step of normalised linear attention, write
+    first (``S_new = S + phi_k v^T``, ``z_new = z + phi_k``), then read
+    (``o = S_new^T phi_q / (phi_q . z_new)``). Shapes: S (B, H, D', D_v), z, phi_q, phi_k (B, H, D'),
+    v (B, H, D_v)."""
+    for name, B, H, D, D_v, history in [
+        ("the first token (empty state)", 1, 1, draw.int(2, 5), draw.int(2, 5), 0),
+        (
+            "after a few tokens, D' != D_v",
+            draw.int(1, 2),
+            draw.int(2, 3),
+            draw.int(3, 6),
+            draw.int(2, 7),
+            draw.int(2, 9),
+        ),
+        ("one feature", 1, 2, 1, draw.int(2, 4), draw.int(1, 4)),
+    ]:
+        past_k = draw.rand(B, H, history, D) + 0.1
+        past_v = draw.randn(B, H, history, D_v)
+        S = torch.einsum("bhtd,bhte->bhde", past_k, past_v)
+        z = past_k.sum(2)
+        phi_q, phi_k = draw.rand(B, H, D) + 0.1, draw.rand(B, H, D) + 0.1
+        v = draw.randn(B, H, D_v)
+        S_new = S + phi_k[..., :, None] * v[..., None, :]
+        z_new = z + phi_k
+        o = torch.einsum("bhd,bhde->bhe", phi_q, S_new) / (phi_q * z_new).sum(-1, keepdim=True)
+        o_old = torch.einsum("bhd,bhde->bhe", phi_q, S) / (phi_q * z).sum(-1, keepdim=True)
+        variants_o = {
+            "the read before the write (o from the state without this token)": lambda o_old=o_old: o_old,
+            "o not divided by phi_q . z_new": lambda phi_q=phi_q, S_new=S_new: torch.einsum(
+                "bhd,bhde->bhe", phi_q, S_new
+            ),
+        }
+        variants_S = {
+            "the state transposed (v phi_k^T, shape D_v x D')": lambda S_new=S_new: S_new.transpose(-1, -2)
+        }
+        empty = {"in a step from the empty state (z = 0)": torch.full_like(o, history == 0, dtype=torch.bool)}
+        advice = {
+            "in a step from the empty state (z = 0)": "reading before writing divides by phi_q . z = 0 on "
+            "the first token: write the token into S and z first, then read"
+        }
+
+        def judge(got, expected, variants_o=variants_o, variants_S=variants_S, empty=empty, advice=advice):
+            S_got, z_got, o_got = _triple(got, "(S_new, z_new, o)", 3)
+            compare(S_got, expected[0], "S_new", atol=1e-12, rtol=1e-10, variants=variants_S)
+            compare(z_got, expected[1], "z_new", atol=1e-12, rtol=1e-10)
+            compare(
+                o_got,
+                expected[2],
+                "o",
+                atol=1e-12,
+                rtol=1e-10,
+                variants=variants_o,
+                regions=empty,
+                advice=advice,
             )
-        expected_o, (expected_S, expected_z) = linear_attention(
-            q[:, :, history:],
-            k[:, :, history:],
-            v[:, :, history:],
-            form="recurrent",
-            initial_state=(S, z),
-            output_final_state=True,
-            eps=1e-12,
+
+        yield Case(
+            f"{name}: B={B}, H={H}, D'={D}, D_v={D_v}, after {history} tokens",
+            (S, z, phi_q, phi_k, v),
+            expected=(S_new, z_new, o),
+            compare=judge,
+            inputs=["S", "z", "phi_q", "phi_k", "v"],
         )
 
-        def check():
-            phi_q, phi_k = elu_plus_one(q[:, :, history]), elu_plus_one(k[:, :, history])
-            result = fn(S.clone(), z.clone(), phi_q, phi_k, v[:, :, history].clone())
-            if not isinstance(result, tuple) or len(result) != 3:
-                raise ExerciseFailed(f"expected a tuple (S_new, z_new, o), got {type(result).__name__}")
-            S_new, z_new, o = result
-            label = f"B={B}, H={H}, D'={D}, D_v={D_v}, after {history} tokens"
-            compare(S_new, expected_S, f"S_new ({label})")
-            compare(z_new, expected_z, f"z_new ({label})")
-            compare(o, expected_o[:, :, 0], f"o ({label}) — write the token into the state before reading")
 
-        return check
+@checker("6.3", title="one chunk update", points=2, task="the chunk update")
+def check_chunk_update(draw: Draw):
+    """``fn(S, phi_q, phi_k, v) -> (o, S_new)``: one chunk of causal, unnormalised linear attention:
+    ``o = phi_q S + tril(phi_q phi_k^T) v`` and ``S_new = S + phi_k^T v``. Shapes: S (B, H, D', D_v),
+    phi_q, phi_k (B, H, C, D'), v (B, H, C, D_v)."""
+    for name, B, H, C, D, D_v in [
+        (
+            "a chunk of a few tokens",
+            draw.int(1, 2),
+            draw.int(1, 3),
+            draw.int(3, 8),
+            draw.int(2, 5),
+            draw.int(2, 6),
+        ),
+        ("a chunk of one token", 1, draw.int(1, 3), 1, draw.int(2, 4), draw.int(2, 4)),
+        ("a long chunk, D' != D_v", 1, 1, draw.int(9, 16), draw.int(3, 6), draw.int(2, 3)),
+    ]:
+        yield _chunk_case(draw, name, B, H, C, D, D_v)
 
-    shapes = [(1, 1, 4, 4, 0), (2, 3, 4, 5, 6), (1, 2, 3, 2, 1)]
-    run_cases("check_recurrent_step", [(f"shape {s}", case(*s)) for s in shapes])
 
+def _chunk_case(draw: Draw, name: str, B: int, H: int, C: int, D: int, D_v: int) -> Case:
+    S = draw.randn(B, H, D, D_v)
+    phi_q, phi_k = draw.rand(B, H, C, D), draw.rand(B, H, C, D)
+    v = draw.randn(B, H, C, D_v)
+    scores = phi_q @ phi_k.transpose(-1, -2)
+    causal = torch.ones(C, C, dtype=torch.bool).tril()
+    o = phi_q @ S + scores.masked_fill(~causal, 0.0) @ v
+    S_new = S + phi_k.transpose(-1, -2) @ v
+    variants_o = {
+        "o without the causal mask inside the chunk (later keys leak in)": lambda: phi_q @ S + scores @ v,
+        "o with the diagonal left out (tril(..., -1)): a query must see its own key": lambda: (
+            phi_q @ S + scores.masked_fill(~torch.ones(C, C, dtype=torch.bool).tril(-1), 0.0) @ v
+        ),
+        "o read from the new state (the chunk counted twice)": lambda: (
+            phi_q @ S_new + scores.masked_fill(~causal, 0.0) @ v
+        ),
+        "o without the state of the earlier chunks": lambda: scores.masked_fill(~causal, 0.0) @ v,
+    }
 
-def check_chunk_update(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """``fn(S, phi_q, phi_k, v) -> (o, S_new)``: one chunk of causal, unnormalised linear attention.
-
-    Shapes: S (B, H, D', D_v), phi_q and phi_k (B, H, C, D'), v (B, H, C, D_v). Query i of the
-    chunk reads the state from before the chunk plus the chunk's keys j <= i:
-    ``o = phi_q S + tril(phi_q phi_k^T) v`` and ``S_new = S + phi_k^T v``. Compared with the
-    library (identity features, scale 1, the state passed in as ``initial_state``).
-    """
-    generator = torch.Generator().manual_seed(8)
-
-    def case(B, H, C, D, D_v):
-        S = torch.randn(B, H, D, D_v, generator=generator, dtype=torch.float64)
-        phi_q, phi_k = (torch.rand(B, H, C, D, generator=generator, dtype=torch.float64) for _ in range(2))
-        v = torch.randn(B, H, C, D_v, generator=generator, dtype=torch.float64)
-        expected_o, expected_S = linear_attention(
-            phi_q,
-            phi_k,
-            v,
-            feature_map=identity_map,
-            normalize=False,
-            scale=1.0,
-            form="recurrent",
-            initial_state=S,
-            output_final_state=True,
+    def judge(got, expected):
+        o_got, S_got = _triple(got, "(o, S_new)", 2)
+        compare(o_got, expected[0], "o", atol=1e-12, rtol=1e-10, variants=variants_o)
+        compare(
+            S_got,
+            expected[1],
+            "S_new",
+            atol=1e-12,
+            rtol=1e-10,
+            variants={
+                "S + phi_q^T v (the queries written instead of the keys)": lambda: (
+                    S + phi_q.transpose(-1, -2) @ v
+                )
+            },
         )
 
-        def check():
-            result = fn(S.clone(), phi_q.clone(), phi_k.clone(), v.clone())
-            if not isinstance(result, tuple) or len(result) != 2:
-                raise ExerciseFailed(f"expected a tuple (o, S_new), got {type(result).__name__}")
-            o, S_new = result
-            label = f"B={B}, H={H}, C={C}, D'={D}, D_v={D_v}"
-            compare(o, expected_o, f"o ({label}) — inside the chunk, query i sees keys j <= i")
-            compare(S_new, expected_S, f"S_new ({label})")
-
-        return check
-
-    shapes = [(1, 1, 4, 3, 3), (2, 2, 5, 4, 6), (1, 3, 1, 2, 2), (1, 1, 8, 5, 3)]
-    run_cases("check_chunk_update", [(f"shape {s}", case(*s)) for s in shapes])
+    return Case(
+        f"{name}: B={B}, H={H}, C={C}, D'={D}, D_v={D_v}",
+        (S, phi_q, phi_k, v),
+        expected=(o, S_new),
+        compare=judge,
+        inputs=["S", "phi_q", "phi_k", "v"],
+    )

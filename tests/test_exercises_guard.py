@@ -1,0 +1,196 @@
+"""The guard keeps the course's implementations and PyTorch's whole-task shortcuts out of reach of a
+solution: every way around it that we could think of, tried; the known gaps documented by a test each."""
+
+import concurrent.futures
+import functools
+import importlib
+import inspect
+import sys
+import textwrap
+import threading
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import course_lib
+import course_lib.exercises.ch01
+from course_lib.exercises.guard import Refused, Rules, guarded_call
+
+Q = torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+RULES = Rules(task="attention")
+
+
+def honest(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v
+
+
+def run(fn, rules=RULES):
+    return guarded_call(fn, (Q, Q, Q), rules=rules)
+
+
+def copied_function_object(q, k, v):
+    f = course_lib.standard.attention
+    clone = types.FunctionType(f.__code__, f.__globals__, "clone", f.__defaults__, f.__closure__)
+    clone.__kwdefaults__ = f.__kwdefaults__
+    return clone(q, k, v)
+
+
+def swallowed(q, k, v):
+    try:
+        return course_lib.attention(q, k, v)
+    except BaseException:
+        return course_lib.attention(q, k, v)
+
+
+def profiler_off(q, k, v):
+    sys.setprofile(None)
+    return course_lib.attention(q, k, v)
+
+
+def in_a_thread(q, k, v):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(course_lib.attention(q, k, v)))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def in_a_process(q, k, v):
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return honest(q, k, v)
+
+
+def popped_mode(q, k, v):
+    from torch.overrides import _pop_mode
+
+    _pop_mode()
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def multihead_module(q, k, v):
+    layer = torch.nn.MultiheadAttention(4, 1, batch_first=True).double()
+    return layer(q[0], k[0], v[0])[0][None]
+
+
+def multihead_functional(q, k, v):
+    x = q[0, 0][:, None]
+    weights = torch.eye(4, dtype=torch.float64).repeat(3, 1)
+    eye = torch.eye(4, dtype=torch.float64)
+    return F.multi_head_attention_forward(x, x, x, 4, 1, weights, None, None, None, False, 0.0, eye, None)[0]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still there
+    SCRIPTED = torch.jit.script(_sdpa)
+
+
+BYPASSES = {
+    "the course's attention": lambda q, k, v: course_lib.attention(q, k, v),
+    "imported under another name": lambda q, k, v: __import__("course_lib.standard").standard.attention(
+        q, k, v
+    ),
+    "a module alias": lambda q, k, v: importlib.import_module("course_lib.standard").attention(q, k, v),
+    "getattr with a built name": lambda q, k, v: getattr(course_lib, "atten" + "tion")(q, k, v),
+    "a closure": (lambda f: lambda q, k, v: f(q, k, v))(course_lib.attention),
+    "a copied function object": copied_function_object,
+    "a private helper": lambda q, k, v: course_lib.standard.masked_softmax(q @ k.transpose(-1, -2)) @ v,
+    "the tiled flash_attention": lambda q, k, v: course_lib.flash_attention(q, k, v),
+    "the checker's own module": lambda q, k, v: course_lib.exercises.ch01._reference_attention(q, k, v),
+    "a refusal swallowed with except BaseException": swallowed,
+    "the profiler switched off": profiler_off,
+    "a new thread": in_a_thread,
+    "a subprocess": in_a_process,
+    "F.scaled_dot_product_attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+    "SDPA through map": lambda q, k, v: list(map(F.scaled_dot_product_attention, [q], [k], [v]))[0],
+    "SDPA through functools.partial": lambda q, k, v: functools.partial(F.scaled_dot_product_attention, q, k)(
+        v
+    ),
+    "torch._C._nn.scaled_dot_product_attention": lambda q, k, v: torch._C._nn.scaled_dot_product_attention(
+        q, k, v
+    ),
+    "torch.ops.aten._scaled_dot_product_attention_math": lambda q, k, v: (
+        torch.ops.aten._scaled_dot_product_attention_math(q, k, v)[0]
+    ),
+    "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default": lambda q, k, v: (
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v)[0]
+    ),
+    "a TorchScript function calling SDPA": lambda q, k, v: SCRIPTED(q, k, v),
+    "nn.MultiheadAttention": multihead_module,
+    "F.multi_head_attention_forward": multihead_functional,
+    "the torch function mode popped": popped_mode,
+}
+
+
+@pytest.mark.parametrize("name", list(BYPASSES))
+def test_a_way_around_the_guard_is_refused(name):
+    with pytest.raises((Refused, RuntimeError)) as caught:
+        run(BYPASSES[name])
+    if caught.type is RuntimeError:  # popping a mode breaks torch's own bookkeeping first
+        assert name == "the torch function mode popped"
+
+
+def test_exec_of_the_library_source_is_recognised_by_its_bytecode():
+    namespace = dict(vars(course_lib.standard))
+    exec(textwrap.dedent(inspect.getsource(course_lib.standard.causal_mask)), namespace)
+    copy = namespace["causal_mask"]
+    assert copy.__code__.co_filename == "<string>"
+    with pytest.raises(Refused, match="runs a copy of course_lib.standard.causal_mask"):
+        guarded_call(copy, (4, 6), rules=Rules(task="the mask"))
+
+
+def test_an_honest_solution_runs_and_the_argument_checks_are_allowed():
+    torch.testing.assert_close(run(honest), course_lib.attention(Q, Q, Q))
+    result = guarded_call(lambda n: course_lib.checks.check_int(n, "n", min=0), (3,))
+    assert result == 3
+
+
+def test_an_allow_list_lets_an_exercise_use_a_named_library_function():
+    rules = Rules(task="attention", allow=frozenset({"course_lib.standard.causal_mask"}))
+    guarded_call(lambda: course_lib.causal_mask(3, 5), rules=rules)
+    with pytest.raises(Refused):
+        guarded_call(lambda: course_lib.padding_mask([2], 3), rules=rules)
+
+
+def test_exercise_specific_shortcuts_are_refused_only_where_forbidden():
+    elu = Rules(task="elu+1", torch_names=frozenset({"elu", "celu", "selu"}))
+    for shortcut in (
+        lambda x: F.elu(x),
+        lambda x: torch.nn.ELU()(x),
+        lambda x: F.celu(x),
+        lambda x: F.selu(x),
+    ):
+        with pytest.raises(Refused, match="shortcut"):
+            guarded_call(shortcut, (Q,), rules=elu)
+    guarded_call(lambda x: F.elu(x), (Q,))  # allowed where the exercise does not forbid it
+    guarded_call(lambda x: torch.where(x > 0, x + 1, x.clamp(max=0).exp()), (Q,), rules=elu)
+
+
+def test_the_watchers_are_removed_after_the_call():
+    before = sys.getprofile()
+    with pytest.raises(Refused):
+        run(BYPASSES["the course's attention"])
+    assert sys.getprofile() is before
+    from torch.overrides import _get_current_function_mode_stack
+
+    assert _get_current_function_mode_stack() == []
+    course_lib.attention(Q, Q, Q)  # the library works again outside the guard
+
+
+def test_known_gap_work_handed_to_a_thread_pool_that_existed_before_the_call():
+    """Documented in TEACHING.md: a worker started before the checker is not watched. If this starts
+    failing, the gap is closed: update TEACHING.md's list."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pool.submit(lambda: None).result()
+    try:
+        run(lambda q, k, v: pool.submit(course_lib.attention, q, k, v).result())
+    finally:
+        pool.shutdown()
