@@ -12,6 +12,7 @@ import nbformat
 import pytest
 import torch
 from solution_leaks import leak, solution_regions
+from test_notebook_structure import EXERCISES_PENDING
 
 from course_lib.exercises import iter_exercises
 from course_lib.recall import IGNORE
@@ -164,7 +165,7 @@ def test_no_kept_cell_of_the_learners_copy_holds_a_solution(student_copy):
             for c in teacher.cells
             for region in solution_regions(c.source)
         ]
-        assert solutions, name
+        assert solutions or Path(name).stem in EXERCISES_PENDING, name
         for cell in student.cells:
             if cell.cell_type != "code" or cell.metadata.get("course", {}).get("role") == "solution":
                 continue
