@@ -14,6 +14,7 @@ from ..hardware import ACCELERATORS
 from ..sparse import sliding_window_mask
 from ..standard import attention, causal_mask
 from ..viz import STYLE, plot_attention, plot_mask
+from ._display import new_figure, show
 
 __all__ = [
     "EXPLORER_MASKS",
@@ -92,14 +93,14 @@ def attention_explorer_view(
     view = {"tokens": tokens, "mask": mask, "weights": weights[0, 0], "output": output[0, 0]}
     if draw:
         with plt.rc_context(STYLE):
-            figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+            figure = new_figure((10, 4.2))
+            left, right = figure.subplots(1, 2)
             plot_mask(mask, ax=left, title=f"mask: {mask_kind}", query_labels=tokens, key_labels=tokens)
             plot_attention(
                 view["weights"], tokens, tokens, ax=right, title=f"weights, temperature {temperature:g}"
             )
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)  # shown already; closing keeps repeated redraws from piling up figures
+            show(figure)
         view["figure"] = figure
     return view
 

@@ -25,6 +25,7 @@ from ..hardware import (
     time_bound,
 )
 from ..viz import STYLE, new_axes
+from ._display import new_figure, show
 
 __all__ = [
     "OPERATIONS",
@@ -184,7 +185,8 @@ def roofline_explorer_view(
     )
     if draw:
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(7, 4.2))
+            figure = new_figure((7, 4.2))
+            ax = figure.subplots()
             plot_roofline(
                 {accelerator: device},
                 [(operation, cost["intensity"])],
@@ -192,8 +194,7 @@ def roofline_explorer_view(
                 ax=ax,
                 title=f"{accelerator}: {bound}-bound",
             )
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -311,7 +312,8 @@ def intensity_calculator_view(
     if draw:
         lengths = [2**p for p in range(6, 18)]
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(7, 4))
+            figure = new_figure((7, 4))
+            ax = figure.subplots()
             ax.plot(
                 lengths,
                 [prefill_intensity(T, head_dim, **shape) for T in lengths],
@@ -332,8 +334,7 @@ def intensity_calculator_view(
             ax.set_ylabel("FLOPs per byte")
             ax.set_title(f"attention intensity, {num_heads} query heads / {num_kv_heads} KV heads, {dtype}")
             ax.legend(frameon=False, loc="center right")
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 

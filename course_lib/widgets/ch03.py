@@ -13,6 +13,7 @@ from matplotlib.patches import Rectangle
 from ..checks import check_bool, check_choice, check_int
 from ..tiling import TileStep, flash_attention, flash_attention_trace, io_cost
 from ..viz import STYLE
+from ._display import new_figure, show
 
 __all__ = [
     "LOOP_ORDERS",
@@ -60,7 +61,7 @@ def draw_schedule(
     skipped tiles grey, tiles already visited blue, the ``current`` one orange."""
     if ax is None:
         with plt.rc_context(STYLE):
-            _, ax = plt.subplots(figsize=(4.5, 4.5))
+            ax = new_figure((4.5, 4.5)).add_subplot()
     with plt.rc_context(STYLE):
         for step in steps:
             (q0, q1), (k0, k1) = step.q_rows, step.k_rows
@@ -143,7 +144,8 @@ def tile_walk_view(
     }
     if draw:
         with plt.rc_context(STYLE):
-            figure, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 4.2))
+            figure = new_figure((13, 4.2))
+            left, middle, right = figure.subplots(1, 3)
             draw_schedule(
                 steps,
                 seq_len,
@@ -167,8 +169,7 @@ def tile_walk_view(
             right.legend(frameon=False, fontsize=8)
             # Fixed margins: tight_layout would cost most of the redraw time of every slider move.
             figure.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.9, wspace=0.3)
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -262,7 +263,8 @@ def io_explorer_view(
     if draw:
         sizes = [2**p for p in range(3, 10)]
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(7, 4))
+            figure = new_figure((7, 4))
+            ax = figure.subplots()
             for order in ("fa1", "fa2"):
                 traffic = [
                     io_cost(
@@ -287,8 +289,7 @@ def io_explorer_view(
             ax.set_ylabel("HBM bytes, one head")
             ax.set_title(f"HBM traffic, N = {N}, d = {d}")
             ax.legend(frameon=False, fontsize=8)
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 

@@ -15,6 +15,7 @@ from ..decoding import filter_logits
 from ..hardware import ACCELERATORS
 from ..kv_cache import MODEL_CONFIGS, PagedKVCache, kv_cache_bytes
 from ..viz import STYLE
+from ._display import new_figure, show
 
 __all__ = [
     "KV_DTYPE_BYTES",
@@ -216,7 +217,7 @@ def draw_paged_cache(cache: PagedKVCache, ax=None, title: str | None = None):
             owners.setdefault(block, []).append(str(seq))
     with plt.rc_context(STYLE):
         if ax is None:
-            _, ax = plt.subplots(figsize=(9, 2.8))
+            ax = new_figure((9, 2.8)).add_subplot()
         per_row = 8
         for block in range(cache.num_blocks):
             row, column = divmod(block, per_row)
@@ -275,8 +276,7 @@ def paged_explorer_view(step: int = 4, block_size: int = 4, *, draw: bool = True
     if draw:
         print(view["text"])
         ax = draw_paged_cache(cache, title=f"physical blocks of {block_size} slots (hatched: shared)")
-        plt.show()
-        plt.close(ax.figure)
+        show(ax.figure)  # not plt.show(): see course_lib.widgets._display
         view["figure"] = ax.figure
     return view
 
@@ -339,8 +339,9 @@ def sampling_explorer_view(
     kept = [w for w, p in zip(SAMPLING_WORDS, filtered.tolist()) if p > 0]
     view = {"original": original, "filtered": filtered, "kept": kept, "samples": words}
     if draw:
+        figure = new_figure((9, 3.2))
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(9, 3.2))
+            ax = figure.add_subplot()
             positions = list(range(len(SAMPLING_WORDS)))
             ax.bar(
                 [x - 0.2 for x in positions],
@@ -360,8 +361,7 @@ def sampling_explorer_view(
             ax.set_title(f"'the cat sat on the ...'  T={temperature:g}, top-k={top_k}, top-p={top_p:g}")
             ax.legend(frameon=False)
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         print(f"kept {len(kept)} word(s); {num_samples} samples (seed {seed}): {' '.join(words)}")
         view["figure"] = figure
     return view

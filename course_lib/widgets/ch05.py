@@ -48,6 +48,7 @@ from ..sparse import (
 )
 from ..standard import attention
 from ..viz import STYLE, plot_mask, plot_scaling
+from ._display import new_figure, show
 
 __all__ = [
     "PATTERNS",
@@ -236,7 +237,8 @@ def mask_explorer_view(
     view = {"mask": mask, "stats": stats, "reach": reach, "cost": cost, "html": html}
     if draw:
         with plt.rc_context(STYLE):
-            figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+            figure = new_figure((10, 4.2))
+            left, right = figure.subplots(1, 2)
             plot_mask(mask, ax=left, title=f"{pattern}, T={T_view}")
             right.plot(range(1, len(reach) + 1), reach, marker="o")
             right.set_ylim(0, 1.05)
@@ -244,8 +246,7 @@ def mask_explorer_view(
             right.set_ylabel("fraction of pairs connected")
             right.set_title(f"layers to connect all pairs: {layers}")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -702,7 +703,8 @@ def eviction_explorer_view(
 def _draw_eviction(view: dict, policy: str, budget: int, source: str, cache_len: int):
     with plt.rc_context(STYLE):
         panels = 2 if view["loss"] is None else 3
-        figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4))
+        figure = new_figure((5.2 * panels, 4))
+        axes = figure.subplots(1, panels)
         positions = torch.arange(cache_len)
         received, share = view["attention"], view["kept"].float().mean(0)
         axes[0].plot(positions, received, linewidth=1, color="grey", label="attention received")
@@ -733,8 +735,7 @@ def _draw_eviction(view: dict, policy: str, budget: int, source: str, cache_len:
             axes[2].set_title(f"loss {view['loss']:.3f} vs {view['full_loss']:.3f} with the full cache")
             axes[2].legend(frameon=False)
         figure.tight_layout()
-        plt.show()
-        plt.close(figure)
+        show(figure)
     return figure
 
 
@@ -783,7 +784,8 @@ def sparse_timing_view(
     view = {"results": results, "lengths": lengths, "table": table}
     if draw:
         with plt.rc_context(STYLE):
-            figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+            figure = new_figure((11, 4))
+            axes = figure.subplots(1, 2)
 
             def series(field: str) -> dict[str, list]:
                 return {m: [getattr(r, field) for r in results if r.method == m] for m in chosen}
@@ -797,8 +799,7 @@ def sparse_timing_view(
                 title="peak memory",
             )
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 

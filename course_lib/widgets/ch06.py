@@ -23,6 +23,7 @@ from ..checks import check_choice, check_float, check_int
 from ..linear import favor_plus, linear_attention, linear_attention_matrix
 from ..standard import attention
 from ..viz import STYLE
+from ._display import new_figure, show
 
 __all__ = [
     "FAVOR_HEAD_DIM",
@@ -134,7 +135,8 @@ def favor_explorer_view(
     }
     if draw:
         with plt.rc_context(STYLE):
-            figure, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+            figure = new_figure((14, 4.2))
+            axes = figure.subplots(1, 3)
             top = float(view["exact_weights"].max())
             for ax, matrix, title in (
                 (axes[0], view["exact_weights"], "softmax weights (exact)"),
@@ -157,8 +159,7 @@ def favor_explorer_view(
             )
             axes[2].legend(frameon=False, loc="upper left")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -269,9 +270,8 @@ def three_forms_view(
     }
     if draw:
         with plt.rc_context(STYLE):
-            figure, axes = plt.subplots(
-                1, 3, figsize=(14, 4.4), gridspec_kw={"width_ratios": [1.3, 1.0, 0.9]}
-            )
+            figure = new_figure((14, 4.4))
+            axes = figure.subplots(1, 3, gridspec_kw={"width_ratios": [1.3, 1.0, 0.9]})
             draw_schedule(codes, ax=axes[0], chunk_size=chunk_size if form == "chunk" else None)
             if tokens:
                 first = tokens - 1 if form == "recurrent" else (tokens - 1) // chunk_size * chunk_size
@@ -300,8 +300,7 @@ def three_forms_view(
             axes[2].set_ylabel("token")
             axes[2].set_title(f"outputs so far\nmax |diff| to parallel {view['max_difference']:.1e}")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..checks import check_bool, check_choice, check_float, check_int
 from ..recurrent import delta_rule, gla
 from ..viz import STYLE
+from ._display import new_figure, show
 
 __all__ = [
     "GATE_METHODS",
@@ -151,7 +152,8 @@ def gate_explorer_view(
     if draw:
         T = profile.shape[0]
         with plt.rc_context(STYLE):
-            figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+            figure = new_figure((11, 3.8))
+            left, right = figure.subplots(1, 2)
             if method == "gla":
                 for d in range(0, per_dim.shape[1], 3):
                     left.plot(per_dim[:, d].numpy(), color="grey", alpha=0.35, linewidth=0.8)
@@ -171,8 +173,7 @@ def gate_explorer_view(
             right.set_ylabel("||S_t|| (Frobenius)")
             right.set_title("state norm under random unit writes")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -267,9 +268,8 @@ def recall_demo_view(
     if draw:
         n = k.shape[0]
         with plt.rc_context(STYLE):
-            figure, axes = plt.subplots(
-                1, 3, figsize=(14, 3.8), gridspec_kw={"width_ratios": [2.2, 1.2, 1.2]}
-            )
+            figure = new_figure((14, 3.8))
+            axes = figure.subplots(1, 3, gridspec_kw={"width_ratios": [2.2, 1.2, 1.2]})
             positions = torch.arange(n).numpy()
             axes[0].bar(positions - 0.2, view["linear_error"].numpy(), width=0.4, label="linear attention")
             axes[0].bar(
@@ -300,8 +300,7 @@ def recall_demo_view(
                 axes[2].axis("off")
                 axes[2].text(0.5, 0.5, "overwrite off", ha="center", va="center")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 

@@ -20,6 +20,7 @@ from ..bench import Measurement, format_bytes
 from ..benchmarks.ch08 import PHASES, mechanism_of, phase_of
 from ..checks import check_bool, check_choice, check_float, check_int
 from ..viz import STYLE, plot_scaling
+from ._display import new_figure, show
 
 __all__ = [
     "RESULTS_DIR",
@@ -103,11 +104,11 @@ def comparison_view(
     view = {"series": series, "lengths": Ts, "metric": metric, "phase": phase}
     if draw:
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(6, 4))
+            figure = new_figure((6, 4))
+            ax = figure.subplots()
             plotted = {k: [v if v else None for v in vs] for k, vs in series.items()}
             plot_scaling(Ts, plotted, ylabel=_METRIC_LABELS[metric], ax=ax, title=f"{phase}: {metric} vs T")
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
