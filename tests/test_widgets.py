@@ -184,6 +184,11 @@ def test_explorers_display_their_own_figure_not_through_pyplot(module, name, dis
     assert len(figures) == 1, f"{name} displayed {len(figures)} figures"
     assert plt.get_fignums() == open_before, "the figure is tracked by pyplot"
     assert not _blank(figures[0])
+    # Legends as large as the axis labels, near enough: at 7-8 pt in a wide figure shown at the
+    # notebook's width they were unreadable (chapter 07's recall plot).
+    legends = [ax.get_legend() for ax in figures[0].axes if ax.get_legend()]
+    sizes = [text.get_fontsize() for legend in legends for text in legend.get_texts()]
+    assert all(size >= 9 for size in sizes), sizes
 
 
 def test_paged_explorer_callbacks_in_two_threads_show_whole_figures(displayed):
@@ -203,3 +208,30 @@ def test_paged_explorer_callbacks_in_two_threads_show_whole_figures(displayed):
         per_thread.setdefault(ident, []).append(figure)
     assert sorted(len(figures) for figures in per_thread.values()) == [4, 4]
     assert not any(_blank(figure) for _, figure in displayed)
+
+
+ALL_EXPLORERS = FIGURE_EXPLORERS + [
+    ("ch01", "memory_calculator"),
+    ("ch04", "kv_calculator"),
+    ("ch08", "decision_guide"),
+]
+
+
+def _descendants(widget):
+    stack = [widget]
+    while stack:
+        item = stack.pop()
+        yield item
+        stack.extend(getattr(item, "children", ()))
+
+
+@pytest.mark.parametrize("module,name", ALL_EXPLORERS, ids=lambda x: x)
+def test_long_labels_get_room(module, name, displayed):
+    # ipywidgets gives a description 80 px and cuts the rest ("temperat…", "block_q (0=…"): a label
+    # of ten characters or more needs a wider description (the browser test measures the real width).
+    widget = getattr(importlib.import_module(f"course_lib.widgets.{module}"), name)()
+    for item in _descendants(widget):
+        if isinstance(item, ipywidgets.Checkbox) or not getattr(item, "description", ""):
+            continue
+        if len(item.description) >= 10:
+            assert item.style.description_width, f"{name}: {item.description!r} is cut at 80 px"

@@ -128,7 +128,7 @@ def phase_comparison(results: Sequence[Measurement]) -> Figure:
                 bottom.plot([t for t, _ in memory], [b / 2**20 for _, b in memory], marker="o", label=name)
             top.set_title(f"{_PHASE_TITLES[phase]}: time")
             bottom.set_title(f"{_PHASE_TITLES[phase]}: peak memory")
-            top.legend(frameon=False, fontsize=7, title="log-log slope", title_fontsize=7)
+            top.legend(frameon=False, fontsize=9, title="log-log slope", title_fontsize=9)
             for ax, label in ((top, "time per call (ms)"), (bottom, "peak memory (MiB)")):
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")

@@ -14,7 +14,7 @@ from ..hardware import ACCELERATORS
 from ..sparse import sliding_window_mask
 from ..standard import attention, causal_mask
 from ..viz import STYLE, plot_attention, plot_mask
-from ._display import new_figure, show
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "EXPLORER_MASKS",
@@ -107,7 +107,7 @@ def attention_explorer_view(
 
 def attention_explorer() -> widgets.Widget:
     """Sentence, temperature and mask -> the mask and the attention weights of one head."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         attention_explorer_view,
         sentence=widgets.Text(
             value="the cat sat on the mat because it was tired",
@@ -122,6 +122,7 @@ def attention_explorer() -> widgets.Widget:
         num_padding=widgets.IntSlider(value=2, min=0, max=5, description="padding"),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (b) memory calculator ------------------------------------------------------------------

@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle
 from ..checks import check_bool, check_choice, check_int
 from ..tiling import TileStep, flash_attention, flash_attention_trace, io_cost
 from ..viz import STYLE
-from ._display import new_figure, show
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "LOOP_ORDERS",
@@ -161,12 +161,12 @@ def tile_walk_view(
             middle.bar(rows + 0.2, final_max[q0:q1].numpy(), width=0.4, label="final m")
             middle.set_title(f"row max m, queries {q0}..{q1 - 1}")
             middle.set_xlabel("query")
-            middle.legend(frameon=False, fontsize=8)
+            middle.legend(frameon=False)
             right.bar(rows - 0.2, row_sum.numpy(), width=0.4, label="running l")
             right.bar(rows + 0.2, final_sum.numpy(), width=0.4, label="final l")
             right.set_title(f"row sum l   |O - O_final| = {error:.2g}")
             right.set_xlabel("query")
-            right.legend(frameon=False, fontsize=8)
+            right.legend(frameon=False)
             # Fixed margins: tight_layout would cost most of the redraw time of every slider move.
             figure.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.9, wspace=0.3)
             show(figure)
@@ -192,7 +192,7 @@ def tile_walk() -> widgets.Widget:
     for control in (seq_len, block_q, block_k):
         control.observe(fit_step_slider, names="value")
     fit_step_slider()
-    return widgets.interactive(
+    explorer = widgets.interactive(
         tile_walk_view,
         step=step,
         loop_order=loop_order,
@@ -202,6 +202,7 @@ def tile_walk() -> widgets.Widget:
         block_k=block_k,
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (b) HBM traffic vs block size ------------------------------------------------------------
@@ -288,10 +289,13 @@ def io_explorer_view(
             ax.set_xlabel("SRAM per SM (KiB)")
             ax.set_ylabel("HBM bytes, one head")
             ax.set_title(f"HBM traffic, N = {N}, d = {d}")
-            ax.legend(frameon=False, fontsize=8)
+            ax.legend(frameon=False)
             show(figure)
         view["figure"] = figure
     return view
+
+
+_BLOCK_OPTIONS = [("auto", 0)] + [(str(size), size) for size in (16, 32, 64, 128, 256)]
 
 
 def io_explorer() -> widgets.Widget:
@@ -310,12 +314,9 @@ def io_explorer() -> widgets.Widget:
         sram_kib=widgets.SelectionSlider(
             options=[2**p for p in range(3, 10)], value=64, description="SRAM KiB"
         ),
-        block_q=widgets.SelectionSlider(
-            options=[0, 16, 32, 64, 128, 256], value=0, description="block_q (0=auto)"
-        ),
-        block_k=widgets.SelectionSlider(
-            options=[0, 16, 32, 64, 128, 256], value=0, description="block_k (0=auto)"
-        ),
+        # "auto" (0) is the paper's choice for the SRAM size; the readout says so, not "0".
+        block_q=widgets.SelectionSlider(options=_BLOCK_OPTIONS, index=0, description="block_q"),
+        block_k=widgets.SelectionSlider(options=_BLOCK_OPTIONS, index=0, description="block_k"),
         loop_order=widgets.ToggleButtons(options=LOOP_ORDERS, value="fa1", description="loop order"),
         bytes_per_element=widgets.Dropdown(
             options=[("fp16/bf16", 2), ("fp32", 4)], value=2, description="dtype"
@@ -324,4 +325,4 @@ def io_explorer() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls
-    return box
+    return widen_labels(box)

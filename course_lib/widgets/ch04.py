@@ -15,7 +15,7 @@ from ..decoding import filter_logits
 from ..hardware import ACCELERATORS
 from ..kv_cache import MODEL_CONFIGS, PagedKVCache, kv_cache_bytes
 from ..viz import STYLE
-from ._display import new_figure, show
+from ._display import new_figure, show, widen_labels, wrap_line
 
 __all__ = [
     "KV_DTYPE_BYTES",
@@ -147,7 +147,7 @@ def kv_calculator() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls
-    return box
+    return widen_labels(box)
 
 
 # --- (b) paged-cache viewer ------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def paged_explorer_view(step: int = 4, block_size: int = 4, *, draw: bool = True
         "lengths": lengths,
         "free_blocks": list(cache.free_blocks),
         "report": report,
-        "text": "\n".join(lines),
+        "text": "\n".join(wrap_line(line) for line in lines),
     }
     if draw:
         print(view["text"])
@@ -283,12 +283,13 @@ def paged_explorer_view(step: int = 4, block_size: int = 4, *, draw: bool = True
 
 def paged_explorer() -> widgets.Widget:
     """Step through :data:`PAGED_TRACE` (add, grow, fork, free) with a chosen block size."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         paged_explorer_view,
         step=widgets.IntSlider(value=4, min=0, max=len(PAGED_TRACE), description="step"),
         block_size=widgets.Dropdown(options=[2, 4, 8], value=4, description="block size"),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (c) sampling explorer ----------------------------------------------------------------------------
@@ -362,14 +363,14 @@ def sampling_explorer_view(
             ax.legend(frameon=False)
             figure.tight_layout()
             show(figure)
-        print(f"kept {len(kept)} word(s); {num_samples} samples (seed {seed}): {' '.join(words)}")
+        print(wrap_line(f"kept {len(kept)} word(s); {num_samples} samples (seed {seed}): {' '.join(words)}"))
         view["figure"] = figure
     return view
 
 
 def sampling_explorer() -> widgets.Widget:
     """Temperature, top-k, top-p and seed -> the filtered next-word distribution and samples."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         sampling_explorer_view,
         temperature=widgets.FloatLogSlider(
             value=1.0, base=10, min=-1, max=1, step=0.1, description="temperature"
@@ -382,3 +383,4 @@ def sampling_explorer() -> widgets.Widget:
         num_samples=widgets.fixed(20),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)

@@ -48,7 +48,7 @@ from ..sparse import (
 )
 from ..standard import attention
 from ..viz import STYLE, plot_mask, plot_scaling
-from ._display import new_figure, show
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "PATTERNS",
@@ -276,7 +276,7 @@ def mask_explorer() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls  # for tests and for readers who want the result
-    return box
+    return widen_labels(box)
 
 
 # --- (b) eviction explorer --------------------------------------------------------------------

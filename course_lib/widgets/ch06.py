@@ -23,7 +23,7 @@ from ..checks import check_choice, check_float, check_int
 from ..linear import favor_plus, linear_attention, linear_attention_matrix
 from ..standard import attention
 from ..viz import STYLE
-from ._display import new_figure, show
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "FAVOR_HEAD_DIM",
@@ -166,7 +166,7 @@ def favor_explorer_view(
 
 def favor_explorer() -> widgets.Widget:
     """Number of random features, orthogonal or i.i.d., input size and seed -> FAVOR+ vs softmax."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         favor_explorer_view,
         num_features=widgets.SelectionSlider(
             options=[2**p for p in range(1, 13)], value=64, description="features m"
@@ -176,6 +176,7 @@ def favor_explorer() -> widgets.Widget:
         seed=widgets.IntSlider(value=0, min=0, max=20, description="seed"),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (b) the three forms, step by step ----------------------------------------------------------
@@ -326,13 +327,20 @@ def draw_schedule(codes: torch.Tensor, *, ax, chunk_size: int | None = None, leg
             Patch(facecolor=SCHEDULE_CMAP(i), edgecolor="grey", label=label)
             for i, label in enumerate(SCHEDULE_LABELS)
         ]
-        ax.legend(handles=handles, loc="upper right", fontsize=7, frameon=True)
+        ax.legend(
+            handles=handles,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.14),
+            ncol=2,
+            fontsize=9,
+            frameon=False,
+        )
     return ax
 
 
 def three_forms_stepper() -> widgets.Widget:
     """Form, tokens processed, sequence length and chunk size -> schedule, state and outputs."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         three_forms_view,
         form=widgets.Dropdown(options=STEP_FORMS, value="chunk", description="form"),
         tokens=widgets.IntSlider(value=8, min=0, max=32, description="tokens"),
@@ -340,3 +348,4 @@ def three_forms_stepper() -> widgets.Widget:
         chunk_size=widgets.IntSlider(value=4, min=1, max=16, description="chunk size"),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)

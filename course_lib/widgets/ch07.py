@@ -167,7 +167,7 @@ def gate_explorer_view(
             left.set_ylabel("fraction left")
             shown = "beyond the window" if horizon is None else f"{horizon} steps"
             left.set_title(f"{method}: decay profile, horizon {shown}")
-            left.legend(frameon=False, fontsize=8)
+            left.legend(frameon=False)
             right.plot(range(1, T + 1), result["state_norm"].numpy(), color="#009E73")
             right.set_xlabel("tokens written")
             right.set_ylabel("||S_t|| (Frobenius)")
@@ -279,7 +279,7 @@ def recall_demo_view(
             axes[0].set_ylabel("relative error of read-out")
             means = f"{view['linear_mean_error']:.2f} (linear) vs {view['delta_mean_error']:.2f} (delta)"
             axes[0].set_title(f"recall: mean error {means}")
-            axes[0].legend(frameon=False, fontsize=8)
+            axes[0].legend(frameon=False)
             similarity = (k @ k.T).abs()
             image = axes[1].imshow(similarity.numpy(), cmap="viridis", vmin=0, vmax=1)
             figure.colorbar(image, ax=axes[1], fraction=0.046, pad=0.04)
@@ -295,7 +295,7 @@ def recall_demo_view(
                 top = max(1.0, float(view["linear_old_new"].max()), float(view["delta_old_new"].max()))
                 axes[2].set_ylim(top=1.4 * top)
                 axes[2].set_title("key 0 written twice")
-                axes[2].legend(frameon=False, fontsize=8)
+                axes[2].legend(frameon=False)
             else:
                 axes[2].axis("off")
                 axes[2].text(0.5, 0.5, "overwrite off", ha="center", va="center")
