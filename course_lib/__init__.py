@@ -4,7 +4,7 @@ One module per chapter; the public names of each are re-exported here.
 """
 
 from . import decoding, hardware, kv_cache, linear, models, recurrent, sparse, specialized, tiling
-from .environment import environment_report, pick_device
+from .environment import choose_threads, environment_report, pick_device
 from .kv_cache import (
     MODEL_CONFIGS,
     GroupedQueryAttention,
@@ -124,5 +124,9 @@ __all__ = [
     "specialized",
     "tiling",
     "pick_device",
+    "choose_threads",
     "environment_report",
 ]
+
+# One thread on small machines (see environment.choose_threads): a 7-minute cell becomes 30 s.
+choose_threads()
