@@ -201,7 +201,19 @@ def test_run_reports_each_notebook_without_saving(small_notebook, tmp_path, caps
     before = small_notebook.read_text()
     copies = tmp_path / "copies"
     assert (
-        notebooks.main(["run", "--device", "cpu", "--output", str(copies), str(small_notebook), str(broken)])
+        notebooks.main(
+            [
+                "run",
+                "--device",
+                "cpu",
+                "--timeout",
+                "300",
+                "--output",
+                str(copies),
+                str(small_notebook),
+                str(broken),
+            ]
+        )
         == 1
     )
     printed = capsys.readouterr().out
