@@ -369,9 +369,28 @@ def _settled(outputs: list[dict]) -> bool:
     return not any(o["widget"] and "Loading widget" in o["text"] for o in outputs)
 
 
-def _widget_failures(outputs: list[dict]) -> list[str]:
-    """Widget outputs shown as raw text or as an error instead of a widget."""
-    return [f"cell {o['cell']}: {_shown_as_text(o)}" for o in outputs if o["widget"] and _shown_as_text(o)]
+def _settled_live(outputs: list[dict]) -> bool:
+    """Every widget output shows the widget, nothing (a closed one), or has visibly failed."""
+    return all(
+        "Loading widget" not in o["text"] and (o["live"] or not o["text"].strip() or _shown_as_text(o))
+        for o in outputs
+        if o["widget"]
+    )
+
+
+def _widget_failures(outputs: list[dict], *, live: bool = False) -> list[str]:
+    """Widget outputs shown as raw text or as an error instead of a widget; with ``live``, also
+    those showing a static view where the widget itself should render."""
+    failures = [
+        f"cell {o['cell']}: {_shown_as_text(o)}" for o in outputs if o["widget"] and _shown_as_text(o)
+    ]
+    if live:
+        failures += [
+            f"cell {o['cell']}: shows {o['shown']}, not the widget: {o['text'][:80]!r}"
+            for o in outputs
+            if o["widget"] and not o["live"] and o["text"].strip() and not _shown_as_text(o)
+        ]
+    return failures
 
 
 def _without_static_views(path: Path) -> bool:
@@ -398,8 +417,8 @@ def test_stored_notebook_renders(lab, path):
         assert not failures, "untrusted, widgets show as raw text:\n" + "\n".join(failures)
         # Trusted (after `jupyter trust`): every widget renders live from the stored state.
         lab.trust()
-        outputs = _wait_for_outputs(lab, _settled)
-        failures = _widget_failures(outputs)
+        outputs = _wait_for_outputs(lab, _settled_live)
+        failures = _widget_failures(outputs, live=True)
         assert not failures, "trusted, widgets do not render from the stored state:\n" + "\n".join(failures)
         cut = lab.cut_labels()
         assert not cut, f"labels cut at their width: {cut}"
@@ -486,10 +505,10 @@ def test_notebook_runs_and_explorers_respond(lab, path):
     try:
         lab.wait_for_idle_kernel()
         lab.run_all()
-        outputs = _wait_for_outputs(lab, _settled)
+        outputs = _wait_for_outputs(lab, _settled_live)
         errors = [f"cell {o['cell']}: {o['ename']}: {o['evalue']}" for o in outputs if o["type"] == "error"]
         assert not errors, "error outputs:\n" + "\n".join(errors)
-        failures = _widget_failures(outputs)
+        failures = _widget_failures(outputs, live=True)
         assert not failures, "widgets not rendered:\n" + "\n".join(failures)
         problems = [f"cut label: {label!r}" for label in lab.cut_labels()]
         problems += [f"printed line wraps: {line!r}" for line in lab.wrapped_lines("[data-widget-output]")]
