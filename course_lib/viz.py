@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 
 from .checks import check_tensor
 from .measure import format_bytes, loglog_slope
@@ -167,3 +168,20 @@ def plot_scaling(
         if title:
             ax.set_title(title)
     return ax
+
+
+# JupyterLab 4.6 with ipykernel 7 may run two widget callbacks at once (one in a kernel subshell):
+# pyplot's figures are global, so one callback's plt.show() could show (or blank) the other's figure.
+# A Figure made directly, outside pyplot, belongs to its caller only.
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure in the course style that pyplot does not track (create its axes inside
+    ``plt.rc_context(STYLE)`` too: fonts and colours are read when an artist is made)."""
+    with plt.rc_context(STYLE):
+        return Figure(figsize=figsize)
+
+
+def show(figure: Figure) -> None:
+    """Display ``figure`` (only it) in the current output, e.g. an explorer's Output widget."""
+    from IPython.display import display
+
+    display(figure)

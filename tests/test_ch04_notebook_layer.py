@@ -183,6 +183,33 @@ def test_bad_input_names_the_argument(call, error, name):
         call()
 
 
+def test_paged_explorer_text_breaks_between_numbers():
+    # The browser wraps a long printed line at any character, in the middle of a block number.
+    from course_lib.widgets._display import TEXT_WIDTH
+
+    for block_size in (2, 4, 8):
+        for step in range(len(w.PAGED_TRACE) + 1):
+            view = w.paged_explorer_view(step, block_size, draw=False)
+            lines = view["text"].splitlines()
+            assert max(len(line) for line in lines) <= TEXT_WIDTH
+            # the free list, once joined again, is the whole free list
+            start = next(i for i, line in enumerate(lines) if "free list" in line)
+            end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith("]"))
+            listed = " ".join(lines[start : end + 1]).split(": ", 1)[1]
+            assert [int(n) for n in listed.strip("[]").split(",") if n.strip()] == list(
+                reversed(view["free_blocks"])
+            )
+
+
+def test_sampling_explorer_line_fits(capsys):
+    from course_lib.widgets._display import TEXT_WIDTH
+
+    for seed in range(5):
+        w.sampling_explorer_view(2.0, len(w.SAMPLING_WORDS), 1.0, seed)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed and max(len(line) for line in printed) <= TEXT_WIDTH
+
+
 def test_views_draw():
     assert w.paged_explorer_view(5, 4)["figure"] is not None
     assert w.sampling_explorer_view(0.7, 5, 0.9)["figure"] is not None

@@ -133,6 +133,40 @@ def test_explorer_switches_phase_on_the_stored_results():
         assert all(v is not None and v > 0 for v in w.result["series"]["gla"]) or metric == "memory"
 
 
+def test_explorer_T_range_stays_within_the_phase_measurements():
+    results = w08.load_results()
+    w = w08.comparison_explorer(results)
+    c = controls(w)
+    for phase in ("decode", "prefill", "train", "decode"):
+        c["phase"].value = phase
+        measured = sorted({r.T for r in results if bench08.phase_of(r) == phase})
+        assert list(c["T range"].options) == measured  # prefill stops at its largest T, decode goes on
+        assert c["T range"].value == (measured[0], measured[-1])
+        assert w.result["phase"] == phase and w.result["lengths"] == measured
+    assert max(c["T range"].options) > 2048  # decode: the stored data reach further than prefill
+
+
+def test_decision_guide_lines_fit_the_output_area(capsys):
+    from course_lib.widgets._display import TEXT_WIDTH
+
+    for seq_len in (512, 4096, 2**17, 2**20):
+        for memory_gib in (0.0625, 8.0, 128.0):
+            for exact in (True, False):
+                for decode_heavy in (True, False):
+                    w08.decision_guide_view(seq_len, memory_gib, exact, decode_heavy)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed and max(len(line) for line in printed) <= TEXT_WIDTH
+
+
+def test_complexity_figure_legends_are_readable():
+    # Six panels 15 inches wide are shown shrunk to the notebook's width: 7 pt legends were unreadable.
+    figure = FIGURES["08_complexity"]()
+    legends = [ax.get_legend() for ax in figure.axes if ax.get_legend()]
+    assert legends
+    for legend in legends:
+        assert all(text.get_fontsize() >= 9 for text in [*legend.get_texts(), legend.get_title()])
+
+
 def test_stored_results_load_with_every_mechanism_and_phase():
     results = w08.load_results()
     measured = {(bench08.phase_of(r), bench08.mechanism_of(r)) for r in results}

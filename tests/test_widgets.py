@@ -1,10 +1,17 @@
 """Widgets driven headlessly: every control moved across its range re-runs the view."""
 
+import importlib
+import io
 import math
+import threading
 
+import IPython.display
 import ipywidgets
+import matplotlib.image
+import matplotlib.pyplot as plt
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from course_lib import widgets
 from course_lib.widgets import ch01
@@ -218,3 +225,113 @@ def test_relative_bias_explorer_reacts_to_every_control():
 def test_relative_bias_view_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+# --- every explorer's picture belongs to its own callback ------------------------------------------
+# JupyterLab 4.6 with ipykernel 7 runs widget callbacks in a kernel subshell (another thread) as
+# well as in the main thread. pyplot's figures are global: plt.show() showed another callback's
+# half-drawn figure and two threads drew one figure at once, which left chapter 04's paged-cache
+# explorer blank in the browser. Explorers draw on figures pyplot does not track and display them.
+
+FIGURE_EXPLORERS = [
+    ("ch01", "attention_explorer"),
+    ("ch02", "roofline_explorer"),
+    ("ch02", "intensity_calculator"),
+    ("ch03", "tile_walk"),
+    ("ch03", "io_explorer"),
+    ("ch04", "paged_explorer"),
+    ("ch04", "sampling_explorer"),
+    ("ch05", "mask_explorer"),
+    ("ch06", "favor_explorer"),
+    ("ch06", "three_forms_stepper"),
+    ("ch07", "gate_explorer"),
+    ("ch07", "recall_demo"),
+    ("ch08", "comparison_explorer"),
+]
+
+
+def _blank(figure) -> bool:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    buffer.seek(0)
+    pixels = matplotlib.image.imread(buffer)[..., :3]
+    return (pixels.min(-1) < 0.98).mean() < 0.001
+
+
+@pytest.fixture
+def displayed(monkeypatch):
+    """Objects the explorers display, in order, with the thread that displayed each."""
+    shown = []
+    lock = threading.Lock()
+
+    def display(obj, *args, **kwargs):
+        with lock:
+            shown.append((threading.get_ident(), obj))
+
+    def pyplot_show(*args, **kwargs):
+        raise AssertionError("plt.show() shows every open pyplot figure, other callbacks' too")
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    monkeypatch.setattr(plt, "show", pyplot_show)
+    return shown
+
+
+@pytest.mark.parametrize("module,name", FIGURE_EXPLORERS, ids=lambda x: x)
+def test_explorers_display_their_own_figure_not_through_pyplot(module, name, displayed):
+    open_before = plt.get_fignums()
+    getattr(importlib.import_module(f"course_lib.widgets.{module}"), name)()  # runs the view once
+    figures = [obj for _, obj in displayed if isinstance(obj, Figure)]
+    assert len(figures) == 1, f"{name} displayed {len(figures)} figures"
+    assert plt.get_fignums() == open_before, "the figure is tracked by pyplot"
+    assert not _blank(figures[0])
+    # Legends as large as the axis labels, near enough: at 7-8 pt in a wide figure shown at the
+    # notebook's width they were unreadable (chapter 07's recall plot).
+    legends = [ax.get_legend() for ax in figures[0].axes if ax.get_legend()]
+    sizes = [text.get_fontsize() for legend in legends for text in legend.get_texts()]
+    assert all(size >= 9 for size in sizes), sizes
+
+
+def test_paged_explorer_callbacks_in_two_threads_show_whole_figures(displayed):
+    from course_lib.widgets import ch04
+
+    def callbacks(step):
+        for block_size in (2, 4, 8, 4):
+            ch04.paged_explorer_view(step, block_size)
+
+    threads = [threading.Thread(target=callbacks, args=(step,)) for step in (5, 12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    per_thread = {}
+    for ident, figure in displayed:
+        per_thread.setdefault(ident, []).append(figure)
+    assert sorted(len(figures) for figures in per_thread.values()) == [4, 4]
+    assert not any(_blank(figure) for _, figure in displayed)
+
+
+ALL_EXPLORERS = FIGURE_EXPLORERS + [
+    ("ch01", "memory_calculator"),
+    ("ch04", "kv_calculator"),
+    ("ch08", "decision_guide"),
+]
+
+
+def _descendants(widget):
+    stack = [widget]
+    while stack:
+        item = stack.pop()
+        yield item
+        stack.extend(getattr(item, "children", ()))
+
+
+@pytest.mark.parametrize("module,name", ALL_EXPLORERS, ids=lambda x: x)
+def test_long_labels_get_room(module, name, displayed):
+    # ipywidgets gives a description 80 px and cuts the rest ("temperat…", "block_q (0=…"): a label
+    # of ten characters or more needs a wider description (the browser test measures the real width).
+    widget = getattr(importlib.import_module(f"course_lib.widgets.{module}"), name)()
+    for item in _descendants(widget):
+        if isinstance(item, ipywidgets.Checkbox) or not getattr(item, "description", ""):
+            continue
+        if len(item.description) >= 10:
+            assert item.style.description_width, f"{name}: {item.description!r} is cut at 80 px"

@@ -68,5 +68,12 @@ def draw_schedule(codes: torch.Tensor, *, ax, chunk_size: int | None = None, leg
             Patch(facecolor=SCHEDULE_CMAP(i), edgecolor="grey", label=label)
             for i, label in enumerate(SCHEDULE_LABELS)
         ]
-        ax.legend(handles=handles, loc="upper right", fontsize=7, frameon=True)
+        ax.legend(
+            handles=handles,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.14),
+            ncol=2,
+            fontsize=9,
+            frameon=False,
+        )
     return ax

@@ -11,7 +11,7 @@ from matplotlib.patches import Rectangle
 
 from ..checks import check_int
 from ..kv_cache import PagedKVCache
-from ..viz import STYLE
+from ..viz import STYLE, new_figure
 
 __all__ = ["PAGED_TRACE", "replay_paged_trace", "draw_paged_cache"]
 
@@ -70,7 +70,7 @@ def draw_paged_cache(cache: PagedKVCache, ax=None, title: str | None = None):
             owners.setdefault(block, []).append(str(seq))
     with plt.rc_context(STYLE):
         if ax is None:
-            _, ax = plt.subplots(figsize=(9, 2.8))
+            ax = new_figure((9, 2.8)).add_subplot()
         per_row = 8
         for block in range(cache.num_blocks):
             row, column = divmod(block, per_row)

@@ -41,7 +41,7 @@ from .. import catalogue
 from ..catalogue import Geometry, Mechanism
 from ..checks import check_choice, check_int
 from ..measure import Measurement, loglog_slope
-from ..viz import STYLE
+from ..viz import STYLE, new_figure
 
 __all__ = [
     "PHASES",
@@ -342,7 +342,8 @@ def phase_comparison(results: Sequence[Measurement]) -> Figure:
     if not phases:
         raise ValueError("results hold no measurement")
     with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(2, len(phases), figsize=(5 * len(phases), 7.5), squeeze=False)
+        figure = new_figure((5 * len(phases), 7.5))
+        axes = figure.subplots(2, len(phases), squeeze=False)
         for column, phase in enumerate(phases):
             rows = [r for r in results if phase_of(r) == phase]
             top, bottom = axes[0, column], axes[1, column]

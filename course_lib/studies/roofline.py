@@ -61,7 +61,7 @@ def plot_roofline(
         ax.set_xlabel("arithmetic intensity (FLOPs per byte of HBM traffic)")
         ax.set_ylabel(f"attainable FLOP/s ({dtype})")
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(frameon=False, fontsize=8, loc="lower right")
+        ax.legend(frameon=False, loc="lower right")
         if title:
             ax.set_title(title)
     return ax

@@ -37,7 +37,7 @@ from ..hardware import ACCELERATORS, attention_flops, gemm_intensity, time_bound
 from ..kv_cache import MODEL_CONFIGS, kv_cache_bytes
 from ..models import VOCAB, corpus_split, load_eviction_model
 from ..serving import load_draft_model, make_trace, serve, speculative_decode, truncated_model
-from ..viz import STYLE
+from ..viz import STYLE, new_figure
 
 __all__ = [
     "serving_model",
@@ -186,7 +186,8 @@ def draw_batching(result: dict, axes=None) -> Figure:
     colours = {"static": "#D55E00", "continuous": "#0072B2"}
     with plt.rc_context(STYLE):
         if axes is None:
-            figure, axes = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [1.6, 1]})
+            figure = new_figure((11, 3.4))
+            axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
         else:
             figure = axes[0].figure
         cache_slots = result["settings"]["num_blocks"] * result["settings"]["block_size"]

@@ -8,7 +8,7 @@ import torch
 from matplotlib.patches import Rectangle
 
 from ..tiling import TileStep
-from ..viz import STYLE
+from ..viz import STYLE, new_figure
 
 __all__ = ["WALK_HEAD_DIM", "tile_walk_inputs", "draw_schedule"]
 
@@ -30,7 +30,7 @@ def draw_schedule(
     skipped tiles grey, tiles already visited blue, the ``current`` one orange."""
     if ax is None:
         with plt.rc_context(STYLE):
-            _, ax = plt.subplots(figsize=(4.5, 4.5))
+            ax = new_figure((4.5, 4.5)).add_subplot()
     with plt.rc_context(STYLE):
         for step in steps:
             (q0, q1), (k0, k1) = step.q_rows, step.k_rows

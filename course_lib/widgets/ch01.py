@@ -15,6 +15,7 @@ from ..sparse import sliding_window_mask
 from ..standard import alibi_bias, alibi_slopes, attention, causal_mask
 from ..studies.score_memory import ACCELERATOR_MEMORY_GIB, DTYPE_BYTES, score_memory
 from ..viz import STYLE, plot_attention, plot_mask
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "EXPLORER_MASKS",
@@ -96,21 +97,21 @@ def attention_explorer_view(
     view = {"tokens": tokens, "mask": mask, "weights": weights[0, 0], "output": output[0, 0]}
     if draw:
         with plt.rc_context(STYLE):
-            figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+            figure = new_figure((10, 4.2))
+            left, right = figure.subplots(1, 2)
             plot_mask(mask, ax=left, title=f"mask: {mask_kind}", query_labels=tokens, key_labels=tokens)
             plot_attention(
                 view["weights"], tokens, tokens, ax=right, title=f"weights, temperature {temperature:g}"
             )
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)  # shown already; closing keeps repeated redraws from piling up figures
+            show(figure)
         view["figure"] = figure
     return view
 
 
 def attention_explorer() -> widgets.Widget:
     """Sentence, temperature and mask -> the mask and the attention weights of one head."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         attention_explorer_view,
         sentence=widgets.Text(
             value="the cat sat on the mat because it was tired",
@@ -125,6 +126,7 @@ def attention_explorer() -> widgets.Widget:
         num_padding=widgets.IntSlider(value=2, min=0, max=5, description="padding"),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (b) memory calculator ------------------------------------------------------------------
@@ -182,7 +184,7 @@ def memory_calculator() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls  # for tests and for readers who want the result
-    return box
+    return widen_labels(box)
 
 
 # --- (c) relative positions: which pairs share a parameter ---------------------------------------
@@ -261,7 +263,8 @@ def relative_bias_view(
     }
     if draw:
         with plt.rc_context(STYLE):
-            figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+            figure = new_figure((10, 4))
+            left, right = figure.subplots(1, 2)
             image = left.imshow(values.float().numpy(), cmap="viridis")
             figure.colorbar(image, ax=left, fraction=0.046, pad=0.04)
             left.set_xlabel("key j")
@@ -274,8 +277,7 @@ def relative_bias_view(
             )
             right.set_title("the same, against distance")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -302,4 +304,4 @@ def relative_bias_explorer() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls  # for tests and for readers who want the result
-    return box
+    return widen_labels(box)

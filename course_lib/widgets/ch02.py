@@ -7,6 +7,7 @@ each operation and the roofline ``min(peak, intensity * bandwidth)``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 
 import ipywidgets as widgets
@@ -25,6 +26,7 @@ from ..hardware import (
 )
 from ..studies.roofline import DTYPES, _peak, plot_roofline  # the roofline plot is shared with figures/ch02
 from ..viz import STYLE
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "OPERATIONS",
@@ -133,7 +135,8 @@ def roofline_explorer_view(
     )
     if draw:
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(7, 4.2))
+            figure = new_figure((7, 4.2))
+            ax = figure.subplots()
             plot_roofline(
                 {accelerator: device},
                 [(operation, cost["intensity"])],
@@ -141,8 +144,7 @@ def roofline_explorer_view(
                 ax=ax,
                 title=f"{accelerator}: {bound}-bound",
             )
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -186,7 +188,7 @@ def _attention_shape_explorer(
     kv_heads.observe(keep_kv_heads_valid, names="value")
     box = widgets.VBox([controls, out])
     box.interactive = controls
-    return box
+    return widen_labels(box)
 
 
 def roofline_explorer(extra_accelerators: Mapping[str, Accelerator] | None = None) -> widgets.Widget:
@@ -205,6 +207,34 @@ def roofline_explorer(extra_accelerators: Mapping[str, Accelerator] | None = Non
 
 
 # --- (b) prefill / decode intensity calculator -------------------------------------------------
+
+
+_CELL = "padding: 1px 10px"
+
+
+def _label_ridges(ax, ridges: Mapping[str, float], fontsize: float = 8) -> None:
+    """Label each horizontal ridge line just right of ``ax`` (log y axis), clear of the data.
+    Accelerators' ridges lie close together (114 to 295 FLOP/byte in 16 bits), so a label that
+    would overlap the one below moves up just enough, with a leader to its line."""
+    low, high = (math.log10(y) for y in ax.get_ylim())
+    height = ax.get_position().height * ax.figure.get_figheight() * 72  # axes height in points
+    gap = 1.3 * fontsize / height  # one line of text, in axes fractions
+    placed = -1.0
+    for name, ridge in sorted(ridges.items(), key=lambda item: item[1]):
+        y = (math.log10(ridge) - low) / (high - low)
+        placed = max(y, placed + gap)
+        # a leader from the line's end to its label, in the margin where no text is
+        ax.plot([1.0, 1.05], [y, placed], transform=ax.transAxes, clip_on=False, color="grey", linewidth=0.6)
+        ax.text(
+            1.06,
+            placed,
+            f"{name} ({ridge:.0f})",
+            transform=ax.transAxes,
+            fontsize=fontsize,
+            color="dimgrey",
+            va="center",
+        )
+    ax.text(1.06, placed + 1.5 * gap, "ridge points", transform=ax.transAxes, fontsize=fontsize, va="center")
 
 
 def intensity_calculator_view(
@@ -243,24 +273,27 @@ def intensity_calculator_view(
         }
         for device_name, device in ACCELERATORS.items()
     }
-    header = "".join(f"<th>{name}</th>" for name in intensities)
+    # Cells padded: without it the notebook's table styles run the headers together.
+    th, td = f"<th style='{_CELL}'>", f"<td style='{_CELL}'>"
+    header = "".join(f"{th}{name}</th>" for name in intensities)
     ridges = {name: _peak(device, dtype) / device.memory_bandwidth for name, device in ACCELERATORS.items()}
     rows = "".join(
-        f"<tr><td>{device}</td>"
-        + "".join(f"<td>{bounds[device][name]}</td>" for name in intensities)
-        + f"<td style='text-align:right'>{ridges[device]:.0f}</td></tr>"
+        f"<tr>{td}{device}</td>"
+        + "".join(f"{td}{bounds[device][name]}</td>" for name in intensities)
+        + f"<td style='{_CELL}; text-align:right'>{ridges[device]:.0f}</td></tr>"
         for device in ACCELERATORS
     )
-    values = "".join(f"<td>{value:.3g}</td>" for value in intensities.values())
+    values = "".join(f"{td}{value:.3g}</td>" for value in intensities.values())
     html = (
-        f"<table><tr><th></th>{header}<th>ridge</th></tr><tr><td><b>FLOP/byte</b></td>{values}<td></td></tr>"
+        f"<table><tr>{th}</th>{header}{th}ridge</th></tr><tr>{td}<b>FLOP/byte</b></td>{values}{td}</td></tr>"
         f"{rows}</table>"
     )
     view = {"intensity": intensities, "bound": bounds, "html": html}
     if draw:
         lengths = [2**p for p in range(6, 18)]
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(7, 4))
+            figure = new_figure((7, 4))
+            ax = figure.subplots()
             ax.plot(
                 lengths,
                 [prefill_intensity(T, head_dim, **shape) for T in lengths],
@@ -270,19 +303,17 @@ def intensity_calculator_view(
             ax.plot(
                 lengths, [decode_intensity(T, head_dim, **shape) for T in lengths], marker="o", label="decode"
             )
-            for name, device in ACCELERATORS.items():
-                ridge = _peak(device, dtype) / device.memory_bandwidth
+            for ridge in ridges.values():
                 ax.axhline(ridge, color="grey", linestyle="--", linewidth=0.8)
-                ax.text(lengths[0], ridge * 1.05, f"ridge {name}", fontsize=7, color="grey")
             ax.axvline(seq_len, color="black", linewidth=0.8)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            _label_ridges(ax, ridges)
             ax.set_xlabel("sequence length (prompt, or cached tokens)")
             ax.set_ylabel("FLOPs per byte")
             ax.set_title(f"attention intensity, {num_heads} query heads / {num_kv_heads} KV heads, {dtype}")
-            ax.legend(frameon=False, loc="center right")
-            plt.show()
-            plt.close(figure)
+            ax.legend(frameon=False, loc="upper left")
+            show(figure)
         view["figure"] = figure
     return view
 

@@ -26,6 +26,7 @@ from ..studies.score_mods import (
 from ..studies.tile_walk import WALK_HEAD_DIM, draw_schedule, tile_walk_inputs
 from ..tiling import flash_attention, flash_attention_trace, io_cost
 from ..viz import STYLE
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "LOOP_ORDERS",
@@ -113,7 +114,8 @@ def tile_walk_view(
     }
     if draw:
         with plt.rc_context(STYLE):
-            figure, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 4.2))
+            figure = new_figure((13, 4.2))
+            left, middle, right = figure.subplots(1, 3)
             draw_schedule(
                 steps,
                 seq_len,
@@ -129,16 +131,15 @@ def tile_walk_view(
             middle.bar(rows + 0.2, final_max[q0:q1].numpy(), width=0.4, label="final m")
             middle.set_title(f"row max m, queries {q0}..{q1 - 1}")
             middle.set_xlabel("query")
-            middle.legend(frameon=False, fontsize=8)
+            middle.legend(frameon=False)
             right.bar(rows - 0.2, row_sum.numpy(), width=0.4, label="running l")
             right.bar(rows + 0.2, final_sum.numpy(), width=0.4, label="final l")
             right.set_title(f"row sum l   |O - O_final| = {error:.2g}")
             right.set_xlabel("query")
-            right.legend(frameon=False, fontsize=8)
+            right.legend(frameon=False)
             # Fixed margins: tight_layout would cost most of the redraw time of every slider move.
             figure.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.9, wspace=0.3)
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -161,7 +162,7 @@ def tile_walk() -> widgets.Widget:
     for control in (seq_len, block_q, block_k):
         control.observe(fit_step_slider, names="value")
     fit_step_slider()
-    return widgets.interactive(
+    explorer = widgets.interactive(
         tile_walk_view,
         step=step,
         loop_order=loop_order,
@@ -171,6 +172,7 @@ def tile_walk() -> widgets.Widget:
         block_k=block_k,
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (b) HBM traffic vs block size ------------------------------------------------------------
@@ -232,7 +234,8 @@ def io_explorer_view(
     if draw:
         sizes = [2**p for p in range(3, 10)]
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(7, 4))
+            figure = new_figure((7, 4))
+            ax = figure.subplots()
             for order in ("fa1", "fa2"):
                 traffic = [
                     io_cost(
@@ -256,11 +259,13 @@ def io_explorer_view(
             ax.set_xlabel("SRAM per SM (KiB)")
             ax.set_ylabel("HBM bytes, one head")
             ax.set_title(f"HBM traffic, N = {N}, d = {d}")
-            ax.legend(frameon=False, fontsize=8)
-            plt.show()
-            plt.close(figure)
+            ax.legend(frameon=False)
+            show(figure)
         view["figure"] = figure
     return view
+
+
+_BLOCK_OPTIONS = [("auto", 0)] + [(str(size), size) for size in (16, 32, 64, 128, 256)]
 
 
 def io_explorer() -> widgets.Widget:
@@ -279,12 +284,9 @@ def io_explorer() -> widgets.Widget:
         sram_kib=widgets.SelectionSlider(
             options=[2**p for p in range(3, 10)], value=64, description="SRAM KiB"
         ),
-        block_q=widgets.SelectionSlider(
-            options=[0, 16, 32, 64, 128, 256], value=0, description="block_q (0=auto)"
-        ),
-        block_k=widgets.SelectionSlider(
-            options=[0, 16, 32, 64, 128, 256], value=0, description="block_k (0=auto)"
-        ),
+        # "auto" (0) is the paper's choice for the SRAM size; the readout says so, not "0".
+        block_q=widgets.SelectionSlider(options=_BLOCK_OPTIONS, index=0, description="block_q"),
+        block_k=widgets.SelectionSlider(options=_BLOCK_OPTIONS, index=0, description="block_k"),
         loop_order=widgets.ToggleButtons(options=LOOP_ORDERS, value="fa1", description="loop order"),
         bytes_per_element=widgets.Dropdown(
             options=[("fp16/bf16", 2), ("fp32", 4)], value=2, description="dtype"
@@ -293,7 +295,7 @@ def io_explorer() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls
-    return box
+    return widen_labels(box)
 
 
 # --- (c) score modifications inside the tiles -------------------------------------------------------
@@ -323,7 +325,8 @@ def score_mod_view(
     (q0, q1), (k0, k1) = current.q_rows, current.k_rows
     if draw:
         with plt.rc_context(STYLE):
-            figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+            figure = new_figure((11, 4.4))
+            left, right = figure.subplots(1, 2)
             image = left.imshow(change.numpy(), cmap="viridis")
             figure.colorbar(image, ax=left, fraction=0.046)
             for edge in range(0, T + 1, block):
@@ -361,8 +364,7 @@ def score_mod_view(
             right.set_title(f"{verdict}\n|flash - dense| = {view['output_error']:.1e}")
             right.legend(frameon=False, fontsize=8)
             figure.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.86, wspace=0.3)
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -399,7 +401,8 @@ def draw_sage_comparison(errors: dict, ax=None):
     """Horizontal bars of the relative L1 error (%) of each variant of :func:`sage_comparison`."""
     with plt.rc_context(STYLE):
         if ax is None:
-            _, ax = plt.subplots(figsize=(8, 3.8))
+            figure = new_figure((8, 3.8))
+            ax = figure.subplots()
         names = list(errors)
         values = [100 * errors[name].relative_l1 for name in names]
         colours = ["#D55E00" if "SageAttention2" in name else "#0072B2" if "Sage" in name else "#999999"

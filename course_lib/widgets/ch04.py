@@ -22,6 +22,7 @@ from ..studies.serving import (
     verification_roofline,
 )
 from ..viz import STYLE
+from ._display import new_figure, show, widen_labels, wrap_line
 
 __all__ = [
     "KV_DTYPE_BYTES",
@@ -157,7 +158,7 @@ def kv_calculator() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls
-    return box
+    return widen_labels(box)
 
 
 # --- (b) paged-cache viewer ------------------------------------------------------------------------
@@ -195,25 +196,25 @@ def paged_explorer_view(step: int = 4, block_size: int = 4, *, draw: bool = True
         "lengths": lengths,
         "free_blocks": list(cache.free_blocks),
         "report": report,
-        "text": "\n".join(lines),
+        "text": "\n".join(wrap_line(line) for line in lines),
     }
     if draw:
         print(view["text"])
         ax = draw_paged_cache(cache, title=f"physical blocks of {block_size} slots (hatched: shared)")
-        plt.show()
-        plt.close(ax.figure)
+        show(ax.figure)  # not plt.show(): see course_lib.widgets._display
         view["figure"] = ax.figure
     return view
 
 
 def paged_explorer() -> widgets.Widget:
     """Step through :data:`PAGED_TRACE` (add, grow, fork, free) with a chosen block size."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         paged_explorer_view,
         step=widgets.IntSlider(value=4, min=0, max=len(PAGED_TRACE), description="step"),
         block_size=widgets.Dropdown(options=[2, 4, 8], value=4, description="block size"),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (c) sampling explorer ----------------------------------------------------------------------------
@@ -264,8 +265,9 @@ def sampling_explorer_view(
     kept = [w for w, p in zip(SAMPLING_WORDS, filtered.tolist()) if p > 0]
     view = {"original": original, "filtered": filtered, "kept": kept, "samples": words}
     if draw:
+        figure = new_figure((9, 3.2))
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(9, 3.2))
+            ax = figure.add_subplot()
             positions = list(range(len(SAMPLING_WORDS)))
             ax.bar(
                 [x - 0.2 for x in positions],
@@ -285,16 +287,15 @@ def sampling_explorer_view(
             ax.set_title(f"'the cat sat on the ...'  T={temperature:g}, top-k={top_k}, top-p={top_p:g}")
             ax.legend(frameon=False)
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
-        print(f"kept {len(kept)} word(s); {num_samples} samples (seed {seed}): {' '.join(words)}")
+            show(figure)
+        print(wrap_line(f"kept {len(kept)} word(s); {num_samples} samples (seed {seed}): {' '.join(words)}"))
         view["figure"] = figure
     return view
 
 
 def sampling_explorer() -> widgets.Widget:
     """Temperature, top-k, top-p and seed -> the filtered next-word distribution and samples."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         sampling_explorer_view,
         temperature=widgets.FloatLogSlider(
             value=1.0, base=10, min=-1, max=1, step=0.1, description="temperature"
@@ -307,6 +308,7 @@ def sampling_explorer() -> widgets.Widget:
         num_samples=widgets.fixed(20),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (d) serving explorer: static vs continuous batching ------------------------------------------
@@ -355,8 +357,7 @@ def serving_explorer_view(
     if draw:
         print(result["text"])
         figure = draw_batching(result)
-        plt.show()
-        plt.close(figure)
+        show(figure)
         result["figure"] = figure
     return result
 
@@ -431,7 +432,8 @@ def speculative_explorer_view(
     }
     if draw:
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(8, 3.2))
+            figure = new_figure((8, 3.2))
+            ax = figure.subplots()
             ax.plot(ks, tokens, marker="o", ms=3, label="tokens per round (expected)")
             ax.plot(ks, speedup, marker="o", ms=3, label="speed-up over plain decoding")
             ax.axhline(1, color="grey", lw=0.8)
@@ -440,8 +442,7 @@ def speculative_explorer_view(
             ax.set_title(f"acceptance {acceptance:.2f}, draft cost {draft_cost:.2f}", fontsize=9)
             ax.legend(frameon=False, fontsize=8)
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         print(view["text"])
         view["figure"] = figure
     return view

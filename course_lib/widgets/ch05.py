@@ -48,6 +48,7 @@ from ..studies.eviction import (
 from ..studies.sparse_kernels import REFERENCE, sparse_methods
 from ..studies.sparse_patterns import NSA_BRANCHES, PATTERNS, nsa_branch_map, pattern_mask, routing_inputs
 from ..viz import STYLE, plot_mask, plot_scaling
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "PATTERNS",
@@ -191,7 +192,8 @@ def mask_explorer_view(
     view = {"mask": mask, "stats": stats, "reach": reach, "cost": cost, "html": html}
     if draw:
         with plt.rc_context(STYLE):
-            figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+            figure = new_figure((10, 4.2))
+            left, right = figure.subplots(1, 2)
             plot_mask(mask, ax=left, title=f"{pattern}, T={T_view}")
             right.plot(range(1, len(reach) + 1), reach, marker="o")
             right.set_ylim(0, 1.05)
@@ -199,8 +201,7 @@ def mask_explorer_view(
             right.set_ylabel("fraction of pairs connected")
             right.set_title(f"layers to connect all pairs: {layers}")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -231,7 +232,7 @@ def mask_explorer() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls  # for tests and for readers who want the result
-    return box
+    return widen_labels(box)
 
 
 # --- (b) eviction explorer --------------------------------------------------------------------
@@ -300,7 +301,8 @@ def eviction_explorer_view(
 def _draw_eviction(view: dict, policy: str, budget: int, source: str, cache_len: int):
     with plt.rc_context(STYLE):
         panels = 2 if view["loss"] is None else 3
-        figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4))
+        figure = new_figure((5.2 * panels, 4))
+        axes = figure.subplots(1, panels)
         positions = torch.arange(cache_len)
         received, share = view["attention"], view["kept"].float().mean(0)
         axes[0].plot(positions, received, linewidth=1, color="grey", label="attention received")
@@ -331,8 +333,7 @@ def _draw_eviction(view: dict, policy: str, budget: int, source: str, cache_len:
             axes[2].set_title(f"loss {view['loss']:.3f} vs {view['full_loss']:.3f} with the full cache")
             axes[2].legend(frameon=False)
         figure.tight_layout()
-        plt.show()
-        plt.close(figure)
+        show(figure)
     return figure
 
 
@@ -380,7 +381,8 @@ def sparse_timing_view(
     view = {"results": results, "lengths": lengths, "table": table}
     if draw:
         with plt.rc_context(STYLE):
-            figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+            figure = new_figure((11, 4))
+            axes = figure.subplots(1, 2)
 
             def series(field: str) -> dict[str, list]:
                 return {m: [getattr(r, field) for r in results if r.method == m] for m in chosen}
@@ -394,8 +396,7 @@ def sparse_timing_view(
                 title="peak memory",
             )
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -417,4 +418,4 @@ def sparse_timing() -> widgets.Widget:
 
     button.on_click(run)
     box.max_T, box.button = max_T, button  # for tests
-    return box
+    return widen_labels(box)

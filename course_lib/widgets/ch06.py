@@ -22,6 +22,7 @@ from ..linear import favor_plus, linear_attention, linear_attention_matrix
 from ..standard import attention
 from ..studies.linear_forms import SCHEDULE_LABELS, STEP_FORMS, draw_schedule, schedule_matrix
 from ..viz import STYLE
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "FAVOR_HEAD_DIM",
@@ -133,7 +134,8 @@ def favor_explorer_view(
     }
     if draw:
         with plt.rc_context(STYLE):
-            figure, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+            figure = new_figure((14, 4.2))
+            axes = figure.subplots(1, 3)
             top = float(view["exact_weights"].max())
             for ax, matrix, title in (
                 (axes[0], view["exact_weights"], "softmax weights (exact)"),
@@ -156,15 +158,14 @@ def favor_explorer_view(
             )
             axes[2].legend(frameon=False, loc="upper left")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
 
 def favor_explorer() -> widgets.Widget:
     """Number of random features, orthogonal or i.i.d., input size and seed -> FAVOR+ vs softmax."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         favor_explorer_view,
         num_features=widgets.SelectionSlider(
             options=[2**p for p in range(1, 13)], value=64, description="features m"
@@ -174,6 +175,7 @@ def favor_explorer() -> widgets.Widget:
         seed=widgets.IntSlider(value=0, min=0, max=20, description="seed"),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (b) the three forms, step by step ----------------------------------------------------------
@@ -235,9 +237,8 @@ def three_forms_view(
     }
     if draw:
         with plt.rc_context(STYLE):
-            figure, axes = plt.subplots(
-                1, 3, figsize=(14, 4.4), gridspec_kw={"width_ratios": [1.3, 1.0, 0.9]}
-            )
+            figure = new_figure((14, 4.4))
+            axes = figure.subplots(1, 3, gridspec_kw={"width_ratios": [1.3, 1.0, 0.9]})
             draw_schedule(codes, ax=axes[0], chunk_size=chunk_size if form == "chunk" else None)
             if tokens:
                 first = tokens - 1 if form == "recurrent" else (tokens - 1) // chunk_size * chunk_size
@@ -266,15 +267,14 @@ def three_forms_view(
             axes[2].set_ylabel("token")
             axes[2].set_title(f"outputs so far\nmax |diff| to parallel {view['max_difference']:.1e}")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
 
 def three_forms_stepper() -> widgets.Widget:
     """Form, tokens processed, sequence length and chunk size -> schedule, state and outputs."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         three_forms_view,
         form=widgets.Dropdown(options=STEP_FORMS, value="chunk", description="form"),
         tokens=widgets.IntSlider(value=8, min=0, max=32, description="tokens"),
@@ -282,3 +282,4 @@ def three_forms_stepper() -> widgets.Widget:
         chunk_size=widgets.IntSlider(value=4, min=1, max=16, description="chunk size"),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)

@@ -26,6 +26,7 @@ from ..recurrent import delta_rule, gla
 # The gate simulation is a study; GATE_METHODS and gate_inputs stay importable here for one release.
 from ..studies.gates import GATE_METHODS, gate_inputs, gate_methods, gate_profile, gates_of
 from ..viz import STYLE
+from ._display import new_figure, show
 
 __all__ = [
     "GATE_METHODS",
@@ -64,7 +65,8 @@ def gate_explorer_view(
     if draw:
         T = profile.shape[0]
         with plt.rc_context(STYLE):
-            figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+            figure = new_figure((11, 3.8))
+            left, right = figure.subplots(1, 2)
             if gates_of(method).forget == "vector":  # one gate per key dimension: draw some of them
                 for d in range(0, per_dim.shape[1], 3):
                     left.plot(per_dim[:, d].numpy(), color="grey", alpha=0.35, linewidth=0.8)
@@ -78,14 +80,13 @@ def gate_explorer_view(
             left.set_ylabel("fraction left")
             shown = "beyond the window" if horizon is None else f"{horizon} steps"
             left.set_title(f"{catalogue.get(method).title}: decay profile, horizon {shown}")
-            left.legend(frameon=False, fontsize=8)
+            left.legend(frameon=False)
             right.plot(range(1, T + 1), view["state_norm"].numpy(), color="#009E73")
             right.set_xlabel("tokens written")
             right.set_ylabel("||S_t|| (Frobenius)")
             right.set_title("state norm under random unit writes")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -184,9 +185,8 @@ def recall_demo_view(
     if draw:
         n = k.shape[0]
         with plt.rc_context(STYLE):
-            figure, axes = plt.subplots(
-                1, 3, figsize=(14, 3.8), gridspec_kw={"width_ratios": [2.2, 1.2, 1.2]}
-            )
+            figure = new_figure((14, 3.8))
+            axes = figure.subplots(1, 3, gridspec_kw={"width_ratios": [2.2, 1.2, 1.2]})
             positions = torch.arange(n).numpy()
             axes[0].bar(positions - 0.2, view["linear_error"].numpy(), width=0.4, label="linear attention")
             axes[0].bar(
@@ -196,7 +196,7 @@ def recall_demo_view(
             axes[0].set_ylabel("relative error of read-out")
             means = f"{view['linear_mean_error']:.2f} (linear) vs {view['delta_mean_error']:.2f} (delta)"
             axes[0].set_title(f"recall: mean error {means}")
-            axes[0].legend(frameon=False, fontsize=8)
+            axes[0].legend(frameon=False)
             similarity = (k @ k.T).abs()
             image = axes[1].imshow(similarity.numpy(), cmap="viridis", vmin=0, vmax=1)
             figure.colorbar(image, ax=axes[1], fraction=0.046, pad=0.04)
@@ -212,13 +212,12 @@ def recall_demo_view(
                 top = max(1.0, float(view["linear_old_new"].max()), float(view["delta_old_new"].max()))
                 axes[2].set_ylim(top=1.4 * top)
                 axes[2].set_title("key 0 written twice")
-                axes[2].legend(frameon=False, fontsize=8)
+                axes[2].legend(frameon=False)
             else:
                 axes[2].axis("off")
                 axes[2].text(0.5, 0.5, "overwrite off", ha="center", va="center")
             figure.tight_layout()
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 

@@ -21,6 +21,7 @@ from ..measure import Measurement, format_bytes
 from ..results import RESULTS_DIR, load_results
 from ..studies.phases import PHASES, mechanism_of, phase_of
 from ..viz import STYLE, plot_scaling
+from ._display import new_figure, show, widen_labels, wrap_line
 
 __all__ = [
     "RESULTS_DIR",
@@ -95,11 +96,11 @@ def comparison_view(
     view = {"series": series, "lengths": Ts, "metric": metric, "phase": phase}
     if draw:
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(6, 4))
+            figure = new_figure((6, 4))
+            ax = figure.subplots()
             plotted = {k: [v if v else None for v in vs] for k, vs in series.items()}
             plot_scaling(Ts, plotted, ylabel=_METRIC_LABELS[metric], ax=ax, title=f"{phase}: {metric} vs T")
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -108,19 +109,33 @@ def comparison_explorer(results: list[Measurement] | None = None) -> widgets.Wid
     """Pick mechanisms, a T range, the metric and the phase -> the log-log plot of the measurements."""
     results = load_results() if results is None else results
     names = list(dict.fromkeys(mechanism_of(r) for r in results))
-    Ts = sorted({r.T for r in results})
     phases = [p for p in PHASES if any(phase_of(r) == p for r in results)]
-    return widgets.interactive(
+    first = "prefill" if "prefill" in phases else phases[0]
+
+    def measured_lengths(phase: str) -> list[int]:
+        return sorted({r.T for r in results if phase_of(r) == phase})
+
+    Ts = measured_lengths(first)
+    lengths = widgets.SelectionRangeSlider(options=Ts, index=(0, len(Ts) - 1), description="T range")
+    phase = widgets.Dropdown(options=phases, value=first, description="phase")
+
+    def bound_lengths_by_the_data(change) -> None:
+        # The T range offers the lengths measured in the phase shown (decode goes further), all of them.
+        Ts = measured_lengths(change["new"])
+        lengths.options = Ts
+        lengths.index = (0, len(Ts) - 1)
+
+    phase.observe(bound_lengths_by_the_data, names="value")
+    explorer = widgets.interactive(
         comparison_view,
         mechanisms=widgets.SelectMultiple(options=names, value=tuple(names[:4]), description="mechanisms"),
-        lengths=widgets.SelectionRangeSlider(options=Ts, index=(0, len(Ts) - 1), description="T range"),
+        lengths=lengths,
         metric=widgets.Dropdown(options=METRICS, value="time", description="metric"),
-        phase=widgets.Dropdown(
-            options=phases, value="prefill" if "prefill" in phases else phases[0], description="phase"
-        ),
+        phase=phase,
         results=widgets.fixed(results),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (b) decision guide ---------------------------------------------------------------------------
@@ -196,7 +211,8 @@ def decision_guide_view(
         "numbers": fits,
     }
     if draw:
-        print(f"Recommendation: {rec}\nWhy: {reason}\nNumbers: {fits}\nSee chapter {chapter}.")
+        lines = (f"Recommendation: {rec}", f"Why: {reason}", f"Numbers: {fits}", f"See chapter {chapter}.")
+        print("\n".join(wrap_line(line) for line in lines))
     return view
 
 

@@ -21,6 +21,7 @@ from matplotlib.patches import Rectangle
 from ..checks import check_bool, check_choice, check_int
 from ..kv_cache import PagedKVCache
 from ..viz import STYLE
+from ._display import new_figure, show, widen_labels
 
 __all__ = [
     "PROGRAM_KERNELS",
@@ -177,7 +178,8 @@ def program_map_view(
     )
     if draw:
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(5.2, 5.2 * min(1.6, max(0.4, T / S))))
+            figure = new_figure((5.2, 5.2 * min(1.6, max(0.4, T / S))))
+            ax = figure.subplots()
             for p, item in enumerate(programs):
                 for tile in item["steps"] + item["skipped"]:
                     (q0, q1), (k0, k1) = tile["q_rows"], tile["k_rows"]
@@ -208,8 +210,7 @@ def program_map_view(
                 f"{kernel}: program {index} of {len(programs)}  (blue: no mask, orange: masked)", fontsize=9
             )
             figure.subplots_adjust(left=0.14, right=0.97, bottom=0.1, top=0.92)
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -253,7 +254,7 @@ def program_explorer() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls
-    return box
+    return widen_labels(box)
 
 
 # --- (b) the paged gather -----------------------------------------------------------------------
@@ -335,7 +336,8 @@ def paged_gather_view(
     )
     if draw:
         with plt.rc_context(STYLE):
-            figure, ax = plt.subplots(figsize=(9, 0.55 * cache.num_blocks + 1.2))
+            figure = new_figure((9, 0.55 * cache.num_blocks + 1.2))
+            ax = figure.subplots()
             owner = {}
             for seq in range(len(lengths)):
                 for page in cache.block_table(seq):
@@ -366,8 +368,7 @@ def paged_gather_view(
                 f"{sequence} reads",
                 fontsize=9,
             )
-            plt.show()
-            plt.close(figure)
+            show(figure)
         view["figure"] = figure
     return view
 
@@ -400,7 +401,7 @@ def paged_gather_explorer() -> widgets.Widget:
     )
     box = widgets.VBox([controls, out])
     box.interactive = controls
-    return box
+    return widen_labels(box)
 
 
 # --- (c) a kernel beside its PyTorch loop -------------------------------------------------------
