@@ -146,9 +146,17 @@ def test_declared_state_size_is_the_state_it_keeps(mechanism):
     if mechanism.decode == "state":
         _, state = mechanism.run(x, output_final_state=True)
         kept = numel(state)
-    else:  # the keys and values a decoding step reads
+    elif mechanism.decoder is None:  # the keys and values a decoding step reads: what is not a query
         window = T if mechanism.cache_window is None else min(T, mechanism.cache_window)
-        kept = x["k"][:, :, -window:].numel() + x["v"][:, :, -window:].numel()
+        cached = set(x) - set(mechanism.query_inputs) - set(mechanism.static_inputs)
+        assert cached, mechanism.name
+        kept = sum(x[key][:, :, -window:].numel() for key in cached)
+    else:  # a layer's own cache (MLA's latent and RoPE key): what it holds after token T
+        cache = decode_last(mechanism, x, T)[1]
+        assert all(part.shape[-2] == T for part in cache)  # (B, T, d) or (B, H, T, d): T tokens
+        kept = numel(cache)
+    # and the state the decode phase's step returns is that size too
+    assert numel(decode_last(mechanism, x, T)[1]) == kept
     assert mechanism.state_numbers(T, one, **mechanism.options) == kept
     assert mechanism.state_bytes(T, one, dtype=torch.float16) == 2 * kept
 
@@ -166,8 +174,10 @@ def test_cost_model(mechanism):
     short, long = mechanism.cost("decode", 256, g), mechanism.cost("decode", 4096, g)
     if mechanism.decode == "state" or mechanism.cache_window:
         assert long == short  # a fixed-size state (or window): decoding cost does not grow with T
-    else:
-        assert long["bytes"] > 8 * short["bytes"]
+    else:  # a decoding step reads at least the cache it keeps
+        grown = mechanism.state_bytes(4096, g) - mechanism.state_bytes(256, g)
+        assert long["bytes"] - short["bytes"] >= grown > 0
+        assert long["flops"] > short["flops"]
 
 
 # --- mixers -------------------------------------------------------------------------------------

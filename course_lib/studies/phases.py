@@ -14,7 +14,14 @@ all`` runs them):
   mechanism that decodes from a cache (``decode="cache"``) attends the last token's query to the
   cached keys and values (the last ``cache_window`` of them for the sliding window); one that
   decodes from a state (``decode="state"``) does one step of its ``form="recurrent"`` from the
-  state its chunk form left after the first T - 1 tokens: O(1) in T.
+  state its chunk form left after the first T - 1 tokens: O(1) in T. An entry with a decoder of
+  its own (``Mechanism.decoder``: MLA from its latent cache, SwitchHead from its layer's KV
+  cache) decodes through it.
+
+MLA and SwitchHead exist only as layers; their entries run the whole layer (projections, routers
+and experts included) through :mod:`course_lib.catalogue.layers`, and the tables say so
+(:func:`whole_layers`). The entries without a functional form (ring attention, the hybrid stack)
+are listed with the entry's reason (:func:`not_run`).
 
 Where a phase does not apply, the mechanism is left out of that phase's sweep and listed with the
 reason (:func:`not_applicable`): a mechanism that is not causal has no decoding step (and its
@@ -53,6 +60,8 @@ __all__ = [
     "FULL_SEQUENCE_MAX_T",
     "SCORES_MAX_T",
     "mechanisms",
+    "not_run",
+    "whole_layers",
     "phase_inputs",
     "not_applicable",
     "materialises_scores",
@@ -61,6 +70,7 @@ __all__ = [
     "mechanism_of",
     "by_phase",
     "complexity",
+    "state_bytes",
     "prefill_step",
     "train_step",
     "decode_step",
@@ -83,6 +93,16 @@ SCORES_MAX_T = 1024  # ... and here for a mechanism that materialises the T x T 
 def mechanisms() -> tuple[Mechanism, ...]:
     """The mechanisms of the comparison: every catalogue entry with a functional form."""
     return catalogue.mechanisms(has="run")
+
+
+def not_run() -> dict[str, str]:
+    """The catalogue entries the comparison cannot run, with each entry's reason (``Mechanism.not_run``)."""
+    return {m.name: m.not_run or "no functional form" for m in catalogue.mechanisms() if not m.has("run")}
+
+
+def whole_layers() -> tuple[str, ...]:
+    """The mechanisms measured as whole layers (projections included; ``Mechanism.layer``)."""
+    return tuple(m.name for m in mechanisms() if m.layer)
 
 
 def _mechanism(name: str | Mechanism) -> Mechanism:
@@ -191,12 +211,14 @@ def decode_step(
     """A zero-argument callable: one decoding step for token ``T`` (1-based, default: the last) of ``x``.
 
     It returns ``(output, state)``: the output ``(B, H, 1, D_v)`` equals row ``T - 1`` of the
-    causal forward pass over the first T tokens. ``decode="cache"``: the per-token inputs of the
-    queries (the entry's ``query_inputs``) of token T against the cache of the first T tokens'
-    other inputs (only the last ``cache_window`` of them, when declared); state None.
-    ``decode="state"``: the chunk form runs over the first T - 1 tokens here (not in the
-    callable), and the callable does one ``form="recurrent"`` step from the state it left; state:
-    the new state.
+    causal forward pass over the first T tokens, and ``state`` is what a decoder keeps after
+    token T (its size is the entry's ``state_numbers(T)``). ``decode="cache"``: the per-token
+    inputs of the queries (the entry's ``query_inputs``) of token T against the cache of the
+    first T tokens' other inputs (only the last ``cache_window`` of them, when declared); state:
+    those cached tensors. ``decode="state"``: the chunk form runs over the first T - 1 tokens
+    here (not in the callable), and the callable does one ``form="recurrent"`` step from the
+    state it left; state: the new state. An entry with its own ``decoder`` prepares its cache
+    here and decodes in the callable (state: what its cache holds).
     """
     mechanism = _mechanism(name)
     reason = not_applicable(mechanism, "decode")
@@ -204,6 +226,8 @@ def decode_step(
         raise ValueError(f"name={mechanism.name!r} has no decode phase: {reason}")
     length = next(v.shape[2] for k, v in x.items() if k not in mechanism.static_inputs)
     T = length if T is None else check_int(T, "T", min=1, max=length)
+    if mechanism.decoder is not None:
+        return mechanism.decoder(x, T, **mechanism.options)
     last = mechanism.tokens(x, T - 1, T)
     if mechanism.decode == "state":
         state = None
@@ -212,7 +236,10 @@ def decode_step(
         return lambda: mechanism.run(last, form="recurrent", initial_state=state, output_final_state=True)
     first = 0 if mechanism.cache_window is None else max(T - mechanism.cache_window, 0)
     step = {**mechanism.tokens(x, first, T), **{key: last[key] for key in mechanism.query_inputs}}
-    return lambda: (mechanism.run(step), None)
+    cached = tuple(
+        value for key, value in step.items() if key not in mechanism.query_inputs + mechanism.static_inputs
+    )
+    return lambda: (mechanism.run(step), cached)
 
 
 def decode_last(
@@ -240,6 +267,15 @@ def complexity(
     return None if mechanism.cost is None else mechanism.cost(phase, T, geometry)
 
 
+def state_bytes(name: str | Mechanism, T: int, dtype: torch.dtype = torch.float32) -> int | None:
+    """Bytes of KV cache or state one sequence keeps per layer after ``T`` tokens at :data:`GEOMETRY`
+    with the entry's options (None where the entry declares no decoding state)."""
+    mechanism = _mechanism(name)
+    if not mechanism.has("state"):
+        return None
+    return mechanism.state_bytes(check_int(T, "T", min=0), GEOMETRY, dtype=dtype)
+
+
 # --- what the sweep measures ---------------------------------------------------------------
 
 
@@ -253,7 +289,9 @@ def phase_methods(
     """Builders ``{"phase:mechanism": build}`` for ``measure.sweep``, one per mechanism the phase
     applies to. ``build(T)`` returns None beyond :func:`max_length` or ``max_t`` (that length is
     left out) and otherwise a callable whose ``extra`` holds the phase, the mechanism, whether
-    it ran causally, and the cost model (``flops``, ``bytes``) where the entry declares one."""
+    it ran causally, the cost model (``flops``, ``bytes``) where the entry declares one, and the
+    bytes of KV cache or state one sequence keeps per layer after T tokens (``state_bytes``, in
+    ``dtype``; :meth:`~course_lib.catalogue.Mechanism.state_bytes`) where it declares them."""
     check_choice(phase, "phase", PHASES)
     steps = {"train": train_step, "prefill": prefill_step, "decode": decode_step}
 
@@ -265,7 +303,10 @@ def phase_methods(
                 return None
             call = steps[phase](mechanism, phase_inputs(mechanism, T, device, dtype))
             cost = mechanism.cost(phase, T, GEOMETRY) if mechanism.cost is not None else {}
+            state = state_bytes(mechanism, T, dtype)
             call.extra = {"phase": phase, "mechanism": mechanism.name, "causal": mechanism.causal, **cost}
+            if state is not None:
+                call.extra["state_bytes"] = state
             return call
 
         return build
