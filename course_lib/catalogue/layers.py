@@ -14,8 +14,10 @@ gives such a layer the catalogue's functional form, so the three phases run it l
 - ``call``: :func:`torch.func.functional_call` of a weightless copy of the layer (built on the
   meta device, one per shape) with those weights; the output is ``(B, 1, T, H D)``.
 - ``decoder``: the layer with those weights, and its own cache (``layer.make_cache``) filled with
-  the first T - 1 tokens outside the timed step; the step feeds token T, reads the output and the
-  cache, and rolls the cache back to T - 1 tokens, so that it can be timed again and again.
+  the first T - 1 tokens outside the timed step (in chunks of :data:`PREFILL_CHUNK`, so that a
+  context of 16384 tokens never holds its T x T scores at once); the step feeds token T, reads
+  the output and the cache, and rolls the cache back to T - 1 tokens, so that it can be timed
+  again and again.
 
 Because the projections are part of the layer, these entries are measured as whole layers; the
 comparison says so beside its tables (``Mechanism.layer``).
@@ -34,7 +36,9 @@ from torch.func import functional_call
 from . import builders
 from .core import Geometry
 
-__all__ = ["LayerForm"]
+__all__ = ["LayerForm", "PREFILL_CHUNK"]
+
+PREFILL_CHUNK = 512  # tokens per forward call when a decoder fills its cache (bounds the score memory)
 
 
 class LayerForm:
@@ -106,9 +110,9 @@ class LayerForm:
             tokens = inputs["x"][:, 0]
             options = {**forward, **({} if prepare is None else prepare(layer))}
             cache = layer.make_cache(1, tokens.shape[0], T, dtype=tokens.dtype, device=tokens.device)
-            if T > 1:
-                with torch.no_grad():
-                    layer(tokens[:, : T - 1], cache=cache, **options)
+            with torch.no_grad():  # chunk by chunk: one pass would hold T x T scores per head
+                for start in range(0, T - 1, PREFILL_CHUNK):
+                    layer(tokens[:, start : min(start + PREFILL_CHUNK, T - 1)], cache=cache, **options)
             last = tokens[:, T - 1 : T]
 
             def step() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 from .. import catalogue
 from ..catalogue import Geometry, Mechanism
 from ..checks import check_choice, check_int
-from ..measure import Measurement, loglog_slope
+from ..measure import Measurement
 from ..viz import STYLE
 
 __all__ = [
@@ -79,6 +79,7 @@ __all__ = [
     "relative_to",
     "relative_bars",
     "phase_comparison",
+    "decode_tradeoff",
 ]
 
 PHASES = catalogue.PHASES  # ("train", "prefill", "decode")
@@ -376,41 +377,111 @@ _FIGURE_TITLES = {
 }
 
 
+def _styles(names: Sequence[str]) -> dict[str, dict]:
+    """One line style per mechanism, the same in every panel: ten colours, then the same colours
+    dashed, dotted and dash-dotted, so that up to forty lines stay distinct."""
+    colours = plt.get_cmap("tab10").colors
+    return {
+        name: {"color": colours[i % 10], "linestyle": ("-", "--", ":", "-.")[i // 10 % 4], "marker": "o"}
+        for i, name in enumerate(names)
+    }
+
+
 def phase_comparison(results: Sequence[Measurement]) -> Figure:
-    """Measured time (top row) and peak memory (bottom row) vs T, one column per phase present,
-    with each mechanism's fitted log-log slope of time in the legend."""
+    """Measured time (top row) and peak memory (bottom row) vs T, one column per phase present;
+    each mechanism keeps its style in every panel, named once in the figure's legend (the fitted
+    slopes are in the tables of :mod:`course_lib.benchmarks.ch08`)."""
     phases = [p for p in PHASES if any(phase_of(r) == p for r in results)]
     if not phases:
         raise ValueError("results hold no measurement")
+    names = list(dict.fromkeys(mechanism_of(r) for r in results))
+    styles = _styles(names)
     with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(2, len(phases), figsize=(5 * len(phases), 7.5), squeeze=False)
+        figure, axes = plt.subplots(2, len(phases), figsize=(4.6 * len(phases) + 2.4, 8), squeeze=False)
         for column, phase in enumerate(phases):
             rows = [r for r in results if phase_of(r) == phase]
             top, bottom = axes[0, column], axes[1, column]
-            names = list(dict.fromkeys(mechanism_of(r) for r in rows))
-            for index, name in enumerate(names):
+            for name in dict.fromkeys(mechanism_of(r) for r in rows):
                 points = sorted((r.T, r.seconds, r.peak_bytes) for r in rows if mechanism_of(r) == name)
-                Ts = [p[0] for p in points]
-                slope = loglog_slope(Ts, [p[1] for p in points]) if len(points) > 1 else float("nan")
-                # ten colours, then the same colours dashed, then dotted: every line stays distinct
-                style = {"marker": "o", "linestyle": ("-", "--", ":")[index // 10 % 3]}
-                top.plot(Ts, [p[1] * 1e3 for p in points], label=f"{name} ({slope:.2f})", **style)
+                style = {**styles[name], "markersize": 3, "linewidth": 1.2}
+                top.plot([p[0] for p in points], [p[1] * 1e3 for p in points], label=name, **style)
                 memory = [(p[0], p[2]) for p in points if p[2]]
-                bottom.plot([t for t, _ in memory], [b / 2**20 for _, b in memory], label=name, **style)
+                bottom.plot([t for t, _ in memory], [b / 2**20 for _, b in memory], **style)
             top.set_title(f"{_FIGURE_TITLES[phase]}: time")
             bottom.set_title(f"{_FIGURE_TITLES[phase]}: peak memory")
-            top.legend(
-                frameon=False,
-                fontsize=7,
-                title="log-log slope",
-                title_fontsize=7,
-                ncol=1 if len(names) <= 12 else 2,
-            )
             for ax, label in ((top, "time per call (ms)"), (bottom, "peak memory (MiB)")):
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel("sequence length / context T")
                 ax.set_ylabel(label)
                 ax.grid(True, alpha=0.3)
+        handles = {}
+        for ax in axes[0]:
+            handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+        figure.tight_layout(rect=(0, 0, 1 - 2.2 / figure.get_figwidth(), 1))
+        figure.legend(
+            [handles[n] for n in names if n in handles],
+            [n for n in names if n in handles],
+            loc="center right",
+            frameon=False,
+            fontsize=7,
+            ncol=1 if len(names) <= 24 else 2,
+        )
+    return figure
+
+
+def decode_tradeoff(results: Sequence[Measurement], T: int | None = None) -> Figure:
+    """One point per mechanism at the context ``T`` of the decode phase (default: the longest
+    measured): the KV cache or state it keeps (x) against the time of one decoding step (y),
+    coloured by family. The decision between a growing cache and a fixed state, in one picture."""
+    rows = [r for r in results if phase_of(r) == "decode"]
+    if not rows:
+        raise ValueError("results hold no decode measurement")
+    T = max(r.T for r in rows) if T is None else check_int(T, "T", min=1)
+    points = [
+        (mechanism_of(r), state, r.seconds)
+        for r in rows
+        if r.T == T and (state := r.extra.get("state_bytes", _catalogue_state(mechanism_of(r), T)))
+    ]
+    if not points:
+        raise ValueError(f"T={T} has no decode measurement with a known state size")
+    colours = dict(zip(catalogue.FAMILIES, plt.get_cmap("tab10").colors))
+    with plt.rc_context(STYLE):
+        figure, ax = plt.subplots(figsize=(8, 5))
+        for family in catalogue.FAMILIES:
+            mine = [p for p in points if _family(p[0]) == family]
+            if mine:
+                ax.scatter(
+                    [p[1] for p in mine],
+                    [p[2] * 1e3 for p in mine],
+                    color=colours[family],
+                    label=family,
+                    s=30,
+                )
+            for name, state, seconds in mine:
+                ax.annotate(
+                    name, (state, seconds * 1e3), fontsize=7, xytext=(3, 2), textcoords="offset points"
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("KV cache / state per sequence and layer (bytes)")
+        ax.set_ylabel("one decoding step (ms)")
+        ax.set_title(f"decoding at a context of T = {T}: state kept vs time per token")
+        ax.legend(frameon=False, fontsize=8)
+        ax.grid(True, alpha=0.3)
         figure.tight_layout()
     return figure
+
+
+def _catalogue_state(name: str, T: int) -> int | None:
+    try:
+        return state_bytes(name, T)
+    except ValueError:  # a name the catalogue does not know (a hand-made result)
+        return None
+
+
+def _family(name: str) -> str | None:
+    try:
+        return catalogue.get(name).family
+    except ValueError:
+        return None
