@@ -229,7 +229,7 @@ def test_hybrid_cache_checker():
 
 
 def test_chapter_figures_are_registered_and_draw():
-    for name in ("08_four_classes", "08_taxonomy", "08_complexity"):
+    for name in ("08_four_classes", "08_taxonomy", "08_complexity", "08_decode_tradeoff"):
         figure = FIGURES[name]()
         assert figure.axes
         matplotlib.pyplot.close(figure)

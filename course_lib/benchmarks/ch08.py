@@ -8,20 +8,27 @@ sequence, H = 4 heads, D = 64, float32, each on its own seeded inputs) in three 
 - ``prefill``: one forward pass, T = 256 .. 2048;
 - ``decode``: one decoding step at a context of T = 256 .. 16384 tokens. The mechanisms with a KV
   cache attend one new query to the cache of T entries (the sliding window only to its last
-  w = 256 entries); the recurrent ones do one step of their ``form="recurrent"`` from the state
-  that their chunk form left after the first T - 1 tokens: O(1) in T.
+  w = 256 entries; MLA to its latent cache, SwitchHead to its layer's KV cache); the recurrent
+  ones do one step of their ``form="recurrent"`` from the state that their chunk form left after
+  the first T - 1 tokens: O(1) in T.
 
-The phases, the lengths and the inputs are the study :mod:`course_lib.studies.phases`. A phase
-that does not apply to a mechanism (no decoding step for a mechanism that is not causal or
-declares none) is left out of the sweep and listed under the phase's table with the reason; the
-mechanisms whose cost model materialises the T x T scores (naive attention, MQA, GQA, top-k)
-stop train and prefill at T = 1024. SDPA is the reference of each phase's ratio columns. Beside
-each phase's table, the entry's cost model (``Mechanism.cost``; "no model" where an entry declares
-none) gives the FLOPs and the bytes moved, and :func:`all_report` compares the model's log-log
-slopes with the measured ones. ``all_train``, ``all_prefill`` and ``all_decode`` run one phase
-alone. The stored ``results/all_small.json`` (all three phases, the eight mechanisms of the
-course's first comparison, under their catalogue names) comes from the command below, run on one
-thread because the 2-core machine was shared with other jobs::
+The phases, the lengths and the inputs are the study :mod:`course_lib.studies.phases`. Each
+phase's table gives, per mechanism and T, the time per call (with the ratio to SDPA, the
+reference of each phase), the peak memory and the KV cache or state one sequence keeps per layer
+after T tokens (``Mechanism.state_bytes``), each with its fitted log-log slope against T. MLA and
+SwitchHead are measured as whole layers (projections, routers and experts included; see
+:mod:`course_lib.catalogue.layers`), and the table says so. A phase that does not apply to a
+mechanism (no decoding step for a mechanism that is not causal or declares none) is left out of
+the sweep and listed under the phase's table with the reason, as are the entries without a
+functional form (ring attention, the hybrid stack); the mechanisms whose cost model materialises
+the T x T scores (naive attention, MQA, GQA, top-k, MLA, differential attention, SwitchHead)
+stop train and prefill at T = 1024. Beside each phase's table, the entry's cost model
+(``Mechanism.cost``; "no model" where an entry declares none) gives the FLOPs and the bytes
+moved, and :func:`all_report` compares the model's log-log slopes with the measured ones.
+``all_train``, ``all_prefill`` and ``all_decode`` run one phase alone. The stored
+``results/all_small.json`` (all three phases, every mechanism with a functional form) comes from
+the command below, run on one thread because the 2-core machine was shared with other jobs (its
+numbers are noisy: read ratios and slopes)::
 
     python -m course_lib.bench all --threads 1 --min-run-time 0.1 --json results/all_small.json
 

@@ -142,7 +142,8 @@ def not_applicable(name: str | Mechanism, phase: str) -> str | None:
 def materialises_scores(name: str | Mechanism) -> bool:
     """Whether the entry's cost model moves at least the float32 T x T scores and weights of every
     head (``16 H T^2`` bytes) in one prefill at T = :data:`FULL_SEQUENCE_MAX_T`: naive attention,
-    MQA, GQA, top-k. False for an entry without a cost model."""
+    MQA, GQA, top-k, and MLA, differential attention and SwitchHead (the course's versions call
+    its naive attention). False for an entry without a cost model."""
     mechanism = _mechanism(name)
     if mechanism.cost is None:
         return False
@@ -418,14 +419,13 @@ def phase_comparison(results: Sequence[Measurement]) -> Figure:
         handles = {}
         for ax in axes[0]:
             handles.update(zip(*reversed(ax.get_legend_handles_labels())))
-        figure.tight_layout(rect=(0, 0, 1 - 2.2 / figure.get_figwidth(), 1))
+        shown = [n for n in names if n in handles]
+        columns = 1 if len(shown) <= 24 else 2
+        legend_inches = 1.3 * columns  # room on the right for the legend, outside the panels
+        figure.set_figwidth(figure.get_figwidth() + legend_inches - 2.4)
+        figure.tight_layout(rect=(0, 0, 1 - legend_inches / figure.get_figwidth(), 1))
         figure.legend(
-            [handles[n] for n in names if n in handles],
-            [n for n in names if n in handles],
-            loc="center right",
-            frameon=False,
-            fontsize=7,
-            ncol=1 if len(names) <= 24 else 2,
+            [handles[n] for n in shown], shown, loc="center right", frameon=False, fontsize=7, ncol=columns
         )
     return figure
 
@@ -458,10 +458,18 @@ def decode_tradeoff(results: Sequence[Measurement], T: int | None = None) -> Fig
                     label=family,
                     s=30,
                 )
-            for name, state, seconds in mine:
-                ax.annotate(
-                    name, (state, seconds * 1e3), fontsize=7, xytext=(3, 2), textcoords="offset points"
-                )
+        # labels of mechanisms with the same state alternate right and left of their points
+        for rank, (name, state, seconds) in enumerate(sorted(points, key=lambda p: (p[1], p[2]))):
+            right = rank % 2 == 0
+            ax.annotate(
+                name,
+                (state, seconds * 1e3),
+                fontsize=7,
+                xytext=(4 if right else -4, 0),
+                textcoords="offset points",
+                ha="left" if right else "right",
+                va="center",
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("KV cache / state per sequence and layer (bytes)")
