@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from course_lib import catalogue
-from course_lib.catalogue import Geometry, Mechanism
+from course_lib.catalogue import Geometry, Mechanism, compact, specialised
 from course_lib.studies.phases import decode_last  # one decoding step, as chapter 08's decode phase runs it
 
 F64 = torch.float64
@@ -146,9 +146,17 @@ def test_declared_state_size_is_the_state_it_keeps(mechanism):
     if mechanism.decode == "state":
         _, state = mechanism.run(x, output_final_state=True)
         kept = numel(state)
-    else:  # the keys and values a decoding step reads
+    elif mechanism.decoder is None:  # the keys and values a decoding step reads: what is not a query
         window = T if mechanism.cache_window is None else min(T, mechanism.cache_window)
-        kept = x["k"][:, :, -window:].numel() + x["v"][:, :, -window:].numel()
+        cached = set(x) - set(mechanism.query_inputs) - set(mechanism.static_inputs)
+        assert cached, mechanism.name
+        kept = sum(x[key][:, :, -window:].numel() for key in cached)
+    else:  # a layer's own cache (MLA's latent and RoPE key): what it holds after token T
+        cache = decode_last(mechanism, x, T)[1]
+        assert all(part.shape[-2] == T for part in cache)  # (B, T, d) or (B, H, T, d): T tokens
+        kept = numel(cache)
+    # and the state the decode phase's step returns is that size too
+    assert numel(decode_last(mechanism, x, T)[1]) == kept
     assert mechanism.state_numbers(T, one, **mechanism.options) == kept
     assert mechanism.state_bytes(T, one, dtype=torch.float16) == 2 * kept
 
@@ -166,8 +174,10 @@ def test_cost_model(mechanism):
     short, long = mechanism.cost("decode", 256, g), mechanism.cost("decode", 4096, g)
     if mechanism.decode == "state" or mechanism.cache_window:
         assert long == short  # a fixed-size state (or window): decoding cost does not grow with T
-    else:
-        assert long["bytes"] > 8 * short["bytes"]
+    else:  # a decoding step reads at least the cache it keeps
+        grown = mechanism.state_bytes(4096, g) - mechanism.state_bytes(256, g)
+        assert long["bytes"] - short["bytes"] >= grown > 0
+        assert long["flops"] > short["flops"]
 
 
 # --- mixers -------------------------------------------------------------------------------------
@@ -215,3 +225,142 @@ def test_every_mechanism_runs_on_an_empty_sequence(mechanism):
     result = mechanism.run(mechanism.make_inputs(0, Geometry(batch=2, heads=2, head_dim=8, kv_heads=1)))
     out = result[0] if isinstance(result, tuple) else result
     assert out.shape[0] == 2 and out.shape[2] == 0
+
+
+# --- layers as functions (catalogue.layers): MLA and SwitchHead -----------------------------------
+
+
+def test_a_declaration_checks_its_decoder_and_its_reason_not_to_run():
+    run = {"inputs": lambda T, g, gen: {}, "call": lambda x: x}
+    with pytest.raises(ValueError, match="decoder"):
+        Mechanism("x", "x", "exact", 1, "", "", function=len, decoder=lambda x, T: None, **run)
+    with pytest.raises(ValueError, match="not_run"):
+        Mechanism("x", "x", "exact", 1, "", "", function=len, decode="cache", not_run="why", **run)
+
+
+def test_every_entry_runs_or_says_why_not():
+    for mechanism in catalogue.mechanisms():
+        assert mechanism.has("run") != (mechanism.not_run is not None), mechanism.name
+    assert {m.name for m in catalogue.mechanisms() if not m.has("run")} == {"ring", "hybrid"}
+    layers = {m.name for m in RUNNABLE if m.layer}
+    assert layers == {"mla", "switchhead"}
+
+
+LAYER_FORMS = {"mla": compact.MLA_FORM, "switchhead": specialised.SWITCHHEAD_FORM}
+
+
+def layer_output(name, layer, x, **options):
+    """The real layer (not the functional call) on tokens (B, 1, T, C): what the entry must equal."""
+    tokens = x["x"][:, 0]
+    out = layer(tokens, mode=options.get("form", "naive")) if name == "mla" else layer(tokens, causal=True)
+    return out.unsqueeze(1)
+
+
+@pytest.mark.parametrize("name", LAYER_FORMS)
+def test_a_layers_functional_form_is_the_layer_with_those_weights(name):
+    mechanism, form = catalogue.get(name), LAYER_FORMS[name]
+    x = mechanism.make_inputs(9, SMALL, dtype=F64, seed=1)
+    assert set(x) == {"x", *form.weight_names} and x["x"].shape == (2, 1, 9, SMALL.heads * SMALL.head_dim)
+    layer = form.module(x)
+    assert all(p.data_ptr() == x[n].data_ptr() for n, p in layer.named_parameters())  # no copies
+    for options in ({}, {"form": "absorbed"}) if name == "mla" else ({},):
+        torch.testing.assert_close(mechanism.run(x, **options), layer_output(name, layer, x, **options))
+    # the weights are the layer's own initialisation, seeded: same seed, same weights, any T
+    again = mechanism.make_inputs(4, SMALL, dtype=F64, seed=1)
+    assert all(torch.equal(x[n], again[n]) for n in form.weight_names)
+    other = mechanism.make_inputs(9, SMALL, dtype=F64, seed=2)
+    assert all(not torch.equal(x[n], other[n]) for n in form.weight_names)
+    # float32 on request, like every input
+    assert all(v.dtype == torch.float32 for v in mechanism.make_inputs(3, SMALL).values())
+
+
+@pytest.mark.parametrize("name", LAYER_FORMS)
+def test_the_train_step_differentiates_the_weights_like_the_layer(name):
+    from course_lib.studies.phases import train_step
+
+    mechanism, form = catalogue.get(name), LAYER_FORMS[name]
+    x = mechanism.make_inputs(11, SMALL, dtype=F64, seed=3)
+    grads = dict(zip(mechanism.trainable, train_step(mechanism, x)(), strict=True))
+    assert set(grads) == {"x", *form.weight_names}
+    # independent route: the real layer with leaf parameters, and ordinary backward
+    layer = form.module({k: v.clone() for k, v in x.items()}).requires_grad_(True)
+    tokens = x["x"].clone().requires_grad_(True)
+    out = layer_output(name, layer, {"x": tokens})
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+    out.backward(grad_output)
+    torch.testing.assert_close(grads["x"], tokens.grad)
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+def test_mla_decodes_from_its_latent_cache():
+    from course_lib.standard import apply_rope
+    from course_lib.studies.phases import decode_step
+
+    mla = catalogue.get("mla")
+    x = mla.make_inputs(12, SMALL, dtype=F64, seed=4)
+    step = decode_step(mla, x, 10)
+    first, (latent, rope_key) = step()
+    again, _ = step()  # the cache was rolled back: the same token decodes again, to the same numbers
+    torch.testing.assert_close(first, again)
+    # what the cache keeps: the latent W_DKV x and the RoPE key RoPE(W_KR x) of the first 10 tokens
+    tokens = x["x"][:, 0, :10]
+    torch.testing.assert_close(latent, tokens @ x["kv_down.weight"].T)
+    torch.testing.assert_close(rope_key, apply_rope(tokens @ x["key_rope.weight"].T, torch.arange(10)))
+    latent_dim, rope_dim = compact._mla_dims(SMALL)
+    assert latent.shape == (2, 10, latent_dim) and rope_key.shape == (2, 10, rope_dim)
+    # d_c + d_R per token whatever the number of heads: with 2 heads of 8 it is more than multi-head
+    # attention's 2 H d_h = 32, with 4 heads less (36 < 64); DeepSeek-V2 has 128 heads
+    wider = Geometry(heads=4, head_dim=8)
+    assert mla.state_numbers(10, SMALL) == mla.state_numbers(10, wider) == 10 * (latent_dim + rope_dim) == 360
+    assert 360 > 10 * 2 * SMALL.heads * SMALL.head_dim and 360 < 10 * 2 * wider.heads * wider.head_dim
+    # and the step is the last row of the full pass (rebuilt keys and values)
+    full = mla.run(mla.tokens(x, 0, 10), form="naive")
+    torch.testing.assert_close(first[:, :, 0], full[:, :, -1])
+
+
+def test_switchhead_decodes_from_its_layers_kv_cache():
+    from course_lib.studies.phases import decode_step
+
+    switchhead = catalogue.get("switchhead")
+    x = switchhead.make_inputs(8, SMALL, dtype=F64, seed=5)
+    out, (keys, values) = decode_step(switchhead, x, 8)()
+    H, D = SMALL.heads, SMALL.head_dim
+    assert keys.shape == values.shape == (2, H, 8, D)
+    torch.testing.assert_close(keys, (x["x"][:, 0] @ x["W_k.weight"].T).view(2, 8, H, D).transpose(1, 2))
+    # values: each token's gated sum of its top-2 value experts, written densely here
+    tokens = x["x"][:, 0]
+    scores = torch.sigmoid(torch.einsum("btc,hce->bthe", tokens, x["value_router"]))
+    chosen = scores >= scores.topk(specialised.SWITCH_TOP_K, dim=-1).values[..., -1:]
+    every = torch.einsum("btc,hecd->bthed", tokens, x["value_experts"])
+    expected = ((scores * chosen).unsqueeze(-1) * every).sum(3).transpose(1, 2)
+    torch.testing.assert_close(values, expected)
+    torch.testing.assert_close(out[:, :, 0], switchhead.run(x)[:, :, -1])
+
+
+def test_differential_entry_is_the_difference_of_two_causal_softmax_maps():
+    differential = catalogue.get("differential")
+    x = differential.make_inputs(7, SMALL, dtype=F64, seed=6)
+    assert x["q1"].shape[-1] == SMALL.head_dim // 2 and x["v"].shape[-1] == SMALL.dv
+    assert ((x["lambda"] > 0.2) & (x["lambda"] < 0.8)).all()
+    allowed = torch.ones(7, 7, dtype=torch.bool).tril()
+    scale = (SMALL.head_dim // 2) ** -0.5
+
+    def weights(q, k):
+        return torch.softmax((q @ k.transpose(-2, -1) * scale).masked_fill(~allowed, float("-inf")), -1)
+
+    maps = weights(x["q1"], x["k1"]) - x["lambda"].view(1, -1, 1, 1) * weights(x["q2"], x["k2"])
+    torch.testing.assert_close(differential.run(x), maps @ x["v"])
+
+
+@pytest.mark.parametrize("name", LAYER_FORMS)
+def test_a_layer_decoder_fills_its_cache_chunk_by_chunk(name, monkeypatch):
+    from course_lib.catalogue import layers
+    from course_lib.studies.phases import decode_step
+
+    monkeypatch.setattr(layers, "PREFILL_CHUNK", 4)  # 10 cached tokens in chunks of 4, 4 and 2
+    mechanism = catalogue.get(name)
+    x = mechanism.make_inputs(11, SMALL, dtype=F64, seed=8)
+    out, cache = decode_step(mechanism, x, 11)()
+    torch.testing.assert_close(out[:, :, 0], mechanism.run(x)[:, :, -1])
+    assert all(part.shape[-2] == 11 for part in cache)

@@ -25,17 +25,6 @@ FAKE = [
     for m, s, b in (("attention", 1e-3, 4000), ("sdpa", 5e-4, 100), ("linear_attention", 2e-3, 50))
     for T in (256, 512, 1024)
 ]
-# The eight mechanisms of the stored run (results/all_small.json), under their catalogue names.
-STORED = (
-    "attention",
-    "sdpa",
-    "flash_attention",
-    "sliding_window",
-    "linear_attention",
-    "gla",
-    "deltanet",
-    "mamba2",
-)
 F64 = torch.float64
 IDS = lambda m: m.name  # noqa: E731
 
@@ -167,18 +156,36 @@ def test_complexity_figure_legends_are_readable():
         assert all(text.get_fontsize() >= 9 for text in [*legend.get_texts(), legend.get_title()])
 
 
-def test_stored_results_load_with_every_mechanism_and_phase():
+def test_stored_results_hold_every_runnable_mechanism_in_every_phase_that_applies():
     results = w08.load_results()
     measured = {(bench08.phase_of(r), bench08.mechanism_of(r)) for r in results}
-    assert measured == {(p, m) for p in bench08.PHASES for m in STORED}
-    for phase, name in measured:  # catalogue names, and phases that apply to them
-        assert phases.not_applicable(name, phase) is None
+    expected = {
+        (p, m.name)
+        for p in bench08.PHASES
+        for m in phases.mechanisms()
+        if phases.not_applicable(m, p) is None
+    }
+    assert measured == expected
+    # the command's mechanism list (python -m course_lib.bench all) equals the stored one
+    methods, _, lengths = bench08.all_suite("cpu")
+    assert {r.method for r in results} == set(methods)
+    # every mechanism of the catalogue is there, or the table says why not (n/a in a phase, not run)
+    everything = {m.name for m in catalogue.mechanisms()}
+    assert everything == {m for _, m in measured} | set(phases.not_run())
     for phase in bench08.PHASES:
-        lengths = {r.T for r in results if bench08.phase_of(r) == phase}
-        assert len(lengths) >= 4
+        lengths_of = {name: {r.T for r in results if r.method == f"{phase}:{name}"} for _, name in measured}
+        for m in phases.mechanisms():
+            if phases.not_applicable(m, phase) is not None:
+                continue
+            limit = phases.max_length(m, phase)
+            want = phases.DECODE_LENGTHS if phase == "decode" else phases.ALL_LENGTHS
+            assert lengths_of[m.name] == {T for T in want if limit is None or T <= limit}, (phase, m.name)
     assert max(r.T for r in results if bench08.phase_of(r) == "decode") > bench08.FULL_SEQUENCE_MAX_T
     for r in results:
-        assert r.seconds > 0 and r.extra["phase"] == bench08.phase_of(r) and r.extra["flops"] > 0
+        name = bench08.mechanism_of(r)
+        assert r.seconds > 0 and r.extra["phase"] == bench08.phase_of(r) and r.extra["mechanism"] == name
+        assert r.extra.get("flops", 1) > 0 and ("flops" in r.extra) == catalogue.get(name).has("cost")
+        assert r.extra.get("state_bytes") == phases.state_bytes(name, r.T)  # the catalogue's, in float32
 
 
 def test_decision_guide_follows_the_cache_arithmetic():
@@ -214,7 +221,7 @@ def test_decision_guide_widget_updates_across_its_controls():
 
 
 def test_chapter_figures_are_registered_and_draw():
-    for name in ("08_four_classes", "08_taxonomy", "08_complexity"):
+    for name in ("08_four_classes", "08_taxonomy", "08_complexity", "08_decode_tradeoff"):
         figure = FIGURES[name]()
         assert figure.axes
         matplotlib.pyplot.close(figure)
@@ -274,7 +281,9 @@ def test_phases_that_do_not_apply_say_why_and_lengths_follow_the_cost_model():
     assert phases.not_applicable("efficient_attention", "prefill") is None
     assert phases.max_length("block_sparse", "decode") == 0
     materialising = {m.name for m in phases.mechanisms() if phases.materialises_scores(m)}
-    assert {"attention", "mqa", "gqa", "topk"} == materialising
+    # the ones that call the course's naive attention (MLA through gqa_attention, differential
+    # attention twice, SwitchHead once per head group) materialise the scores too
+    assert {"attention", "mqa", "gqa", "topk", "mla", "differential", "switchhead"} == materialising
     for m in phases.mechanisms():
         expected = phases.SCORES_MAX_T if m.name in materialising else phases.FULL_SEQUENCE_MAX_T
         assert phases.max_length(m, "train") == phases.max_length(m, "prefill") == expected
@@ -395,6 +404,12 @@ def test_phase_builders_run_end_to_end_and_report(tmp_path, capsys):
     assert "n/a  block_sparse: declares no decoding" in printed
     assert "not causal (each query sees the whole sequence): lsh, efficient_attention, linformer" in printed
     assert "no model" in printed  # e.g. NSA declares no cost model
+    assert "KV cache / state per sequence and layer after T tokens" in printed
+    assert "n/a  ring: not run: exact attention split across processes" in printed
+    assert (
+        "whole layers (input tokens of width H D; projections, routers and experts included): mla, switchhead"
+        in printed
+    )
     assert {r.method for r in results} == {m for p in bench08.PHASES for m in phases.phase_methods(p)}
     assert all(r.extra["mechanism"] == bench08.mechanism_of(r) for r in results)
     stored = w08.load_results(path)
@@ -412,8 +427,8 @@ def test_phase_builders_bad_input():
         bench08.train_step("mamba", x)
     with pytest.raises(ValueError, match="name='efficient_attention' has no decode phase: not causal"):
         bench08.decode_step("efficient_attention", x)
-    with pytest.raises(ValueError, match="name='mla' has no functional form"):
-        phases.prefill_step("mla", x)
+    with pytest.raises(ValueError, match="name='ring' has no functional form"):
+        phases.prefill_step("ring", x)
     with pytest.raises(ValueError, match="phase"):
         phases.not_applicable("gla", "finetune")
     with pytest.raises(ValueError, match="phase"):

@@ -435,6 +435,50 @@ def test_mla_gradcheck_absorbed():
     assert torch.autograd.gradcheck(lambda x: layer(x, mode="absorbed"), (x,))
 
 
+def test_mla_folded_weights_computed_once_give_the_same_numbers():
+    # A deployment folds W_UK and W_UV once; passing them in must not change the output, with or
+    # without a cache, with or without query compression.
+    for query_latent_dim in (None, 6):
+        layer = make_mla(query_latent_dim=query_latent_dim)
+        x = torch.randn(2, 7, 16, dtype=torch.float64)
+        folded = layer.absorbed_weights()
+        torch.testing.assert_close(layer(x, mode="absorbed", folded=folded), mla_reference(layer, x))
+        cache = layer.make_cache(1, 2, 7, dtype=torch.float64)
+        steps = [layer(x[:, t : t + 1], cache=cache, mode="absorbed", folded=folded) for t in range(7)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), mla_reference(layer, x))
+
+
+def test_mla_folded_weights_bad_input():
+    layer = make_mla()
+    x = torch.randn(1, 3, 16, dtype=torch.float64)
+    query_weight, output_weight = layer.absorbed_weights()
+    with pytest.raises(ValueError, match="^folded.*absorbed"):
+        layer(x, mode="naive", folded=(query_weight, output_weight))
+    with pytest.raises(TypeError, match="^folded"):
+        layer(x, mode="absorbed", folded=[query_weight, output_weight])
+    with pytest.raises(ValueError, match="^folded"):
+        layer(x, mode="absorbed", folded=(query_weight[:, :-1], output_weight))
+    with pytest.raises(ValueError, match="^folded"):
+        layer(x, mode="absorbed", folded=(query_weight, output_weight[:-1]))
+
+
+def test_latent_cache_get_returns_what_was_stored():
+    layer = make_mla()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    cache = layer.make_cache(2, 2, 8, dtype=torch.float64)
+    layer(x, cache=cache, layer_index=1)
+    latent, rope_keys = cache.get(1)
+    # independent: the latent is W_DKV x, the stored RoPE key is RoPE(W_KR x) at positions 0..4
+    torch.testing.assert_close(latent, x @ layer.kv_down.weight.detach().T)
+    expected_rope = rope_reference(x @ layer.key_rope.weight.detach().T, torch.arange(5, dtype=torch.float64))
+    torch.testing.assert_close(rope_keys, expected_rope)
+    assert cache.get(0)[0].shape == (2, 0, 7) and cache.get()[1].shape == (2, 0, 4)
+    cache.truncate(0)
+    assert cache.get(1)[0].shape == (2, 0, 7)
+    with pytest.raises(ValueError, match="^layer_index"):
+        cache.get(2)
+
+
 def test_mla_float16_cache_is_close_to_float32():
     layer = make_mla().float()
     x = torch.randn(1, 6, 16)

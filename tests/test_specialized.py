@@ -297,6 +297,28 @@ def test_switchhead_one_expert_softmax_gate_is_multi_head_attention():
     torch.testing.assert_close(layer(x, causal=True), expected)
 
 
+@pytest.mark.parametrize("prompt", [0, 1, 4], ids=["no-prompt", "prompt-1", "prompt-4"])
+def test_switchhead_decodes_from_a_kv_cache_of_its_heads(prompt):
+    layer = SwitchHeadAttention(12, 3, 4, head_dim=4, top_k=2).double()
+    x = randn(2, 7, 12)
+    cache = layer.make_cache(1, 2, 7, dtype=F64)
+    outputs = [layer(x[:, :prompt], causal=True, cache=cache)] if prompt else []
+    outputs += [layer(x[:, t : t + 1], causal=True, cache=cache) for t in range(prompt, 7)]
+    torch.testing.assert_close(torch.cat(outputs, dim=1), dense_switchhead(layer, x, causal=True))
+    # the cache holds H heads of keys and (expert-mixed) values per token: 2 H D numbers
+    keys, values = cache.get(0)
+    assert keys.shape == values.shape == (2, 3, 7, 4)
+    torch.testing.assert_close(keys, (x @ layer.W_k.weight.T).view(2, 7, 3, 4).transpose(1, 2))
+
+
+def test_switchhead_cache_bad_input():
+    layer = SwitchHeadAttention(8, 2, 3)
+    with pytest.raises(TypeError, match="^cache"):
+        layer(torch.randn(1, 2, 8), cache=torch.zeros(3))
+    with pytest.raises(ValueError, match="max_len"):
+        layer(torch.randn(1, 5, 8), cache=layer.make_cache(1, 1, 4))
+
+
 def test_switchhead_gradcheck():
     layer = SwitchHeadAttention(4, 2, 3, head_dim=2, top_k=2).double()
     x = randn(1, 3, 4, requires_grad=True)

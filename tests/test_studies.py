@@ -111,6 +111,31 @@ def test_phase_comparison_draws_one_column_per_phase_present():
         phases.phase_comparison([])
 
 
+def test_decode_tradeoff_places_every_decoding_mechanism_by_its_state():
+    from course_lib.measure import Measurement
+
+    results = [
+        Measurement(f"decode:{name}", T, seconds, 1, {"state_bytes": state} if state else {})
+        for name, seconds, state in (("sdpa", 1e-3, 2**20), ("gla", 1e-4, None), ("mqa", 5e-4, 2**18))
+        for T in (256, 1024)
+    ]
+    figure = phases.decode_tradeoff(results)
+    (ax,) = figure.axes
+    points = {t.get_text(): t.xy for t in ax.texts}
+    # gla's state comes from the catalogue when the measurement does not store it
+    assert points == {
+        "sdpa": (2**20, 1.0),
+        "gla": (phases.state_bytes("gla", 1024), 0.1),
+        "mqa": (2**18, 0.5),
+    }
+    assert "T = 1024" in ax.get_title()
+    assert "T = 256" in phases.decode_tradeoff(results, 256).axes[0].get_title()
+    with pytest.raises(ValueError, match="decode"):
+        phases.decode_tradeoff([Measurement("prefill:sdpa", 256, 1.0, 1)])
+    with pytest.raises(ValueError, match="T=512"):
+        phases.decode_tradeoff(results, 512)
+
+
 def test_recall_grid_point_trains_and_returns_what_the_grid_stores():
     model, batch, record = recall_grid.grid_point("gla", 16, steps=2, progress=False)
     assert batch.shape == (recall_grid.EVALUATION_BATCH, 16)

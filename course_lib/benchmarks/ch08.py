@@ -8,20 +8,27 @@ sequence, H = 4 heads, D = 64, float32, each on its own seeded inputs) in three 
 - ``prefill``: one forward pass, T = 256 .. 2048;
 - ``decode``: one decoding step at a context of T = 256 .. 16384 tokens. The mechanisms with a KV
   cache attend one new query to the cache of T entries (the sliding window only to its last
-  w = 256 entries); the recurrent ones do one step of their ``form="recurrent"`` from the state
-  that their chunk form left after the first T - 1 tokens: O(1) in T.
+  w = 256 entries; MLA to its latent cache, SwitchHead to its layer's KV cache); the recurrent
+  ones do one step of their ``form="recurrent"`` from the state that their chunk form left after
+  the first T - 1 tokens: O(1) in T.
 
-The phases, the lengths and the inputs are the study :mod:`course_lib.studies.phases`. A phase
-that does not apply to a mechanism (no decoding step for a mechanism that is not causal or
-declares none) is left out of the sweep and listed under the phase's table with the reason; the
-mechanisms whose cost model materialises the T x T scores (naive attention, MQA, GQA, top-k)
-stop train and prefill at T = 1024. SDPA is the reference of each phase's ratio columns. Beside
-each phase's table, the entry's cost model (``Mechanism.cost``; "no model" where an entry declares
-none) gives the FLOPs and the bytes moved, and :func:`all_report` compares the model's log-log
-slopes with the measured ones. ``all_train``, ``all_prefill`` and ``all_decode`` run one phase
-alone. The stored ``results/all_small.json`` (all three phases, the eight mechanisms of the
-course's first comparison, under their catalogue names) comes from the command below, run on one
-thread because the 2-core machine was shared with other jobs::
+The phases, the lengths and the inputs are the study :mod:`course_lib.studies.phases`. Each
+phase's table gives, per mechanism and T, the time per call (with the ratio to SDPA, the
+reference of each phase), the peak memory and the KV cache or state one sequence keeps per layer
+after T tokens (``Mechanism.state_bytes``), each with its fitted log-log slope against T. MLA and
+SwitchHead are measured as whole layers (projections, routers and experts included; see
+:mod:`course_lib.catalogue.layers`), and the table says so. A phase that does not apply to a
+mechanism (no decoding step for a mechanism that is not causal or declares none) is left out of
+the sweep and listed under the phase's table with the reason, as are the entries without a
+functional form (ring attention, the hybrid stack); the mechanisms whose cost model materialises
+the T x T scores (naive attention, MQA, GQA, top-k, MLA, differential attention, SwitchHead)
+stop train and prefill at T = 1024. Beside each phase's table, the entry's cost model
+(``Mechanism.cost``; "no model" where an entry declares none) gives the FLOPs and the bytes
+moved, and :func:`all_report` compares the model's log-log slopes with the measured ones.
+``all_train``, ``all_prefill`` and ``all_decode`` run one phase alone. The stored
+``results/all_small.json`` (all three phases, every mechanism with a functional form) comes from
+the command below, run on one thread because the 2-core machine was shared with other jobs (its
+numbers are noisy: read ratios and slopes)::
 
     python -m course_lib.bench all --threads 1 --min-run-time 0.1 --json results/all_small.json
 
@@ -62,12 +69,15 @@ from ..studies.phases import (
     mechanism_of,
     mechanisms,
     not_applicable,
+    not_run,
     phase_comparison,
     phase_methods,
     phase_of,
     relative_bars,
     relative_to,
+    state_bytes,
     train_step,
+    whole_layers,
 )
 from ..studies.recall_grid import (
     EVALUATION_BATCH,
@@ -151,14 +161,22 @@ _PHASE_TITLES = {
 
 
 def _notes(phase: str, measured: set[str]) -> list[str]:
-    """The mechanisms the phase does not apply to, with the reason, and the ones measured without
-    a causal mask (only in this process's catalogue: stored results may hold fewer)."""
+    """The mechanisms the phase does not apply to, with the reason (the catalogue's entries without
+    a functional form included), the ones measured without a causal mask, and the ones measured
+    as whole layers (only in this process's catalogue: stored results may hold fewer)."""
     lines = [
         f"n/a  {m.name}: {reason}" for m in mechanisms() if (reason := not_applicable(m, phase)) is not None
     ]
+    lines += [f"n/a  {name}: not run: {reason}" for name, reason in not_run().items()]
     whole = [m.name for m in mechanisms() if not m.causal and m.name in measured]
     if whole:
         lines.append(f"not causal (each query sees the whole sequence): {', '.join(whole)}")
+    layers = [name for name in whole_layers() if name in measured]
+    if layers:
+        lines.append(
+            "whole layers (input tokens of width H D; projections, routers and experts included): "
+            + ", ".join(layers)
+        )
     return lines
 
 
@@ -170,18 +188,21 @@ def _columns(rows: list[list[str]]) -> list[str]:
 
 
 def phase_table(rows: Sequence[Measurement], reference: str | None = "sdpa") -> str:
-    """One phase's measurements (named by mechanism), one row per mechanism: time per call in ms
-    at each T with the ratio to ``reference`` at the same T, and the log-log slope of time vs T;
-    then peak memory at each T ("-": not measured at that T)."""
+    """One phase's measurements (named by mechanism), one row per mechanism and three blocks: time
+    per call in ms at each T with the ratio to ``reference`` at the same T; peak memory; the KV
+    cache or state one sequence keeps per layer after T tokens (a measurement's ``state_bytes``,
+    else the catalogue's; "none" where the entry declares no decoding state). Each block ends
+    with the log-log slope of its numbers against T ("-": not measured at that T)."""
     names = list(dict.fromkeys(r.method for r in rows))
     lengths = sorted({r.T for r in rows})
     by_key = {(r.method, r.T): r for r in rows}
     reference = reference if reference in names else None
     ratio = f" (x {reference})" if reference else ""
     times = [["mechanism", *(f"T={T} ms{ratio}" for T in lengths), "slope"]]
-    peaks = [["mechanism", *(f"T={T} peak" for T in lengths)]]
+    peaks = [["mechanism", *(f"T={T} peak" for T in lengths), "slope"]]
+    states = [["mechanism", *(f"T={T} state" for T in lengths), "slope"]]
     for name in names:
-        cells, memory = [name], [name]
+        cells, memory, kept = [name], [name], [name]
         for T in lengths:
             r, base = by_key.get((name, T)), by_key.get((reference, T))
             cell = "-" if r is None else f"{r.seconds * 1e3:.2f}"
@@ -189,10 +210,38 @@ def phase_table(rows: Sequence[Measurement], reference: str | None = "sdpa") -> 
                 cell += f" ({r.seconds / base.seconds:.2f}x)"
             cells.append(cell)
             memory.append("-" if r is None else format_bytes(r.peak_bytes))
-        slope = _slope([(r.T, r.seconds) for r in rows if r.method == name])
-        times.append([*cells, "-" if slope is None else f"{slope:.2f}"])
-        peaks.append(memory)
-    return "\n".join(["time per call", *_columns(times), "", "peak memory", *_columns(peaks)])
+            state = None if r is None else _state(name, r)
+            kept.append("-" if r is None else ("none" if state is None else format_bytes(state)))
+        points = sorted((r for r in rows if r.method == name), key=lambda r: r.T)
+        for block, row, values in (
+            (times, cells, [(r.T, r.seconds) for r in points]),
+            (peaks, memory, [(r.T, r.peak_bytes) for r in points]),
+            (states, kept, [(r.T, _state(name, r)) for r in points]),
+        ):
+            slope = _slope(values)
+            block.append([*row, "-" if slope is None else f"{slope:.2f}"])
+    return "\n".join(
+        [
+            "time per call",
+            *_columns(times),
+            "",
+            "peak memory",
+            *_columns(peaks),
+            "",
+            "KV cache / state per sequence and layer after T tokens",
+            *_columns(states),
+        ]
+    )
+
+
+def _state(name: str, r: Measurement) -> int | None:
+    """The state bytes of one measurement: stored with it, else the catalogue entry's (if any)."""
+    if "state_bytes" in r.extra:
+        return r.extra["state_bytes"]
+    try:
+        return state_bytes(name, r.T)
+    except ValueError:  # a name the catalogue does not know or cannot run (an older or hand-made result)
+        return None
 
 
 def all_table(results: Sequence[Measurement]) -> str:
@@ -206,6 +255,7 @@ def all_table(results: Sequence[Measurement]) -> str:
 
 
 def _slope(points: list[tuple[int, float | None]]) -> float | None:
+    """The log-log slope through the points with a positive value (None with fewer than two)."""
     points = [(T, y) for T, y in points if y]
     return loglog_slope(*zip(*points)) if len(points) >= 2 else None
 

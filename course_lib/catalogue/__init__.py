@@ -17,6 +17,10 @@ mechanism up never depends on what was imported before::
     o = gla.run(x, form="recurrent")    # the library function on them
     [m.name for m in catalogue.mechanisms(family="linear", has="mixer")]
 
+A mechanism that exists only as a layer (MLA, SwitchHead) is given its functional form by
+:class:`~course_lib.catalogue.layers.LayerForm`: the layer's input tokens and its seeded weights are
+the inputs, ``torch.func.functional_call`` runs it, and its own cache decodes it (``decoder``).
+
 Adding a mechanism = its algorithm file + one declaration here + its tests + its notebook section.
 """
 

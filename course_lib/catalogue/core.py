@@ -104,6 +104,12 @@ class Mechanism:
             only their last token is fed, while the other per-token inputs are the cache.
         decode: how it decodes one token: "cache" (attend to the cached keys and values), "state"
             (one recurrent step from a fixed-size state) or None (no decoding phase).
+        decoder: ``decoder(inputs, T, **options) -> step``: a decoding step of the entry's own, for
+            a mechanism whose cache is not a slice of its inputs (MLA's latent cache, a layer's
+            KV cache); it prepares the cache of the first T - 1 tokens and returns the
+            zero-argument ``step() -> (output (B, H, 1, D_v), state)`` that decodes token T, where
+            ``state`` holds the tensors the cache keeps after it. None: the generic step of
+            ``decode`` (see :func:`course_lib.studies.phases.decode_step`).
         cache_window: for "cache": at most this many cached tokens are read (sliding window).
         state_numbers: ``state_numbers(T, geometry, **options) -> int``: numbers one sequence keeps
             per layer for decoding after T tokens (KV cache or recurrent state); ``options`` are
@@ -116,6 +122,10 @@ class Mechanism:
             ``d_model / num_heads``), so the state of a model's layer can be read off the catalogue.
         config_fields: fields of ``models.ModelConfig`` passed to ``mixer`` as options.
         gates: :class:`Gates` of a recurrent mechanism, or None.
+        layer: whether ``call`` runs a whole layer (its projections, routers and experts
+            included) on the layer's input tokens ``x`` and its weights
+            (:mod:`course_lib.catalogue.layers`), rather than the mechanism on q, k, v.
+        not_run: for an entry without a functional form: why the comparison does not run it.
     """
 
     name: str
@@ -134,6 +144,7 @@ class Mechanism:
     static_inputs: tuple[str, ...] = ()
     query_inputs: tuple[str, ...] = ("q",)
     decode: str | None = None
+    decoder: Callable[..., Callable[[], tuple[torch.Tensor, Any]]] | None = None
     cache_window: int | None = None
     state_numbers: Callable[..., int] | None = None
     cost: Callable[[str, int, Geometry], dict[str, float]] | None = None
@@ -141,6 +152,8 @@ class Mechanism:
     mixer_geometry: Callable[[int, int], Geometry] | None = None
     config_fields: tuple[str, ...] = ()
     gates: Gates | None = None
+    layer: bool = False
+    not_run: str | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.family, "family", FAMILIES)
@@ -149,6 +162,10 @@ class Mechanism:
             check_choice(self.decode, "decode", ("cache", "state"))
         if (self.inputs is None) != (self.call is None):
             raise ValueError(f"{self.name}: inputs and call go together (both or neither)")
+        if self.decoder is not None and (self.decode is None or self.call is None):
+            raise ValueError(f"{self.name}: a decoder needs a decode kind and a functional form")
+        if self.not_run is not None and self.call is not None:
+            raise ValueError(f"{self.name}: not_run explains a missing functional form, but call is given")
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     def __repr__(self) -> str:

@@ -11,10 +11,19 @@ from matplotlib.patches import FancyBboxPatch
 
 from .. import catalogue
 from ..results import load_results
-from ..studies.phases import phase_comparison
+from ..studies.phases import decode_tradeoff, phase_comparison
 from ..viz import STYLE
 
-__all__ = ["FIGURES", "CLASSES", "TAXONOMY", "four_classes", "taxonomy", "phase_comparison", "complexity"]
+__all__ = [
+    "FIGURES",
+    "CLASSES",
+    "TAXONOMY",
+    "four_classes",
+    "taxonomy",
+    "phase_comparison",
+    "complexity",
+    "decode_tradeoff_figure",
+]
 
 # The four classes of efficient attention are the catalogue's families between the exact baseline
 # and the specialised variants. What each changes, its compute, its extra memory and whether it is
@@ -134,8 +143,15 @@ def complexity(path=None) -> Figure:
     return phase_comparison(load_results(path))
 
 
+def decode_tradeoff_figure(path=None) -> Figure:
+    """:func:`~course_lib.studies.phases.decode_tradeoff` of the stored ``results/all_small.json``
+    (or the file at ``path``): state kept against the time of one decoding step, at the longest context."""
+    return decode_tradeoff(load_results(path))
+
+
 FIGURES: dict[str, Callable[[], Figure]] = {
     "08_four_classes": four_classes,
     "08_taxonomy": taxonomy,
     "08_complexity": complexity,
+    "08_decode_tradeoff": decode_tradeoff_figure,
 }

@@ -101,9 +101,18 @@ class LatentKVCache:
             dim=1,
         )
         self._tracked[layer_index] = tracked
-        if tracked is not None:
-            return tracked
-        return self.latent[layer_index, :, : start + T], self.rope_keys[layer_index, :, : start + T]
+        return self.get(layer_index)
+
+    def get(self, layer_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything stored in one layer: ``latent (B, length, d_c)`` and ``rope_keys (B, length, d_R)``.
+
+        Views of the storage, or the autograd copy while one is kept (see :meth:`append`).
+        """
+        layer_index = check_int(layer_index, "layer_index", min=0, max=self.num_layers - 1)
+        if self._tracked[layer_index] is not None:
+            return self._tracked[layer_index]
+        length = self._lengths[layer_index]
+        return self.latent[layer_index, :, :length], self.rope_keys[layer_index, :, :length]
 
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` tokens of every layer (at most what any layer holds)."""
@@ -210,13 +219,35 @@ class MultiHeadLatentAttention(nn.Module):
         cache: LatentKVCache | None = None,
         layer_index: int = 0,
         mode: str | None = None,
+        folded: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``x (B, T, d_model)`` -> ``(B, T, d_model)``; with ``cache``, the T tokens follow the cached ones.
+
+        ``folded``: the matrices of :meth:`absorbed_weights` (``mode="absorbed"`` only), computed
+        once by the caller as a deployment does; None recomputes them in every call, which in a
+        one-token decoding step costs more than the attention itself at short contexts.
+        """
         check_tensor(x, "x", ndim=3, floating=True)
         mode = self.mode if mode is None else mode
         B, T, width = x.shape
         if width != self.d_model:
             raise ValueError(f"x must have last dim d_model={self.d_model}, got shape {tuple(x.shape)}")
         check_choice(mode, "mode", ("naive", "absorbed"))
+        if folded is not None:
+            if mode != "absorbed":
+                raise ValueError(f"folded: the folded weights belong to mode='absorbed', not mode={mode!r}")
+            if not isinstance(folded, tuple) or len(folded) != 2:
+                raise TypeError(f"folded must be the pair of absorbed_weights(), got {type(folded).__name__}")
+            query_input_dim = self.d_model if self.query_latent_dim is None else self.query_latent_dim
+            for part, shape in zip(
+                folded,
+                (
+                    (self.num_heads, self.latent_dim, query_input_dim),
+                    (width, self.num_heads, self.latent_dim),
+                ),
+            ):
+                check_tensor(part, "folded", ndim=3, floating=True)
+                check_shape(part, "folded", shape)
         H, d_R = self.num_heads, self.rope_dim
         start = 0 if cache is None else cache.length(layer_index)
         positions = torch.arange(start, start + T, device=x.device)
@@ -243,7 +274,7 @@ class MultiHeadLatentAttention(nn.Module):
             return self.out_proj(out.transpose(1, 2).reshape(B, T, H * self.value_dim))
 
         # Absorbed: queries move into latent space; one shared key head [c; k^R], value head c.
-        query_weight, output_weight = self.absorbed_weights()
+        query_weight, output_weight = self.absorbed_weights() if folded is None else folded
         query_latent = torch.einsum("bti,hci->bhtc", query_input, query_weight)  # (B, H, T, d_c)
         query = torch.cat([query_latent, query_rope], dim=-1)
         keys = torch.cat([latent, rope_key], dim=-1).unsqueeze(1)  # (B, 1, S, d_c + d_R)

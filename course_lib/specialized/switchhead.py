@@ -13,6 +13,10 @@ For head ``h``, source token ``j`` and destination token ``i``:
 The gate is a sigmoid, not a softmax: experts do not compete for a fixed budget, which the
 paper found trains stably without load-balancing losses. ``gate="softmax"`` is offered to
 compare (with one expert it makes every gate exactly 1, i.e. plain multi-head attention).
+
+Decoding: the experts change the compute, not the cache. A token's key and its (expert-mixed)
+value are computed once, so the layer keeps an ordinary :class:`~course_lib.kv_cache.KVCache`
+of ``H`` heads, ``2 H D`` numbers per token, and a new token only routes itself.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from ..checks import check_bool, check_choice, check_int, check_shape, check_tensor
+from ..kv_cache import KVCache
 from ..standard import attention
 
 __all__ = ["route_top_k", "expert_projection", "SwitchHeadStats", "SwitchHeadAttention"]
@@ -166,6 +171,14 @@ class SwitchHeadAttention(nn.Module):
         self.value_experts = nn.Parameter(torch.randn(H, E, C, D) * C**-0.5)
         self.output_experts = nn.Parameter(torch.randn(H, E, D, C) * (H * D) ** -0.5)
 
+    def make_cache(
+        self, num_layers: int, batch_size: int, max_len: int, *, dtype=torch.float32, device=None
+    ) -> KVCache:
+        """A :class:`~course_lib.kv_cache.KVCache` for layers like this one: H heads of keys and values."""
+        return KVCache(
+            num_layers, batch_size, self.num_heads, max_len, self.head_dim, dtype=dtype, device=device
+        )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -173,8 +186,15 @@ class SwitchHeadAttention(nn.Module):
         mask: torch.Tensor | None = None,
         causal: bool = False,
         return_stats: bool = False,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, SwitchHeadStats]:
-        """``x`` ``(B, T, embed_dim)`` -> ``(B, T, embed_dim)`` (and :class:`SwitchHeadStats`)."""
+        """``x`` ``(B, T, embed_dim)`` -> ``(B, T, embed_dim)`` (and :class:`SwitchHeadStats`).
+
+        With ``cache`` the T tokens follow the cached ones: their keys and values are appended to
+        layer ``layer_index`` and the queries attend to everything cached (``causal`` aligned to
+        the end; ``mask`` then covers the ``S`` cached keys).
+        """
         check_tensor(x, "x", ndim=3, floating=True)
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have last dim embed_dim={self.embed_dim}, got shape {tuple(x.shape)}")
@@ -194,6 +214,11 @@ class SwitchHeadAttention(nn.Module):
             tokens, value_weights.to(x.dtype), value_indices, self.value_experts.to(x.dtype)
         )
         v = v.view(B, T, H, D).transpose(1, 2)
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+            k, v = cache.append(layer_index, k, v)
+            k, v = k.to(x.dtype), v.to(x.dtype)
 
         heads = attention(q, k, v, mask, causal=causal)  # (B, H, T, D): H matrices, not H * E
 

@@ -6,6 +6,8 @@ you need (nothing is imported here):
 
 - :mod:`.phases`: chapter 08's three phases (train, prefill, decode) of every catalogue mechanism, the
   FLOP/byte model and the "relative to standard attention" bars;
+- :mod:`.guide`: chapter 08's decision guide, its rules and the findings (stored measurements and
+  recall results) that back each recommendation;
 - :mod:`.recall_grid`: chapter 08's grid of MQAR recall runs (task per length, one grid point);
 - :mod:`.gates`: chapter 07's forget and select gates followed through the recurrence;
 - :mod:`.eviction`: chapter 05's KV-cache eviction study on a trained model and a synthetic one;

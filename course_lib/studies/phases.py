@@ -14,7 +14,14 @@ all`` runs them):
   mechanism that decodes from a cache (``decode="cache"``) attends the last token's query to the
   cached keys and values (the last ``cache_window`` of them for the sliding window); one that
   decodes from a state (``decode="state"``) does one step of its ``form="recurrent"`` from the
-  state its chunk form left after the first T - 1 tokens: O(1) in T.
+  state its chunk form left after the first T - 1 tokens: O(1) in T. An entry with a decoder of
+  its own (``Mechanism.decoder``: MLA from its latent cache, SwitchHead from its layer's KV
+  cache) decodes through it.
+
+MLA and SwitchHead exist only as layers; their entries run the whole layer (projections, routers
+and experts included) through :mod:`course_lib.catalogue.layers`, and the tables say so
+(:func:`whole_layers`). The entries without a functional form (ring attention, the hybrid stack)
+are listed with the entry's reason (:func:`not_run`).
 
 Where a phase does not apply, the mechanism is left out of that phase's sweep and listed with the
 reason (:func:`not_applicable`): a mechanism that is not causal has no decoding step (and its
@@ -40,7 +47,7 @@ from matplotlib.figure import Figure
 from .. import catalogue
 from ..catalogue import Geometry, Mechanism
 from ..checks import check_choice, check_int
-from ..measure import Measurement, loglog_slope
+from ..measure import Measurement
 from ..viz import STYLE, new_figure
 
 __all__ = [
@@ -53,6 +60,8 @@ __all__ = [
     "FULL_SEQUENCE_MAX_T",
     "SCORES_MAX_T",
     "mechanisms",
+    "not_run",
+    "whole_layers",
     "phase_inputs",
     "not_applicable",
     "materialises_scores",
@@ -61,6 +70,7 @@ __all__ = [
     "mechanism_of",
     "by_phase",
     "complexity",
+    "state_bytes",
     "prefill_step",
     "train_step",
     "decode_step",
@@ -69,6 +79,7 @@ __all__ = [
     "relative_to",
     "relative_bars",
     "phase_comparison",
+    "decode_tradeoff",
 ]
 
 PHASES = catalogue.PHASES  # ("train", "prefill", "decode")
@@ -83,6 +94,16 @@ SCORES_MAX_T = 1024  # ... and here for a mechanism that materialises the T x T 
 def mechanisms() -> tuple[Mechanism, ...]:
     """The mechanisms of the comparison: every catalogue entry with a functional form."""
     return catalogue.mechanisms(has="run")
+
+
+def not_run() -> dict[str, str]:
+    """The catalogue entries the comparison cannot run, with each entry's reason (``Mechanism.not_run``)."""
+    return {m.name: m.not_run or "no functional form" for m in catalogue.mechanisms() if not m.has("run")}
+
+
+def whole_layers() -> tuple[str, ...]:
+    """The mechanisms measured as whole layers (projections included; ``Mechanism.layer``)."""
+    return tuple(m.name for m in mechanisms() if m.layer)
 
 
 def _mechanism(name: str | Mechanism) -> Mechanism:
@@ -121,7 +142,8 @@ def not_applicable(name: str | Mechanism, phase: str) -> str | None:
 def materialises_scores(name: str | Mechanism) -> bool:
     """Whether the entry's cost model moves at least the float32 T x T scores and weights of every
     head (``16 H T^2`` bytes) in one prefill at T = :data:`FULL_SEQUENCE_MAX_T`: naive attention,
-    MQA, GQA, top-k. False for an entry without a cost model."""
+    MQA, GQA, top-k, and MLA, differential attention and SwitchHead (the course's versions call
+    its naive attention). False for an entry without a cost model."""
     mechanism = _mechanism(name)
     if mechanism.cost is None:
         return False
@@ -191,12 +213,14 @@ def decode_step(
     """A zero-argument callable: one decoding step for token ``T`` (1-based, default: the last) of ``x``.
 
     It returns ``(output, state)``: the output ``(B, H, 1, D_v)`` equals row ``T - 1`` of the
-    causal forward pass over the first T tokens. ``decode="cache"``: the per-token inputs of the
-    queries (the entry's ``query_inputs``) of token T against the cache of the first T tokens'
-    other inputs (only the last ``cache_window`` of them, when declared); state None.
-    ``decode="state"``: the chunk form runs over the first T - 1 tokens here (not in the
-    callable), and the callable does one ``form="recurrent"`` step from the state it left; state:
-    the new state.
+    causal forward pass over the first T tokens, and ``state`` is what a decoder keeps after
+    token T (its size is the entry's ``state_numbers(T)``). ``decode="cache"``: the per-token
+    inputs of the queries (the entry's ``query_inputs``) of token T against the cache of the
+    first T tokens' other inputs (only the last ``cache_window`` of them, when declared); state:
+    those cached tensors. ``decode="state"``: the chunk form runs over the first T - 1 tokens
+    here (not in the callable), and the callable does one ``form="recurrent"`` step from the
+    state it left; state: the new state. An entry with its own ``decoder`` prepares its cache
+    here and decodes in the callable (state: what its cache holds).
     """
     mechanism = _mechanism(name)
     reason = not_applicable(mechanism, "decode")
@@ -204,6 +228,8 @@ def decode_step(
         raise ValueError(f"name={mechanism.name!r} has no decode phase: {reason}")
     length = next(v.shape[2] for k, v in x.items() if k not in mechanism.static_inputs)
     T = length if T is None else check_int(T, "T", min=1, max=length)
+    if mechanism.decoder is not None:
+        return mechanism.decoder(x, T, **mechanism.options)
     last = mechanism.tokens(x, T - 1, T)
     if mechanism.decode == "state":
         state = None
@@ -212,7 +238,10 @@ def decode_step(
         return lambda: mechanism.run(last, form="recurrent", initial_state=state, output_final_state=True)
     first = 0 if mechanism.cache_window is None else max(T - mechanism.cache_window, 0)
     step = {**mechanism.tokens(x, first, T), **{key: last[key] for key in mechanism.query_inputs}}
-    return lambda: (mechanism.run(step), None)
+    cached = tuple(
+        value for key, value in step.items() if key not in mechanism.query_inputs + mechanism.static_inputs
+    )
+    return lambda: (mechanism.run(step), cached)
 
 
 def decode_last(
@@ -240,6 +269,15 @@ def complexity(
     return None if mechanism.cost is None else mechanism.cost(phase, T, geometry)
 
 
+def state_bytes(name: str | Mechanism, T: int, dtype: torch.dtype = torch.float32) -> int | None:
+    """Bytes of KV cache or state one sequence keeps per layer after ``T`` tokens at :data:`GEOMETRY`
+    with the entry's options (None where the entry declares no decoding state)."""
+    mechanism = _mechanism(name)
+    if not mechanism.has("state"):
+        return None
+    return mechanism.state_bytes(check_int(T, "T", min=0), GEOMETRY, dtype=dtype)
+
+
 # --- what the sweep measures ---------------------------------------------------------------
 
 
@@ -253,7 +291,9 @@ def phase_methods(
     """Builders ``{"phase:mechanism": build}`` for ``measure.sweep``, one per mechanism the phase
     applies to. ``build(T)`` returns None beyond :func:`max_length` or ``max_t`` (that length is
     left out) and otherwise a callable whose ``extra`` holds the phase, the mechanism, whether
-    it ran causally, and the cost model (``flops``, ``bytes``) where the entry declares one."""
+    it ran causally, the cost model (``flops``, ``bytes``) where the entry declares one, and the
+    bytes of KV cache or state one sequence keeps per layer after T tokens (``state_bytes``, in
+    ``dtype``; :meth:`~course_lib.catalogue.Mechanism.state_bytes`) where it declares them."""
     check_choice(phase, "phase", PHASES)
     steps = {"train": train_step, "prefill": prefill_step, "decode": decode_step}
 
@@ -265,7 +305,10 @@ def phase_methods(
                 return None
             call = steps[phase](mechanism, phase_inputs(mechanism, T, device, dtype))
             cost = mechanism.cost(phase, T, GEOMETRY) if mechanism.cost is not None else {}
+            state = state_bytes(mechanism, T, dtype)
             call.extra = {"phase": phase, "mechanism": mechanism.name, "causal": mechanism.causal, **cost}
+            if state is not None:
+                call.extra["state_bytes"] = state
             return call
 
         return build
@@ -335,42 +378,119 @@ _FIGURE_TITLES = {
 }
 
 
+def _styles(names: Sequence[str]) -> dict[str, dict]:
+    """One line style per mechanism, the same in every panel: ten colours, then the same colours
+    dashed, dotted and dash-dotted, so that up to forty lines stay distinct."""
+    colours = plt.get_cmap("tab10").colors
+    return {
+        name: {"color": colours[i % 10], "linestyle": ("-", "--", ":", "-.")[i // 10 % 4], "marker": "o"}
+        for i, name in enumerate(names)
+    }
+
+
 def phase_comparison(results: Sequence[Measurement]) -> Figure:
-    """Measured time (top row) and peak memory (bottom row) vs T, one column per phase present,
-    with each mechanism's fitted log-log slope of time in the legend."""
+    """Measured time (top row) and peak memory (bottom row) vs T, one column per phase present;
+    each mechanism keeps its style in every panel, named once in the figure's legend (the fitted
+    slopes are in the tables of :mod:`course_lib.benchmarks.ch08`)."""
     phases = [p for p in PHASES if any(phase_of(r) == p for r in results)]
     if not phases:
         raise ValueError("results hold no measurement")
+    names = list(dict.fromkeys(mechanism_of(r) for r in results))
+    styles = _styles(names)
     with plt.rc_context(STYLE):
-        figure = new_figure((5 * len(phases), 7.5))
+        figure = new_figure((4.6 * len(phases) + 2.4, 8))
         axes = figure.subplots(2, len(phases), squeeze=False)
         for column, phase in enumerate(phases):
             rows = [r for r in results if phase_of(r) == phase]
             top, bottom = axes[0, column], axes[1, column]
-            names = list(dict.fromkeys(mechanism_of(r) for r in rows))
-            for index, name in enumerate(names):
+            for name in dict.fromkeys(mechanism_of(r) for r in rows):
                 points = sorted((r.T, r.seconds, r.peak_bytes) for r in rows if mechanism_of(r) == name)
-                Ts = [p[0] for p in points]
-                slope = loglog_slope(Ts, [p[1] for p in points]) if len(points) > 1 else float("nan")
-                # ten colours, then the same colours dashed, then dotted: every line stays distinct
-                style = {"marker": "o", "linestyle": ("-", "--", ":")[index // 10 % 3]}
-                top.plot(Ts, [p[1] * 1e3 for p in points], label=f"{name} ({slope:.2f})", **style)
+                style = {**styles[name], "markersize": 3, "linewidth": 1.2}
+                top.plot([p[0] for p in points], [p[1] * 1e3 for p in points], label=name, **style)
                 memory = [(p[0], p[2]) for p in points if p[2]]
-                bottom.plot([t for t, _ in memory], [b / 2**20 for _, b in memory], label=name, **style)
+                bottom.plot([t for t, _ in memory], [b / 2**20 for _, b in memory], **style)
             top.set_title(f"{_FIGURE_TITLES[phase]}: time")
             bottom.set_title(f"{_FIGURE_TITLES[phase]}: peak memory")
-            top.legend(
-                frameon=False,
-                fontsize=7,
-                title="log-log slope",
-                title_fontsize=7,
-                ncol=1 if len(names) <= 12 else 2,
-            )
             for ax, label in ((top, "time per call (ms)"), (bottom, "peak memory (MiB)")):
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel("sequence length / context T")
                 ax.set_ylabel(label)
                 ax.grid(True, alpha=0.3)
+        handles = {}
+        for ax in axes[0]:
+            handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+        shown = [n for n in names if n in handles]
+        columns = 1 if len(shown) <= 24 else 2
+        legend_inches = 1.3 * columns  # room on the right for the legend, outside the panels
+        figure.set_figwidth(figure.get_figwidth() + legend_inches - 2.4)
+        figure.tight_layout(rect=(0, 0, 1 - legend_inches / figure.get_figwidth(), 1))
+        figure.legend(
+            [handles[n] for n in shown], shown, loc="center right", frameon=False, fontsize=7, ncol=columns
+        )
+    return figure
+
+
+def decode_tradeoff(results: Sequence[Measurement], T: int | None = None) -> Figure:
+    """One point per mechanism at the context ``T`` of the decode phase (default: the longest
+    measured): the KV cache or state it keeps (x) against the time of one decoding step (y),
+    coloured by family. The decision between a growing cache and a fixed state, in one picture."""
+    rows = [r for r in results if phase_of(r) == "decode"]
+    if not rows:
+        raise ValueError("results hold no decode measurement")
+    T = max(r.T for r in rows) if T is None else check_int(T, "T", min=1)
+    points = [
+        (mechanism_of(r), state, r.seconds)
+        for r in rows
+        if r.T == T and (state := r.extra.get("state_bytes", _catalogue_state(mechanism_of(r), T)))
+    ]
+    if not points:
+        raise ValueError(f"T={T} has no decode measurement with a known state size")
+    colours = dict(zip(catalogue.FAMILIES, plt.get_cmap("tab10").colors))
+    with plt.rc_context(STYLE):
+        figure, ax = plt.subplots(figsize=(8, 5))
+        for family in catalogue.FAMILIES:
+            mine = [p for p in points if _family(p[0]) == family]
+            if mine:
+                ax.scatter(
+                    [p[1] for p in mine],
+                    [p[2] * 1e3 for p in mine],
+                    color=colours[family],
+                    label=family,
+                    s=30,
+                )
+        # labels of mechanisms with the same state alternate right and left of their points
+        for rank, (name, state, seconds) in enumerate(sorted(points, key=lambda p: (p[1], p[2]))):
+            right = rank % 2 == 0
+            ax.annotate(
+                name,
+                (state, seconds * 1e3),
+                fontsize=7,
+                xytext=(4 if right else -4, 0),
+                textcoords="offset points",
+                ha="left" if right else "right",
+                va="center",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("KV cache / state per sequence and layer (bytes)")
+        ax.set_ylabel("one decoding step (ms)")
+        ax.set_title(f"decoding at a context of T = {T}: state kept vs time per token")
+        ax.legend(frameon=False, fontsize=8)
+        ax.grid(True, alpha=0.3)
         figure.tight_layout()
     return figure
+
+
+def _catalogue_state(name: str, T: int) -> int | None:
+    try:
+        return state_bytes(name, T)
+    except ValueError:  # a name the catalogue does not know (a hand-made result)
+        return None
+
+
+def _family(name: str) -> str | None:
+    try:
+        return catalogue.get(name).family
+    except ValueError:
+        return None

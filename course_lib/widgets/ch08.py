@@ -13,12 +13,13 @@ from __future__ import annotations
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
-from ..checks import check_bool, check_choice, check_float, check_int
-from ..measure import Measurement, format_bytes
+from ..checks import check_choice, check_int
+from ..measure import Measurement
 
 # Stored results are loaded by course_lib.results (RESULTS_DIR and load_results stay importable
 # from here for one release).
 from ..results import RESULTS_DIR, load_results
+from ..studies.guide import REFERENCE_MODEL, evidence, kv_cache_bytes_per_token, recommend
 from ..studies.phases import PHASES, mechanism_of, phase_of
 from ..viz import STYLE, plot_scaling
 from ._display import new_figure, show, widen_labels, wrap_line
@@ -139,15 +140,8 @@ def comparison_explorer(results: list[Measurement] | None = None) -> widgets.Wid
 
 
 # --- (b) decision guide ---------------------------------------------------------------------------
-
-# A Llama-2-7B-shaped decoder (32 layers, 32 heads of 128) in 16-bit; GQA keeps 8 KV heads.
-REFERENCE_MODEL = {"layers": 32, "heads": 32, "kv_heads_gqa": 8, "head_dim": 128, "bytes": 2}
-
-
-def kv_cache_bytes_per_token(kv_heads: int) -> int:
-    """K and V bytes per token of :data:`REFERENCE_MODEL` with ``kv_heads`` key/value heads."""
-    m = REFERENCE_MODEL
-    return 2 * m["layers"] * check_int(kv_heads, "kv_heads", min=1) * m["head_dim"] * m["bytes"]
+# The rules and the findings they cite live in course_lib.studies.guide; REFERENCE_MODEL and
+# kv_cache_bytes_per_token stay importable from here.
 
 
 def decision_guide_view(
@@ -156,68 +150,26 @@ def decision_guide_view(
     exact: bool = True,
     decode_heavy: bool = False,
     *,
+    found: dict | None = None,
     draw: bool = True,
 ) -> dict:
-    """Recommend a mechanism for one sequence of ``seq_len`` tokens of :data:`REFERENCE_MODEL`.
-
-    ``memory_gib`` is the budget for the KV cache (or state) of that sequence. Returns
-    ``recommendation``, ``reason``, ``chapter`` and the numbers behind them (``mha_cache``,
-    ``gqa_cache`` in bytes).
-    """
-    T = check_int(seq_len, "seq_len", min=1)
-    budget = check_float(memory_gib, "memory_gib", min=0.0, min_open=True) * 2**30
-    check_bool(exact, "exact")
-    check_bool(decode_heavy, "decode_heavy")
-    mha = T * kv_cache_bytes_per_token(REFERENCE_MODEL["heads"])
-    gqa = T * kv_cache_bytes_per_token(REFERENCE_MODEL["kv_heads_gqa"])
-    fits = f"MHA cache {format_bytes(mha)}, GQA cache {format_bytes(gqa)}, budget {format_bytes(budget)}"
-    if mha <= budget and not decode_heavy:
-        rec, chapter = "exact attention with a fused kernel (SDPA / FlashAttention)", "03"
-        reason = (
-            "the cache fits; FlashAttention is exact, O(T^2 d) compute like naive attention but "
-            "O(T) extra memory — in our measurements the fused SDPA was the fastest exact method "
-            "and naive attention's memory grew as T^2"
-        )
-    elif gqa <= budget:
-        rec, chapter = "exact attention with GQA (or MLA) and a KV cache", "04"
-        reason = (
-            "decoding is bound by reading the KV cache; fewer KV heads shrink it "
-            f"{REFERENCE_MODEL['heads'] // REFERENCE_MODEL['kv_heads_gqa']}x with exact attention "
-            "(MQA/GQA save memory and bandwidth, not attention FLOPs)"
-        )
-    elif exact:
-        rec, chapter = "ring attention over several devices (sequence parallelism), GQA cache", "08"
-        reason = (
-            "exact attention is required but one device's budget cannot hold the cache: split the sequence"
-        )
-    elif decode_heavy:
-        rec, chapter = "a hybrid: sliding-window or recurrent layers with a few full-attention layers", "08"
-        reason = (
-            "a constant-size state makes decoding cheap, but on MQAR fixed states lost recall as "
-            "pairs grew; a few global layers keep exact retrieval"
-        )
-    else:
-        rec, chapter = "a gated linear recurrence (Gated DeltaNet, Mamba-2) or a hybrid stack", "07"
-        reason = (
-            "the cache does not fit and approximation is acceptable: the chunk forms run in O(T) "
-            "time with a constant state (our measured log-log slopes were near 1)"
-        )
-    view = {
-        "recommendation": rec,
-        "reason": reason,
-        "chapter": chapter,
-        "mha_cache": mha,
-        "gqa_cache": gqa,
-        "numbers": fits,
-    }
+    """The guide's recommendation (:func:`course_lib.studies.guide.recommend`) for one sequence of
+    ``seq_len`` tokens of :data:`REFERENCE_MODEL` and a KV-cache budget of ``memory_gib`` GiB,
+    printed with the measurements behind it. ``found``: the findings (default: the stored results)."""
+    view = recommend(seq_len, memory_gib, exact, decode_heavy, found=found)
     if draw:
-        lines = (f"Recommendation: {rec}", f"Why: {reason}", f"Numbers: {fits}", f"See chapter {chapter}.")
-        print("\n".join(wrap_line(line) for line in lines))
+        lines = [f"Recommendation: {view['recommendation']}", f"Why: {view['reason']}"]
+        lines += [
+            f"Measured: {text}\n  ({source})" for text, source in zip(view["evidence"], view["backed_by"])
+        ]
+        lines += [f"Numbers: {view['numbers']}", f"See chapter {view['chapter']}."]
+        print("\n".join(wrap_line(line) for text in lines for line in text.split("\n")))
     return view
 
 
-def decision_guide() -> widgets.Widget:
-    """Sequence length, memory budget, exactness, decode-heavy -> the recommendation and its reason."""
+def decision_guide(found: dict | None = None) -> widgets.Widget:
+    """Sequence length, memory budget, exactness, decode-heavy -> the recommendation and its evidence."""
+    found = evidence() if found is None else found
     return widgets.interactive(
         decision_guide_view,
         seq_len=widgets.SelectionSlider(
@@ -226,5 +178,6 @@ def decision_guide() -> widgets.Widget:
         memory_gib=widgets.FloatLogSlider(value=8.0, base=2, min=-4, max=7, step=0.5, description="GiB"),
         exact=widgets.Checkbox(value=True, description="exact needed"),
         decode_heavy=widgets.Checkbox(value=False, description="decode-heavy"),
+        found=widgets.fixed(found),
         draw=widgets.fixed(True),
     )
