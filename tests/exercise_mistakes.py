@@ -5,7 +5,9 @@ Each entry: exercise id -> list of (description, expected fragment of the messag
 The "library" entries call the course's own implementation (or a PyTorch shortcut): they must be refused.
 """
 
+import importlib
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -676,3 +678,8 @@ MISTAKES = {
         ),
     ],
 }
+
+# Chapters may keep their wrong solutions in a file of their own, tests/exercise_mistakes_chNN.py, with a
+# MISTAKES dict of the same form; they are added here.
+for _path in sorted(Path(__file__).parent.glob("exercise_mistakes_ch*.py")):
+    MISTAKES.update(importlib.import_module(_path.stem).MISTAKES)
