@@ -44,7 +44,17 @@ FLOORS = {
     ),
     "catalogue": ("catalogue",),
     "studies": ("models", "recall", "results", "studies", "serving"),
-    "leaves": ("widgets", "figures", "exercises", "benchmarks", "bench", "student", "grade", "kernels"),
+    "leaves": (
+        "widgets",
+        "figures",
+        "exercises",
+        "benchmarks",
+        "bench",
+        "student",
+        "grade",
+        "kernels",
+        "notebooks",
+    ),
 }
 LEVEL = {name: level for level, names in enumerate(FLOORS.values()) for name in names}
 FLOOR_NAMES = list(FLOORS)

@@ -1,6 +1,10 @@
-"""Imports every chapter's checkers, so that :data:`~course_lib.exercises.common.EXERCISES` lists them all."""
+"""Every exercise of the course: importing every chapter's checkers registers them in
+:data:`~course_lib.exercises.common.EXERCISES`."""
+
+from collections.abc import Iterator
 
 from . import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08  # noqa: F401
+from .common import EXERCISES, Exercise
 
 NOTEBOOKS = {
     0: "00_start_here.ipynb",
@@ -13,3 +17,8 @@ NOTEBOOKS = {
     7: "07_gated_linear_recurrences.ipynb",
     8: "08_choosing_an_attention.ipynb",
 }
+
+
+def iter_exercises() -> Iterator[Exercise]:
+    """Every registered exercise, chapter by chapter."""
+    yield from sorted(EXERCISES.values(), key=lambda e: tuple(int(p) for p in e.id.split(".")))

@@ -29,7 +29,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -801,10 +801,3 @@ def use_mine_or_library(mine: Callable, exercise_id: str) -> Callable:
     status = RESULTS[exercise_id].status if exercise_id in RESULTS else "not checked"
     print(f"(exercise {exercise_id} is {status}: the cells below use the library's {fallback.__name__})")
     return fallback
-
-
-def iter_exercises() -> Iterator[Exercise]:
-    """Every registered exercise, chapter by chapter (imports every chapter's checkers)."""
-    from . import catalog  # noqa: F401 - importing registers them
-
-    yield from sorted(EXERCISES.values(), key=lambda e: tuple(int(p) for p in e.id.split(".")))
