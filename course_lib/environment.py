@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported inside the functions: choosing threads at `import course_lib`
+    import torch  # must not start torch (the bench command's --help would wait for it)
 
 __all__ = [
     "FEW_CORES",
@@ -31,6 +34,8 @@ FEW_CORES = 4
 
 def pick_device() -> torch.device:
     """``COURSE_DEVICE`` when set; else CUDA if present, then Apple's MPS, then the CPU."""
+    import torch
+
     forced = os.environ.get("COURSE_DEVICE", "").strip()
     if forced:
         try:
@@ -51,6 +56,8 @@ def measurement_device() -> torch.device:
     """Where the notebooks' measurements run: :func:`pick_device`, except Apple's MPS (its kernels
     run asynchronously, and ``course_lib.bench`` can neither wait for them nor read their memory),
     which measures on the CPU."""
+    import torch
+
     device = pick_device()
     return torch.device("cpu") if device.type == "mps" else device
 
@@ -64,6 +71,22 @@ def usable_cores() -> int:
 
 # Why the thread count is what it is, for the environment report (set by choose_threads).
 _CHOICE = "torch's default"
+# The value the course itself gave OMP_NUM_THREADS before torch started (then it is not the reader's).
+_VARIABLES_SET: str | None = None
+
+
+def _reader_set_thread_variables() -> bool:
+    values = {os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} - {None, ""}
+    return bool(values) and values != {_VARIABLES_SET}
+
+
+def _set_threads(count: int) -> None:
+    """Before torch starts, through the variables its thread pools read at start; after, directly."""
+    global _VARIABLES_SET
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)
+    else:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _VARIABLES_SET = str(count)
 
 
 def choose_threads() -> int:
@@ -73,27 +96,32 @@ def choose_threads() -> int:
     torch already follows it. Otherwise a machine with fewer than :data:`FEW_CORES` usable cores
     gets one thread: the course's tensors are small, and under load torch's threads spin against
     each other and against other programs (100 training steps of chapter 04's model took 82 s
-    with two threads and 7 s with one on a busy 2-core machine). Called on ``import course_lib``.
+    with two threads and 7 s with one on a busy 2-core machine). Called on ``import course_lib``,
+    which may come before torch starts: then the choice goes through ``OMP_NUM_THREADS``.
     """
     global _CHOICE
     requested = os.environ.get("COURSE_THREADS", "").strip()
     if requested:
         if not requested.isdigit() or int(requested) < 1:
             raise ValueError(f"COURSE_THREADS must be a positive integer, got {requested!r}")
-        torch.set_num_threads(int(requested))
+        _set_threads(int(requested))
         _CHOICE = f"COURSE_THREADS={requested}"
-    elif os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+    elif _reader_set_thread_variables():
         _CHOICE = "following OMP_NUM_THREADS / MKL_NUM_THREADS"
     elif usable_cores() < FEW_CORES:
-        torch.set_num_threads(1)
+        _set_threads(1)
         _CHOICE = f"the course's choice for {usable_cores()} cores; COURSE_THREADS=N to change"
     else:
         _CHOICE = "torch's default"
-    return torch.get_num_threads()
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    return int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
 
 
 def thread_choice() -> str:
     """``"<threads> (<why>)"``: torch's thread count and who chose it."""
+    import torch
+
     return f"{torch.get_num_threads()} ({_CHOICE})"
 
 
@@ -102,6 +130,7 @@ def environment_report() -> dict[str, str]:
     import ipywidgets
     import matplotlib
     import numpy
+    import torch
 
     device = pick_device()
     report = {

@@ -220,8 +220,8 @@ def _ttt_mlp_call(
         B, H, _, D_k = q.shape
         generator = torch.Generator().manual_seed(0)
         hidden = TTT_HIDDEN * D_k
-        W1 = torch.randn(1, H, D_k, hidden, generator=generator) * D_k**-0.5
-        W2 = torch.randn(1, H, hidden, x["v"].shape[-1], generator=generator) * hidden**-0.5
+        W1 = torch.randn(1, H, D_k, hidden, generator=generator, device="cpu") * D_k**-0.5
+        W2 = torch.randn(1, H, hidden, x["v"].shape[-1], generator=generator, device="cpu") * hidden**-0.5
         initial_state = (W1.to(q).expand(B, -1, -1, -1), W2.to(q).expand(B, -1, -1, -1))
     return ttt_mlp(
         q, x["k"], x["v"], x["lr"], initial_state, form=form, output_final_state=output_final_state, **options

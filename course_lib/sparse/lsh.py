@@ -52,7 +52,10 @@ def lsh_buckets(
     B, H, T, D = qk.shape
     if num_buckets == 1:
         return torch.zeros(B, H, num_hashes, T, dtype=torch.long, device=qk.device)
-    rotations = torch.randn(num_hashes, D, num_buckets // 2, generator=generator, dtype=torch.float64)
+    # Drawn on the generator's device (the CPU unless a CUDA generator is passed), then moved to qk's.
+    rotations = torch.randn(
+        num_hashes, D, num_buckets // 2, generator=generator, dtype=torch.float64, device=generator.device
+    )
     dtype = compute_dtype(qk)
     projected = torch.einsum("bhtd,rdn->bhrtn", qk.to(dtype), rotations.to(qk.device, dtype))
     return torch.cat((projected, -projected), dim=-1).argmax(dim=-1)
