@@ -307,8 +307,11 @@ def test_nbgrader_generate_assignment_makes_the_same_learners_copy(tmp_path):
         ours = make_student_notebook(nbformat.read(path, as_version=4))
         strip = lambda s: s.replace("# NBVAL_CHECK_OUTPUT\n", "")  # noqa: E731 - ours drops the marker too
         assert [strip(c.source) for c in released.cells] == [c.source for c in ours.cells], path.name
-        checkers = [c for c in released.cells if c.metadata.get("nbgrader", {}).get("grade")]
+        graded = [c for c in released.cells if c.metadata.get("nbgrader", {}).get("grade")]
+        checkers = [c for c in graded if not c.metadata["nbgrader"]["solution"]]
         assert checkers and all(c.metadata["nbgrader"]["locked"] for c in checkers)
+        answers = [c for c in graded if c.metadata["nbgrader"]["solution"]]  # explain: graded by hand
+        assert all(c.cell_type == "markdown" and not c.metadata["nbgrader"]["locked"] for c in answers)
     # nbgrader's copy of a chapter scores zero with the course's grader, and runs on past every stub
     grades, notes = grade(
         collect([course / "release" / "all" / "00_start_here.ipynb"], student="nbgrader"), progress=False
