@@ -109,6 +109,13 @@ MISTAKES = {
             ),
         ),
         (
+            "SDPA head by head",
+            "PyTorch shortcut",
+            lambda x, context, W_q, W_k, W_v, W_o, num_heads, lengths=None, causal=False: (
+                F.scaled_dot_product_attention(x @ W_q, context @ W_k, context @ W_v) @ W_o
+            ),
+        ),
+        (
             "torch.nn.MultiheadAttention",
             "PyTorch shortcut",
             lambda x, context, W_q, W_k, W_v, W_o, num_heads, lengths=None, causal=False: (
@@ -140,5 +147,10 @@ MISTAKES = {
         ("causal without clamping later keys", "does not clamp", _buckets_with("no clamp")),
         ("float buckets", "expected integers", _buckets_with("float")),
         ("the library's t5_buckets", "course's own code", lambda relative, **kw: t5_buckets(relative, **kw)),
+        (
+            "the library's T5 bias module",
+            "course's own code",
+            lambda relative, **kw: course_lib.relative_positions.T5RelativeBias(4)(3),
+        ),
     ],
 }  # fmt: skip

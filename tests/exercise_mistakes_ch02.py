@@ -20,6 +20,8 @@ def _bandwidth(num_elements, *, dtype=torch.float32, device="cpu", timer=time_fu
         seconds = timer(lambda: target.fill_(1.0))
     elif mistake == "twice":
         seconds = timer(lambda: (target.copy_(source), source.copy_(target)))
+    elif mistake == "nothing":
+        seconds = timer(lambda: None)
     elif mistake == "no timer":
         start = time.perf_counter()
         target.copy_(source)
@@ -85,6 +87,14 @@ MISTAKES = {
         ("two copies timed, one counted", "runs 2 copies", _bandwidth_with("twice")),
         ("time.perf_counter instead of the timer", "never called timer", _bandwidth_with("no timer")),
         ("the device ignored", "not on device='meta'", _bandwidth_with("device")),
+        ("nothing timed", "touches at most 0 elements", _bandwidth_with("nothing")),
+        (
+            "the library's private timer",
+            "course's own code",
+            lambda num_elements, **kwargs: (
+                2 * num_elements * 4 / course_lib.hardware._timer_median("1 + 1", {}, 0.01)
+            ),
+        ),
         (
             "the library's measure_memory_bandwidth",
             "course's own code",
