@@ -11,16 +11,24 @@ import torch.nn.functional as F
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
+ROLES = {
+    "build": ("statement", "solution", "checker"),
+    "predict": ("statement", "prediction", "reveal"),
+    "explain": ("statement", "answer"),
+}
+
+
 def exercise_cells() -> dict[str, dict[str, list]]:
-    """exercise id -> {"statement": [cells], "solution": [cells], "checker": [cells]} over all notebooks."""
+    """exercise id -> {role: [cells]} over all notebooks, with every role of :data:`ROLES` present (build:
+    statement, solution, checker; predict: statement, prediction, reveal; explain: statement, answer)."""
     found: dict[str, dict[str, list]] = {}
     for path in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
         for cell in notebook.cells:
             course = cell.get("metadata", {}).get("course")
             if course:
-                roles = found.setdefault(course["exercise"], {"statement": [], "solution": [], "checker": []})
-                roles[course["role"]].append(cell)
+                roles = found.setdefault(course["exercise"], {r: [] for rs in ROLES.values() for r in rs})
+                roles.setdefault(course["role"], []).append(cell)
     return found
 
 

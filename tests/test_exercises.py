@@ -5,7 +5,9 @@ it. Then the framework's parts: comparisons and their hints, printing, recording
 import importlib
 import json
 import re
+from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 from exercise_mistakes import MISTAKES
@@ -27,8 +29,15 @@ from course_lib.exercises import (
 from course_lib.exercises import predictions as predict_module
 from course_lib.exercises.ch02 import check_roofline
 
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+TEACHING = (Path(__file__).resolve().parents[1] / "TEACHING.md").read_text(encoding="utf-8")
+
 ALL = list(iter_exercises())
 IDS = [e.id for e in ALL]
+BUILD = [e for e in ALL if e.kind == "build"]  # the exercises with a checker
+BUILD_IDS = [e.id for e in BUILD]
+PREDICT = [e for e in ALL if e.kind == "predict"]
+EXPLAIN = [e for e in ALL if e.kind == "explain"]
 CELLS = exercise_cells()
 
 
@@ -40,17 +49,73 @@ def stub(*args, **kwargs):
     raise NotImplementedError("not implemented yet")
 
 
-def test_the_registry_lists_the_28_build_exercises_of_chapters_00_to_08():
-    assert len(ALL) == 28 and all(e.kind == "build" for e in ALL)
+def test_the_registry_lists_the_exercises_of_chapters_00_to_08():
+    assert len(BUILD) >= 28
     assert [e.chapter for e in ALL] == sorted(e.chapter for e in ALL)
     assert {e.chapter for e in ALL} == set(range(9))
     for exercise in ALL:
         assert exercise.kind in ("build", "predict", "explain")
-        assert exercise.points >= 1
+        assert exercise.points >= 1 if exercise.kind != "predict" else exercise.points == 0, (
+            "build and explain exercises carry points; predictions are feedback only"
+        )
+        assert bool(exercise.checker) == (exercise.kind == "build")
         assert re.fullmatch(r"[A-Za-z0-9_-]+", exercise.grade_id), "nbgrader accepts only these characters"
 
 
-@pytest.mark.parametrize("exercise", ALL, ids=IDS)
+@pytest.mark.parametrize("chapter", sorted({e.chapter for e in PREDICT + EXPLAIN}))
+def test_a_chapter_with_predict_or_explain_exercises_has_all_three_kinds(chapter):
+    kinds = [e.kind for e in ALL if e.chapter == chapter]
+    assert len(kinds) >= 5, f"chapter {chapter:02d}: at least 5 exercises"
+    assert kinds.count("build") >= 2 and kinds.count("predict") >= 1 and kinds.count("explain") >= 1
+
+
+@pytest.mark.parametrize("exercise", PREDICT, ids=[e.id for e in PREDICT])
+def test_a_predict_exercise_asks_before_it_reveals(exercise):
+    cells = CELLS[exercise.id]
+    assert [len(cells[role]) for role in ("statement", "prediction", "reveal")] == [1, 1, 1]
+    statement, prediction, reveal_cell = cells["statement"][0], cells["prediction"][0], cells["reveal"][0]
+    assert statement.cell_type == "markdown" and f"Exercise {exercise.id} (predict)" in statement.source
+    assert prediction.cell_type == "code" and reveal_cell.cell_type == "code"
+    assert f'predict("{exercise.id}"' in prediction.source and f'reveal("{exercise.id}"' in reveal_cell.source
+    assert re.search(r"^\w+ = None  # your prediction", prediction.source, re.M), (
+        "the teacher's copy leaves the prediction empty too: the learner's copy keeps this cell as it is"
+    )
+    assert "SOLUTION" not in prediction.source and "nbgrader" not in prediction.metadata
+    notebook = next(
+        nbformat.read(path, as_version=4)
+        for path in NOTEBOOKS
+        if path.name.startswith(f"{exercise.chapter:02d}_")
+    )
+    order = [c.get("id") for c in notebook.cells]
+    assert order.index(statement.id) < order.index(prediction.id) < order.index(reveal_cell.id)
+    assert f"**{exercise.id} (predict" in TEACHING, "TEACHING.md holds the model answer"
+
+
+@pytest.mark.parametrize("exercise", EXPLAIN, ids=[e.id for e in EXPLAIN])
+def test_an_explain_exercise_has_a_manually_graded_answer_cell(exercise):
+    cells = CELLS[exercise.id]
+    assert [len(cells[role]) for role in ("statement", "answer")] == [1, 1]
+    statement, answer = cells["statement"][0], cells["answer"][0]
+    assert statement.cell_type == "markdown" and f"Exercise {exercise.id} (explain)" in statement.source
+    assert answer.cell_type == "markdown"
+    assert answer.metadata["nbgrader"] == {
+        "grade": True,
+        "grade_id": exercise.grade_id,
+        "locked": False,
+        "points": exercise.points,
+        "schema_version": 3,
+        "solution": True,
+        "task": False,
+    }
+    assert answer.source.count("### BEGIN SOLUTION") == 1 and answer.source.count("### END SOLUTION") == 1
+    model = answer.source.split("### BEGIN SOLUTION")[1].split("### END SOLUTION")[0]
+    assert len(model.split()) >= 60, "the teacher's copy holds a model answer"
+    assert f"**{exercise.id} (explain" in TEACHING, (
+        "TEACHING.md holds the model answer and what it must mention"
+    )
+
+
+@pytest.mark.parametrize("exercise", BUILD, ids=BUILD_IDS)
 def test_the_notebook_holds_a_statement_a_solution_and_a_checker_with_nbgrader_metadata(exercise):
     cells = CELLS[exercise.id]
     assert len(cells["statement"]) == 1 and len(cells["solution"]) == 1 and len(cells["checker"]) == 1
@@ -80,7 +145,7 @@ def test_the_notebook_holds_a_statement_a_solution_and_a_checker_with_nbgrader_m
     assert exercise.checker + "(" in check.source and "SOLUTION" not in check.source
 
 
-@pytest.mark.parametrize("exercise", ALL, ids=IDS)
+@pytest.mark.parametrize("exercise", BUILD, ids=BUILD_IDS)
 def test_the_notebook_solution_passes_on_several_seeds(exercise):
     functions = solution_functions(exercise.id, CELLS[exercise.id])
     for seed in (0, 1, 2, 12345):
@@ -89,7 +154,7 @@ def test_the_notebook_solution_passes_on_several_seeds(exercise):
         assert outcome.cases_run == outcome.cases_total >= 2
 
 
-@pytest.mark.parametrize("exercise", ALL, ids=IDS)
+@pytest.mark.parametrize("exercise", BUILD, ids=BUILD_IDS)
 def test_the_stub_says_not_implemented_yet_in_one_line(exercise, capsys):
     functions = solution_functions(exercise.id, CELLS[exercise.id])
     check = checker_of(exercise)
@@ -100,7 +165,7 @@ def test_the_stub_says_not_implemented_yet_in_one_line(exercise, capsys):
     assert check.run(*[stub] * len(functions)).status == "not implemented"
 
 
-@pytest.mark.parametrize("exercise", ALL, ids=IDS)
+@pytest.mark.parametrize("exercise", BUILD, ids=BUILD_IDS)
 def test_every_exercise_refuses_a_call_to_the_course_library(exercise):
     library = [entry for entry in MISTAKES[exercise.id] if entry[1] == "course's own code"]
     assert library, f"exercise {exercise.id} needs a wrong solution that calls the library"
@@ -110,7 +175,13 @@ def test_every_exercise_refuses_a_call_to_the_course_library(exercise):
         assert fragment in outcome.message and "\n" not in outcome.message
 
 
-MISTAKE_CASES = [(e, d, f, fn) for e in IDS for d, f, fn in MISTAKES[e]]
+MISTAKE_CASES = [(e, d, f, fn) for e in BUILD_IDS for d, f, fn in MISTAKES[e]]
+
+
+def test_the_wrong_solutions_are_of_build_exercises_and_each_has_several():
+    assert set(MISTAKES) == set(BUILD_IDS)
+    for exercise in BUILD_IDS:
+        assert len(MISTAKES[exercise]) >= 2, exercise
 
 
 @pytest.mark.parametrize(

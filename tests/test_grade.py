@@ -23,7 +23,10 @@ from course_lib.student import make_student_notebook, make_student_version
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXERCISES = list(iter_exercises())
+EXERCISES = [e for e in iter_exercises() if e.kind == "build"]  # the graded ones: a checker scores them
+POINTS = sum(e.points for e in EXERCISES)
+CH02_BUILD = [e for e in EXERCISES if e.chapter == 2]
+CH02_POINTS = sum(e.points for e in CH02_BUILD)
 GRADED = ("00_start_here.ipynb", "03_tiling_flash_attention.ipynb")  # the chapters the grading run covers
 GRADED_EXERCISES = [e for e in EXERCISES if e.chapter in (0, 3)]
 
@@ -107,7 +110,7 @@ def test_a_notebook_that_raises_and_loops_scores_what_it_passed(tmp_path):
         progress=False,
     )
     dana = {g.exercise: g for g in grades if g.student == "dana"}
-    assert set(dana) == {"2.1", "2.2"}, "the chapter's exercises, from the file name"
+    assert set(dana) == {e.id for e in CH02_BUILD}, "the chapter's build exercises, from the file name"
     assert dana["2.1"].points == 1 and dana["2.1"].status == "pass"
     assert (
         dana["2.2"].points == 0
@@ -129,7 +132,10 @@ def test_a_notebook_that_raises_and_loops_scores_what_it_passed(tmp_path):
         ("dana", "2.1", "1.0"),
         ("dana", "2.2", "0.0"),
     }
-    assert "| dana | 1 | 2 | 1 / 2 |" in (tmp_path / "out" / "summary.md").read_text()
+    assert (
+        f"| dana | 1 | {CH02_POINTS} | 1 / {len(CH02_BUILD)} |"
+        in (tmp_path / "out" / "summary.md").read_text()
+    )
 
 
 def test_a_submission_that_touches_the_checker_is_flagged(tmp_path):
@@ -263,7 +269,7 @@ def test_the_command_line_writes_the_reports(tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert "| fay | 1 | 2 | 1 / 2 |" in printed, (
+    assert f"| fay | 1 | {CH02_POINTS} | 1 / {len(CH02_BUILD)} |" in printed, (
         "2.1 is in the chapter but not in the notebook: not run"
         and (tmp_path / "report" / "grades.csv").exists()
     )
@@ -308,8 +314,11 @@ def test_nbgrader_generate_assignment_makes_the_same_learners_copy(tmp_path):
         ours = make_student_notebook(nbformat.read(path, as_version=4))
         strip = lambda s: s.replace("# NBVAL_CHECK_OUTPUT\n", "")  # noqa: E731 - ours drops the marker too
         assert [strip(c.source) for c in released.cells] == [c.source for c in ours.cells], path.name
-        checkers = [c for c in released.cells if c.metadata.get("nbgrader", {}).get("grade")]
+        graded = [c for c in released.cells if c.metadata.get("nbgrader", {}).get("grade")]
+        checkers = [c for c in graded if not c.metadata["nbgrader"]["solution"]]
         assert checkers and all(c.metadata["nbgrader"]["locked"] for c in checkers)
+        answers = [c for c in graded if c.metadata["nbgrader"]["solution"]]  # explain: graded by hand
+        assert all(c.cell_type == "markdown" and not c.metadata["nbgrader"]["locked"] for c in answers)
     # nbgrader's copy of a chapter scores zero with the course's grader, and runs on past every stub
     grades, notes = grade(
         collect([course / "release" / "all" / "00_start_here.ipynb"], student="nbgrader"), progress=False

@@ -187,7 +187,36 @@ def test_the_leak_detector_finds_a_renamed_copy_and_a_printed_listing():
     assert leak(solution, "scores = q @ k.T\nprint(torch.exp(scores - 1))") is None
 
 
-@pytest.mark.parametrize("exercise", list(iter_exercises()), ids=lambda e: e.id)
+@pytest.mark.parametrize("exercise", [e for e in iter_exercises() if e.kind != "build"], ids=lambda e: e.id)
+def test_predict_and_explain_exercises_reach_the_copy_without_their_answers(student_copy, exercise):
+    teacher, student = next(
+        pair for name, pair in student_copy.items() if name.startswith(f"{exercise.chapter:02d}_")
+    )
+    roles = {
+        c.metadata["course"]["role"]: c
+        for c in student.cells
+        if c.metadata.get("course", {}).get("exercise") == exercise.id
+    }
+    if exercise.kind == "explain":
+        assert set(roles) == {"statement", "answer"}
+        assert (
+            roles["answer"].source.rstrip().endswith(TEXT_STUB) and "SOLUTION" not in roles["answer"].source
+        )
+        model = next(
+            c for c in teacher.cells if c.metadata.get("course", {}) == roles["answer"].metadata["course"]
+        )
+        answer = model.source.split(B)[1].split(E)[0]
+        sentences = [part.strip() for part in answer.replace("\n", " ").split(". ") if len(part.strip()) > 40]
+        for cell in student.cells:
+            assert not any(sentence in cell.source.replace("\n", " ") for sentence in sentences), (
+                f"a kept cell repeats the model answer of {exercise.id}"
+            )
+    else:
+        assert set(roles) == {"statement", "prediction", "reveal"}
+        assert "= None  # your prediction" in roles["prediction"].source
+
+
+@pytest.mark.parametrize("exercise", [e for e in iter_exercises() if e.kind == "build"], ids=lambda e: e.id)
 def test_each_stubbed_exercise_of_the_copy_says_not_implemented_in_one_line(student_copy, exercise):
     notebook = next(
         student for name, (_, student) in student_copy.items() if name.startswith(f"{exercise.chapter:02d}_")

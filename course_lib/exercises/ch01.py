@@ -1,16 +1,31 @@
-"""Checkers for notebook 01: the causal mask (T queries, S keys), masked attention, head split/merge.
+"""Exercises of notebook 01: the causal mask (T queries, S keys), masked attention, head split/merge, a
+multi-head attention layer, T5's buckets (build); what a fused kernel must do for Shaw's relative positions
+(explain); which position schemes extrapolate, and how naive attention's memory grows (predict).
 
-Expected values come from the definitions, written out here in a few lines (dense softmax in float64),
-not from the library the notebook explains.
+Expected values come from the definitions, written out here in a few lines (dense softmax in float64, T5's
+buckets in plain Python), not from the library the notebook explains.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .common import Case, Draw, checker, compare, compare_exact
+from .common import Case, Draw, checker, compare, compare_exact, declare
 
-__all__ = ["check_causal_mask", "check_attention", "check_split_merge_heads"]
+__all__ = [
+    "check_causal_mask",
+    "check_attention",
+    "check_split_merge_heads",
+    "check_multi_head_attention",
+    "check_t5_buckets",
+]
+
+
+declare("1.4", kind="explain", title="what a fused kernel must do for Shaw's relative positions", points=2)
+declare("1.5", kind="predict", title="which position schemes extrapolate from T = 32 to 256")
+declare("1.6", kind="predict", title="the log-log slope of naive attention's memory in T")
 
 
 def _causal(T: int, S: int) -> torch.Tensor:
@@ -231,3 +246,311 @@ def check_split_merge_heads(draw: Draw):
             inputs=["heads"],
             target=1,
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 1.7: a multi-head attention layer (projections, heads, padding and causal masks, T != S).
+
+
+def _reference_mha(
+    x,
+    context,
+    W_q,
+    W_k,
+    W_v,
+    W_o,
+    num_heads,
+    lengths=None,
+    causal=False,
+    *,
+    head_scale=True,
+    output_projection=True,
+    round_robin=False,
+    pad_queries=False,
+    start_aligned=False,
+):
+    """Multi-head attention in float64 from its definition, one head at a time; the keyword options
+    build the named wrong answers of exercise 1.7."""
+    x, context = x.double(), context.double()
+    B, T, d_model = x.shape
+    S = context.shape[1]
+    D = d_model // num_heads
+    scale = D**-0.5 if head_scale else d_model**-0.5
+    q, k, v = x @ W_q.double(), context @ W_k.double(), context @ W_v.double()
+    allowed = torch.ones(B, T, S, dtype=torch.bool)
+    if lengths is not None:
+        lengths_t = torch.as_tensor(list(lengths))
+        if pad_queries:  # the lengths applied to the queries (rows) instead of the keys
+            allowed = allowed & (torch.arange(T)[None, :, None] < lengths_t[:, None, None])
+        else:
+            allowed = allowed & (torch.arange(S)[None, None, :] < lengths_t[:, None, None])
+    if causal:
+        offset = 0 if start_aligned else S - T
+        allowed = allowed & (torch.arange(S)[None, :] <= torch.arange(T)[:, None] + offset)
+    heads = []
+    for h in range(num_heads):
+        columns = torch.arange(h, d_model, num_heads) if round_robin else torch.arange(h * D, (h + 1) * D)
+        scores = (q[..., columns] @ k[..., columns].transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores, -1).nan_to_num(0.0)  # a row with no allowed key: zeros
+        heads.append(weights @ v[..., columns])
+    merged = torch.empty(B, T, d_model, dtype=torch.float64)
+    for h, head in enumerate(heads):
+        columns = torch.arange(h, d_model, num_heads) if round_robin else torch.arange(h * D, (h + 1) * D)
+        merged[..., columns] = head
+    return merged @ W_o.double() if output_projection else merged
+
+
+@checker("1.7", title="a multi-head attention layer", points=2, task="multi-head attention")
+def check_multi_head_attention(draw: Draw):
+    """``fn(x, context, W_q, W_k, W_v, W_o, num_heads, lengths=None, causal=False)``: queries from ``x``
+    ``(B, T, d_model)``, keys and values from ``context`` ``(B, S, d_model)``, weights applied as
+    ``x @ W``; head h uses columns ``h*D .. (h+1)*D - 1``; ``lengths[b]`` real keys in sequence b (the rest
+    padding); causal aligned to the end; zeros (before ``W_o``) for a query that sees no key."""
+    for name, B, T, S, num_heads, D, self_attention, use_lengths, causal, spread in [
+        ("self-attention, no mask", draw.int(1, 3), (n := draw.int(2, 7)), n, draw.choice([2, 4]),
+         draw.choice([3, 4]), True, False, False, 1.0),
+        ("causal self-attention with padding (one sequence empty)", 2, (m := draw.int(4, 8)), m,
+         draw.choice([2, 3]), draw.choice([3, 5]), True, True, True, 1.0),
+        ("cross-attention, T < S, padded keys", draw.int(2, 3), draw.int(2, 4), draw.int(6, 10), 2,
+         draw.choice([3, 4]), False, True, False, 1.0),
+        ("causal chunk after a cached prefix: T < S, padded", 2, draw.int(2, 4), draw.int(6, 9),
+         draw.choice([2, 4]), 3, False, True, True, 1.0),
+        ("causal with T > S: the first queries see no key", draw.int(1, 2), draw.int(6, 8), draw.int(2, 4),
+         3, draw.choice([2, 4]), False, False, True, 1.0),
+        ("one head, large scores (x scaled by 30)", draw.int(1, 2), draw.int(2, 5), draw.int(2, 6), 1,
+         draw.choice([4, 6]), False, False, False, 30.0),
+    ]:  # fmt: skip
+        d_model = num_heads * D
+        x = draw.randn(B, T, d_model, scale=spread)
+        context = x if self_attention else draw.randn(B, S, d_model)
+        W_q, W_k, W_v, W_o = (draw.randn(d_model, d_model, scale=d_model**-0.5) for _ in range(4))
+        lengths = None
+        if use_lengths:
+            lengths = [draw.int(1, S) for _ in range(B)]
+            lengths[0] = 0 if B > 1 else draw.int(1, S)
+        args = (x, context, W_q, W_k, W_v, W_o, num_heads)
+        kwargs = {"lengths": lengths, "causal": causal}
+
+        def variant(args=args, kwargs=kwargs, **options):
+            return lambda: _reference_mha(*args, **kwargs, **options)
+
+        variants = {
+            "the layer without the output projection W_o": variant(output_projection=False),
+            "scores scaled by 1/sqrt(d_model) instead of 1/sqrt(D) of a head": variant(head_scale=False),
+            "heads that take every num_heads-th column (round-robin) instead of a block of D": variant(
+                round_robin=True
+            ),
+            "the lengths applied to the queries (rows) instead of the keys (columns)": variant(
+                pad_queries=True
+            ),
+            "the causal mask aligned to the start (j <= i), not to the end (j <= i + S - T)": variant(
+                start_aligned=True
+            ),
+            "keys and values projected from x instead of context (self-attention assumed)": (
+                lambda args=args, kwargs=kwargs: _reference_mha(args[0], args[0], *args[2:], **kwargs)
+            ),
+        }
+        allowed = torch.ones(B, T, S, dtype=torch.bool)
+        if lengths is not None:
+            allowed = allowed & (torch.arange(S)[None, None, :] < torch.tensor(lengths)[:, None, None])
+        if causal:
+            allowed = allowed & _causal(T, S)
+        empty = ~allowed.any(-1, keepdim=True)  # (B, T, 1): queries that see no key
+        regions = {"in queries that see no key at all (padding or causal)": empty}
+        advice = {
+            "in queries that see no key at all (padding or causal)": "a softmax over a row of -inf is "
+            "0/0 = NaN: give such a query zero weights, so its head outputs are 0"
+        }
+
+        def judge(got, expected, variants=variants, regions=regions, advice=advice):
+            compare(
+                got,
+                expected,
+                "layer output",
+                atol=1e-9,
+                rtol=1e-7,
+                variants=variants,
+                regions=regions,
+                advice=advice,
+            )
+
+        yield Case(
+            f"{name}: B={B}, T={T}, S={S}, num_heads={num_heads}, D={D}",
+            args,
+            kwargs,
+            expected=lambda args=args, kwargs=kwargs: _reference_mha(*args, **kwargs),
+            compare=judge,
+            inputs=["x", "context", "W_q", "W_k", "W_v", "W_o", "num_heads"],
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 1.8: T5's relative-position buckets.
+
+
+def _t5_bucket(relative: int, bidirectional: bool, num_buckets: int, max_distance: int) -> int:
+    """T5's bucket of one ``relative = key position - query position``, from the definition in plain
+    Python (float64 logarithms), independent of any tensor code."""
+    distance = -relative  # how far back the key is
+    bucket = 0
+    half = num_buckets
+    if bidirectional:
+        half = num_buckets // 2
+        if distance < 0:  # a key after the query: the upper half of the buckets
+            bucket = half
+        distance = abs(distance)
+    else:
+        distance = max(distance, 0)  # a key after the query: bucket 0 (a causal mask hides it)
+    max_exact = half // 2
+    if distance < max_exact:
+        return bucket + distance
+    far = max_exact + int(
+        math.log(distance / max_exact) / math.log(max_distance / max_exact) * (half - max_exact)
+    )
+    return bucket + min(far, half - 1)
+
+
+def _t5_reference(relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int, **wrong):
+    """The buckets of every entry (or a named wrong variant, see ``wrong``)."""
+    sign = -1 if wrong.get("sign_flipped") else 1
+    values = [
+        _t5_variant(sign * int(r), bidirectional, num_buckets, max_distance, **wrong)
+        for r in relative.flatten()
+    ]
+    return torch.tensor(values, dtype=torch.long).reshape(relative.shape)
+
+
+def _t5_variant(relative, bidirectional, num_buckets, max_distance, **wrong):
+    if not wrong or set(wrong) == {"sign_flipped"}:
+        return _t5_bucket(relative, bidirectional, num_buckets, max_distance)
+    distance = -relative
+    bucket = 0
+    half = num_buckets
+    if bidirectional:
+        half = num_buckets if wrong.get("no_halving") else num_buckets // 2
+        if distance < 0:
+            bucket = half
+        distance = abs(distance)
+    elif not wrong.get("no_clamp"):
+        distance = max(distance, 0)
+    max_exact = half // 2
+    if distance < max_exact:
+        return bucket + distance
+    far = max_exact + int(
+        math.log(distance / max_exact) / math.log(max_distance / max_exact) * (half - max_exact)
+    )
+    return bucket + (far if wrong.get("no_cap") else min(far, half - 1))
+
+
+@checker("1.8", title="T5's relative-position buckets", points=2, task="T5's buckets")
+def check_t5_buckets(draw: Draw):
+    """``fn(relative_position, *, bidirectional, num_buckets, max_distance)``: T5's bucket of each key
+    position minus query position (an integer tensor), as a long tensor of the same shape."""
+    configurations = [
+        ("bidirectional (an encoder), T5's defaults", True, 32, 128),
+        ("causal (a decoder), T5's defaults", False, 32, 128),
+        ("bidirectional, few buckets", True, draw.choice([8, 12, 16]), None),
+        ("causal, few buckets", False, draw.choice([6, 10, 16]), None),
+    ]
+    for name, bidirectional, num_buckets, max_distance in configurations:
+        half = num_buckets // 2 if bidirectional else num_buckets
+        max_exact = half // 2
+        if max_distance is None:
+            max_distance = draw.int(max_exact + 1, 6 * max_exact)
+        edges = {
+            0,
+            1,
+            max_exact - 1,
+            max_exact,
+            max_exact + 1,
+            max_distance - 1,
+            max_distance,
+            max_distance + 1,
+        }
+        edges |= {2 * max_distance, 10**6}
+        offsets = sorted({e for d in edges for e in (d, -d)} | {draw.int(-3 * max_distance, 3 * max_distance)
+                                                                for _ in range(40)})  # fmt: skip
+        order = draw.permutation(len(offsets))
+        relative = torch.tensor([offsets[i] for i in order], dtype=torch.long)
+        yield _t5_case(f"{name}: {len(offsets)} offsets incl. the edges", relative, bidirectional,
+                       num_buckets, max_distance)  # fmt: skip
+    T, S = draw.int(3, 9), draw.int(10, 40)
+    grid = torch.arange(S)[None, :] - (torch.arange(T)[:, None] + (S - T))  # key - query, end-aligned
+    bidirectional = bool(draw.int(0, 1))
+    yield _t5_case(
+        f"a (T, S) grid of int32 offsets, T={T}, S={S}, {'bidirectional' if bidirectional else 'causal'}",
+        grid.to(torch.int32),
+        bidirectional,
+        16,
+        draw.int(9, 30),
+    )
+
+
+def _t5_case(
+    name: str, relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Case:
+    half = num_buckets // 2 if bidirectional else num_buckets
+    max_exact = half // 2
+    distance = -relative.long()
+    regions = {
+        "keys after the query (relative_position > 0)": distance < 0,
+        "keys before the query (relative_position < 0)": distance > 0,
+        f"distances of max_distance={max_distance} or more": distance.abs() >= max_distance,
+        f"the log-spaced distances (max_exact={max_exact} to max_distance)": (distance.abs() >= max_exact)
+        & (distance.abs() < max_distance),
+    }
+    advice = {
+        "keys after the query (relative_position > 0)": (
+            "with bidirectional=True they take the upper half (offset num_buckets // 2); causal: bucket 0"
+            if bidirectional
+            else "a causal model clamps their distance to 0, so they all fall in bucket 0"
+        ),
+        "keys before the query (relative_position < 0)": "the distance is -relative_position (how far back "
+        "the key is)" + ("; these keys use the lower half of the buckets" if bidirectional else ""),
+        f"distances of max_distance={max_distance} or more": "every distance from max_distance on shares the "
+        f"last bucket of its half: cap at {half - 1} (num_buckets{' // 2' if bidirectional else ''} - 1)",
+        f"the log-spaced distances (max_exact={max_exact} to max_distance)": "max_exact + floor(log(d / "
+        "max_exact) / log(max_distance / max_exact) * (half - max_exact)), in float64",
+    }
+    if bidirectional:  # in both halves |distance| is the same: flipping the sign only swaps the halves
+        variants = {
+            "the buckets with keys before and after the query swapped (the sign of relative_position "
+            "flipped, or the offset num_buckets // 2 put on keys before the query instead of after)": dict(
+                sign_flipped=True
+            ),
+            "the buckets with num_buckets per direction (not halved when bidirectional)": dict(
+                no_halving=True
+            ),
+        }
+    else:
+        variants = {
+            "the buckets of -relative_position (the sign flipped: a key before the query is at distance "
+            "-relative_position)": dict(sign_flipped=True),
+            "the buckets of a causal model that does not clamp the distance of later keys to 0": dict(
+                no_clamp=True
+            ),
+        }
+    variants["the buckets without the cap at the last bucket (num_buckets - 1 of each half)"] = dict(
+        no_cap=True
+    )
+    named = {
+        label: (
+            lambda options=options: _t5_reference(
+                relative, bidirectional, num_buckets, max_distance, **options
+            )
+        )
+        for label, options in variants.items()
+    }
+
+    def judge(got, expected):
+        compare_exact(got, expected, "buckets", variants=named, regions=regions, advice=advice)
+
+    return Case(
+        name,
+        (relative,),
+        {"bidirectional": bidirectional, "num_buckets": num_buckets, "max_distance": max_distance},
+        expected=lambda: _t5_reference(relative, bidirectional, num_buckets, max_distance),
+        compare=judge,
+        inputs=["relative_position"],
+    )
