@@ -35,6 +35,11 @@ def test_a_run_stops_early_on_a_plateau():
     assert record["stop"] == "plateau" and record["steps"] == 6
 
 
+def test_no_plateau_stop_before_min_steps():
+    record = train_run(tiny(lr=1e-9, cap=12, eval_every=2, patience=2, min_steps=10))
+    assert record["stop"] == "plateau" and record["steps"] == 10
+
+
 def test_a_run_stops_when_every_length_converges(monkeypatch):
     monkeypatch.setattr(study, "TARGET", 0.0)  # any accuracy counts as converged
     record = train_run(tiny(cap=40))
