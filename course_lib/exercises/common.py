@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .guard import ExerciseTimeout, Refused, Rules, guarded_call
+from .guard import ExerciseTimeout, Refused, Rules, TooLarge, guarded_call
 
 __all__ = [
     "Case",
@@ -181,6 +181,8 @@ class Case:
     reference is never in memory while their code runs). ``compare(got, expected)`` raises
     :class:`Mismatch`; the default compares tensors and numbers with :func:`compare`.
     ``inputs`` names the arguments for messages (defaults to ``arg0, arg1, ...``).
+    ``max_elements``: the largest tensor the reader's code may build (views excluded), with
+    ``too_large`` saying why in the failure message (e.g. "FlashAttention never holds the T x S scores").
     """
 
     name: str
@@ -191,6 +193,8 @@ class Case:
     inputs: Sequence[str] | None = None
     copy_args: bool = True
     target: int = 0  # which of the reader's functions this case calls (exercises with several)
+    max_elements: int | None = None
+    too_large: str = ""
 
     def describe_inputs(self) -> str:
         names = list(self.inputs or [f"arg{i}" for i in range(len(self.args))])
@@ -623,6 +627,7 @@ def run_checker(
                     rules=exercise.rules,
                     checker=exercise.checker,
                     time_limit=max(remaining, 0.001),
+                    max_elements=case.max_elements,
                 )
         except NotImplementedError as error:
             if _raised_by_stub(error):
@@ -634,6 +639,15 @@ def run_checker(
             )
         except Refused as refusal:
             return finish("refused", f"✘ {label}: refused — {refusal.message}")
+        except TooLarge as large:
+            return finish(
+                "fail",
+                f"✘ {label}: wrong on {where}\n  inputs: {described}\n"
+                f"  your function built a tensor of {large.elements:,} elements (shape {large.shape}, from "
+                f"{large.op}); this case allows at most {large.limit:,}"
+                + (f"\n  hint: {case.too_large}" if case.too_large else "")
+                + f"\n  {replay}",
+            )
         except ExerciseTimeout:
             return finish(
                 "timeout",
