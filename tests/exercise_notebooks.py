@@ -12,15 +12,18 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def exercise_cells() -> dict[str, dict[str, list]]:
-    """exercise id -> {"statement": [cells], "solution": [cells], "checker": [cells]} over all notebooks."""
+    """exercise id -> {role: [cells]} over all notebooks (04b_serving too). Roles: build exercises have a
+    "statement", a "solution" and a "checker"; predict ones a "statement", a "prediction" and a "reveal";
+    explain ones a "statement" and an "answer". Every cell also appears under "notebook" as its file name."""
     found: dict[str, dict[str, list]] = {}
-    for path in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
+    for path in sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
         for cell in notebook.cells:
             course = cell.get("metadata", {}).get("course")
             if course:
                 roles = found.setdefault(course["exercise"], {"statement": [], "solution": [], "checker": []})
-                roles[course["role"]].append(cell)
+                roles.setdefault(course["role"], []).append(cell)
+                roles.setdefault("notebook", []).append(path.name)
     return found
 
 

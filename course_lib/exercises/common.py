@@ -91,6 +91,13 @@ class Exercise:
         return int(self.id.split(".")[0])
 
     @property
+    def notebook(self) -> str:
+        """The prefix of the notebook that holds it: its checkers' module ``chNN`` (``ch04b``: "04b"),
+        else the chapter's number ("04")."""
+        module = self.module.rsplit(".", 1)[-1]
+        return module[2:] if module.startswith("ch") else f"{self.chapter:02d}"
+
+    @property
     def grade_id(self) -> str:
         """The nbgrader ``grade_id`` of the checker cell (letters, digits, ``-`` and ``_`` only)."""
         return "ex" + self.id.replace(".", "-")
