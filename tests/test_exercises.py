@@ -77,7 +77,7 @@ def test_a_predict_exercise_records_a_prediction_before_a_later_cell_reveals_it(
         f'predict("{exercise.id}", ' in prediction.source and f'reveal("{exercise.id}", ' in revealed.source
     )
     assert "SOLUTION" not in prediction.source + revealed.source, "a stub would stop Run All"
-    assert re.search(r"^\w+ = None  # ", prediction.source, re.M), (
+    assert re.search(r"^\w+ = None  # your prediction", prediction.source, re.M), (
         "the teacher's copy predicts nothing either: running it records no answer and writes no file"
     )
     notebook = nbformat.read(NOTEBOOKS / cells["notebook"][0], as_version=4)

@@ -212,6 +212,6 @@ def test_the_copy_keeps_predictions_unanswered_and_explanations_blank(student_co
                 assert cell.source == TEXT_STUB, name
                 kinds["explain"] += 1
             elif course.get("role") == "prediction":
-                assert "= None  # " in cell.source, name
+                assert "= None  # your prediction" in cell.source, name
                 kinds["predict"] += 1
     assert kinds["predict"] >= 1 and kinds["explain"] >= 1
