@@ -38,7 +38,7 @@ __all__ = ["Submission", "ExerciseGrade", "grade", "collect", "run_submission", 
 
 GRADE_LOG_ENV = "COURSE_LIB_GRADE_LOG"
 TIME_LIMIT_ENV = "COURSE_LIB_EXERCISE_TIMEOUT"
-_CHAPTER = re.compile(r"^(\d\d)_")
+_CHAPTER = re.compile(r"^((\d\d)[a-z]?)_")  # "04_..." and "04b_...": chapter 4, notebooks "04" and "04b"
 _SUSPICIOUS = [
     (
         re.compile(r"\bsys\.(setprofile|settrace|_getframe)|threading\.setprofile|sys\.monitoring"),
@@ -66,7 +66,13 @@ class Submission:
     @property
     def chapter(self) -> int | None:
         match = _CHAPTER.match(self.path.name)
-        return int(match.group(1)) if match else None
+        return int(match.group(2)) if match else None
+
+    @property
+    def notebook(self) -> str | None:
+        """The notebook this file is a copy of, by its name's prefix: "04" or "04b" (None for other files)."""
+        match = _CHAPTER.match(self.path.name)
+        return match.group(1) if match else None
 
 
 @dataclass
@@ -257,7 +263,8 @@ def grade(
     progress: bool = True,
 ) -> tuple[list[ExerciseGrade], dict[str, list[str]]]:
     """Run every submission; return one :class:`ExerciseGrade` per student and exercise, and notes
-    (errors, flags) per student. Exercises of a chapter whose file is missing score 0 ("not submitted")."""
+    (errors, flags) per student. Only the exercises of the notebooks a student submitted (or whose
+    checkers ran) are listed; one of them whose checker never ran scores 0 ("not run")."""
     exercises = _exercises()
     by_id = {e.id: e for e in exercises}
     students: dict[str, list[Submission]] = {}
@@ -267,7 +274,7 @@ def grade(
     notes: dict[str, list[str]] = {}
     for student, files in students.items():
         best: dict[str, tuple[dict, str]] = {}
-        chapters: set[int] = set()
+        notebooks: set[str] = set()  # "04", "04b": the notebooks this student handed in
         notes[student] = []
         for submission in files:
             if progress:
@@ -280,8 +287,8 @@ def grade(
                 script_timeout=script_timeout,
                 executed_dir=executed_dir,
             )
-            if submission.chapter is not None:
-                chapters.add(submission.chapter)
+            if submission.notebook is not None:
+                notebooks.add(submission.notebook)
             if run.error:
                 notes[student].append(f"{submission.path.name}: {run.error}")
             if run.flags:
@@ -292,14 +299,14 @@ def grade(
                 exercise = record.get("exercise")
                 if exercise not in by_id or record.get("kind") == "predict":
                     continue
-                chapters.add(by_id[exercise].chapter)
+                notebooks.add(by_id[exercise].notebook)
                 previous = best.get(exercise)
                 if previous is None or (
                     record.get("status") == "pass" and previous[0].get("status") != "pass"
                 ):
                     best[exercise] = (record, submission.path.name)
         for exercise in exercises:
-            if exercise.chapter not in chapters or not exercise.checker:
+            if exercise.notebook not in notebooks or not exercise.checker:
                 continue  # predict and explain exercises are feedback or graded by hand
             record, file = best.get(exercise.id, ({}, ""))
             status = record.get("status", "not run")

@@ -19,16 +19,18 @@ ROLES = {
 
 
 def exercise_cells() -> dict[str, dict[str, list]]:
-    """exercise id -> {role: [cells]} over all notebooks, with every role of :data:`ROLES` present (build:
-    statement, solution, checker; predict: statement, prediction, reveal; explain: statement, answer)."""
+    """exercise id -> {role: [cells]} over all notebooks (04b_serving too), with every role of :data:`ROLES`
+    present (build: statement, solution, checker; predict: statement, prediction, reveal; explain: statement,
+    answer). Every cell also appears under "notebook" as its file name."""
     found: dict[str, dict[str, list]] = {}
-    for path in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
+    for path in sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
         for cell in notebook.cells:
             course = cell.get("metadata", {}).get("course")
             if course:
                 roles = found.setdefault(course["exercise"], {r: [] for rs in ROLES.values() for r in rs})
                 roles.setdefault(course["role"], []).append(cell)
+                roles.setdefault("notebook", []).append(path.name)
     return found
 
 

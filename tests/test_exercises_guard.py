@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import course_lib
 import course_lib.exercises.ch01
-from course_lib.exercises.guard import Refused, Rules, guarded_call
+from course_lib.exercises.guard import Refused, Rules, TooLarge, guarded_call
 
 Q = torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 RULES = Rules(task="attention")
@@ -194,3 +194,48 @@ def test_known_gap_work_handed_to_a_thread_pool_that_existed_before_the_call():
         run(lambda q, k, v: pool.submit(course_lib.attention, q, k, v).result())
     finally:
         pool.shutdown()
+
+
+# --- the size bound: what a mechanism never holds ---------------------------------------------------
+
+
+def test_a_tensor_larger_than_the_bound_is_reported_after_the_call_whatever_the_code_catches():
+    def whole_scores(q, k, v):
+        scores = q @ k.transpose(-1, -2)  # (1, 2, 5, 5): 50 elements, more than the inputs' 40
+        try:
+            return torch.softmax(scores, -1) @ v
+        except BaseException:  # noqa: BLE001 - the bound is checked after the call, nothing to catch
+            return v
+
+    with pytest.raises(TooLarge) as raised:
+        guarded_call(whole_scores, (Q, Q, Q), rules=RULES, max_elements=40)
+    assert (raised.value.elements, raised.value.limit) == (50, 40)  # the matmul runs as a bmm of (2, 5, 5)
+    assert guarded_call(whole_scores, (Q, Q, Q), rules=RULES, max_elements=50) is not None
+    assert guarded_call(whole_scores, (Q, Q, Q), rules=RULES) is not None  # no bound, no check
+
+
+def test_views_allocate_nothing_and_pass_the_bound_but_a_copy_of_them_does_not():
+    def expanded_view(q, k, v):
+        return q.unsqueeze(2).expand(1, 2, 3, 5, 4).sum(2)  # a view of 120 elements, then a sum of 40
+
+    def expanded_copy(q, k, v):
+        return q.unsqueeze(2).expand(1, 2, 3, 5, 4).contiguous().sum(2)
+
+    assert guarded_call(expanded_view, (Q, Q, Q), rules=RULES, max_elements=40).shape == Q.shape
+    with pytest.raises(TooLarge, match="120 elements"):
+        guarded_call(expanded_copy, (Q, Q, Q), rules=RULES, max_elements=40)
+
+
+def test_a_checker_reports_the_bound_as_a_failure_with_the_cases_reason():
+    from course_lib.exercises.ch04 import check_gqa_decode
+
+    def repeated(q, k, v):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return (torch.softmax((k @ q[..., None])[..., 0] * q.shape[-1] ** -0.5, -1)[..., None, :] @ v)[
+            ..., 0, :
+        ]
+
+    outcome = check_gqa_decode.run(repeated, seed=0)
+    assert outcome.status == "fail" and "your function built a tensor of" in outcome.message
+    assert "copied for every query head" in outcome.message and "seed=0" in outcome.message

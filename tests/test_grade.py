@@ -22,8 +22,8 @@ from course_lib.grade import ExerciseGrade, collect, grade, main, summary
 from course_lib.student import make_student_notebook, make_student_version
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXERCISES = [e for e in iter_exercises() if e.kind == "build"]  # the graded ones: a checker scores them
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))  # 04b_serving too
+EXERCISES = [e for e in iter_exercises() if e.kind == "build"]  # predict and explain ones are not scored here
 POINTS = sum(e.points for e in EXERCISES)
 CH02_BUILD = [e for e in EXERCISES if e.chapter == 2]
 CH02_POINTS = sum(e.points for e in CH02_BUILD)
@@ -48,6 +48,15 @@ def test_collect_reads_folders_chapter_files_and_loose_files(tmp_path):
     assert collect([bob], student="carol")[0].student == "carol"
     with pytest.raises(ValueError, match="submission"):
         collect([tmp_path / "missing.pdf"])
+
+
+def test_a_chapter_in_two_notebooks_is_graded_per_notebook(tmp_path):
+    (tmp_path / "04b_serving.ipynb").write_text("{}")
+    (tmp_path / "04_kv_cache_compression.ipynb").write_text("{}")
+    found = {s.path.name: (s.chapter, s.notebook) for s in collect([tmp_path])}
+    assert found == {"04b_serving.ipynb": (4, "04b"), "04_kv_cache_compression.ipynb": (4, "04")}
+    notebooks = {e.notebook for e in EXERCISES if e.chapter == 4}
+    assert notebooks == {"04", "04b"}, "chapter 04b's exercises belong to its own notebook"
 
 
 def test_the_summary_totals_points_per_student_and_chapter():
@@ -242,7 +251,7 @@ def test_no_output_of_the_executed_learners_copy_shows_a_solution(course_run):
 def test_a_broken_submission_scores_part_without_crashing_the_grader(course_run):
     grades, notes, out = course_run
     broken = {g.exercise: g for g in grades if g.student == "broken"}
-    assert set(broken) == {e.id for e in EXERCISES if e.chapter == 3}
+    assert set(broken) == {e.id for e in EXERCISES if e.notebook == "03"}
     assert broken["3.2"].points == 0 and broken["3.2"].status == "fail"
     assert all(broken[e].status == "pass" for e in ("3.1", "3.3", "3.4"))
     assert 0 < sum(g.points for g in broken.values()) < sum(g.max_points for g in broken.values())

@@ -3,19 +3,21 @@
 
 from collections.abc import Iterator
 
-from . import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08  # noqa: F401
+from . import ch00, ch01, ch02, ch03, ch04, ch04b, ch05, ch06, ch07, ch08  # noqa: F401
 from .common import EXERCISES, Exercise
 
+# The notebook of each exercise module, by the prefix :attr:`Exercise.notebook` gives (chapter 04 has two).
 NOTEBOOKS = {
-    0: "00_start_here.ipynb",
-    1: "01_standard_attention.ipynb",
-    2: "02_memory_hierarchy_and_roofline.ipynb",
-    3: "03_tiling_flash_attention.ipynb",
-    4: "04_kv_cache_compression.ipynb",
-    5: "05_sparse_attention.ipynb",
-    6: "06_linear_attention.ipynb",
-    7: "07_gated_linear_recurrences.ipynb",
-    8: "08_choosing_an_attention.ipynb",
+    "00": "00_start_here.ipynb",
+    "01": "01_standard_attention.ipynb",
+    "02": "02_memory_hierarchy_and_roofline.ipynb",
+    "03": "03_tiling_flash_attention.ipynb",
+    "04": "04_kv_cache_compression.ipynb",
+    "04b": "04b_serving.ipynb",
+    "05": "05_sparse_attention.ipynb",
+    "06": "06_linear_attention.ipynb",
+    "07": "07_gated_linear_recurrences.ipynb",
+    "08": "08_choosing_an_attention.ipynb",
 }
 
 

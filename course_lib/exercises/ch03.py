@@ -1,5 +1,6 @@
 """Checkers for notebook 03: merging softmax statistics, one masked FA2 tile update, combining split-KV
-partials, and counting the tiles causal attention skips.
+partials, counting the tiles causal attention skips, the FA2 forward pass with causal tile skipping and
+the logsumexp, and the backward pass of one tile; and the chapter's predict and explain exercises.
 
 Expected values are computed from their definitions on whole rows (dense softmax, logsumexp), not from
 the library's tiled code.
@@ -9,9 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from .common import Case, Draw, Mismatch, checker, compare, compare_number
+from .common import Case, Draw, Mismatch, checker, compare, compare_number, declare
 
-__all__ = ["check_merge_softmax_stats", "check_fa2_step", "check_combine_partials", "check_causal_skips"]
+__all__ = [
+    "check_merge_softmax_stats",
+    "check_fa2_step",
+    "check_combine_partials",
+    "check_causal_skips",
+    "check_flash_forward",
+    "check_tile_backward",
+]
 
 NEG_INF = float("-inf")
 
@@ -388,4 +396,387 @@ def check_causal_skips(draw: Draw):
             expected=expected,
             compare=judge,
             inputs=["T", "S", "block_q", "block_k"],
+        )
+
+
+# --- predict and explain ---------------------------------------------------------------------------
+
+declare("3.5", kind="predict", title="tiling vs standard attention at 16 KiB of SRAM")
+declare("3.6", kind="predict", title="tiles causal attention skips at T = 1024, blocks of 128")
+declare("3.9", kind="explain", title="why the backward pass recomputes P", points=2)
+
+
+# --- 3.7: the FA2 forward pass with causal tile skipping and the logsumexp ---------------------------
+
+SOFTMAX_SHORTCUTS = ("softmax", "log_softmax", "_softmax", "_log_softmax", "_safe_softmax", "logsumexp")
+
+
+def _dense_attention(q, k, v, allowed, scale):
+    """Attention and logsumexp from the definition, on whole rows: zeros and -inf for a row with no key."""
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, NEG_INF)
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return weights @ v, lse
+
+
+def _causal_allowed(T: int, S: int, offset: int | None = None) -> torch.Tensor:
+    offset = S - T if offset is None else offset
+    return torch.arange(S)[None, :] <= torch.arange(T)[:, None] + offset
+
+
+def _fa2_tiles(T: int, S: int, block_q: int, block_k: int, causal: bool, offset: int | None = None):
+    """The (Q block, K block) tiles FA2 computes, in its order: Q blocks outside, K blocks inside,
+    a K block skipped when its first key comes after the Q block's last query."""
+    offset = S - T if offset is None else offset
+    tiles = []
+    for i, q_start in enumerate(range(0, T, block_q)):
+        last_query = min(q_start + block_q, T) - 1
+        for j, k_start in enumerate(range(0, S, block_k)):
+            if causal and k_start > last_query + offset:
+                break
+            tiles.append((i, j))
+    return tiles
+
+
+def _tile_list(got: object) -> list[tuple[int, int]]:
+    if isinstance(got, torch.Tensor):
+        got = got.tolist()
+    if not isinstance(got, (list, tuple)):
+        raise Mismatch(f"tiles: expected a list of (q_block, k_block) pairs, got {type(got).__name__}")
+    pairs = []
+    for item in got:
+        if isinstance(item, torch.Tensor):
+            item = item.tolist()
+        if (
+            not isinstance(item, (list, tuple))
+            or len(item) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+        ):
+            raise Mismatch(f"tiles: each item must be a (q_block, k_block) pair of ints, got {item!r}")
+        pairs.append((int(item[0]), int(item[1])))
+    return pairs
+
+
+def _compare_tiles(got: list, expected: list, T: int, S: int, block_q: int, block_k: int, causal: bool):
+    if got == expected:
+        return
+    lines = [f"tiles: you computed {len(got)} tiles, FA2 computes {len(expected)}"]
+    if len(got) == len(expected):
+        lines = [
+            f"tiles: {len(got)} tiles as expected, but not the same list (first expected {expected[:4]}...)"
+        ]
+    extra, missing = sorted(set(got) - set(expected)), sorted(set(expected) - set(got))
+    if set(got) == set(expected) and len(got) == len(expected):
+        lines.append(
+            "hint: the right tiles in another order: FA2 walks the K/V blocks inside each Q block (Q blocks "
+            "outside, as in section 2); K blocks outside is FA1's order"
+        )
+    elif causal and got == _fa2_tiles(T, S, block_q, block_k, True, offset=0):
+        lines.append(
+            "hint: these are the tiles of the diagonal aligned to the start: query i sees keys j <= i + S - T"
+        )
+    elif extra and not missing and causal:
+        lines.append(
+            f"hint: {len(extra)} of your tiles (e.g. {extra[:3]}) lie entirely above the causal diagonal: no "
+            "query of the Q block sees any key of the K block. Skip them without computing their scores: "
+            "once a K block starts after the Q block's last query (k_start > q_end - 1 + S - T), all later "
+            "ones do too"
+        )
+    elif missing and not extra:
+        lines.append(
+            f"hint: you left out {len(missing)} tiles that some query sees (e.g. {missing[:3]}); only a tile "
+            "whose first key comes after its last query may be skipped"
+        )
+    elif len(set(got)) != len(got):
+        lines.append("hint: some tiles appear twice: record each tile once, when you compute its scores")
+    raise Mismatch("\n".join(lines))
+
+
+@checker(
+    "3.7",
+    title="the FA2 forward pass with causal tile skipping and the logsumexp",
+    points=2,
+    task="the FlashAttention forward pass",
+    forbid=SOFTMAX_SHORTCUTS,
+)
+def check_flash_forward(draw: Draw):
+    """``fn(q, k, v, causal=False, block_q=16, block_k=16) -> (out, lse, tiles)`` for q ``(B, H, T, D)``,
+    k ``(B, H, S, D)``, v ``(B, H, S, D_v)``, scale ``D ** -0.5``: attention ``(B, H, T, D_v)``, its
+    logsumexp ``(B, H, T)`` (zeros and ``-inf`` for a query that sees no key) and the list of
+    ``(q_block, k_block)`` tiles whose scores were computed, in FA2's order. Causal: query i sees keys
+    ``j <= i + S - T``; tiles above the diagonal are skipped. Never holds a ``T x S`` tensor."""
+    bq, bk = draw.choice([8, 16]), draw.choice([8, 16])
+    cases = [
+        (
+            "no mask, T != S, lengths that are not multiples of the blocks",
+            draw.not_multiple(20, 45, 8),
+            draw.not_multiple(30, 60, 8),
+            False,
+            bq,
+            bk,
+            1.0,
+        ),
+        ("causal, T = S", (n := draw.not_multiple(50, 80, 16)), n, True, bq, bq, 1.0),
+        ("causal, blocks of different sizes", (n := draw.int(50, 80)), n, True, 8, 16, 1.0),
+        (
+            "causal, T < S (a chunk after a cached prefix)",
+            draw.int(20, 40),
+            draw.int(60, 90),
+            True,
+            bq,
+            bk,
+            1.0,
+        ),
+        (
+            "causal, T > S: the first queries see no key",
+            draw.int(50, 70),
+            draw.int(20, 35),
+            True,
+            draw.choice([4, 8]),
+            bk,
+            1.0,
+        ),
+        ("decoding: one query, causal", 1, draw.int(40, 90), True, 16, bk, 1.0),
+        ("causal, scores up to ~1000", (n := draw.int(40, 60)), n, True, bq, bk, 16.0),
+        ("blocks larger than the sequence", (n := draw.int(5, 15)), n + draw.int(0, 5), True, 32, 32, 1.0),
+    ]
+    for name, T, S, causal, block_q, block_k, spread in cases:
+        B, H = draw.int(1, 2), draw.int(1, 3)
+        D, D_v = draw.choice([4, 8]), draw.choice([3, 5, 8])
+        q = draw.randn(B, H, T, D, scale=spread)
+        k = draw.randn(B, H, S, D, scale=spread)
+        v = draw.randn(B, H, S, D_v)
+        scale = D**-0.5
+        allowed = _causal_allowed(T, S) if causal else torch.ones(T, S, dtype=torch.bool)
+        tiles = _fa2_tiles(T, S, block_q, block_k, causal)
+        nothing = (~allowed.any(-1)).expand(B, H, T)
+        scores_max = (q @ k.transpose(-1, -2) * scale).abs().amax(-1)
+        regions = {
+            "in queries that see no key at all": nothing,
+            "in queries whose scores exceed 700 in size": (scores_max > 700) & ~nothing,
+        }
+        advice = {
+            list(regions)[0]: "their running max stays -inf: guard exp(m - m_new) and the final division "
+            "(l = 0): the output is 0 and the logsumexp -inf, not NaN",
+            list(regions)[1]: "subtract the running max before exp; keep the logsumexp as m + log(l)",
+        }
+        variants = {
+            "attention without the 1/sqrt(D) scale": lambda q=q, k=k, v=v, allowed=allowed: _dense_attention(
+                q, k, v, allowed, 1.0
+            )[0],
+        }
+        if causal and T != S:
+            variants["attention with the causal diagonal aligned to the start (S - T ignored)"] = (
+                lambda q=q, k=k, v=v, T=T, S=S, s=scale: _dense_attention(
+                    q, k, v, _causal_allowed(T, S, 0), s
+                )[0]
+            )
+        limit = max(q.numel(), k.numel(), v.numel(), B * H * T * D_v, B * H * block_q * max(block_k, D, D_v))
+
+        def judge(
+            got,
+            expected,
+            regions=regions,
+            advice=advice,
+            variants=variants,
+            T=T,
+            S=S,
+            block_q=block_q,
+            block_k=block_k,
+            causal=causal,
+        ):
+            out, lse, visited = _tuple(got, 3, "(out, lse, tiles)")
+            _compare_tiles(_tile_list(visited), expected[3], T, S, block_q, block_k, causal)
+            compare(
+                out,
+                expected[0],
+                "out",
+                atol=1e-10,
+                rtol=1e-9,
+                regions=regions,
+                advice=advice,
+                variants=variants,
+            )
+            compare(
+                lse,
+                expected[1],
+                "lse",
+                atol=1e-10,
+                rtol=1e-10,
+                regions=regions,
+                advice=advice,
+                variants={"the running max alone (m, without log(l))": lambda: expected[2]},
+            )
+
+        def expected(q=q, k=k, v=v, allowed=allowed, scale=scale, tiles=tiles):
+            out, lse = _dense_attention(q, k, v, allowed, scale)
+            running_max = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, NEG_INF).amax(-1)
+            return out, lse, running_max, tiles
+
+        yield Case(
+            f"{name}: T={T}, S={S}, blocks {block_q}x{block_k}",
+            (q, k, v),
+            {"causal": causal, "block_q": block_q, "block_k": block_k},
+            expected=expected,
+            compare=judge,
+            inputs=["q", "k", "v"],
+            max_elements=limit,
+            too_large="FlashAttention never holds a head's T x S scores (or a T x S mask): compute each "
+            "tile's scores, and its mask, from the tile's own rows and columns",
+        )
+
+
+# --- 3.8: the backward pass of one tile --------------------------------------------------------------
+
+GRADIENT_SHORTCUTS = ("grad", "backward", "vjp", "jacobian", "jacrev", "jvp")
+
+
+def _tile_gradients_reference(q, k, v, grad_out, allowed, scale, rows, cols):
+    """One tile's share of dQ, dK, dV, from autograd of dense attention with respect to the scores."""
+    scores = (q @ k.T * scale).masked_fill(~allowed, NEG_INF).requires_grad_()
+    with torch.enable_grad():
+        lse = torch.logsumexp(scores, -1)
+        weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[:, None]).nan_to_num(0.0)
+        (grad_scores,) = torch.autograd.grad(weights @ v, scores, grad_out)
+    grad_scores = grad_scores.nan_to_num(0.0)[rows, cols]
+    weights = weights.detach()[rows, cols]
+    return scale * grad_scores @ k[cols], scale * grad_scores.T @ q[rows], weights.T @ grad_out[rows]
+
+
+@checker(
+    "3.8",
+    title="the backward pass of one tile",
+    points=2,
+    task="the tile's gradients",
+    forbid=GRADIENT_SHORTCUTS,
+)
+def check_tile_backward(draw: Draw):
+    """``fn(q_i, k_j, v_j, grad_out_i, lse_i, delta_i, scale, allowed=None) -> (dq_i, dk_j, dv_j)``: one
+    tile's additions to dQ, dK and dV with P recomputed from the rows' final logsumexp ``lse_i``
+    (``-inf`` for a row that sees no key at all) and ``delta_i = rowsum(dO_i * O_i)``. ``allowed``
+    ``(B_r, B_c)`` says which keys of the tile each query may see (all when None)."""
+    for name, T, S, tile_kind, spread, own_scale, causal in [
+        ("a tile inside the rows, no mask", draw.int(12, 20), draw.int(14, 24), "middle", 1, False, False),
+        ("a tile on the causal diagonal", (n := draw.int(14, 22)), n, "diagonal", 1, False, True),
+        (
+            "causal with T > S: rows that see no key (lse = -inf)",
+            draw.int(14, 20),
+            draw.int(5, 9),
+            "first",
+            1,
+            False,
+            True,
+        ),
+        ("the whole matrix as one tile", draw.int(3, 9), draw.int(3, 9), "all", 1, False, False),
+        ("a scale of your own, not D ** -0.5", draw.int(8, 14), draw.int(8, 14), "middle", 1, True, True),
+        (
+            "scores up to ~1000 (the logsumexp too)",
+            draw.int(8, 12),
+            draw.int(8, 12),
+            "middle",
+            20,
+            False,
+            False,
+        ),
+        ("one query and one key", draw.int(4, 9), draw.int(4, 9), "single", 1, False, False),
+    ]:
+        D, D_v = draw.choice([3, 4, 6]), draw.choice([2, 5])
+        q, k = draw.randn(T, D, scale=spread), draw.randn(S, D, scale=spread)
+        v, grad_out = draw.randn(S, D_v), draw.randn(T, D_v)
+        scale = draw.choice([0.37, -0.8, 1.3]) if own_scale else D**-0.5
+        allowed = _causal_allowed(T, S) if causal else torch.ones(T, S, dtype=torch.bool)
+        if tile_kind == "all":
+            r0, r1, c0, c1 = 0, T, 0, S
+        elif tile_kind == "single":
+            r0, c0 = draw.int(0, T - 1), draw.int(0, S - 1)
+            r1, c1 = r0 + 1, c0 + 1
+        elif tile_kind == "diagonal":  # rows r0..r1 see keys up to their own position
+            r0 = draw.int(3, T - 8)
+            r1, c0 = r0 + draw.int(4, 6), r0 - draw.int(0, 2)
+            c1 = c0 + draw.int(5, 7)
+        elif tile_kind == "first":  # S - T < 0: the first T - S rows see nothing
+            r0, r1, c0, c1 = 0, T - S + draw.int(2, 4), 0, S
+        else:
+            r0 = draw.int(1, T - 6)
+            r1 = r0 + draw.int(3, 5)
+            c0 = draw.int(1, S - 6)
+            c1 = c0 + draw.int(3, 5)
+        rows, cols = slice(r0, r1), slice(c0, c1)
+        scores = (q @ k.T * scale).masked_fill(~allowed, NEG_INF)
+        lse = torch.logsumexp(scores, -1)
+        finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)
+        out = torch.exp(scores - finite_lse[:, None]) @ v
+        delta = (grad_out * out).sum(-1)
+        args = (q[rows], k[cols], v[cols], grad_out[rows], lse[rows], delta[rows], scale)
+        tile_scores, tile_p = scores[rows, cols], torch.exp(scores[rows, cols] - finite_lse[rows, None])
+
+        def wrong(p, ds_delta=None, args=args, scale=scale):
+            """The three gradients from a (wrong) P and, if given, a (wrong) D."""
+            q_i, k_j, v_j, do_i, _, delta_i, _ = args
+            dp = do_i @ v_j.T
+            ds = p * (dp - (delta_i[:, None] if ds_delta is None else ds_delta))
+            return scale * ds @ k_j, scale * ds.T @ q_i, p.T @ do_i
+
+        unmasked_p = torch.exp(scale * args[0] @ args[1].T - finite_lse[rows, None])
+        wrong_answers = {
+            "the gradients with P taken as the softmax of this tile's keys alone (P is exp(s - lse) with the "
+            "row's final logsumexp: the row goes on beyond this tile)": wrong(
+                torch.softmax(tile_scores, -1).nan_to_num(0.0)
+            ),
+            "the gradients with D computed from this tile alone (D = rowsum(dO * O) belongs to the whole "
+            "row: use delta_i)": wrong(tile_p, (tile_p * (args[3] @ args[2].T)).sum(-1, keepdim=True)),
+        }
+        if causal:
+            wrong_answers["the gradients with allowed ignored (masked keys get weight too)"] = wrong(
+                unmasked_p.masked_fill(~allowed[rows].any(-1, keepdim=True), 0.0)
+            )
+        nothing = ~allowed[rows].any(-1)
+        regions = {"in rows that see no key at all (lse = -inf)": nothing}
+        advice = {
+            list(regions)[
+                0
+            ]: "exp(s - lse) is exp(-inf - (-inf)) = NaN there: their P must be 0 (put +inf, or "
+            "any finite number, in place of their lse)",
+        }
+        if spread > 1:
+            regions["in rows whose scores exceed 700"] = tile_scores.abs().amax(-1) > 700
+            advice[list(regions)[1]] = "exp(s) or exp(lse) alone overflows: compute exp(s - lse) in one step"
+
+        def judge(
+            got,
+            expected,
+            regions=regions,
+            advice=advice,
+            wrong_answers=wrong_answers,
+            scale=scale,
+        ):
+            dq, dk, dv = _tuple(got, 3, "(dq_i, dk_j, dv_j)")
+            for index, (what, mine, answer) in enumerate(
+                zip(("dq_i", "dk_j", "dv_j"), (dq, dk, dv), expected)
+            ):
+                variants = {
+                    label: (lambda answers=answers, index=index: answers[index])
+                    for label, answers in wrong_answers.items()
+                }
+                compare(
+                    mine,
+                    answer,
+                    what,
+                    atol=1e-9,
+                    rtol=1e-8,
+                    regions=regions if what == "dq_i" else None,
+                    advice=advice,
+                    variants=variants,
+                    factors=None if what == "dv_j" else {"1/scale: the scale is missing": 1 / scale},
+                )
+
+        yield Case(
+            f"{name}: T={T}, S={S}, the tile of rows {r0}:{r1} and keys {c0}:{c1}, D={D}, D_v={D_v}",
+            args,
+            {"allowed": allowed[rows, cols] if causal else None},
+            expected=lambda q=q, k=k, v=v, g=grad_out, allowed=allowed, scale=scale, rows=rows, cols=cols: (
+                _tile_gradients_reference(q, k, v, g, allowed, scale, rows, cols)
+            ),
+            compare=judge,
+            inputs=["q_i", "k_j", "v_j", "grad_out_i", "lse_i", "delta_i", "scale"],
         )

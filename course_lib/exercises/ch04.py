@@ -1,13 +1,22 @@
-"""Checkers for notebook 04: KV bytes per token, repeat_kv, one paged-cache append, top-p filtering."""
+"""Checkers for notebook 04: KV bytes per token, repeat_kv, one paged-cache append, top-p filtering, decode
+attention read through a block table, GQA decode without repeating K and V; and the chapter's predict and
+explain exercises."""
 
 from __future__ import annotations
 
 import torch
 
 from ..kv_cache import MODEL_CONFIGS
-from .common import Case, Draw, Mismatch, checker, compare, compare_exact, compare_number
+from .common import Case, Draw, Mismatch, checker, compare, compare_exact, compare_number, declare
 
-__all__ = ["check_kv_bytes_per_token", "check_repeat_kv", "check_paged_append", "check_top_p_filter"]
+__all__ = [
+    "check_kv_bytes_per_token",
+    "check_repeat_kv",
+    "check_paged_append",
+    "check_top_p_filter",
+    "check_paged_decode",
+    "check_gqa_decode",
+]
 
 
 def _kv_numbers(config: dict) -> int:
@@ -271,3 +280,211 @@ def check_top_p_filter(draw: Draw):
                 raise Mismatch("removed tokens must be -inf")
 
         yield Case(name, (logits, p), expected=keep, compare=judge, inputs=["logits", "p"])
+
+
+# --- predict and explain ---------------------------------------------------------------------------
+
+declare("4.5", kind="predict", title="the KV cache of Llama-3-8B at 32K tokens")
+declare("4.6", kind="predict", title="the slots contiguous preallocation wastes on one static batch")
+declare("4.9", kind="explain", title="why GQA speeds up decoding but not prefill", points=2)
+
+
+# --- 4.7: decode attention that reads the cache through a block table --------------------------------
+
+
+def _decode_reference(q, keys, values):
+    """Attention of one query per head over contiguous keys ``(H, n, D)``: the definition, whole rows."""
+    scores = (keys @ q[:, :, None])[..., 0] * q.shape[-1] ** -0.5  # (H, n)
+    return torch.einsum("hn,hnd->hd", torch.softmax(scores, -1), values)
+
+
+def _paged_pool(draw: Draw, lengths, block_size, H, D, D_v, shared_prefix=False):
+    """A pool of blocks holding each sequence's tokens at shuffled physical blocks, garbage elsewhere.
+
+    Returns key_blocks, value_blocks, block_tables (padded with random blocks), the sequences' keys and
+    values stored contiguously, and the keys and values of each sequence's whole last block (stale slots
+    included)."""
+    needed = [-(-n // block_size) for n in lengths]
+    prefix_blocks = 1 if shared_prefix else 0
+    total = sum(needed) - prefix_blocks * (len(lengths) - 1) + draw.int(2, 5)
+    order = draw.permutation(total)
+    # Garbage everywhere first: stale slots and unused blocks hold large values that must not be read.
+    key_blocks = draw.randn(total, H, block_size, D, scale=4.0)
+    value_blocks = draw.randn(total, H, block_size, D_v, scale=20.0)
+    tables, keys, values = [], [], []
+    shared = [order.pop() for _ in range(prefix_blocks)]
+    shared_keys = draw.randn(H, prefix_blocks * block_size, D)
+    shared_values = draw.randn(H, prefix_blocks * block_size, D_v)
+    for n, count in zip(lengths, needed):
+        own = shared + [order.pop() for _ in range(count - prefix_blocks)]
+        k = torch.cat([shared_keys, draw.randn(H, count * block_size - shared_keys.shape[1], D)], 1)
+        v = torch.cat([shared_values, draw.randn(H, count * block_size - shared_values.shape[1], D_v)], 1)
+        for logical, physical in enumerate(own):
+            span = slice(logical * block_size, min((logical + 1) * block_size, n))
+            width = span.stop - span.start
+            key_blocks[physical, :, :width] = k[:, span]
+            value_blocks[physical, :, :width] = v[:, span]
+        tables.append(own)
+        keys.append(k[:, :n])
+        values.append(v[:, :n])
+    width = max(needed) + draw.int(0, 2)
+    padded = [t + [draw.int(0, total - 1) for _ in range(width - len(t))] for t in tables]
+    return key_blocks, value_blocks, torch.tensor(padded, dtype=torch.long), keys, values
+
+
+@checker("4.7", title="decode attention through a block table", points=2, task="paged decode attention")
+def check_paged_decode(draw: Draw):
+    """``fn(q, key_blocks, value_blocks, block_tables, lengths) -> (R, H, D_v)``: one decoding query per
+    sequence, ``q (R, H, D)``, attending over that sequence's ``lengths[r]`` cached tokens, which live in
+    the physical blocks ``block_tables[r, 0], block_tables[r, 1], ...`` of the pool ``key_blocks
+    (N, H, block_size, D)`` / ``value_blocks (N, H, block_size, D_v)``. Scale ``D ** -0.5``."""
+    for name, lengths, block_size, shared in [
+        ("one sequence, whole blocks", [(m := draw.choice([4, 8])) * draw.int(2, 4)], m, False),
+        (
+            "sequences of uneven lengths, last blocks partly filled",
+            [draw.not_multiple(3, 30, 4) for _ in range(draw.int(2, 4))],
+            4,
+            False,
+        ),
+        ("a sequence of one token beside a longer one", [1, draw.int(9, 20)], draw.choice([4, 8]), False),
+        ("blocks of one token", [draw.int(2, 7) for _ in range(2)], 1, False),
+        (
+            "two forks sharing their first block",
+            [draw.int(9, 15), draw.int(9, 15)],
+            draw.choice([4, 8]),
+            True,
+        ),
+    ]:
+        H, D, D_v = draw.int(1, 3), draw.choice([4, 8]), draw.choice([3, 5])
+        key_blocks, value_blocks, tables, keys, values = _paged_pool(
+            draw, lengths, block_size, H, D, D_v, shared_prefix=shared
+        )
+        R = len(lengths)
+        q = draw.randn(R, H, D)
+        expected = torch.stack([_decode_reference(q[r], keys[r], values[r]) for r in range(R)])
+        n_blocks = [-(-n // block_size) for n in lengths]
+
+        def physical_order(
+            q=q, key_blocks=key_blocks, value_blocks=value_blocks, lengths=lengths, bs=block_size
+        ):
+            """Blocks 0, 1, 2, ... of the pool read as if they were the sequence's."""
+            out = []
+            for r, n in enumerate(lengths):
+                k = key_blocks[: -(-n // bs)].transpose(0, 1).reshape(q.shape[1], -1, key_blocks.shape[-1])
+                v = (
+                    value_blocks[: -(-n // bs)]
+                    .transpose(0, 1)
+                    .reshape(q.shape[1], -1, value_blocks.shape[-1])
+                )
+                out.append(_decode_reference(q[r], k[:, :n], v[:, :n]))
+            return torch.stack(out)
+
+        def gathered(r, count, key_blocks=key_blocks, value_blocks=value_blocks, tables=tables):
+            blocks = tables[r, :count]
+            k = key_blocks[blocks].transpose(0, 1).reshape(key_blocks.shape[1], -1, key_blocks.shape[-1])
+            v = (
+                value_blocks[blocks]
+                .transpose(0, 1)
+                .reshape(value_blocks.shape[1], -1, value_blocks.shape[-1])
+            )
+            return k, v
+
+        def stale(q=q, lengths=lengths, n_blocks=n_blocks, gathered=gathered):
+            """Every slot of the sequence's blocks, the unwritten ones after its last token too."""
+            return torch.stack(
+                [_decode_reference(q[r], *gathered(r, n_blocks[r])) for r in range(len(lengths))]
+            )
+
+        def whole_blocks_only(q=q, lengths=lengths, bs=block_size, gathered=gathered, values=values):
+            out = []
+            for r, n in enumerate(lengths):
+                full = n // bs
+                if full == 0:  # nothing to attend to: zeros, as softmax over no key times no value gives
+                    out.append(q.new_zeros(q.shape[1], values[r].shape[-1]))
+                    continue
+                k, v = gathered(r, full)
+                out.append(_decode_reference(q[r], k, v))
+            return torch.stack(out)
+
+        def no_scale(q=q, keys=keys, values=values):
+            return torch.stack(
+                [_decode_reference(q[r] * q.shape[-1] ** 0.5, keys[r], values[r]) for r in range(len(keys))]
+            )
+
+        variants = {
+            "attention over the pool's blocks 0, 1, 2, ... in physical order: read the sequence's blocks "
+            "through its table, key_blocks[block_tables[r, i]]": physical_order,
+            "attention over every slot of the sequence's blocks: the slots after its last token hold stale "
+            "data from other sequences; keep only the first lengths[r] tokens": stale,
+            "attention over the full blocks only: the last, partly filled block holds tokens too": (
+                whole_blocks_only
+            ),
+            "attention without the 1/sqrt(D) scale": no_scale,
+        }
+
+        def judge(got, expected, variants=variants):
+            compare(got, expected, "output", atol=1e-10, rtol=1e-9, variants=variants)
+
+        yield Case(
+            f"{name}: lengths {lengths}, blocks of {block_size}, a pool of {key_blocks.shape[0]} blocks",
+            (q, key_blocks, value_blocks, tables, torch.tensor(lengths)),
+            expected=expected,
+            compare=judge,
+            inputs=["q", "key_blocks", "value_blocks", "block_tables", "lengths"],
+        )
+
+
+# --- 4.8: GQA decode without repeating K and V -------------------------------------------------------
+
+
+@checker("4.8", title="GQA decode without repeating K and V", points=2, task="grouped-query decode attention")
+def check_gqa_decode(draw: Draw):
+    """``fn(q, k_cache, v_cache) -> (B, H_q, D_v)``: one decoding query per sequence and query head,
+    ``q (B, H_q, D)``, over ``k_cache (B, H_kv, S, D)`` and ``v_cache (B, H_kv, S, D_v)``; query head ``h``
+    reads kv head ``h // (H_q // H_kv)``. Scale ``D ** -0.5``. No copy of K or V per query head."""
+    for name, B, H_kv, group, S in [
+        ("GQA, groups of 4", draw.int(1, 2), draw.int(2, 3), 4, draw.int(10, 40)),
+        ("GQA, groups of 2", draw.int(1, 3), 4, 2, draw.int(5, 30)),
+        ("MQA: one kv head for every query head", draw.int(1, 2), 1, draw.int(3, 8), draw.int(10, 40)),
+        ("MHA: groups of one", draw.int(1, 2), draw.int(2, 4), 1, draw.int(5, 20)),
+        ("one cached token", 1, 2, 3, 1),
+    ]:
+        D, D_v = draw.choice([8, 16]), draw.choice([6, 8])
+        H_q = H_kv * group
+        q = draw.randn(B, H_q, D)
+        k = draw.randn(B, H_kv, S, D)
+        v = draw.randn(B, H_kv, S, D_v)
+
+        def attend(kv_head, q=q, k=k, v=v, scale=D**-0.5):
+            keys, values = k[:, kv_head], v[:, kv_head]  # (B, H_q, S, D) by indexing, for the reference
+            weights = torch.softmax(torch.einsum("bhd,bhsd->bhs", q, keys) * scale, -1)
+            return torch.einsum("bhs,bhsd->bhd", weights, values)
+
+        heads = torch.arange(H_q)
+        expected = attend(heads // group)
+        variants = {
+            "query head h reading kv head h % H_kv (the heads cycled, as x.repeat or a reshape of q to "
+            "(B, group, H_kv, D) gives): head h belongs to group h // (H_q // H_kv)": (
+                lambda attend=attend, heads=heads, H_kv=H_kv: attend(heads % H_kv)
+            ),
+            "attention without the 1/sqrt(D) scale": lambda attend=attend, heads=heads, g=group, D=D: attend(
+                heads // g, scale=1.0
+            ),
+        }
+        limit = max(k.numel(), v.numel(), B * H_q * max(S, D, D_v))
+
+        def judge(got, expected, variants=variants):
+            compare(got, expected, "output", atol=1e-10, rtol=1e-9, variants=variants)
+
+        yield Case(
+            f"{name}: B={B}, H_q={H_q}, H_kv={H_kv}, S={S}, D={D}, D_v={D_v}",
+            (q, k, v),
+            expected=expected,
+            compare=judge,
+            inputs=["q", "k_cache", "v_cache"],
+            max_elements=limit,
+            too_large="that is as large as the keys or values copied for every query head: GQA's point is "
+            "that a group's query heads read their kv head where it is. Make the group's queries the rows "
+            "of one product with that head, (B, H_kv, group, D) @ (B, H_kv, D, S), with no broadcast of K or "
+            "V",
+        )

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .guard import ExerciseTimeout, Refused, Rules, guarded_call
+from .guard import ExerciseTimeout, Refused, Rules, TooLarge, guarded_call
 
 __all__ = [
     "Case",
@@ -89,6 +89,13 @@ class Exercise:
     @property
     def chapter(self) -> int:
         return int(self.id.split(".")[0])
+
+    @property
+    def notebook(self) -> str:
+        """The prefix of the notebook that holds it: its checkers' module ``chNN`` (``ch04b``: "04b"),
+        else the chapter's number ("04")."""
+        module = self.module.rsplit(".", 1)[-1]
+        return module[2:] if module.startswith("ch") else f"{self.chapter:02d}"
 
     @property
     def grade_id(self) -> str:
@@ -181,6 +188,8 @@ class Case:
     reference is never in memory while their code runs). ``compare(got, expected)`` raises
     :class:`Mismatch`; the default compares tensors and numbers with :func:`compare`.
     ``inputs`` names the arguments for messages (defaults to ``arg0, arg1, ...``).
+    ``max_elements``: the largest tensor the reader's code may build (views excluded), with
+    ``too_large`` saying why in the failure message (e.g. "FlashAttention never holds the T x S scores").
     """
 
     name: str
@@ -191,6 +200,8 @@ class Case:
     inputs: Sequence[str] | None = None
     copy_args: bool = True
     target: int = 0  # which of the reader's functions this case calls (exercises with several)
+    max_elements: int | None = None
+    too_large: str = ""
 
     def describe_inputs(self) -> str:
         names = list(self.inputs or [f"arg{i}" for i in range(len(self.args))])
@@ -623,6 +634,7 @@ def run_checker(
                     rules=exercise.rules,
                     checker=exercise.checker,
                     time_limit=max(remaining, 0.001),
+                    max_elements=case.max_elements,
                 )
         except NotImplementedError as error:
             if _raised_by_stub(error):
@@ -634,6 +646,15 @@ def run_checker(
             )
         except Refused as refusal:
             return finish("refused", f"✘ {label}: refused — {refusal.message}")
+        except TooLarge as large:
+            return finish(
+                "fail",
+                f"✘ {label}: wrong on {where}\n  inputs: {described}\n"
+                f"  your function built a tensor of {large.elements:,} elements (shape {large.shape}, from "
+                f"{large.op}); this case allows at most {large.limit:,}"
+                + (f"\n  hint: {case.too_large}" if case.too_large else "")
+                + f"\n  {replay}",
+            )
         except ExerciseTimeout:
             return finish(
                 "timeout",
@@ -767,7 +788,9 @@ def declare(exercise_id: str, *, kind: str, title: str, points: int = 0) -> Exer
     grader lists them without scoring them."""
     if kind not in ("predict", "explain"):
         raise ValueError(f"kind={kind!r} must be 'predict' or 'explain' (build exercises use @checker)")
-    exercise = Exercise(id=exercise_id, kind=kind, title=title, points=points, checker="", module="")
+    # The declaring module names the notebook (ch04b's declarations live in 04b_serving).
+    module = sys._getframe(1).f_globals.get("__name__", "")
+    exercise = Exercise(id=exercise_id, kind=kind, title=title, points=points, checker="", module=module)
     if exercise_id in EXERCISES and EXERCISES[exercise_id] != exercise:
         raise ValueError(f"exercise {exercise_id} is registered twice")
     EXERCISES[exercise_id] = exercise

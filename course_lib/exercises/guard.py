@@ -17,6 +17,11 @@ A checker calls the reader's function inside :func:`guarded_call`. While it runs
    (a refusal is a ``BaseException``, and it is also recorded, so ``except BaseException`` does not
    hide it).
 
+The dispatch watcher also notes the largest tensor an ATen kernel produced (views excluded: they
+allocate nothing). With ``max_elements``, a call that built a larger one raises :class:`TooLarge`
+after it returns: how an exercise checks that a solution never held what the mechanism avoids
+(FlashAttention's ``T x S`` scores, a KV cache copied for every query head).
+
 What stays possible is listed in TEACHING.md ("What the checkers cannot stop"): copying the library's
 source by hand with edits, work handed to a thread or process that existed before the call, and code
 that tampers with the checker itself (a grader should read submissions it has doubts about).
@@ -38,7 +43,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Rules", "Refused", "ExerciseTimeout", "guarded_call", "COURSE_DIR"]
+__all__ = ["Rules", "Refused", "ExerciseTimeout", "TooLarge", "guarded_call", "COURSE_DIR"]
 
 COURSE_DIR = Path(__file__).resolve().parents[1]
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
@@ -95,6 +100,16 @@ class Refused(BaseException):
 
 class ExerciseTimeout(BaseException):
     """The reader's function ran past the exercise's time limit."""
+
+
+class TooLarge(BaseException):
+    """The reader's function built a tensor larger than the case allows (``max_elements``)."""
+
+    def __init__(self, elements: int, shape: tuple[int, ...], op: str, limit: int):
+        super().__init__(
+            f"a tensor of {elements} elements, shape {shape}, from {op}; at most {limit} allowed"
+        )
+        self.elements, self.shape, self.op, self.limit = elements, shape, op, limit
 
 
 @dataclass(frozen=True)
@@ -217,6 +232,7 @@ class _Watch:
         self.rules = rules
         self.checker = checker
         self.violation: str | None = None
+        self.largest: tuple[int, tuple[int, ...], str] = (0, (), "")  # elements, shape, ATen op
         self.code_verdicts: dict[types.CodeType, str | None] = {}
         self.own_codes = {
             obj.__code__ for obj in (_FunctionWatch.__torch_function__, _DispatchWatch.__torch_dispatch__)
@@ -330,7 +346,12 @@ class _DispatchWatch(TorchDispatchMode):
         reason = self.watch.torch_name_forbidden(name)
         if reason:
             self.watch.refuse(f"your function ran the ATen kernel {name}, {reason}")
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:  # a view allocates nothing, however many elements it shows
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor) and tensor.numel() > self.watch.largest[0]:
+                    self.watch.largest = (tensor.numel(), tuple(tensor.shape), name)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,12 +430,14 @@ def guarded_call(
     rules: Rules = Rules(),
     checker: str = "checker",
     time_limit: float | None = None,
+    max_elements: int | None = None,
 ) -> object:
     """Call ``fn(*args, **kwargs)`` with the watchers on and return its result made plain.
 
     Raises :class:`Refused` when the call reached something forbidden (even if the reader's code
-    caught the refusal), :class:`ExerciseTimeout` past ``time_limit`` seconds; anything the
-    reader's code raised propagates unchanged.
+    caught the refusal), :class:`ExerciseTimeout` past ``time_limit`` seconds, :class:`TooLarge`
+    when an ATen kernel produced a tensor of more than ``max_elements`` elements (views excluded);
+    anything the reader's code raised propagates unchanged.
     """
     _warm_up()
     watch = _Watch(rules, checker)
@@ -448,6 +471,8 @@ def guarded_call(
         )
     if error is not None:
         raise error
+    if max_elements is not None and watch.largest[0] > max_elements:
+        raise TooLarge(*watch.largest, max_elements)
     return result
 
 
