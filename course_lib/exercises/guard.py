@@ -17,6 +17,11 @@ A checker calls the reader's function inside :func:`guarded_call`. While it runs
    (a refusal is a ``BaseException``, and it is also recorded, so ``except BaseException`` does not
    hide it).
 
+The dispatch watcher also tallies the work of the call (:class:`Work`, read with :func:`last_work`): the
+largest tensor an operation produced, the entries all operations wrote, the multiply-adds of the matrix
+products and the number of operations. A checker of a kernel that must *skip* work (a sliding window,
+causal tiles) or run in chunks compares them with what the dense or token-by-token computation needs.
+
 What stays possible is listed in TEACHING.md ("What the checkers cannot stop"): copying the library's
 source by hand with edits, work handed to a thread or process that existed before the call, and code
 that tampers with the checker itself (a grader should read submissions it has doubts about).
@@ -38,7 +43,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Rules", "Refused", "ExerciseTimeout", "guarded_call", "COURSE_DIR"]
+__all__ = ["Rules", "Refused", "ExerciseTimeout", "Work", "guarded_call", "last_work", "COURSE_DIR"]
 
 COURSE_DIR = Path(__file__).resolve().parents[1]
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
@@ -95,6 +100,39 @@ class Refused(BaseException):
 
 class ExerciseTimeout(BaseException):
     """The reader's function ran past the exercise's time limit."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the ATen operations of one guarded call computed (views, which compute nothing, excluded).
+
+    ``largest``: entries of the largest tensor one operation produced; ``elements``: entries written by
+    all operations together; ``multiply_adds``: those of the matrix products (``mm``, ``bmm``, ``addmm``,
+    ``baddbmm``, ``dot``, ``mv``, ... — what ``@``, ``matmul`` and ``einsum`` become); ``operations``: how
+    many operations ran (a loop over tokens runs thousands, a loop over chunks a few per chunk).
+    """
+
+    largest: int = 0
+    elements: int = 0
+    multiply_adds: int = 0
+    operations: int = 0
+
+
+# Matrix products, and where their two factors sit among the arguments: (a, b) with a (..., n, k) and
+# b (..., k, m) cost a.numel() * m multiply-adds; a vector product costs a.numel().
+_PRODUCTS = {
+    "mm": 0,
+    "bmm": 0,
+    "addmm": 1,
+    "baddbmm": 1,
+    "addbmm": 1,
+    "mv": 0,
+    "addmv": 1,
+    "dot": 0,
+    "vdot": 0,
+}
+# Operations that return a view or an alias of their input: no new entries are computed.
+_NOT_WORK = frozenset({"_unsafe_view", "lift_fresh", "detach", "alias"})
 
 
 @dataclass(frozen=True)
@@ -217,6 +255,7 @@ class _Watch:
         self.rules = rules
         self.checker = checker
         self.violation: str | None = None
+        self.largest = self.elements = self.multiply_adds = self.operations = 0
         self.code_verdicts: dict[types.CodeType, str | None] = {}
         self.own_codes = {
             obj.__code__ for obj in (_FunctionWatch.__torch_function__, _DispatchWatch.__torch_dispatch__)
@@ -280,6 +319,24 @@ class _Watch:
         self.code_verdicts[code] = verdict
         return verdict
 
+    def tally(self, func, args: tuple, out: object) -> None:
+        """Add one ATen operation's work (views and aliases compute nothing)."""
+        name = func.overloadpacket.__name__
+        if getattr(func, "is_view", False) or name in _NOT_WORK:
+            return
+        self.operations += 1
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for tensor in outputs:
+            if isinstance(tensor, torch.Tensor):
+                size = tensor.numel()
+                self.elements += size
+                self.largest = max(self.largest, size)
+        position = _PRODUCTS.get(name)
+        if position is not None and len(args) > position + 1:
+            a, b = args[position], args[position + 1]
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                self.multiply_adds += a.numel() * (b.shape[-1] if b.dim() >= 2 else 1)
+
     # -- the profile hook -------------------------------------------------------------------------
     def profile(self, frame: types.FrameType, event: str, arg: object) -> None:
         if event == "call":
@@ -330,7 +387,9 @@ class _DispatchWatch(TorchDispatchMode):
         reason = self.watch.torch_name_forbidden(name)
         if reason:
             self.watch.refuse(f"your function ran the ATen kernel {name}, {reason}")
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.watch.tally(func, args, out)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -438,6 +497,8 @@ def guarded_call(
                 sys.setprofile(previous_profile)
                 threading.setprofile(previous_thread_profile)
                 modes_intact = _mode_on_stack(function_mode) and _dispatch_on_stack(dispatch_mode)
+    global _LAST_WORK
+    _LAST_WORK = Work(watch.largest, watch.elements, watch.multiply_adds, watch.operations)
     if watch.violation is not None:
         raise Refused(watch.violation)
     if isinstance(error, ExerciseTimeout):
@@ -449,6 +510,14 @@ def guarded_call(
     if error is not None:
         raise error
     return result
+
+
+_LAST_WORK = Work()
+
+
+def last_work() -> Work:
+    """The :class:`Work` of the latest guarded call (the reader's function, nothing of the checker's)."""
+    return _LAST_WORK
 
 
 _WARM = False
