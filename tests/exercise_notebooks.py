@@ -12,7 +12,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def exercise_cells() -> dict[str, dict[str, list]]:
-    """exercise id -> {"statement": [cells], "solution": [cells], "checker": [cells]} over all notebooks."""
+    """exercise id -> {"statement": [cells], "solution": [cells], "checker": [cells], ...} over all notebooks
+    (a predict exercise's cells are "prediction" and "reveal", an explain exercise's "answer")."""
     found: dict[str, dict[str, list]] = {}
     for path in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
@@ -20,7 +21,9 @@ def exercise_cells() -> dict[str, dict[str, list]]:
             course = cell.get("metadata", {}).get("course")
             if course:
                 roles = found.setdefault(course["exercise"], {"statement": [], "solution": [], "checker": []})
-                roles[course["role"]].append(cell)
+                roles.setdefault(course["role"], []).append(
+                    cell
+                )  # predict: prediction, reveal; explain: answer
     return found
 
 

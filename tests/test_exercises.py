@@ -6,10 +6,11 @@ import importlib
 import json
 import re
 
+import nbformat
 import pytest
 import torch
 from exercise_mistakes import MISTAKES
-from exercise_notebooks import exercise_cells, solution_functions
+from exercise_notebooks import NOTEBOOKS, exercise_cells, solution_functions
 
 from course_lib.exercises import (
     EXERCISES,
@@ -25,10 +26,13 @@ from course_lib.exercises import (
     use_mine_or_library,
 )
 from course_lib.exercises import predictions as predict_module
+from course_lib.exercises.catalog import NOTEBOOKS as NOTEBOOK_NAMES
 from course_lib.exercises.ch02 import check_roofline
 
 ALL = list(iter_exercises())
 IDS = [e.id for e in ALL]
+BUILD = [e for e in ALL if e.kind == "build"]  # the exercises with a checker
+BUILD_IDS = [e.id for e in BUILD]
 CELLS = exercise_cells()
 
 
@@ -40,17 +44,72 @@ def stub(*args, **kwargs):
     raise NotImplementedError("not implemented yet")
 
 
-def test_the_registry_lists_the_28_build_exercises_of_chapters_00_to_08():
-    assert len(ALL) == 28 and all(e.kind == "build" for e in ALL)
+def test_the_registry_lists_the_exercises_of_chapters_00_to_08():
+    assert len(BUILD) >= 28
     assert [e.chapter for e in ALL] == sorted(e.chapter for e in ALL)
-    assert {e.chapter for e in ALL} == set(range(9))
+    assert {e.chapter for e in BUILD} == set(range(9))
     for exercise in ALL:
         assert exercise.kind in ("build", "predict", "explain")
-        assert exercise.points >= 1
+        assert exercise.points >= (1 if exercise.kind != "predict" else 0)
+        assert bool(exercise.checker) == (exercise.kind == "build")
         assert re.fullmatch(r"[A-Za-z0-9_-]+", exercise.grade_id), "nbgrader accepts only these characters"
 
 
-@pytest.mark.parametrize("exercise", ALL, ids=IDS)
+@pytest.mark.parametrize("chapter", sorted({e.chapter for e in ALL if e.kind != "build"}))
+def test_a_chapter_with_predict_or_explain_exercises_has_all_three_kinds(chapter):
+    kinds = [e.kind for e in ALL if e.chapter == chapter]
+    assert len(kinds) >= 5 and kinds.count("build") >= 2, kinds
+    assert kinds.count("predict") >= 1 and kinds.count("explain") >= 1, kinds
+    assert all(e.points == 0 for e in ALL if e.chapter == chapter and e.kind == "predict"), "feedback only"
+
+
+PREDICT = [e for e in ALL if e.kind == "predict"]
+EXPLAIN = [e for e in ALL if e.kind == "explain"]
+
+
+@pytest.mark.parametrize("exercise", PREDICT, ids=[e.id for e in PREDICT])
+def test_a_predict_exercise_records_a_prediction_before_the_cell_that_reveals_it(exercise):
+    cells = CELLS[exercise.id]
+    assert len(cells["statement"]) == 1 and len(cells["prediction"]) == 1 and len(cells["reveal"]) == 1
+    assert f"Exercise {exercise.id} (predict)" in cells["statement"][0].source, (
+        "the kind is named in the heading"
+    )
+    prediction, shown = cells["prediction"][0], cells["reveal"][0]
+    call = re.search(rf'^predict\("{re.escape(exercise.id)}", (\w+)\)$', prediction.source, re.M)
+    assert call, "the prediction cell calls predict(id, variable)"
+    assert re.search(rf"^{call.group(1)} = None\b", prediction.source, re.M), "the variable starts as None"
+    assert re.search(rf'^reveal\("{re.escape(exercise.id)}", ', shown.source, re.M)
+    assert "SOLUTION" not in prediction.source + shown.source and "nbgrader" not in prediction.metadata
+    for cell in (cells["statement"][0], prediction, shown):
+        assert cell.metadata["course"]["kind"] == "predict"
+    notebook = nbformat.read(NOTEBOOKS / NOTEBOOK_NAMES[exercise.chapter], as_version=4)
+    order = [c.get("id") for c in notebook.cells]
+    assert order.index(cells["statement"][0].id) < order.index(prediction.id) < order.index(shown.id)
+
+
+@pytest.mark.parametrize("exercise", EXPLAIN, ids=[e.id for e in EXPLAIN])
+def test_an_explain_exercise_has_a_manually_graded_answer_cell_with_a_model_answer(exercise):
+    cells = CELLS[exercise.id]
+    assert len(cells["statement"]) == 1 and len(cells["answer"]) == 1
+    assert f"Exercise {exercise.id} (explain)" in cells["statement"][0].source, (
+        "the kind is named in the heading"
+    )
+    answer = cells["answer"][0]
+    assert answer.cell_type == "markdown" and answer.metadata["course"]["kind"] == "explain"
+    assert answer.metadata["nbgrader"] == {
+        "grade": True,
+        "grade_id": exercise.grade_id,
+        "locked": False,
+        "points": exercise.points,
+        "schema_version": 3,
+        "solution": True,
+        "task": False,
+    }
+    model = re.search(r"### BEGIN SOLUTION\n(.+?)\n### END SOLUTION", answer.source, re.S)
+    assert model and len(model.group(1).split()) >= 40, "the teacher's copy holds a model answer"
+
+
+@pytest.mark.parametrize("exercise", BUILD, ids=BUILD_IDS)
 def test_the_notebook_holds_a_statement_a_solution_and_a_checker_with_nbgrader_metadata(exercise):
     cells = CELLS[exercise.id]
     assert len(cells["statement"]) == 1 and len(cells["solution"]) == 1 and len(cells["checker"]) == 1
@@ -80,7 +139,7 @@ def test_the_notebook_holds_a_statement_a_solution_and_a_checker_with_nbgrader_m
     assert exercise.checker + "(" in check.source and "SOLUTION" not in check.source
 
 
-@pytest.mark.parametrize("exercise", ALL, ids=IDS)
+@pytest.mark.parametrize("exercise", BUILD, ids=BUILD_IDS)
 def test_the_notebook_solution_passes_on_several_seeds(exercise):
     functions = solution_functions(exercise.id, CELLS[exercise.id])
     for seed in (0, 1, 2, 12345):
@@ -89,7 +148,7 @@ def test_the_notebook_solution_passes_on_several_seeds(exercise):
         assert outcome.cases_run == outcome.cases_total >= 2
 
 
-@pytest.mark.parametrize("exercise", ALL, ids=IDS)
+@pytest.mark.parametrize("exercise", BUILD, ids=BUILD_IDS)
 def test_the_stub_says_not_implemented_yet_in_one_line(exercise, capsys):
     functions = solution_functions(exercise.id, CELLS[exercise.id])
     check = checker_of(exercise)
@@ -100,7 +159,7 @@ def test_the_stub_says_not_implemented_yet_in_one_line(exercise, capsys):
     assert check.run(*[stub] * len(functions)).status == "not implemented"
 
 
-@pytest.mark.parametrize("exercise", ALL, ids=IDS)
+@pytest.mark.parametrize("exercise", BUILD, ids=BUILD_IDS)
 def test_every_exercise_refuses_a_call_to_the_course_library(exercise):
     library = [entry for entry in MISTAKES[exercise.id] if entry[1] == "course's own code"]
     assert library, f"exercise {exercise.id} needs a wrong solution that calls the library"
@@ -110,7 +169,7 @@ def test_every_exercise_refuses_a_call_to_the_course_library(exercise):
         assert fragment in outcome.message and "\n" not in outcome.message
 
 
-MISTAKE_CASES = [(e, d, f, fn) for e in IDS for d, f, fn in MISTAKES[e]]
+MISTAKE_CASES = [(e, d, f, fn) for e in BUILD_IDS for d, f, fn in MISTAKES[e]]
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,7 @@ def test_the_leak_detector_finds_a_renamed_copy_and_a_printed_listing():
     assert leak(solution, "scores = q @ k.T\nprint(torch.exp(scores - 1))") is None
 
 
-@pytest.mark.parametrize("exercise", list(iter_exercises()), ids=lambda e: e.id)
+@pytest.mark.parametrize("exercise", [e for e in iter_exercises() if e.kind == "build"], ids=lambda e: e.id)
 def test_each_stubbed_exercise_of_the_copy_says_not_implemented_in_one_line(student_copy, exercise):
     notebook = next(
         student for name, (_, student) in student_copy.items() if name.startswith(f"{exercise.chapter:02d}_")
@@ -203,3 +203,24 @@ def test_each_stubbed_exercise_of_the_copy_says_not_implemented_in_one_line(stud
         exec(cells["solution"].source, namespace)
         exec(cells["checker"].source.rstrip()[:-1] + ", record=False)", namespace)
     assert err.getvalue().strip() == f"✘ Exercise {exercise.id} ({exercise.checker}): not implemented yet"
+
+
+@pytest.mark.parametrize("exercise", [e for e in iter_exercises() if e.kind != "build"], ids=lambda e: e.id)
+def test_the_copy_asks_for_predictions_and_explanations_without_giving_them(student_copy, exercise):
+    notebook = next(
+        student for name, (_, student) in student_copy.items() if name.startswith(f"{exercise.chapter:02d}_")
+    )
+    cells = {
+        c.metadata["course"]["role"]: c
+        for c in notebook.cells
+        if c.metadata.get("course", {}).get("exercise") == exercise.id
+    }
+    if exercise.kind == "explain":
+        answer = cells["answer"].source
+        assert TEXT_STUB in answer and "SOLUTION" not in answer and answer.count("\n") <= 3
+    else:  # predict: the variable is None until the learner writes a prediction; the reveal computes it
+        assert (
+            " = None" in cells["prediction"].source
+            and f'predict("{exercise.id}",' in cells["prediction"].source
+        )
+        assert f'reveal("{exercise.id}",' in cells["reveal"].source
