@@ -429,3 +429,11 @@ def test_a_prediction_survives_a_restarted_kernel(fresh_predictions, monkeypatch
     assert reveal("4.9", "h2o") is True
     assert reveal("4.8", 3) is None
     assert "No prediction was recorded" in capsys.readouterr().out
+
+
+def test_the_teachers_guide_lists_every_exercise_with_its_kind():
+    guide = (NOTEBOOKS.parent / "TEACHING.md").read_text(encoding="utf-8")
+    missing = [e.id for e in ALL if f"**{e.id} ({e.kind}" not in guide]
+    assert missing == [], (
+        "TEACHING.md lists each exercise as **N.M (kind ...: its misconceptions or model answer"
+    )

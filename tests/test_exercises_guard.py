@@ -239,3 +239,44 @@ def test_a_checker_reports_the_bound_as_a_failure_with_the_cases_reason():
     outcome = check_gqa_decode.run(repeated, seed=0)
     assert outcome.status == "fail" and "your function built a tensor of" in outcome.message
     assert "copied for every query head" in outcome.message and "seed=0" in outcome.message
+
+
+# --- the work the guard counts (what a checker of a kernel that skips reads) -----------------------------
+
+
+def test_the_guard_counts_the_work_of_the_last_call():
+    from course_lib.exercises.guard import last_work
+
+    B, H, T, S, D = 1, 2, 64, 48, 8
+    q = torch.randn(B, H, T, D, dtype=torch.float64)
+    k = torch.randn(B, H, S, D, dtype=torch.float64)
+    guarded_call(honest, (q, k, k), rules=RULES)
+    work = last_work()
+    assert work.largest == B * H * T * S, "the score matrix is the largest tensor"
+    assert work.multiply_adds == 2 * B * H * T * S * D, "two products: q k^T and weights v"
+    assert work.elements >= 3 * B * H * T * S and work.operations >= 3
+
+    def views_only(q, k, v):  # an expand of a huge shape computes nothing
+        return q[..., None, :].expand(B, H, T, 10_000, D)[..., 0, :]
+
+    guarded_call(views_only, (q, k, k), rules=RULES)
+    assert last_work().largest <= B * H * T * D and last_work().multiply_adds == 0
+
+
+def test_the_work_is_that_of_the_readers_call_only_and_survives_a_refusal():
+    from course_lib.exercises.guard import last_work
+
+    def small(q, k, v):
+        return q * 2
+
+    guarded_call(small, (Q, Q, Q), rules=RULES)
+    assert (
+        last_work().operations == 2 and last_work().multiply_adds == 0
+    )  # the multiply, then the result's copy
+    with pytest.raises(Refused):
+        guarded_call(
+            lambda q, k, v: (q @ k.transpose(-1, -2), F.scaled_dot_product_attention(q, k, v)),
+            (Q, Q, Q),
+            rules=RULES,
+        )
+    assert last_work().multiply_adds == Q.numel() * Q.shape[-2]

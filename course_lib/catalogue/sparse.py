@@ -128,10 +128,22 @@ def _gqa_inputs(T, g, generator):
 
 
 def _nsa_mixer(
-    d_model, num_heads, *, num_kv_heads=None, block_size=16, num_selected=4, window=32, conv_size=0
+    d_model,
+    num_heads,
+    *,
+    num_kv_heads=None,
+    block_size=16,
+    num_selected=4,
+    window=32,
+    compress_block=None,
+    compress_stride=None,
+    num_initial_blocks=1,
+    num_local_blocks=2,
+    conv_size=0,
 ):
     """NSA's layer sized for the tiny models of the course (contexts of hundreds of tokens); the
-    paper's sizes are blocks of 64, 16 selected blocks and a window of 512."""
+    paper's sizes are blocks of 64, 16 selected blocks and a window of 512. Compressed blocks default
+    to the selection blocks, every half block (notebook 05 trains with smaller ones)."""
     return NativeSparseAttention(
         d_model,
         num_heads,
@@ -139,8 +151,10 @@ def _nsa_mixer(
         block_size=block_size,
         num_selected=num_selected,
         window=window,
-        compress_block=block_size,
-        compress_stride=block_size // 2,
+        compress_block=block_size if compress_block is None else compress_block,
+        compress_stride=max(block_size // 2, 1) if compress_stride is None else compress_stride,
+        num_initial_blocks=num_initial_blocks,
+        num_local_blocks=num_local_blocks,
         conv_size=conv_size,
     )
 

@@ -1,16 +1,24 @@
-"""Checkers for notebook 06: the elu+1 feature map, one recurrent step, one chunk update.
+"""Checkers for notebook 06: the elu+1 feature map, one recurrent step, one chunk update, the whole chunkwise
+form with its state carried; the chapter's predict and explain exercises.
 
 Expected values come from the formulas of the exercises, written densely here (einsum over whole
-tensors), not from the library's loops.
+tensors), not from the library's loops. The chunkwise form is also checked against the work the guard
+counted (:func:`~course_lib.exercises.guard.last_work`): no (T, T) matrix, no loop over tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import Case, Draw, Mismatch, checker, compare
+from .common import Case, Draw, Mismatch, checker, compare, declare
+from .guard import last_work
 
-__all__ = ["check_elu_plus_one", "check_recurrent_step", "check_chunk_update"]
+__all__ = [
+    "check_elu_plus_one",
+    "check_recurrent_step",
+    "check_chunk_update",
+    "check_chunked_linear_attention",
+]
 
 ELU_SHORTCUTS = ("elu", "celu", "selu", "elu_", "celu_", "selu_")
 
@@ -194,3 +202,200 @@ def _chunk_case(draw: Draw, name: str, B: int, H: int, C: int, D: int, D_v: int)
         compare=judge,
         inputs=["S", "phi_q", "phi_k", "v"],
     )
+
+
+# --- 6.4: chunkwise causal linear attention with the state carried --------------------------------------
+
+
+def _by_chunks(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    state: torch.Tensor,
+    *,
+    read_after_write: bool = False,
+    mask: str = "causal",
+    carry: bool = True,
+) -> torch.Tensor:
+    """The outputs of chunkwise mistakes (for hints): the state read after the chunk's write, no mask or
+    no diagonal inside the chunk, or the state not carried from chunk to chunk."""
+    outputs, S = [], state
+    for start in range(0, phi_q.shape[2], chunk_size):
+        q, k, x = (t[:, :, start : start + chunk_size] for t in (phi_q, phi_k, v))
+        scores = q @ k.transpose(-1, -2)
+        if mask == "causal":
+            scores = torch.tril(scores)
+        elif mask == "strict":
+            scores = torch.tril(scores, -1)
+        after = S + k.transpose(-1, -2) @ x
+        outputs.append(q @ (after if read_after_write else S) + scores @ x)
+        if carry:
+            S = after
+    return torch.cat(outputs, dim=2)
+
+
+@checker(
+    "6.4",
+    title="chunkwise causal linear attention with the state carried",
+    points=2,
+    task="the chunkwise form",
+)
+def check_chunked_linear_attention(draw: Draw):
+    """``fn(phi_q, phi_k, v, chunk_size, initial_state=None) -> (o, final_state)``: causal, unnormalised
+    linear attention in chunks: ``o_t = phi_q_t^T (S_0 + sum_{j <= t} phi_k_j v_j^T)`` and
+    ``final_state = S_0 + phi_K^T V``, with ``S_0`` the initial state (zeros when None). phi_q, phi_k
+    ``(B, H, T, D')``, v ``(B, H, T, D_v)``, states ``(B, H, D', D_v)``. The last chunk may be shorter. The
+    form must be chunkwise: no ``(T, T)`` matrix, and a few operations per chunk, not per token."""
+    for name, B, H, T, C, D, D_v, with_state, dtype in [
+        (
+            "T a multiple of the chunk, no initial state",
+            draw.int(1, 2),
+            draw.int(1, 3),
+            (c := draw.int(3, 5)) * draw.int(2, 4),
+            c,
+            draw.int(2, 5),
+            draw.int(2, 6),
+            False,
+            torch.float64,
+        ),
+        (
+            "a ragged last chunk",
+            1,
+            2,
+            draw.not_multiple(10, 23, (r := draw.int(3, 5))),
+            r,
+            4,
+            3,
+            False,
+            torch.float64,
+        ),
+        (
+            "an initial state carried in, a ragged last chunk",
+            2,
+            2,
+            draw.not_multiple(9, 20, (s := draw.int(3, 4))),
+            s,
+            3,
+            4,
+            True,
+            torch.float64,
+        ),
+        (
+            "one chunk longer than the sequence",
+            1,
+            2,
+            (u := draw.int(3, 7)),
+            u + draw.int(1, 6),
+            4,
+            2,
+            True,
+            torch.float64,
+        ),
+        ("chunks of one token (the recurrent form)", 1, 2, draw.int(4, 8), 1, 3, 3, True, torch.float64),
+        ("one token: T = 1", 1, 3, 1, draw.int(2, 4), 4, 4, True, torch.float64),
+        ("float32, D' != D_v", 1, 2, draw.not_multiple(10, 20, 4), 4, 6, 3, True, torch.float32),
+        (
+            "a long sequence: chunkwise, not parallel or token by token",
+            1,
+            2,
+            draw.not_multiple(900, 1100, (w := draw.choice([32, 64]))),
+            w,
+            8,
+            8,
+            True,
+            torch.float64,
+        ),
+    ]:
+        phi_q, phi_k = draw.rand(B, H, T, D, dtype=dtype), draw.rand(B, H, T, D, dtype=dtype)
+        v = draw.randn(B, H, T, D_v, dtype=dtype)
+        state = draw.randn(B, H, D, D_v, dtype=dtype) if with_state else None
+        S0 = torch.zeros(B, H, D, D_v, dtype=dtype) if state is None else state
+        o = torch.tril(phi_q @ phi_k.transpose(-1, -2)) @ v + phi_q @ S0
+        final = S0 + phi_k.transpose(-1, -2) @ v
+        whole = T - T % C if T > C else T
+        variants_o = {
+            "o read from the state after the chunk's own write (the chunk counted twice)": (
+                lambda a=(phi_q, phi_k, v, C, S0): _by_chunks(*a, read_after_write=True)
+            ),
+            "o without the causal mask inside the chunk (later keys of the chunk leak in)": (
+                lambda a=(phi_q, phi_k, v, C, S0): _by_chunks(*a, mask="none")
+            ),
+            "o with the diagonal left out (tril(..., -1)): a query must see its own key": (
+                lambda a=(phi_q, phi_k, v, C, S0): _by_chunks(*a, mask="strict")
+            ),
+            "o with the state not carried from chunk to chunk (each chunk starts from the initial state)": (
+                lambda a=(phi_q, phi_k, v, C, S0): _by_chunks(*a, carry=False)
+            ),
+            "the output without the last, shorter chunk": lambda o=o, whole=whole: o[:, :, :whole],
+        }
+        if with_state:
+            variants_o["o with the initial state ignored"] = lambda a=(phi_q, phi_k, v, C, S0): _by_chunks(
+                *a[:4], torch.zeros_like(a[4])
+            )
+        before_last = (T - 1) // C * C  # where the last chunk starts
+        wrong_states = {  # cheap: computed now, named if the reader's state equals one
+            "the final state without the initial state": phi_k.transpose(-1, -2) @ v,
+            "the state before the last chunk's write": S0
+            + phi_k[:, :, :before_last].transpose(-1, -2) @ v[:, :, :before_last],
+            "the state written with phi_q instead of phi_k": S0 + phi_q.transpose(-1, -2) @ v,
+            "the state transposed (V^T phi_K, shape D_v x D')": final.transpose(-1, -2),
+        }
+        variants_S = {key: (lambda x=x: x) for key, x in wrong_states.items()}
+        tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
+        label = f"T={T}, chunk_size={C}"
+        long = T >= 512
+
+        def judge(
+            got,
+            expected,
+            variants_o=variants_o,
+            variants_S=variants_S,
+            tolerance=tolerance,
+            label=label,
+            long=long,
+            shapes=(B, H, T, C),
+        ):
+            o_got, S_got = _triple(got, "(o, final_state)", 2)
+            compare(o_got, expected[0], f"o ({label})", variants=variants_o, **tolerance)
+            compare(S_got, expected[1], f"final_state ({label})", variants=variants_S, **tolerance)
+            if long:
+                _chunkwise_check(label, *shapes)
+
+        yield Case(
+            f"{name}: B={B}, H={H}, {label}, D'={D}, D_v={D_v}"
+            + (", with an initial state" if with_state else ""),
+            (phi_q, phi_k, v, C),
+            {} if state is None else {"initial_state": state},
+            expected=(o, final),
+            compare=judge,
+            inputs=["phi_q", "phi_k", "v", "chunk_size"],
+        )
+
+
+def _chunkwise_check(label: str, B: int, H: int, T: int, C: int) -> None:
+    """Refuse the parallel form (a T x T matrix) and the recurrent one (operations per token)."""
+    work = last_work()
+    matrix = B * H * T * T
+    if work.largest > matrix // 4:
+        raise Mismatch(
+            f"{label}: right values, but your function built a tensor of {work.largest:,} entries, "
+            f"{work.largest / matrix:.0%} of the (T, T) matrices tril(phi_Q phi_K^T) of all heads "
+            f"({matrix:,}): that is the parallel form. Inside a chunk only its C x C block is needed; the "
+            "earlier chunks reach a query through the state."
+        )
+    chunks = -(-T // C)
+    if work.operations > 30 * chunks + 100:
+        raise Mismatch(
+            f"{label}: right values, but your function ran {work.operations:,} operations for {chunks} "
+            f"chunks (about {work.operations / T:.1f} per token): a loop over tokens (the recurrent form), "
+            "not over chunks. Each chunk takes a few matrix products: a read of the state, the masked "
+            "C x C block, and one write of the whole chunk into the state."
+        )
+
+
+# --- predict and explain ------------------------------------------------------------------------------
+
+declare("6.5", kind="explain", title="why the chunk form exists", points=2)
+declare("6.6", kind="predict", title="the rank of linear attention's matrix")
+declare("6.7", kind="predict", title="how many pairs a 16 x 16 state recalls")

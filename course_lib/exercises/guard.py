@@ -17,10 +17,13 @@ A checker calls the reader's function inside :func:`guarded_call`. While it runs
    (a refusal is a ``BaseException``, and it is also recorded, so ``except BaseException`` does not
    hide it).
 
-The dispatch watcher also notes the largest tensor an ATen kernel produced (views excluded: they
-allocate nothing). With ``max_elements``, a call that built a larger one raises :class:`TooLarge`
-after it returns: how an exercise checks that a solution never held what the mechanism avoids
-(FlashAttention's ``T x S`` scores, a KV cache copied for every query head).
+The dispatch watcher also tallies the work of the call (:class:`Work`, read with :func:`last_work`): the
+largest tensor an operation produced (views excluded: they allocate nothing), the entries all operations
+wrote, the multiply-adds of the matrix products and the number of operations. A checker of a kernel that
+must *skip* work (a sliding window, causal tiles) or run in chunks compares them with what the dense or
+token-by-token computation needs. With ``max_elements``, a call that built a larger tensor raises
+:class:`TooLarge` after it returns: how an exercise checks that a solution never held what the mechanism
+avoids (FlashAttention's ``T x S`` scores, a KV cache copied for every query head).
 
 What stays possible is listed in TEACHING.md ("What the checkers cannot stop"): copying the library's
 source by hand with edits, work handed to a thread or process that existed before the call, and code
@@ -43,7 +46,16 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Rules", "Refused", "ExerciseTimeout", "TooLarge", "guarded_call", "COURSE_DIR"]
+__all__ = [
+    "Rules",
+    "Refused",
+    "ExerciseTimeout",
+    "TooLarge",
+    "Work",
+    "guarded_call",
+    "last_work",
+    "COURSE_DIR",
+]
 
 COURSE_DIR = Path(__file__).resolve().parents[1]
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
@@ -110,6 +122,39 @@ class TooLarge(BaseException):
             f"a tensor of {elements} elements, shape {shape}, from {op}; at most {limit} allowed"
         )
         self.elements, self.shape, self.op, self.limit = elements, shape, op, limit
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the ATen operations of one guarded call computed (views, which compute nothing, excluded).
+
+    ``largest``: entries of the largest tensor one operation produced; ``elements``: entries written by
+    all operations together; ``multiply_adds``: those of the matrix products (``mm``, ``bmm``, ``addmm``,
+    ``baddbmm``, ``dot``, ``mv``, ... — what ``@``, ``matmul`` and ``einsum`` become); ``operations``: how
+    many operations ran (a loop over tokens runs thousands, a loop over chunks a few per chunk).
+    """
+
+    largest: int = 0
+    elements: int = 0
+    multiply_adds: int = 0
+    operations: int = 0
+
+
+# Matrix products, and where their two factors sit among the arguments: (a, b) with a (..., n, k) and
+# b (..., k, m) cost a.numel() * m multiply-adds; a vector product costs a.numel().
+_PRODUCTS = {
+    "mm": 0,
+    "bmm": 0,
+    "addmm": 1,
+    "baddbmm": 1,
+    "addbmm": 1,
+    "mv": 0,
+    "addmv": 1,
+    "dot": 0,
+    "vdot": 0,
+}
+# Operations that return a view or an alias of their input: no new entries are computed.
+_NOT_WORK = frozenset({"_unsafe_view", "lift_fresh", "detach", "alias"})
 
 
 @dataclass(frozen=True)
@@ -232,7 +277,8 @@ class _Watch:
         self.rules = rules
         self.checker = checker
         self.violation: str | None = None
-        self.largest: tuple[int, tuple[int, ...], str] = (0, (), "")  # elements, shape, ATen op
+        self.largest = self.elements = self.multiply_adds = self.operations = 0
+        self.largest_tensor: tuple[int, tuple[int, ...], str] = (0, (), "")  # elements, shape, ATen op
         self.code_verdicts: dict[types.CodeType, str | None] = {}
         self.own_codes = {
             obj.__code__ for obj in (_FunctionWatch.__torch_function__, _DispatchWatch.__torch_dispatch__)
@@ -296,6 +342,26 @@ class _Watch:
         self.code_verdicts[code] = verdict
         return verdict
 
+    def tally(self, func, args: tuple, out: object) -> None:
+        """Add one ATen operation's work (views and aliases compute nothing)."""
+        name = func.overloadpacket.__name__
+        if getattr(func, "is_view", False) or name in _NOT_WORK:
+            return
+        self.operations += 1
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for tensor in outputs:
+            if isinstance(tensor, torch.Tensor):
+                size = tensor.numel()
+                self.elements += size
+                self.largest = max(self.largest, size)
+                if size > self.largest_tensor[0]:
+                    self.largest_tensor = (size, tuple(tensor.shape), name)
+        position = _PRODUCTS.get(name)
+        if position is not None and len(args) > position + 1:
+            a, b = args[position], args[position + 1]
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                self.multiply_adds += a.numel() * (b.shape[-1] if b.dim() >= 2 else 1)
+
     # -- the profile hook -------------------------------------------------------------------------
     def profile(self, frame: types.FrameType, event: str, arg: object) -> None:
         if event == "call":
@@ -347,10 +413,7 @@ class _DispatchWatch(TorchDispatchMode):
         if reason:
             self.watch.refuse(f"your function ran the ATen kernel {name}, {reason}")
         out = func(*args, **(kwargs or {}))
-        if not func.is_view:  # a view allocates nothing, however many elements it shows
-            for tensor in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(tensor, torch.Tensor) and tensor.numel() > self.watch.largest[0]:
-                    self.watch.largest = (tensor.numel(), tuple(tensor.shape), name)
+        self.watch.tally(func, args, out)
         return out
 
 
@@ -461,6 +524,8 @@ def guarded_call(
                 sys.setprofile(previous_profile)
                 threading.setprofile(previous_thread_profile)
                 modes_intact = _mode_on_stack(function_mode) and _dispatch_on_stack(dispatch_mode)
+    global _LAST_WORK
+    _LAST_WORK = Work(watch.largest, watch.elements, watch.multiply_adds, watch.operations)
     if watch.violation is not None:
         raise Refused(watch.violation)
     if isinstance(error, ExerciseTimeout):
@@ -471,9 +536,17 @@ def guarded_call(
         )
     if error is not None:
         raise error
-    if max_elements is not None and watch.largest[0] > max_elements:
-        raise TooLarge(*watch.largest, max_elements)
+    if max_elements is not None and watch.largest_tensor[0] > max_elements:
+        raise TooLarge(*watch.largest_tensor, max_elements)
     return result
+
+
+_LAST_WORK = Work()
+
+
+def last_work() -> Work:
+    """The :class:`Work` of the latest guarded call (the reader's function, nothing of the checker's)."""
+    return _LAST_WORK
 
 
 _WARM = False
