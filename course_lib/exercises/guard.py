@@ -44,6 +44,15 @@ COURSE_DIR = Path(__file__).resolve().parents[1]
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
 _COURSE_PREFIX = str(COURSE_DIR) + os.sep
 _THIS_FILE = str(Path(__file__).resolve())
+_STDLIB = str(Path(os.__file__).resolve().parent) + os.sep  # subprocess.py, threading.py, ...
+
+
+def _in_stdlib(filename: str) -> bool:
+    """A file of Python's standard library (not of a package installed beside it, as in conda)."""
+    return filename.startswith(_STDLIB) and not any(
+        part in filename for part in ("site-packages", "dist-packages")
+    )
+
 
 # Files of course_lib a solution may call: argument checks and dtype/scale rules hold no answer.
 ALLOWED_COURSE_FILES = frozenset({str(COURSE_DIR / "checks.py"), str(COURSE_DIR / "__init__.py")})
@@ -103,12 +112,15 @@ class Rules:
 
     ``torch_names``: exact names of PyTorch functions/ops that do this exercise whole (``"elu"``,
     ``"softmax"``); ``allow``: qualified names of ``course_lib`` functions the exercise permits
-    (e.g. ``"course_lib.standard.causal_mask"``); ``task``: a few words for messages.
+    (e.g. ``"course_lib.standard.causal_mask"``); ``task``: a few words for messages;
+    ``processes_from``: directories whose code may start a process while the reader's function runs
+    (a compiler: Triton runs ``ptxas`` when it compiles a kernel on a GPU), none by default.
     """
 
     task: str = "this exercise"
     torch_names: frozenset[str] = field(default_factory=frozenset)
     allow: frozenset[str] = field(default_factory=frozenset)
+    processes_from: frozenset[str] = field(default_factory=frozenset)
 
 
 def _course_name(code: types.CodeType) -> str:
@@ -217,6 +229,7 @@ class _Watch:
         self.rules = rules
         self.checker = checker
         self.violation: str | None = None
+        self.torch_calls = 0  # PyTorch functions the reader's code called (what a case may limit)
         self.code_verdicts: dict[types.CodeType, str | None] = {}
         self.own_codes = {
             obj.__code__ for obj in (_FunctionWatch.__torch_function__, _DispatchWatch.__torch_dispatch__)
@@ -280,6 +293,18 @@ class _Watch:
         self.code_verdicts[code] = verdict
         return verdict
 
+    def started_by_trusted_code(self, frame: types.FrameType) -> bool:
+        """Was this process started on behalf of code in one of ``rules.processes_from`` (the nearest
+        caller outside the standard library, e.g. Triton's compiler calling ``subprocess.run``)?"""
+        if not self.rules.processes_from:
+            return False
+        current: types.FrameType | None = frame
+        while current is not None and _in_stdlib(current.f_code.co_filename):
+            current = current.f_back
+        return current is not None and current.f_code.co_filename.startswith(
+            tuple(str(Path(d).resolve()) + os.sep for d in self.rules.processes_from)
+        )
+
     # -- the profile hook -------------------------------------------------------------------------
     def profile(self, frame: types.FrameType, event: str, arg: object) -> None:
         if event == "call":
@@ -297,7 +322,7 @@ class _Watch:
                 self.refuse(
                     f"your function called {module or 'sys'}.{name}, which would switch the checker off"
                 )
-            if name in _ESCAPES:
+            if name in _ESCAPES and not self.started_by_trusted_code(frame):
                 self.refuse(
                     f"your function called {name}: starting threads or processes is not allowed while a "
                     "checker runs (the work must happen in your function)"
@@ -313,6 +338,7 @@ class _FunctionWatch(TorchFunctionMode):
         self.watch = watch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.watch.torch_calls += 1
         name = getattr(func, "__name__", "") or ""
         reason = self.watch.torch_name_forbidden(name) if name else None
         if reason:
@@ -409,12 +435,15 @@ def guarded_call(
     rules: Rules = Rules(),
     checker: str = "checker",
     time_limit: float | None = None,
+    counts: dict | None = None,
 ) -> object:
     """Call ``fn(*args, **kwargs)`` with the watchers on and return its result made plain.
 
     Raises :class:`Refused` when the call reached something forbidden (even if the reader's code
     caught the refusal), :class:`ExerciseTimeout` past ``time_limit`` seconds; anything the
-    reader's code raised propagates unchanged.
+    reader's code raised propagates unchanged. ``counts``, a dict, receives ``"torch_calls"``: how
+    many PyTorch functions and tensor methods the call made (a checker may limit them, e.g. to tell
+    a log-depth scan from a loop over time steps).
     """
     _warm_up()
     watch = _Watch(rules, checker)
@@ -438,6 +467,8 @@ def guarded_call(
                 sys.setprofile(previous_profile)
                 threading.setprofile(previous_thread_profile)
                 modes_intact = _mode_on_stack(function_mode) and _dispatch_on_stack(dispatch_mode)
+    if counts is not None:
+        counts["torch_calls"] = watch.torch_calls
     if watch.violation is not None:
         raise Refused(watch.violation)
     if isinstance(error, ExerciseTimeout):
