@@ -12,7 +12,9 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def exercise_cells() -> dict[str, dict[str, list]]:
-    """exercise id -> {"statement": [cells], "solution": [cells], "checker": [cells]} over all notebooks."""
+    """exercise id -> {role: [cells]} over all notebooks: "statement", "solution" and "checker" for a build
+    exercise, "statement", "prediction" and "reveal" for a predict one, "statement" and "answer" for an
+    explain one."""
     found: dict[str, dict[str, list]] = {}
     for path in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
@@ -20,7 +22,7 @@ def exercise_cells() -> dict[str, dict[str, list]]:
             course = cell.get("metadata", {}).get("course")
             if course:
                 roles = found.setdefault(course["exercise"], {"statement": [], "solution": [], "checker": []})
-                roles[course["role"]].append(cell)
+                roles.setdefault(course["role"], []).append(cell)
     return found
 
 

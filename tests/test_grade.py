@@ -21,7 +21,7 @@ from course_lib.student import make_student_notebook, make_student_version
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXERCISES = list(iter_exercises())
+EXERCISES = [e for e in iter_exercises() if e.checker]  # predict and explain exercises are not auto-graded
 POINTS = sum(e.points for e in EXERCISES)
 
 

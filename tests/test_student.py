@@ -187,7 +187,7 @@ def test_the_leak_detector_finds_a_renamed_copy_and_a_printed_listing():
     assert leak(solution, "scores = q @ k.T\nprint(torch.exp(scores - 1))") is None
 
 
-@pytest.mark.parametrize("exercise", list(iter_exercises()), ids=lambda e: e.id)
+@pytest.mark.parametrize("exercise", [e for e in iter_exercises() if e.checker], ids=lambda e: e.id)
 def test_each_stubbed_exercise_of_the_copy_says_not_implemented_in_one_line(student_copy, exercise):
     notebook = next(
         student for name, (_, student) in student_copy.items() if name.startswith(f"{exercise.chapter:02d}_")

@@ -439,7 +439,6 @@ def _chunk_gla_variant(q, k, v, g, scale, C, state, mistake=None):
     title="chunkwise GLA",
     points=2,
     task="GLA's chunkwise form",
-    fallback="course_lib.recurrent:gla",
 )
 def check_gla_chunkwise(draw: Draw):
     """``fn(q, k, v, g, scale, chunk_size, initial_state) -> (o, final_state)``: GLA in chunks of
