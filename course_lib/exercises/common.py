@@ -211,7 +211,7 @@ def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
     if isinstance(value, (list, tuple)):
-        if len(value) > 6 or any(isinstance(item, torch.Tensor) for item in value):
+        if len(value) > 6 or any(isinstance(item, (torch.Tensor, list, tuple, dict)) for item in value):
             inner = ", ".join(_describe(item) for item in value[:3])
             more = f", ... ({len(value)} items)" if len(value) > 3 else ""
             return f"[{inner}{more}]"
