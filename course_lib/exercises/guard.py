@@ -275,7 +275,7 @@ class _Watch:
             ):
                 verdict = (
                     f"your function called {name}, the course's own code ({Path(resolved).name}); "
-                    f"write {self.rules.task} yourself with PyTorch operations"
+                    f"write {self.rules.task} yourself"
                 )
         elif filename.startswith(_TORCH_DIR):
             qualname = getattr(code, "co_qualname", code.co_name)
