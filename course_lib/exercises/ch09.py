@@ -283,8 +283,8 @@ def _attend_case(name, q, k, v, causal, block_m, block_n) -> Case:
                 raise
             raise Mismatch(
                 f"{mismatch}\nhint: your logsumexp is the answer plus each query's largest score: row_sum "
-                "holds exp(score) without the running max subtracted, and the kernel adds row_max back at the "
-                "end (lse = row_max + log row_sum); subtract the running max before exponentiating"
+                "holds exp(score) without the running max subtracted, and the kernel adds row_max back at "
+                "the end (lse = row_max + log row_sum); subtract the running max before exponentiating"
             ) from None
 
     device = _device()
