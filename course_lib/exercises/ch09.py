@@ -73,10 +73,14 @@ def _is_course_object(value: object) -> str | None:
 
 
 def _check_jit(fn: object, what: str) -> None:
-    """``fn`` must be the reader's own ``@triton.jit`` function, referring to nothing of ``course_lib``
-    (a compiled kernel runs on the GPU, where the guard cannot watch it)."""
-    inner = getattr(fn, "fn", None)
-    if not (type(fn).__module__.startswith("triton") and isinstance(inner, types.FunctionType)):
+    """``fn`` must be the reader's own step, referring to nothing of ``course_lib``, checked before the launch
+    because a compiled kernel runs on the GPU, where the guard cannot watch it. Compiled kernels call only
+    ``@triton.jit`` functions; the interpreter also runs a plain Python function (watched like any code)."""
+    triton_function = type(fn).__module__.startswith("triton") and isinstance(
+        getattr(fn, "fn", None), types.FunctionType
+    )
+    inner = fn.fn if triton_function else fn
+    if not isinstance(inner, types.FunctionType) or not (triton_function or INTERPRET):
         raise TypeError(
             f"{what} must be a @triton.jit function (the kernel calls it on tiles), got {type(fn).__name__}"
         )

@@ -453,13 +453,16 @@ def guarded_call(
     function_mode, dispatch_mode = _FunctionWatch(watch), _DispatchWatch(watch)
     result: object = None
     error: BaseException | None = None
+    calls = 0
     with _time_limit(time_limit):
         with function_mode, dispatch_mode:
             hook = watch.profile
             threading.setprofile(hook)
             sys.setprofile(hook)
             try:
-                result = _plain(fn(*tuple(args), **(kwargs or {})))
+                value = fn(*tuple(args), **(kwargs or {}))
+                calls = watch.torch_calls  # the reader's calls, not those that copy the result below
+                result = _plain(value)
             except BaseException as raised:  # noqa: BLE001 - re-raised below, after the checks
                 error = raised
             finally:
@@ -468,7 +471,7 @@ def guarded_call(
                 threading.setprofile(previous_thread_profile)
                 modes_intact = _mode_on_stack(function_mode) and _dispatch_on_stack(dispatch_mode)
     if counts is not None:
-        counts["torch_calls"] = watch.torch_calls
+        counts["torch_calls"] = calls if error is None else watch.torch_calls
     if watch.violation is not None:
         raise Refused(watch.violation)
     if isinstance(error, ExerciseTimeout):
