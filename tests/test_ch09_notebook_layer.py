@@ -1,7 +1,6 @@
-"""Notebook layer of chapter 09: widgets driven headlessly, the exercise checkers, the benchmark suite.
+"""Notebook layer of chapter 09: widgets driven headlessly, the benchmark suite.
 
-The widgets replay the kernels' index arithmetic in plain Python and need no Triton; the checkers
-run the reader's ``@triton.jit`` functions inside the library's kernels and are skipped without it.
+The widgets replay the kernels' index arithmetic in plain Python and need no Triton.
 """
 
 import importlib.util
@@ -253,76 +252,5 @@ def test_every_benchmark_method_runs_and_each_family_computes_the_same_thing():
                 torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=family)
 
 
-# --- the exercise checkers (need Triton: they run the reader's code inside the kernels) --------
-
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON, reason="Triton is not installed (pip install -e '.[kernels]')"
-)
-
-
-@pytest.fixture(scope="module")
-def solutions():
-    """Correct and wrong @triton.jit answers, defined in a file so Triton can read their source."""
-    import importlib
-
-    return importlib.import_module("ch09_solutions")  # tests/ is on sys.path
-
-
-@needs_triton
-def test_checkers_pass_correct_solutions(solutions, capsys):
-    from course_lib.exercises.ch09 import check_causal_skipping, check_fa2_inner, check_page_gather
-
-    check_fa2_inner(solutions.attend)
-    check_causal_skipping(solutions.key_end)
-    check_page_gather(solutions.gather)
-    printed = capsys.readouterr().out
-    for line in (
-        "check_fa2_inner: all 4 cases",
-        "check_causal_skipping: all 5 cases",
-        "check_page_gather: all 4",
-    ):
-        assert line in printed
-
-
-@needs_triton
-def test_the_notebooks_exercises_stubbed_say_not_implemented(tmp_path, monkeypatch):
-    """The student version of notebook 09's exercise cells: each checker reports "not implemented"."""
-    import importlib
-
-    import nbformat
-
-    from course_lib.exercises import ExerciseFailed
-    from course_lib.student import strip_solutions
-
-    notebook = nbformat.read("notebooks/09_kernels_in_triton.ipynb", as_version=4)
-    sources = [c.source for c in notebook.cells if c.cell_type == "code" and "### BEGIN SOLUTION" in c.source]
-    assert len(sources) == 3
-    header = "from course_lib import kernels\nimport triton\nimport triton.language as tl\n"
-    header += (
-        "from course_lib.exercises.ch09 import check_causal_skipping, check_fa2_inner, check_page_gather\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for index, source in enumerate(sources):  # in a file: Triton's interpreter reads the source
-        (tmp_path / f"student_cell_{index}.py").write_text(header + strip_solutions(source))
-        with pytest.raises(ExerciseFailed, match="not implemented yet"):
-            importlib.import_module(f"student_cell_{index}")
-
-
-@needs_triton
-@pytest.mark.parametrize(
-    "checker, wrong, message",
-    [
-        ("check_fa2_inner", "attend_without_rescaling", "output: largest difference"),
-        ("check_fa2_inner", "stub_attend", "not implemented yet"),
-        ("check_causal_skipping", "key_end_without_skipping", "visits 4 K blocks, but 1 hold a key"),
-        ("check_causal_skipping", "key_end_skipping_too_much", "a skipped block held a visible key"),
-        ("check_page_gather", "gather_as_if_contiguous", "sequence 0: largest difference"),
-        ("check_page_gather", "library_gather", "instead of using course_lib's page_offsets"),
-    ],
-)
-def test_checkers_fail_wrong_solutions_and_stubs_with_a_message(solutions, checker, wrong, message):
-    from course_lib.exercises import ExerciseFailed
-    from course_lib.exercises import ch09 as exercises
-
-    with pytest.raises(ExerciseFailed, match=message):
-        getattr(exercises, checker)(getattr(solutions, wrong))
+# The exercise checkers of chapter 09 are tested with every other chapter's: tests/test_exercises.py runs the
+# notebook's solutions, stubs and tests/exercise_mistakes_ch09.py (with Triton installed).

@@ -51,7 +51,7 @@ def stub(*args, **kwargs):
 def test_the_registry_lists_every_exercise_of_chapters_00_to_08():
     assert len(BUILD) >= 28, "the 28 build exercises ported in stage 1 stay"
     assert [e.chapter for e in ALL] == sorted(e.chapter for e in ALL)
-    assert {e.chapter for e in BUILD} == set(range(9))
+    assert {e.chapter for e in BUILD} >= set(range(9))  # 09 where Triton is installed
     for exercise in ALL:
         assert exercise.kind in ("build", "predict", "explain")
         assert exercise.points >= 1 if exercise.kind != "predict" else exercise.points == 0, (
@@ -437,3 +437,35 @@ def test_the_teachers_guide_lists_every_exercise_with_its_kind():
     assert missing == [], (
         "TEACHING.md lists each exercise as **N.M (kind ...: its misconceptions or model answer"
     )
+
+
+# --- cases that run the reader's function their own way, or limit its PyTorch calls --------------------
+
+
+def test_a_case_may_run_the_readers_function_through_a_call_and_limit_its_torch_calls():
+    from course_lib.exercises import Case, Exercise
+    from course_lib.exercises.common import run_checker
+
+    exercise = Exercise("9.9", "build", "a cumulative sum", 1, "check_cumsum", __name__)
+
+    def through(fn, x):  # e.g. chapter 09 launches a kernel that calls the reader's step
+        return fn(x) * 2
+
+    def cases(draw):
+        x = draw.randn(300)
+        yield Case("via a call", (x,), expected=lambda: 2 * x.cumsum(0), call=through)
+        yield Case(
+            "a long input", (x,), expected=lambda: x.cumsum(0), max_torch_calls=10, too_many_calls="a loop?"
+        )
+
+    def loop(x):
+        out, total = [], 0.0
+        for value in x:
+            total = total + value
+            out.append(total)
+        return torch.stack(out)
+
+    assert run_checker(exercise, cases, lambda x: x.cumsum(0), seed=1)
+    outcome = run_checker(exercise, cases, loop, seed=1)
+    assert outcome.status == "fail" and "more than the 10 this case allows: a loop?" in outcome.message
+    assert 'case 2 of 2, "a long input"' in outcome.message and "seed=1" in outcome.message

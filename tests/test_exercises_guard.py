@@ -280,3 +280,32 @@ def test_the_work_is_that_of_the_readers_call_only_and_survives_a_refusal():
             rules=RULES,
         )
     assert last_work().multiply_adds == Q.numel() * Q.shape[-2]
+
+
+def test_a_process_is_allowed_only_when_code_of_a_named_directory_starts_it(tmp_path):
+    """A kernel compiler (Triton's, on a GPU) may run a tool; the reader's own code still may not."""
+    (tmp_path / "toolchain.py").write_text(
+        "import subprocess, sys\n\n\ndef compile_kernel():\n"
+        "    subprocess.run([sys.executable, '-c', 'pass'], check=True)\n    return 1\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        toolchain = importlib.import_module("toolchain")
+        trusted = Rules(processes_from=frozenset({str(tmp_path)}))
+        assert guarded_call(toolchain.compile_kernel, rules=trusted) == 1
+        with pytest.raises(Refused, match="processes"):
+            guarded_call(toolchain.compile_kernel)  # not trusted by default
+        with pytest.raises(Refused, match="processes"):
+            guarded_call(in_a_process, (Q, Q, Q), rules=trusted)  # the reader's own subprocess
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("toolchain", None)
+
+
+def test_the_guard_counts_the_torch_calls_of_the_readers_code():
+    counts = {}
+    guarded_call(lambda x: (x + 1).exp().sum(), (Q,), counts=counts)
+    assert counts["torch_calls"] == 3
+    counts = {}
+    guarded_call(lambda x: [x[i] * 2 for i in range(2)], (Q[0],), counts=counts)
+    assert counts["torch_calls"] == 4  # two indexings, two products: a loop shows in the count

@@ -3,19 +3,17 @@ checker of the copy saying "not implemented yet" in one line."""
 
 import contextlib
 import io
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-import torch
+from exercise_notebooks import cell_namespace, run_cell
 from solution_leaks import leak, solution_regions
 from test_notebook_structure import EXERCISES_PENDING
 
 from course_lib.exercises import iter_exercises
-from course_lib.recall import IGNORE
 from course_lib.student import (
     CODE_STUB,
     HIDE_TAG,
@@ -224,9 +222,9 @@ def test_each_stubbed_exercise_of_the_copy_says_not_implemented_in_one_line(stud
         for c in student.cells
         if c.metadata.get("course", {}).get("exercise") == exercise.id
     }
-    namespace = {"torch": torch, "math": math, "F": torch.nn.functional, "IGNORE": IGNORE}
+    namespace = cell_namespace(exercise.id)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        exec(cells["solution"].source, namespace)
+        run_cell(cells["solution"].source, namespace, f"stub {exercise.id}")
         exec(cells["checker"].source.rstrip()[:-1] + ", record=False)", namespace)
     assert err.getvalue().strip() == f"✘ Exercise {exercise.id} ({exercise.checker}): not implemented yet"

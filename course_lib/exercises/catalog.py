@@ -1,10 +1,18 @@
 """Every exercise of the course: importing every chapter's checkers registers them in
-:data:`~course_lib.exercises.common.EXERCISES`."""
+:data:`~course_lib.exercises.common.EXERCISES`.
 
+Chapter 09's exercises run the reader's Triton code inside the library's kernels, so they exist only where
+Triton is installed (the course's ``kernels`` extra).
+"""
+
+import importlib.util
 from collections.abc import Iterator
 
 from . import ch00, ch01, ch02, ch03, ch04, ch04b, ch05, ch06, ch07, ch08  # noqa: F401
 from .common import EXERCISES, Exercise
+
+if importlib.util.find_spec("triton") is not None:
+    from . import ch09  # noqa: F401
 
 # The notebook of each exercise module, by the prefix :attr:`Exercise.notebook` gives (chapter 04 has two).
 NOTEBOOKS = {
@@ -18,6 +26,7 @@ NOTEBOOKS = {
     "06": "06_linear_attention.ipynb",
     "07": "07_gated_linear_recurrences.ipynb",
     "08": "08_choosing_an_attention.ipynb",
+    "09": "09_kernels_in_triton.ipynb",
 }
 
 

@@ -190,6 +190,11 @@ class Case:
     ``inputs`` names the arguments for messages (defaults to ``arg0, arg1, ...``).
     ``max_elements``: the largest tensor the reader's code may build (views excluded), with
     ``too_large`` saying why in the failure message (e.g. "FlashAttention never holds the T x S scores").
+    ``call(fn, *args, **kwargs)``, when given, runs the reader's function ``fn`` for this case instead of
+    ``fn(*args, **kwargs)`` (chapter 09 runs a ``@triton.jit`` function inside a library kernel); it runs
+    watched, like the reader's code, so the exercise's ``allow`` must name it.
+    ``max_torch_calls`` limits the PyTorch functions and tensor methods one call may use (to tell a
+    log-depth scan or a chunked form from a loop over time steps); ``too_many_calls`` says why.
     """
 
     name: str
@@ -202,6 +207,9 @@ class Case:
     target: int = 0  # which of the reader's functions this case calls (exercises with several)
     max_elements: int | None = None
     too_large: str = ""
+    call: Callable[..., object] | None = None
+    max_torch_calls: int | None = None
+    too_many_calls: str = ""
 
     def describe_inputs(self) -> str:
         names = list(self.inputs or [f"arg{i}" for i in range(len(self.args))])
@@ -214,7 +222,7 @@ def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
     if isinstance(value, (list, tuple)):
-        if len(value) > 6 or any(isinstance(item, torch.Tensor) for item in value):
+        if len(value) > 6 or any(isinstance(item, (torch.Tensor, list, tuple, dict)) for item in value):
             inner = ", ".join(_describe(item) for item in value[:3])
             more = f", ... ({len(value)} items)" if len(value) > 3 else ""
             return f"[{inner}{more}]"
@@ -624,17 +632,20 @@ def run_checker(
         remaining = deadline - (time.perf_counter() - started)
         fn = functions[case.target]
         described = case.describe_inputs()  # before the call, which may change list arguments in place
+        target, call_args = (fn, args) if case.call is None else (case.call, (fn, *args))
+        counts: dict = {}
         try:
             with warnings.catch_warnings(record=True):  # a warning on stderr would fail an nbgrader cell
                 warnings.simplefilter("always")
                 got = guarded_call(
-                    fn,
-                    args,
+                    target,
+                    call_args,
                     kwargs,
                     rules=exercise.rules,
                     checker=exercise.checker,
                     time_limit=max(remaining, 0.001),
                     max_elements=case.max_elements,
+                    counts=counts,
                 )
         except NotImplementedError as error:
             if _raised_by_stub(error):
@@ -670,6 +681,15 @@ def run_checker(
                 f"✘ {label}: on {where} your function raised {type(error).__name__}: {error}\n"
                 + (f"  at {line}\n" if line else "")
                 + f"  inputs: {described}\n  {replay}",
+            )
+        calls = counts.get("torch_calls", 0)
+        if case.max_torch_calls is not None and calls > case.max_torch_calls:
+            return finish(
+                "fail",
+                f"✘ {label}: on {where}: your function made {calls} PyTorch calls, more than the "
+                f"{case.max_torch_calls} this case allows"
+                + (f": {case.too_many_calls}" if case.too_many_calls else "")
+                + f"\n  inputs: {described}\n  {replay}",
             )
         expected = case.expected() if callable(case.expected) else case.expected
         try:
@@ -730,12 +750,15 @@ def checker(
     forbid: Iterable[str] = (),
     allow: Iterable[str] = (),
     fallback: str | None = None,
+    processes_from: Iterable[str] = (),
 ) -> Callable[[Callable[[Draw], Iterable[Case]]], Callable[..., None]]:
     """Turn a case generator into the checker a notebook calls, and register the exercise.
 
     ``forbid``: names of PyTorch functions that do this task whole (``"elu"``); ``allow``: qualified
     ``course_lib`` names the solution may call; ``fallback``: ``"module:attr"`` of the library
-    function :func:`use_mine_or_library` returns while the exercise is unsolved.
+    function :func:`use_mine_or_library` returns while the exercise is unsolved; ``processes_from``:
+    directories whose code may start a process during the call (a kernel compiler, see
+    :class:`~course_lib.exercises.guard.Rules`).
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} must be one of {KINDS}")
@@ -748,7 +771,12 @@ def checker(
             points=points,
             checker=cases.__name__,
             module=cases.__module__,
-            rules=Rules(task=task or title, torch_names=frozenset(forbid), allow=frozenset(allow)),
+            rules=Rules(
+                task=task or title,
+                torch_names=frozenset(forbid),
+                allow=frozenset(allow),
+                processes_from=frozenset(processes_from),
+            ),
             fallback=fallback,
         )
 

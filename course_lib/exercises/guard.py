@@ -61,6 +61,15 @@ COURSE_DIR = Path(__file__).resolve().parents[1]
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
 _COURSE_PREFIX = str(COURSE_DIR) + os.sep
 _THIS_FILE = str(Path(__file__).resolve())
+_STDLIB = str(Path(os.__file__).resolve().parent) + os.sep  # subprocess.py, threading.py, ...
+
+
+def _in_stdlib(filename: str) -> bool:
+    """A file of Python's standard library (not of a package installed beside it, as in conda)."""
+    return filename.startswith(_STDLIB) and not any(
+        part in filename for part in ("site-packages", "dist-packages")
+    )
+
 
 # Files of course_lib a solution may call: argument checks and dtype/scale rules hold no answer.
 ALLOWED_COURSE_FILES = frozenset({str(COURSE_DIR / "checks.py"), str(COURSE_DIR / "__init__.py")})
@@ -163,12 +172,15 @@ class Rules:
 
     ``torch_names``: exact names of PyTorch functions/ops that do this exercise whole (``"elu"``,
     ``"softmax"``); ``allow``: qualified names of ``course_lib`` functions the exercise permits
-    (e.g. ``"course_lib.standard.causal_mask"``); ``task``: a few words for messages.
+    (e.g. ``"course_lib.standard.causal_mask"``); ``task``: a few words for messages;
+    ``processes_from``: directories whose code may start a process while the reader's function runs
+    (a compiler: Triton runs ``ptxas`` when it compiles a kernel on a GPU), none by default.
     """
 
     task: str = "this exercise"
     torch_names: frozenset[str] = field(default_factory=frozenset)
     allow: frozenset[str] = field(default_factory=frozenset)
+    processes_from: frozenset[str] = field(default_factory=frozenset)
 
 
 def _course_name(code: types.CodeType) -> str:
@@ -279,6 +291,7 @@ class _Watch:
         self.violation: str | None = None
         self.largest = self.elements = self.multiply_adds = self.operations = 0
         self.largest_tensor: tuple[int, tuple[int, ...], str] = (0, (), "")  # elements, shape, ATen op
+        self.torch_calls = 0  # PyTorch functions the reader's code called (what a case may limit)
         self.code_verdicts: dict[types.CodeType, str | None] = {}
         self.own_codes = {
             obj.__code__ for obj in (_FunctionWatch.__torch_function__, _DispatchWatch.__torch_dispatch__)
@@ -324,7 +337,7 @@ class _Watch:
             ):
                 verdict = (
                     f"your function called {name}, the course's own code ({Path(resolved).name}); "
-                    f"write {self.rules.task} yourself with PyTorch operations"
+                    f"write {self.rules.task} yourself"
                 )
         elif filename.startswith(_TORCH_DIR):
             qualname = getattr(code, "co_qualname", code.co_name)
@@ -362,6 +375,18 @@ class _Watch:
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
                 self.multiply_adds += a.numel() * (b.shape[-1] if b.dim() >= 2 else 1)
 
+    def started_by_trusted_code(self, frame: types.FrameType) -> bool:
+        """Was this process started on behalf of code in one of ``rules.processes_from`` (the nearest
+        caller outside the standard library, e.g. Triton's compiler calling ``subprocess.run``)?"""
+        if not self.rules.processes_from:
+            return False
+        current: types.FrameType | None = frame
+        while current is not None and _in_stdlib(current.f_code.co_filename):
+            current = current.f_back
+        return current is not None and current.f_code.co_filename.startswith(
+            tuple(str(Path(d).resolve()) + os.sep for d in self.rules.processes_from)
+        )
+
     # -- the profile hook -------------------------------------------------------------------------
     def profile(self, frame: types.FrameType, event: str, arg: object) -> None:
         if event == "call":
@@ -379,7 +404,7 @@ class _Watch:
                 self.refuse(
                     f"your function called {module or 'sys'}.{name}, which would switch the checker off"
                 )
-            if name in _ESCAPES:
+            if name in _ESCAPES and not self.started_by_trusted_code(frame):
                 self.refuse(
                     f"your function called {name}: starting threads or processes is not allowed while a "
                     "checker runs (the work must happen in your function)"
@@ -395,6 +420,7 @@ class _FunctionWatch(TorchFunctionMode):
         self.watch = watch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.watch.torch_calls += 1
         name = getattr(func, "__name__", "") or ""
         reason = self.watch.torch_name_forbidden(name) if name else None
         if reason:
@@ -494,13 +520,16 @@ def guarded_call(
     checker: str = "checker",
     time_limit: float | None = None,
     max_elements: int | None = None,
+    counts: dict | None = None,
 ) -> object:
     """Call ``fn(*args, **kwargs)`` with the watchers on and return its result made plain.
 
     Raises :class:`Refused` when the call reached something forbidden (even if the reader's code
     caught the refusal), :class:`ExerciseTimeout` past ``time_limit`` seconds, :class:`TooLarge`
     when an ATen kernel produced a tensor of more than ``max_elements`` elements (views excluded);
-    anything the reader's code raised propagates unchanged.
+    anything the reader's code raised propagates unchanged. ``counts``, a dict, receives
+    ``"torch_calls"``: how many PyTorch functions and tensor methods the call made (a checker may limit
+    them, e.g. to tell a log-depth scan from a loop over time steps).
     """
     _warm_up()
     watch = _Watch(rules, checker)
@@ -510,13 +539,16 @@ def guarded_call(
     function_mode, dispatch_mode = _FunctionWatch(watch), _DispatchWatch(watch)
     result: object = None
     error: BaseException | None = None
+    calls = 0
     with _time_limit(time_limit):
         with function_mode, dispatch_mode:
             hook = watch.profile
             threading.setprofile(hook)
             sys.setprofile(hook)
             try:
-                result = _plain(fn(*tuple(args), **(kwargs or {})))
+                value = fn(*tuple(args), **(kwargs or {}))
+                calls = watch.torch_calls  # the reader's calls, not those that copy the result below
+                result = _plain(value)
             except BaseException as raised:  # noqa: BLE001 - re-raised below, after the checks
                 error = raised
             finally:
@@ -526,6 +558,8 @@ def guarded_call(
                 modes_intact = _mode_on_stack(function_mode) and _dispatch_on_stack(dispatch_mode)
     global _LAST_WORK
     _LAST_WORK = Work(watch.largest, watch.elements, watch.multiply_adds, watch.operations)
+    if counts is not None:
+        counts["torch_calls"] = calls if error is None else watch.torch_calls
     if watch.violation is not None:
         raise Refused(watch.violation)
     if isinstance(error, ExerciseTimeout):
