@@ -243,10 +243,15 @@ def _train_and_store(args: tuple[Run, str]) -> dict:
     return record
 
 
-def _run_all(runs: Sequence[Run], folder: Path, jobs: int, progress: bool, label: str) -> list[dict]:
-    """Every run's record: from the cache, or trained now (``jobs`` processes) and cached."""
+def _run_all(
+    runs: Sequence[Run], folder: Path, jobs: int, progress: bool, label: str, train: bool = True
+) -> list[dict]:
+    """Every run's record: from the cache, or trained now (``jobs`` processes) and cached. With
+    ``train=False``, only the cached records (a summary of a study still running or interrupted)."""
     folder.mkdir(parents=True, exist_ok=True)
     missing = [run for run in runs if _cached(run, folder) is None]
+    if not train:
+        return [record for run in runs if (record := _cached(run, folder)) is not None]
     if missing:
         # Longest runs first, so the two processes finish together.
         missing.sort(key=lambda r: r.cap * max(r.lengths) * r.d_model, reverse=True)
@@ -320,24 +325,33 @@ def run_study(
     progress: bool = True,
     folder: Path = RUNS_DIR,
     on_progress=None,
+    train: bool = True,
 ) -> dict:
     """Run (or read from the cache) every run of :func:`plan`; return :func:`summarise`'s summary.
 
     The sweep runs first, then every mixer's final run for the first seed, then for the next, then
-    the state sweep; ``on_progress(summary)`` is called after each seed (the command stores it, so
-    an interrupted study still leaves a summary of what it trained).
+    the state sweep; ``on_progress(summary)`` is called after each of these three stages (the command
+    stores it). ``train=False`` trains nothing and summarises the runs already cached, listing the
+    missing ones under ``"missing"``.
     """
     jobs = check_int(jobs, "jobs", min=1)
     runs = plan(quick=quick, mixers=mixers, placement=placement)
-    sweep = _run_all(runs["sweep"], folder, jobs, progress, "learning-rate sweep")
+    report = on_progress or (lambda summary: None)
+    sweep = _run_all(runs["sweep"], folder, jobs, progress, "learning-rate sweep", train)
     best = {m: (3e-3 if quick else _best_lr(sweep, m)) for m in mixers}
-    final = _run_all(
-        [replace(r, lr=best[r.mixer]) for r in runs["final"]], folder, jobs, progress, "final runs"
-    )
-    state = _run_all(
-        [replace(r, lr=best[r.mixer]) for r in runs["state"]], folder, jobs, progress, "state sweep"
-    )
-    return summarise(sweep, final, state, quick=quick)
+    final_runs = [replace(r, lr=best[r.mixer]) for r in runs["final"]]
+    state_runs = [replace(r, lr=best[r.mixer]) for r in runs["state"]]
+    report(summarise(sweep, [], [], quick=quick))
+    final = _run_all(final_runs, folder, jobs, progress, "final runs", train)
+    report(summarise(sweep, final, [], quick=quick))
+    state = _run_all(state_runs, folder, jobs, progress, "state sweep", train)
+    summary = summarise(sweep, final, state, quick=quick)
+    summary["missing"] = [
+        {"kind": r.kind, "mixer": r.mixer, "seed": r.seed, "lr": r.lr}
+        for r in runs["sweep"] + final_runs + state_runs
+        if _cached(r, folder) is None
+    ]
+    return summary
 
 
 def summarise(sweep: list[dict], final: list[dict], state: list[dict], *, quick: bool = False) -> dict:
@@ -386,6 +400,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--mixers", nargs="+", default=list(RECALL_MIXERS), choices=RECALL_MIXERS)
     parser.add_argument("--placement", default="uniform", choices=PLACEMENTS)
     parser.add_argument("--out", type=Path, help="summary JSON (default results/recall_study[_quick].json)")
+    parser.add_argument(
+        "--summarise", action="store_true", help="train nothing: summarise the runs cached so far"
+    )
     args = parser.parse_args(argv)
     out = args.out or (RESULTS_DIR / ("recall_study_quick.json" if args.quick else "recall_study.json"))
 
@@ -393,7 +410,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         out.write_text(json.dumps(summary, indent=1))
 
     summary = run_study(
-        quick=args.quick, mixers=args.mixers, placement=args.placement, jobs=args.jobs, on_progress=store
+        quick=args.quick,
+        mixers=args.mixers,
+        placement=args.placement,
+        jobs=args.jobs,
+        on_progress=store,
+        train=not args.summarise,
     )
     store(summary)
     print(f"wrote {out}")
