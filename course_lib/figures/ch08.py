@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyBboxPatch
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyBboxPatch, Patch
 
 from .. import catalogue
 from ..results import load_results
@@ -184,22 +185,23 @@ def recall_sweep_figure(summary: dict | None = None) -> Figure:
     if not rows:
         raise ValueError("summary holds no learning-rate sweep")
     with plt.rc_context(STYLE):
-        figure, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.4))
+        figure, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.8))
         y = list(range(len(rows)))[::-1]
         for row, at in zip(rows, y):
             ax.barh(at, row["accuracy"], color=_STOP_COLORS[row["stop"]], alpha=0.8, height=0.7)
             ax.scatter(list(row["tried"].values()), [at] * len(row["tried"]), color="black", s=8, zorder=3)
             ax.text(1.02, at, f"lr {row['lr']:g}, {row['steps']} steps", va="center", fontsize=9)
-        for stop, colour in _STOP_COLORS.items():
-            ax.barh([], [], color=colour, alpha=0.8, label=stop)
-        ax.scatter([], [], color="black", s=8, label="each learning rate")
+        handles = [Patch(color=colour, alpha=0.8, label=stop) for stop, colour in _STOP_COLORS.items()]
+        handles.append(Line2D([], [], color="black", marker="o", markersize=3, linestyle="", label="each lr"))
         ax.axvline(recall_study.TARGET, color="grey", linestyle=":", linewidth=1)
         ax.set_yticks(y, [r["mixer"] for r in rows])
         ax.set_xlim(0, 1.32)
         ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
-        ax.set_xlabel("MQAR answer accuracy at T = 64 (4 pairs), best learning rate")
+        ax.set_xlabel("MQAR answer accuracy at T = 64 (4 pairs), best learning rate", labelpad=2)
         ax.set_title("learning-rate sweep: the best run per mixer and how it stopped")
-        ax.legend(frameon=False, fontsize=9, loc="lower right")
+        ax.legend(
+            handles=handles, frameon=False, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4
+        )
         figure.tight_layout()
     return figure
 
