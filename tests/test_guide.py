@@ -1,10 +1,11 @@
-"""Chapter 08's decision guide: findings read off measurements, the recall placeholder, the rules."""
+"""Chapter 08's decision guide: findings read off measurements, the recall study's results, the rules."""
 
 import json
 
 import pytest
 
 from course_lib.measure import Measurement
+from course_lib.recall import state_bytes
 from course_lib.studies import guide, recall_study
 
 
@@ -101,37 +102,80 @@ def test_quality_per_state_ranks_recall_then_smaller_state(tmp_path):
     assert "best fixed-size state was deltanet (0.91 with 8.0 KiB)" in found["recall"].text
     assert "reaching 0.9: deltanet, mamba2" in found["recall"].text
     assert "attention 0.97 (256.0 KiB)" in found["recall"].text
-    assert found["recall"].source == "grid.json: answer accuracy and state bytes at T=256"
+    assert found["recall"].source == (
+        "grid.json: one run per mixer and length (bench recall grid); "
+        "answer accuracy and state bytes at T=256"
+    )
     with pytest.raises(ValueError, match="T=100"):
         guide.quality_per_state(quality, 100)
 
 
-def test_recall_placeholder_reads_the_study_when_it_exists(tmp_path, monkeypatch):
-    # The study's summary as recall_study.summarise writes it, from two seeds' records.
-    def record(mixer, seed, accuracy):
-        return {
-            "mixer": mixer,
-            "seed": seed,
-            "lr": 3e-3,
-            "accuracy": {"64": accuracy, "256": accuracy - 0.1},
-            "state_bytes": {"64": 4096, "256": 4096 if mixer != "attention" else 16384},
-            "stop": "converged",
-            "steps": 100,
-            "seconds": 1.0,
-        }
-
-    final = [record(m, s, a + s / 100) for m, a in (("attention", 0.99), ("gla", 0.9)) for s in (0, 1)]
-    study = tmp_path / "recall_study.json"
-    study.write_text(json.dumps(recall_study.summarise([], final, [])))
-    monkeypatch.setattr(guide, "RECALL_STUDY", study)
-    quality = guide.recall_quality()
+def test_recall_quality_reads_the_final_runs_when_the_summary_holds_them(fake_recall_summary, tmp_path):
+    # attention (seeds 0, 1) and GLA (seed 0) have final runs; the sweep is not used then
+    path = tmp_path / "recall_study.json"
+    path.write_text(json.dumps(fake_recall_summary))
+    quality = guide.recall_quality(path)
     assert quality["source"] == "recall_study.json"
-    assert quality["rows"][("gla", 256)] == {"accuracy": pytest.approx(0.805), "state_bytes": 4096}
-    # no study yet: the old grid
+    assert quality["measurement"] == "final runs, mean over seeds 0, 1"
+    assert quality["rows"][("attention", 256)] == {
+        "accuracy": pytest.approx(0.96),
+        "state_bytes": 262144,
+        "fixed": False,
+    }
+    assert quality["rows"][("gla", 128)] == {"accuracy": 0.6, "state_bytes": 8192, "fixed": True}
+    assert {T for _, T in quality["rows"]} == {64, 128, 256}
+    assert "attention" not in quality["missing"] and "deltanet" in quality["missing"]
+    found = guide.recall_evidence(quality)
+    assert "best fixed-size state was gla (0.30 with 8.0 KiB)" in found["recall"].text
+    assert "attention 0.96 (256.0 KiB)" in found["recall"].text and "not yet measured: sliding_window" in (
+        found["recall"].text
+    )
+    assert found["recall"].source == (
+        "recall_study.json: final runs, mean over seeds 0, 1; answer accuracy and state bytes at T=256"
+    )
+
+
+def test_recall_quality_uses_the_sweep_when_no_final_run_is_stored(fake_recall_summary, tmp_path):
+    sweep_only = recall_study.summarise(fake_recall_summary["sweep"], [], [])
+    path = tmp_path / "recall_study.json"
+    path.write_text(json.dumps(sweep_only))
+    quality = guide.recall_quality(path)
+    assert quality["measurement"].startswith(
+        "learning-rate sweep, best of each mixer's learning rates at T=64"
+    )
+    # the best rate of each mixer at T = 64; the state of the recall model at T = 64; attention's grows
+    assert quality["rows"] == {
+        ("attention", 64): {"accuracy": 1.0, "state_bytes": state_bytes("attention", 64), "fixed": False},
+        ("gla", 64): {"accuracy": 0.91, "state_bytes": state_bytes("gla", 64), "fixed": True},
+    }
+    found = guide.recall_evidence(quality)
+    assert "MQAR at T=64: the best fixed-size state was gla (0.91" in found["recall"].text
+    assert "learning-rate sweep" in found["recall"].source and "at T=64" in found["recall"].source
+
+
+def test_without_a_stored_study_the_recall_finding_is_not_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(guide, "RECALL_STUDY", tmp_path / "missing.json")
-    assert guide.recall_quality()["source"] == "recall_grid.json"
+    assert guide.recall_evidence() == {}
+    hybrid = next(r for r in guide.rules({}) if r["rule"] == "hybrid")
+    assert "recall" in hybrid["not_measured"]
+    with pytest.raises(FileNotFoundError):
+        guide.recall_quality()
     with pytest.raises(TypeError, match="path"):
         guide.recall_quality(3)
+    assert not hasattr(guide, "RECALL_GRID")  # the old 600-step grid is not read any more
+
+
+def test_the_stored_study_backs_the_recall_finding():
+    quality = guide.recall_quality()
+    assert quality["source"] == "recall_study.json" and quality["rows"]
+    summary = recall_study.load_summary()
+    if summary["table"]:
+        assert quality["measurement"].startswith("final runs")
+        assert {m for m, _ in quality["rows"]} == set(summary["table"])
+    else:
+        assert quality["measurement"].startswith("learning-rate sweep")
+        assert {m for m, _ in quality["rows"]} == {r["mixer"] for r in summary["sweep"]}
+    assert guide.recall_evidence()["recall"].source.startswith(f"recall_study.json: {quality['measurement']}")
 
 
 def test_rules_follow_the_cache_arithmetic_and_cite_their_findings(tmp_path):
@@ -151,7 +195,7 @@ def test_rules_follow_the_cache_arithmetic_and_cite_their_findings(tmp_path):
     assert guide.recommend(2**20, 1.0, False, True, found=found)["rule"] == "hybrid"
     recurrent = guide.recommend(2**20, 1.0, False, False, found=found)
     assert recurrent["chapter"] == "07" and "(deltanet:" in recurrent["recommendation"]
-    assert "grid.json: answer accuracy and state bytes at T=256" in recurrent["backed_by"]
+    assert recurrent["backed_by"][-1].startswith("grid.json: one run per mixer and length")
     assert [r["rule"] for r in guide.rules(found)] == ["fits", "compact", "ring", "hybrid", "recurrent"]
     for bad, name in (
         ({"seq_len": 0}, "seq_len"),

@@ -93,3 +93,93 @@ def test_bad_input():
         MQARTask(placement="zipf")
     with pytest.raises(ValueError, match="lr"):
         Run("gla", lr=0.0)
+
+
+# --- reading the stored summary (a partial one, written by hand in tests/conftest.py) ------------
+
+
+def test_load_summary_lists_what_the_plan_holds_and_the_summary_lacks(fake_recall_summary, tmp_path):
+    path = tmp_path / "recall_study.json"
+    path.write_text(json.dumps(fake_recall_summary))
+    summary = study.load_summary(path)
+    assert summary["stored"] and summary["path"] == "recall_study.json"
+    pending = summary["pending"]
+    # final runs: attention has both seeds, GLA seed 0 only, every other mixer none
+    assert "attention" not in pending["final"] and pending["final"]["gla"] == [1]
+    assert pending["final"]["deltanet"] == list(study.SEEDS)
+    assert set(pending["final"]) == set(study.RECALL_MIXERS) - {"attention"}
+    # the sweep: attention lacks 1e-2, GLA 1e-3; the others every rate
+    assert pending["sweep"]["attention"] == [1e-2] and pending["sweep"]["gla"] == [1e-3]
+    assert pending["sweep"]["mamba2"] == list(study.SWEEP_LRS)
+    assert pending["state"]["gla"] == [64, 128] and pending["state"]["deltanet"] == [32, 64, 128]
+    assert list(pending["final"]) == [m for m in study.RECALL_MIXERS if m in pending["final"]]
+    with pytest.raises(TypeError, match="path"):
+        study.load_summary(3)
+
+
+def test_without_a_stored_summary_everything_is_pending(tmp_path):
+    summary = study.load_summary(tmp_path / "none.json")
+    assert not summary["stored"] and not summary["sweep"] and not summary["final"]
+    assert sum(map(len, summary["pending"]["final"].values())) == len(study.plan()["final"])
+    text = study.status_report(summary)
+    assert "nothing has been run yet" in text and study.COMMAND in text
+
+
+def test_sweep_best_keeps_the_best_rate_and_reports_how_it_stopped(fake_recall_summary):
+    rows = study.sweep_best(fake_recall_summary)
+    assert [r["mixer"] for r in rows] == ["attention", "gla"]
+    assert rows[0] | {"tried": None} == {
+        "mixer": "attention",
+        "lr": 3e-3,
+        "accuracy": 1.0,
+        "stop": "converged",
+        "steps": 400,
+        "tried": None,
+        "complete": False,  # 1e-2 was not run
+    }
+    assert rows[1]["lr"] == 3e-3 and rows[1]["stop"] == "cap" and rows[1]["tried"] == {3e-3: 0.91, 1e-2: 0.30}
+    text = study.sweep_report(fake_recall_summary)
+    assert "reached 0.99 (converged): attention" in text
+    assert "did not reach 0.99 within the step cap (1500): gla 0.91" in text
+    assert "(sweep incomplete)" in text
+
+
+def test_final_report_shows_mean_and_spread_and_names_what_is_not_yet_run(fake_recall_summary):
+    rows = study.final_rows(fake_recall_summary)
+    assert [r["mixer"] for r in rows] == ["attention", "gla"]
+    cell = rows[0]["accuracy"][256]  # seeds 0.97 and 0.95
+    assert (cell["mean"], cell["min"], cell["max"]) == (pytest.approx(0.96), 0.95, 0.97)
+    assert rows[1]["seeds"] == [0] and rows[1]["stops"] == ["cap"] and rows[1]["steps"] == [2400]
+    text = study.final_report(fake_recall_summary)
+    assert "0.96 [0.95-0.97]" in text and "cap (2400)" in text
+    assert "every seed at least 0.95 at every length: attention" in text
+    assert "(not learned within this budget): gla" in text
+    assert "final runs of seed 0 for sliding_window" in text and "final runs of seed 1 for" in text
+    assert "seed 1 for every mixer" not in text  # attention has its seed 1
+    assert f"resume with `{study.COMMAND}`" in text
+    assert "no final runs in the summary yet" in study.final_report(study.summarise([], [], []))
+
+
+def test_distance_and_state_rows(fake_recall_summary):
+    distance = study.distance_rows(fake_recall_summary)
+    assert set(distance) == {"attention", "gla"}
+    # attention at T = 256: near bin min(1, a + 0.1) for both seeds, far bin a - 0.1 averaged, empty bin None
+    assert distance["attention"][256] == [
+        (1, 8, pytest.approx(1.0)),
+        (8, 16, pytest.approx(0.86)),
+        (16, 32, None),
+    ]
+    state = study.state_rows(fake_recall_summary)
+    assert state == [
+        {
+            "mixer": "gla",
+            "d_model": 32,
+            "T": 128,
+            "accuracy": 0.5,
+            "state_bytes": 4096,
+            "stop": "converged",
+            "steps": 1200,
+        }
+    ]
+    assert "d_model   32" in study.state_report(fake_recall_summary)
+    assert "no state sweep in the summary yet" in study.state_report(study.summarise([], [], []))

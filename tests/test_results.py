@@ -106,18 +106,10 @@ def test_catalogue_names_renames_only_the_old_names():
     assert set(results.RENAMED.values()) <= set(catalogue.names(has="run"))
 
 
-def test_stored_recall_grid_uses_the_catalogues_names():
-    payload = results.load_payload(results.RESULTS_DIR / "recall_grid.json")
-    mixers = {r["method"] for r in payload["results"]}
-    assert mixers == {
-        "attention",
-        "sliding_window",
-        "linear_attention",
-        "retnet",
-        "gla",
-        "mamba2",
-        "deltanet",
-        "gated_deltanet",
-    }
-    assert mixers <= set(catalogue.names(has="mixer"))
-    assert payload == json.loads((results.RESULTS_DIR / "recall_grid.json").read_text())  # nothing renamed
+def test_stored_recall_study_uses_the_catalogues_names():
+    payload = json.loads((results.RESULTS_DIR / "recall_study.json").read_text())
+    mixers = {r["mixer"] for kind in ("sweep", "final", "state") for r in payload[kind]}
+    mixers |= set(payload["table"]) | {m["mixer"] for m in payload.get("missing", [])}
+    assert mixers and mixers <= set(catalogue.names(has="mixer"))
+    assert not mixers & set(results.RENAMED)  # none of the names from before the catalogue
+    assert not (results.RESULTS_DIR / "recall_grid.json").exists()  # the 600-step grid is retired

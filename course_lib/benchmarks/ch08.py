@@ -37,10 +37,10 @@ on MQAR at each sequence length (the study :mod:`course_lib.studies.recall_grid`
 T / 16``, as in Zoology's grid) for 600 steps of batch 16 at learning rate 3e-3, then times one
 evaluation forward pass of a batch of 64; the held-out answer accuracy, the decoding state size
 and the training settings go into the JSON (``extra``) and into a table printed after the timings.
-The stored grid ``results/recall_grid.json`` (8 mixers x T = 64, 128, 256, about 25 minutes)
-comes from, on one thread of the same machine::
-
-    python -m course_lib.bench recall --threads 1 --min-run-time 0.05 --json results/recall_grid.json
+It is a quick look, not a finding: one fixed learning rate and 600 steps under-train most mixers.
+Chapter 08 reads the recall study instead (:mod:`course_lib.studies.recall_study`: a learning-rate
+sweep, runs to convergence or a reported step cap, two seeds), stored in ``results/recall_study.json``
+by ``python -m course_lib.studies.recall_study --jobs 2``; the 600-step grid is no longer stored.
 """
 
 from __future__ import annotations

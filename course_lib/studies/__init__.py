@@ -8,7 +8,10 @@ you need (nothing is imported here):
   FLOP/byte model and the "relative to standard attention" bars;
 - :mod:`.guide`: chapter 08's decision guide, its rules and the findings (stored measurements and
   recall results) that back each recommendation;
-- :mod:`.recall_grid`: chapter 08's grid of MQAR recall runs (task per length, one grid point);
+- :mod:`.recall_study`: chapter 08's MQAR recall study (learning-rate sweep, runs to convergence,
+  seeds, state sweep; cached, resumable) and the readers of its stored summary;
+- :mod:`.recall_grid`: the quick 600-step grid of ``python -m course_lib.bench recall`` (one fixed
+  learning rate; not stored, chapter 08 reads the study);
 - :mod:`.gates`: chapter 07's forget and select gates followed through the recurrence;
 - :mod:`.eviction`: chapter 05's KV-cache eviction study on a trained model and a synthetic one;
 - :mod:`.sparse_kernels`: chapter 05's dense-masked vs skipping kernels, as timing methods;

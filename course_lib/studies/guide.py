@@ -8,8 +8,9 @@ reason quotes numbers read off the stored results, never typed in:
 - :func:`measured_evidence` reads chapter 08's comparison (``results/all_small.json``: time, peak
   memory and KV cache / state bytes per phase) into :class:`Finding` s, each with the measurement
   it comes from;
-- :func:`recall_quality` reads the recall results for quality per state byte (a placeholder
-  reader, see there, until the recall study's results land);
+- :func:`recall_quality` reads the recall study (``results/recall_study.json``, see
+  :mod:`course_lib.studies.recall_study`) for quality per state byte: its final runs where the
+  summary holds them, else the learning-rate sweep's best run per mixer at T = 64, and says which;
 - :func:`recommend` applies the rules to one workload; :func:`rules` lists every rule with the
   findings behind it (the notebook prints them).
 
@@ -26,13 +27,15 @@ from pathlib import Path
 from .. import catalogue
 from ..checks import check_bool, check_float, check_int
 from ..measure import Measurement, format_bytes, loglog_slope
-from ..results import RESULTS_DIR, load_payload, load_results
+from ..recall import RECALL_MIXERS
+from ..recall import state_bytes as recall_state_bytes
+from ..results import load_payload, load_results
+from . import recall_study
 from .phases import by_phase, state_bytes
 
 __all__ = [
     "REFERENCE_MODEL",
     "RECALL_STUDY",
-    "RECALL_GRID",
     "RECALL_THRESHOLD",
     "Finding",
     "kv_cache_bytes_per_token",
@@ -47,8 +50,7 @@ __all__ = [
 
 # A Llama-2-7B-shaped decoder (32 layers, 32 heads of 128) in 16-bit; GQA keeps 8 KV heads.
 REFERENCE_MODEL = {"layers": 32, "heads": 32, "kv_heads_gqa": 8, "head_dim": 128, "bytes": 2}
-RECALL_STUDY = RESULTS_DIR / "recall_study.json"
-RECALL_GRID = RESULTS_DIR / "recall_grid.json"
+RECALL_STUDY = recall_study.STUDY_PATH
 RECALL_THRESHOLD = 0.9  # "recalls": at least this answer accuracy
 EXACT = ("attention", "sdpa", "flash_attention")  # the exact mechanisms of the comparison
 COMPACT = ("mqa", "gqa", "mla")
@@ -225,37 +227,74 @@ def _decode_kind(name: str) -> str | None:
         return None
 
 
-# --- PLACEHOLDER: the recall results (quality per state byte) -------------------------------------
-# The recall study (course_lib.studies.recall_study) is being re-run; its summary will land in
-# results/recall_study.json. Until then the guide reads the old 600-step grid, results/recall_grid.json,
-# whose low accuracies are under-training, not capacity (issue 19). When the study lands: check
-# that ``_study_rows`` reads its "table" as written by ``recall_study.summarise`` (mean accuracy
-# over seeds, state bytes per length), then drop the grid fallback.
+# --- the recall results (quality per state byte) ------------------------------------------------
+# The recall study's summary may be partial while the study runs (see recall_study.pending): the
+# final runs of some mixers only, or the learning-rate sweep only. The guide uses the best measurement
+# the summary holds and names it in every finding's source.
 
 
 def recall_quality(path: str | Path | None = None) -> dict:
-    """PLACEHOLDER reader of the recall results: ``results/recall_study.json`` when it exists, else
-    the old ``results/recall_grid.json`` (or the file ``path``).
+    """The recall results for quality per state byte, from the recall study's summary
+    (default ``results/recall_study.json``) or the file ``path``.
 
-    Returns ``{"source": file name, "rows": {(mixer, T): {"accuracy", "state_bytes"}}}``;
-    accuracy is the held-out MQAR answer accuracy (the study's mean over seeds), state_bytes the
-    decoding state of the whole recall model after T tokens.
+    Returns ``{"source": file name, "measurement": which runs, "rows": {(mixer, T): {"accuracy",
+    "state_bytes", "fixed"}}, "missing": mixers without a row}``. With final runs in the summary the
+    rows are theirs (mean accuracy over seeds at every length); without, the learning-rate sweep's
+    best run per mixer at T = 64 (one seed). ``fixed``: the decoding state does not grow with T.
+    A file of ``python -m course_lib.bench recall`` (the old 600-step grid) is read too, given its path.
+    No file: ``FileNotFoundError``.
     """
     if path is None:
-        path = RECALL_STUDY if RECALL_STUDY.exists() else RECALL_GRID
+        path = RECALL_STUDY
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     path = Path(path)
     payload = json.loads(path.read_text())
-    rows = _study_rows(payload) if "table" in payload else _grid_rows(load_payload(path))
-    return {"source": path.name, "rows": rows}
+    if "sweep" not in payload:  # a bench suite's file: one 600-step run per mixer and length
+        rows = _grid_rows(load_payload(path))
+        measurement = "one run per mixer and length (bench recall grid)"
+    elif payload.get("table"):
+        rows = _study_rows(payload)
+        seeds = sorted({s for entry in payload["table"].values() for s in entry["seeds"]})
+        measurement = f"final runs, mean over seeds {', '.join(map(str, seeds))}"
+    else:
+        rows = _sweep_rows(payload)
+        measurement = "learning-rate sweep, best of each mixer's learning rates at T=64, one seed"
+    present = {mixer for mixer, _ in rows}
+    return {
+        "source": path.name,
+        "measurement": measurement,
+        "rows": rows,
+        "missing": [m for m in RECALL_MIXERS if m not in present],
+    }
+
+
+def _fixed(mixer: str) -> bool:
+    """The recall model's decoding state is the same at the study's shortest and longest lengths."""
+    lengths = recall_study.LENGTHS
+    return recall_state_bytes(mixer, lengths[-1]) <= recall_state_bytes(mixer, lengths[0])
 
 
 def _study_rows(payload: dict) -> dict:
     return {
-        (mixer, int(T)): {"accuracy": cell["mean"], "state_bytes": cell["state_bytes"]}
+        (mixer, int(T)): {
+            "accuracy": cell["mean"],
+            "state_bytes": cell["state_bytes"],
+            "fixed": _fixed(mixer),
+        }
         for mixer, entry in payload["table"].items()
         for T, cell in entry["accuracy"].items()
+    }
+
+
+def _sweep_rows(payload: dict) -> dict:
+    return {
+        (row["mixer"], 64): {
+            "accuracy": row["accuracy"],
+            "state_bytes": recall_state_bytes(row["mixer"], 64),
+            "fixed": _fixed(row["mixer"]),
+        }
+        for row in recall_study.sweep_best(payload)
     }
 
 
@@ -268,8 +307,9 @@ def _grid_rows(payload: dict) -> dict:
 
 def quality_per_state(quality: Mapping, T: int | None = None) -> list[dict]:
     """The mixers at length ``T`` (default: the longest), best recall first (ties: smaller state):
-    ``mixer``, ``accuracy``, ``state_bytes``, ``fixed`` (the state does not grow from the
-    shortest length to T) and ``per_kib`` (accuracy per KiB of state)."""
+    ``mixer``, ``accuracy``, ``state_bytes``, ``fixed`` (the state does not grow with T: the row's
+    own flag, else the state at the shortest length against T's) and ``per_kib`` (accuracy per KiB
+    of state)."""
     rows = quality["rows"]
     lengths = sorted({t for _, t in rows})
     if not lengths:
@@ -287,7 +327,7 @@ def quality_per_state(quality: Mapping, T: int | None = None) -> list[dict]:
                 "mixer": mixer,
                 "accuracy": row["accuracy"],
                 "state_bytes": row["state_bytes"],
-                "fixed": row["state_bytes"] <= shortest,
+                "fixed": row.get("fixed", row["state_bytes"] <= shortest),
                 "per_kib": row["accuracy"] / (row["state_bytes"] / 1024),
             }
         )
@@ -295,9 +335,15 @@ def quality_per_state(quality: Mapping, T: int | None = None) -> list[dict]:
 
 
 def recall_evidence(quality: Mapping | None = None) -> dict[str, Finding]:
-    """The recall findings: at the longest length, the best fixed-size state and what a KV cache
-    of every token gave (quality per state byte)."""
-    quality = recall_quality() if quality is None else quality
+    """The recall findings: at the longest length measured, the best fixed-size state and what a KV
+    cache of every token gave (quality per state byte). The source names the measurement (final runs
+    or the sweep) and the text the mixers not yet measured. No stored study and no ``quality``: none."""
+    if quality is None:
+        if not RECALL_STUDY.exists():
+            return {}
+        quality = recall_quality()
+    if not quality["rows"]:
+        return {}
     table = quality_per_state(quality)
     T = max(t for _, t in quality["rows"])
     fixed = [r for r in table if r["fixed"]]
@@ -312,13 +358,17 @@ def recall_evidence(quality: Mapping | None = None) -> dict[str, Finding]:
         if growing
         else ""
     )
+    missing = quality.get("missing", [])
+    not_yet = f" (not yet measured: {', '.join(missing)})" if missing else ""
     text = (
         f"MQAR at T={T}: the best fixed-size state was {best['mixer']} ({best['accuracy']:.2f} with "
         f"{format_bytes(best['state_bytes'])}); fixed states reaching {RECALL_THRESHOLD}: "
-        f"{', '.join(recalls) if recalls else 'none'}{cache}"
+        f"{', '.join(recalls) if recalls else 'none'}{cache}{not_yet}"
     )
+    measurement = f"{quality['measurement']}; " if quality.get("measurement") else ""
+    source = f"{quality['source']}: {measurement}answer accuracy and state bytes at T={T}"
     return {
-        "recall": Finding("recall", text, f"{quality['source']}: answer accuracy and state bytes at T={T}"),
+        "recall": Finding("recall", text, source),
         "_best_fixed_state": Finding("_best_fixed_state", best["mixer"], quality["source"]),
     }
 

@@ -421,12 +421,24 @@ def phase_comparison(results: Sequence[Measurement]) -> Figure:
         for ax in axes[0]:
             handles.update(zip(*reversed(ax.get_legend_handles_labels())))
         shown = [n for n in names if n in handles]
-        columns = 1 if len(shown) <= 24 else 2
-        legend_inches = 1.3 * columns  # room on the right for the legend, outside the panels
+        # 9 pt like the axis labels: the figure is shown shrunk to the notebook's width, and 7 pt
+        # names were unreadable. Up to 20 names in one column, then two.
+        columns = 1 if len(shown) <= 20 else 2
+        legend_inches = 0.15 + 0.075 * max(map(len, shown), default=0) * columns + 0.45 * columns
         figure.set_figwidth(figure.get_figwidth() + legend_inches - 2.4)
-        figure.tight_layout(rect=(0, 0, 1 - legend_inches / figure.get_figwidth(), 1))
-        figure.legend(
-            [handles[n] for n in shown], shown, loc="center right", frameon=False, fontsize=7, ncol=columns
+        right = 1 - legend_inches / figure.get_figwidth()
+        figure.tight_layout(rect=(0, 0, right, 1))
+        # Held by the top-right panel (so it is that axes' legend) but placed in figure coordinates,
+        # to the right of both rows, outside the panels.
+        axes[0, -1].legend(
+            [handles[n] for n in shown],
+            shown,
+            loc="center left",
+            bbox_to_anchor=(right, 0.5),
+            bbox_transform=figure.transFigure,
+            frameon=False,
+            fontsize=9,
+            ncol=columns,
         )
     return figure
 

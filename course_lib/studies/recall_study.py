@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_choice, check_float, check_int
+from ..measure import format_bytes
 from ..recall import (
     PLACEMENTS,
     RECALL_MIXERS,
@@ -63,6 +65,18 @@ __all__ = [
     "plan",
     "run_study",
     "summarise",
+    "STUDY_PATH",
+    "COMMAND",
+    "load_summary",
+    "pending",
+    "sweep_best",
+    "final_rows",
+    "distance_rows",
+    "state_rows",
+    "status_report",
+    "sweep_report",
+    "final_report",
+    "state_report",
     "main",
 ]
 
@@ -79,6 +93,7 @@ STATE_SWEEP_WIDTHS = (32, 64, 128)
 FINAL = {"cap": 2400, "eval_every": 200, "patience": 4, "min_steps": 1200}
 RUNS_DIR = RESULTS_DIR / "recall_runs"
 STUDY_PATH = RESULTS_DIR / "recall_study.json"
+COMMAND = "python -m course_lib.studies.recall_study --jobs 2"
 
 
 def task_at(T: int, placement: str = "uniform") -> MQARTask:
@@ -388,6 +403,296 @@ def summarise(sweep: list[dict], final: list[dict], state: list[dict], *, quick:
             {k: r[k] for k in ("mixer", "d_model", "accuracy", "state_bytes", "steps", "stop")} for r in state
         ],
     }
+
+
+# --- reading the stored summary -------------------------------------------------------------------
+# The notebook and the decision guide read the summary through these functions. A summary may be
+# partial (the study stores one after each stage, and ``--summarise`` summarises an interrupted one):
+# :func:`pending` lists what the plan holds that the summary does not, so nothing is silently short.
+
+
+def load_summary(path: str | Path | None = None) -> dict:
+    """The stored summary (default :data:`STUDY_PATH`, as :func:`summarise` writes it) with
+    ``"path"`` and ``"pending"`` (:func:`pending`) added. Without a file: an empty summary
+    (``"stored": False``) in which every run of the plan is pending."""
+    if path is None:
+        path = STUDY_PATH
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    path = Path(path)
+    if path.exists():
+        summary = {**json.loads(path.read_text()), "stored": True}
+    else:
+        summary = {**summarise([], [], []), "stored": False}
+    summary["path"] = path.name
+    summary["pending"] = pending(summary)
+    return summary
+
+
+def _same_lr(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+def pending(summary: dict) -> dict:
+    """The runs of the plan (:func:`plan`, quick or full as the summary says) that the summary lacks:
+    ``{"sweep": {mixer: [lr, ...]}, "final": {mixer: [seed, ...]}, "state": {mixer: [d_model, ...]}}``,
+    mixers in :data:`RECALL_MIXERS` order, only those with something missing."""
+    runs = plan(quick=summary.get("quick", False))
+    have_sweep = [(r["mixer"], r["lr"]) for r in summary.get("sweep", [])]
+    have_final = {(r["mixer"], r["seed"]) for r in summary.get("final", [])}
+    have_state = {(r["mixer"], r["d_model"]) for r in summary.get("state", [])}
+    missing: dict[str, dict] = {"sweep": {}, "final": {}, "state": {}}
+    for run in runs["sweep"]:
+        if not any(m == run.mixer and _same_lr(lr, run.lr) for m, lr in have_sweep):
+            missing["sweep"].setdefault(run.mixer, []).append(run.lr)
+    for run in runs["final"]:
+        if (run.mixer, run.seed) not in have_final:
+            missing["final"].setdefault(run.mixer, []).append(run.seed)
+    for run in runs["state"]:
+        if (run.mixer, run.d_model) not in have_state:
+            missing["state"].setdefault(run.mixer, []).append(run.d_model)
+    order = {m: i for i, m in enumerate(RECALL_MIXERS)}
+    return {
+        kind: {m: sorted(v) for m, v in sorted(found.items(), key=lambda kv: order.get(kv[0], len(order)))}
+        for kind, found in missing.items()
+    }
+
+
+def _in_order(mixers) -> list[str]:
+    order = {m: i for i, m in enumerate(RECALL_MIXERS)}
+    return sorted(dict.fromkeys(mixers), key=lambda m: order.get(m, len(order)))
+
+
+def sweep_best(summary: dict) -> list[dict]:
+    """Per mixer of the sweep (:data:`RECALL_MIXERS` order), the run kept (as :func:`_best_lr` picks it:
+    the highest accuracy at T = 64, ties to the fewer steps): ``mixer``, ``lr``, ``accuracy``, ``stop``,
+    ``steps``, ``tried`` (``{lr: accuracy}`` of every learning rate run) and ``complete`` (every rate of
+    :data:`SWEEP_LRS` was run)."""
+    rows = []
+    for mixer in _in_order(r["mixer"] for r in summary.get("sweep", [])):
+        mine = [r for r in summary["sweep"] if r["mixer"] == mixer]
+        best = max(mine, key=lambda r: (round(r["accuracy"]["64"], 3), -r["steps"]))
+        rows.append(
+            {
+                "mixer": mixer,
+                "lr": best["lr"],
+                "accuracy": best["accuracy"]["64"],
+                "stop": best["stop"],
+                "steps": best["steps"],
+                "tried": {r["lr"]: r["accuracy"]["64"] for r in sorted(mine, key=lambda r: r["lr"])},
+                "complete": all(any(_same_lr(r["lr"], lr) for r in mine) for lr in SWEEP_LRS),
+            }
+        )
+    return rows
+
+
+def final_rows(summary: dict) -> list[dict]:
+    """Per mixer with final runs (:data:`RECALL_MIXERS` order): ``mixer``, ``seeds``, ``lr``, ``stops``,
+    ``steps`` and ``accuracy`` ``{T: {"mean", "min", "max", "state_bytes"}}`` (T an int)."""
+    table = summary.get("table", {})
+    return [
+        {
+            "mixer": mixer,
+            **{k: table[mixer][k] for k in ("seeds", "lr", "stops", "steps")},
+            "accuracy": {int(T): cell for T, cell in table[mixer]["accuracy"].items()},
+        }
+        for mixer in _in_order(table)
+    ]
+
+
+def distance_rows(summary: dict) -> dict:
+    """Accuracy by key-query distance of the final runs that recorded it:
+    ``{mixer: {T: [(low, high, mean over seeds or None), ...]}}``."""
+    found: dict[str, dict] = {}
+    for mixer in _in_order(r["mixer"] for r in summary.get("final", []) if r.get("by_distance")):
+        runs = [r for r in summary["final"] if r["mixer"] == mixer and r.get("by_distance")]
+        per_T = {}
+        for T in runs[0]["by_distance"]:
+            bins = []
+            for i, (low, high, _) in enumerate(runs[0]["by_distance"][T]):
+                values = [r["by_distance"][T][i][2] for r in runs if r["by_distance"][T][i][2] is not None]
+                bins.append((low, high, sum(values) / len(values) if values else None))
+            per_T[int(T)] = bins
+        found[mixer] = per_T
+    return found
+
+
+def state_rows(summary: dict) -> list[dict]:
+    """The state sweep's runs, by mixer then width: ``mixer``, ``d_model``, ``T``, ``accuracy``,
+    ``state_bytes``, ``stop``, ``steps``."""
+    rows = []
+    for r in summary.get("state", []):
+        for T, accuracy in r["accuracy"].items():
+            rows.append(
+                {
+                    "mixer": r["mixer"],
+                    "d_model": r["d_model"],
+                    "T": int(T),
+                    "accuracy": accuracy,
+                    "state_bytes": r["state_bytes"][T],
+                    "stop": r["stop"],
+                    "steps": r["steps"],
+                }
+            )
+    order = {m: i for i, m in enumerate(RECALL_MIXERS)}
+    return sorted(rows, key=lambda r: (order.get(r["mixer"], len(order)), r["d_model"], r["T"]))
+
+
+def _lrs(values) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def _names(mixers) -> str:
+    return ", ".join(mixers) if mixers else "none"
+
+
+def _final_todo(todo: dict, mixers: Sequence[str]) -> list[str]:
+    """The missing final runs, one phrase per seed ("seed 0: every mixer", "seed 1: gla, mamba2")."""
+    by_seed: dict[int, list[str]] = {}
+    for mixer, seeds in todo.items():
+        for seed in seeds:
+            by_seed.setdefault(seed, []).append(mixer)
+    return [
+        f"final runs of seed {seed} for " + ("every mixer" if set(names) >= set(mixers) else _names(names))
+        for seed, names in sorted(by_seed.items())
+    ]
+
+
+def _wrapped(lines: list[str]) -> str:
+    return "\n".join(textwrap.fill(line, 110, subsequent_indent="    ") for line in lines)
+
+
+def status_report(summary: dict) -> str:
+    """What the summary holds and what it does not yet (with the command that resumes the study)."""
+    runs = plan(quick=summary.get("quick", False))
+    todo = summary["pending"] if "pending" in summary else pending(summary)
+    counts = {kind: (len(runs[kind]) - sum(map(len, todo[kind].values())), len(runs[kind])) for kind in runs}
+    kind = "quick study (one seed, step caps of 300)" if summary.get("quick") else "full study"
+    if not summary.get("stored", True):
+        lines = [f"no stored summary ({summary.get('path', STUDY_PATH.name)}): nothing has been run yet"]
+    else:
+        lines = [
+            f"stored summary {summary.get('path', STUDY_PATH.name)} ({kind}): learning-rate sweep "
+            f"{counts['sweep'][0]} of {counts['sweep'][1]} runs, final runs {counts['final'][0]} of "
+            f"{counts['final'][1]}, state sweep {counts['state'][0]} of {counts['state'][1]}"
+        ]
+    parts = []
+    if todo["sweep"]:
+        parts.append("sweep of " + "; ".join(f"{m} (lr {_lrs(lrs)})" for m, lrs in todo["sweep"].items()))
+    parts += _final_todo(todo["final"], [r.mixer for r in runs["final"]])
+    if todo["state"]:
+        parts.append(
+            "state sweep of " + "; ".join(f"{m} (d_model {_lrs(w)})" for m, w in todo["state"].items())
+        )
+    if parts:
+        lines.append("not yet run: " + "; ".join(parts))
+        lines.append(f"resume with `{COMMAND}` (cached runs are kept)")
+    else:
+        lines.append("every run of the plan is in the summary")
+    return _wrapped(lines)
+
+
+def sweep_report(summary: dict) -> str:
+    """The learning-rate sweep at T = 64: per mixer the best accuracy, its learning rate, how the run
+    stopped and after how many steps, and every learning rate tried; then the mixers grouped by outcome."""
+    rows = sweep_best(summary)
+    if not rows:
+        return "no learning-rate sweep in the summary" + (
+            " (the quick study has none)" if summary.get("quick") else ""
+        )
+    cap = (
+        max(r["steps"] for r in rows if r["stop"] == "cap") if any(r["stop"] == "cap" for r in rows) else None
+    )
+    lines = [f"learning-rate sweep, T = 64 (4 pairs), one seed: the best of {_lrs(SWEEP_LRS)}"]
+    lines.append(f"{'mixer':>16}  {'best':>5}  {'lr':>6}  {'stopped':>9}  {'steps':>5}   accuracy per lr")
+    for r in rows:
+        tried = "  ".join(f"{lr:g}: {a:.2f}" for lr, a in r["tried"].items())
+        tried += "" if r["complete"] else "  (sweep incomplete)"
+        lines.append(
+            f"{r['mixer']:>16}  {r['accuracy']:>5.2f}  {r['lr']:>6g}  {r['stop']:>9}  "
+            f"{r['steps']:>5}   {tried}"
+        )
+    target = summary.get("target", TARGET)
+    converged = [r["mixer"] for r in rows if r["stop"] == "converged"]
+    capped = [r for r in rows if r["stop"] == "cap"]
+    plateau = [r for r in rows if r["stop"] == "plateau"]
+    lines.append(f"reached {target} (converged): {_names(converged)}")
+    if capped:
+        lines.append(
+            f"did not reach {target} within the step cap ({cap}): "
+            + ", ".join(f"{r['mixer']} {r['accuracy']:.2f}" for r in capped)
+        )
+    if plateau:
+        lines.append(
+            "stopped on a plateau (no gain over its last evaluations) below "
+            f"{target}: " + ", ".join(f"{r['mixer']} {r['accuracy']:.2f}" for r in plateau)
+        )
+    return _wrapped(lines)
+
+
+def final_report(summary: dict) -> str:
+    """The final runs: per mixer and length the mean accuracy over seeds with its min-max, how each
+    seed's run stopped and its steps, and the decoding state at the longest length; then the mixers
+    and seeds not yet trained."""
+    rows = final_rows(summary)
+    lengths = summary.get("lengths", list(LENGTHS))
+    lines = []
+    if rows:
+        lines.append(
+            "final runs, trained on every length at once (num_pairs = T/16), mean [min-max] over seeds:"
+        )
+        header = "  ".join(f"{f'T={T}':^17}" for T in lengths)
+        lines.append(
+            f"{'mixer':>16}  {header}  {'seeds':>5}  stopped (steps)        state at T={lengths[-1]}"
+        )
+        for r in rows:
+            cells = []
+            for T in lengths:
+                c = r["accuracy"].get(T)
+                cells.append(f"{c['mean']:.2f} [{c['min']:.2f}-{c['max']:.2f}]" if c else f"{'-':^17}")
+            stops = ", ".join(f"{s} ({n})" for s, n in zip(r["stops"], r["steps"]))
+            state = r["accuracy"].get(lengths[-1], {}).get("state_bytes")
+            lines.append(
+                f"{r['mixer']:>16}  {'  '.join(cells)}  {len(r['seeds']):>5}  {stops:<22} "
+                f"{format_bytes(state) if state else '-':>10}"
+            )
+        target = summary.get("target", TARGET)
+        everywhere = [r["mixer"] for r in rows if all(c["min"] >= 0.95 for c in r["accuracy"].values())]
+        capped = [r["mixer"] for r in rows if "cap" in r["stops"]]
+        lines.append(f"every seed at least 0.95 at every length: {_names(everywhere)}")
+        if capped:
+            lines.append(
+                f"a seed stopped at the step cap before reaching {target} at every length "
+                f"(not learned within this budget): {_names(capped)}"
+            )
+    else:
+        lines.append("no final runs in the summary yet")
+    todo = (summary["pending"] if "pending" in summary else pending(summary))["final"]
+    if todo:
+        mixers = [r.mixer for r in plan(quick=summary.get("quick", False))["final"]]
+        lines.append("not yet run: " + "; ".join(_final_todo(todo, mixers)))
+        lines.append(f"resume with `{COMMAND}`")
+    return _wrapped(lines)
+
+
+def state_report(summary: dict) -> str:
+    """The state sweep: accuracy against decoding-state bytes per mixer and width."""
+    rows = state_rows(summary)
+    lines = []
+    if rows:
+        lines.append(f"state sweep at T = {rows[0]['T']}: accuracy against the decoding state (bytes)")
+        for r in rows:
+            lines.append(
+                f"{r['mixer']:>16}  d_model {r['d_model']:>4}  state {format_bytes(r['state_bytes']):>10}  "
+                f"accuracy {r['accuracy']:.2f}  ({r['stop']}, {r['steps']} steps)"
+            )
+    else:
+        lines.append("no state sweep in the summary yet")
+    todo = (summary["pending"] if "pending" in summary else pending(summary))["state"]
+    if todo:
+        lines.append("not yet run: " + "; ".join(f"{m} (d_model {_lrs(w)})" for m, w in todo.items()))
+        lines.append(f"resume with `{COMMAND}`")
+    return _wrapped(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
