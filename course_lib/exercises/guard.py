@@ -241,6 +241,12 @@ def _library_fingerprints() -> dict[tuple, str]:
     return _FINGERPRINTS
 
 
+def _defined_in(code: types.CodeType, module: str) -> bool:
+    """Does ``code`` come from the file of ``module``?"""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, "__file__", None) == code.co_filename
+
+
 class _Indexer:
     """Adds the fingerprints of one module's functions, methods and nested functions."""
 
@@ -248,15 +254,20 @@ class _Indexer:
         self.module_name = module_name
         self.seen: set[int] = set()
 
-    def add(self, code: types.CodeType) -> None:
+    def add(self, code: types.CodeType, module: str | None = None) -> None:
+        """Index ``code`` under the module that defines it (``course_lib.standard.causal_mask``, not the
+        re-export ``course_lib.causal_mask``, whichever module is indexed first)."""
         if id(code) in self.seen:
             return
         self.seen.add(id(code))
+        module = module or self.module_name
         if len(code.co_code) >= _MIN_BYTECODE and not code.co_name.startswith("<"):
-            _FINGERPRINTS.setdefault(_fingerprint(code), f"{self.module_name}.{code.co_qualname}")
+            key, name = _fingerprint(code), f"{module}.{code.co_qualname}"
+            if key not in _FINGERPRINTS or module != self.module_name or _defined_in(code, module):
+                _FINGERPRINTS[key] = name
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
-                self.add(const)
+                self.add(const, module)
 
     def visit(self, obj: object, depth: int = 0) -> None:
         if isinstance(obj, (staticmethod, classmethod)):
@@ -268,7 +279,7 @@ class _Indexer:
             return
         code = getattr(obj, "__code__", None)
         if isinstance(code, types.CodeType) and code.co_filename.startswith(_COURSE_PREFIX):
-            self.add(code)
+            self.add(code, getattr(obj, "__module__", None))
         elif isinstance(obj, type) and depth == 0 and obj.__module__ == self.module_name:
             for member in vars(obj).values():
                 self.visit(member, 1)
