@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             count = store_notebook(path, timeout=args.timeout)
             print(f"stored {path} ({count} widget outputs, {time.perf_counter() - start:.0f} s)")
         return 0
-    paths = args.notebooks or sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+    paths = args.notebooks or sorted(Path("notebooks").glob("[0-9][0-9]*_*.ipynb"))
     if not paths:
         parser.error("no notebooks given and none in ./notebooks")
     return _run(paths, args.device, args.output, args.timeout)

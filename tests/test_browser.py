@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 REQUIRED = os.environ.get("COURSE_BROWSER_TEST") == "required"
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"

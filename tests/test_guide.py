@@ -171,7 +171,13 @@ def test_the_stored_study_backs_the_recall_finding():
     summary = recall_study.load_summary()
     if summary["table"]:
         assert quality["measurement"].startswith("final runs")
-        assert {m for m, _ in quality["rows"]} == set(summary["table"])
+        swept = {r["mixer"] for r in summary["sweep"]}
+        assert {m for m, _ in quality["rows"]} == set(summary["table"]) | swept
+        for mixer in set(summary["table"]):
+            assert {T for m, T in quality["rows"] if m == mixer} == set(recall_study.LENGTHS), mixer
+        for mixer in swept - set(summary["table"]):
+            assert {T for m, T in quality["rows"] if m == mixer} == {64}, "the sweep's length only"
+            assert mixer in quality["measurement"]
     else:
         assert quality["measurement"].startswith("learning-rate sweep")
         assert {m for m, _ in quality["rows"]} == {r["mixer"] for r in summary["sweep"]}

@@ -238,9 +238,10 @@ def recall_quality(path: str | Path | None = None) -> dict:
     (default ``results/recall_study.json``) or the file ``path``.
 
     Returns ``{"source": file name, "measurement": which runs, "rows": {(mixer, T): {"accuracy",
-    "state_bytes", "fixed"}}, "missing": mixers without a row}``. With final runs in the summary the
-    rows are theirs (mean accuracy over seeds at every length); without, the learning-rate sweep's
-    best run per mixer at T = 64 (one seed). ``fixed``: the decoding state does not grow with T.
+    "state_bytes", "fixed"}}, "missing": mixers without a row}``. A mixer with final runs in the
+    summary has their rows (mean accuracy over seeds at every length); one without (a study still
+    running) has the learning-rate sweep's best run at T = 64 (one seed), and ``measurement`` says
+    which mixers rest on which. ``fixed``: the decoding state does not grow with T.
     A file of ``python -m course_lib.bench recall`` (the old 600-step grid) is read too, given its path.
     No file: ``FileNotFoundError``.
     """
@@ -257,6 +258,13 @@ def recall_quality(path: str | Path | None = None) -> dict:
         rows = _study_rows(payload)
         seeds = sorted({s for entry in payload["table"].values() for s in entry["seeds"]})
         measurement = f"final runs, mean over seeds {', '.join(map(str, seeds))}"
+        swept = {k: v for k, v in _sweep_rows(payload).items() if k[0] not in payload["table"]}
+        if swept:
+            rows.update(swept)
+            measurement += (
+                f" ({', '.join(payload['table'])}); learning-rate sweep at T=64, one seed, for "
+                f"{', '.join(dict.fromkeys(m for m, _ in swept))}"
+            )
     else:
         rows = _sweep_rows(payload)
         measurement = "learning-rate sweep, best of each mixer's learning rates at T=64, one seed"
@@ -344,8 +352,12 @@ def recall_evidence(quality: Mapping | None = None) -> dict[str, Finding]:
         quality = recall_quality()
     if not quality["rows"]:
         return {}
-    table = quality_per_state(quality)
-    T = max(t for _, t in quality["rows"])
+    # The longest length at which fixed-state mixers were measured (with a study still running, the
+    # sweep's T = 64 may be the only length most mixers have).
+    for T in sorted({t for _, t in quality["rows"]}, reverse=True):
+        table = quality_per_state(quality, T)
+        if any(r["fixed"] for r in table):
+            break
     fixed = [r for r in table if r["fixed"]]
     growing = [r for r in table if not r["fixed"]]
     if not fixed:
