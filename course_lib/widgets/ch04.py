@@ -337,8 +337,10 @@ def serving_explorer_view(
         num_requests=num_requests,
     )
     lines = [
-        f"{num_requests} requests at {rate:g} per step; pool of {cache_tokens // block_size} blocks of "
-        f"{block_size} tokens; continuous batching feeds at most {token_budget} tokens per step",
+        *wrap_line(
+            f"{num_requests} requests at {rate:.3g} per step; pool of {cache_tokens // block_size} blocks of "
+            f"{block_size} tokens; continuous batching feeds at most {token_budget} tokens per step"
+        ).split("\n"),
         f"{'policy':>11} {'steps':>6} {'tokens/step':>11} {'TTFT':>6} {'TPOT':>5} {'used/reserved':>13} "
         f"{'preempted':>9} {'tokens/s':>9}",
     ]
@@ -349,9 +351,11 @@ def serving_explorer_view(
             f"{m['mean_tpot']:>5.2f} {m['mean_utilisation']:>13.0%} {m['preemptions']:>9} "
             f"{m['tokens_per_second']:>9.0f}"
         )
-    lines.append(
-        "TTFT, TPOT: mean time to first token and per later token, in engine steps; "
-        "tokens/s is measured (noisy)"
+    lines.extend(
+        wrap_line(
+            "TTFT, TPOT: mean time to first token and per later token, in engine steps; "
+            "tokens/s is measured (noisy)"
+        ).split("\n")
     )
     result["text"] = "\n".join(lines)
     if draw:
@@ -364,7 +368,7 @@ def serving_explorer_view(
 
 def serving_explorer() -> widgets.Widget:
     """Arrival rate, block size, cache size and token budget -> static vs continuous batching on one trace."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         serving_explorer_view,
         rate=widgets.FloatLogSlider(
             value=0.5,
@@ -385,6 +389,7 @@ def serving_explorer() -> widgets.Widget:
         num_requests=widgets.fixed(16),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
 
 
 # --- (e) speculative decoding explorer -------------------------------------------------------------
@@ -423,7 +428,7 @@ def speculative_explorer_view(
         "verify_time": verify,
         "speedup": speedup,
         "best_k": best,
-        "text": (
+        "text": wrap_line(
             f"acceptance {acceptance:.2f}, draft step = {draft_cost:.2f} target steps, {accelerator}, "
             f"{context:,} cached tokens: best k = {best}, {tokens[best]:.2f} tokens per round, "
             f"speed-up {speedup[best]:.2f}x (verifying {best + 1} tokens costs {verify[best]:.3f} "
@@ -450,7 +455,7 @@ def speculative_explorer_view(
 
 def speculative_explorer() -> widgets.Widget:
     """Acceptance rate, draft cost, accelerator and context -> tokens per round and speed-up vs k."""
-    return widgets.interactive(
+    explorer = widgets.interactive(
         speculative_explorer_view,
         acceptance=widgets.FloatSlider(value=0.7, min=0.0, max=0.99, step=0.01, description="acceptance"),
         draft_cost=widgets.FloatSlider(value=0.05, min=0.0, max=1.0, step=0.01, description="draft cost"),
@@ -461,3 +466,4 @@ def speculative_explorer() -> widgets.Widget:
         max_k=widgets.fixed(16),
         draw=widgets.fixed(True),
     )
+    return widen_labels(explorer)
